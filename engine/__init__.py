@@ -1,0 +1,1 @@
+"""widen's headless engine: plans, architectures, operators, training. No Textual, no Typer."""

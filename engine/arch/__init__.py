@@ -1,0 +1,55 @@
+"""The uniform view over a model: blocks, FFNs and config fields, via the family description.
+
+``ArchView`` works from a config alone (for plan checks and parameter previews) or over a live
+model (for the operators).
+"""
+
+from __future__ import annotations
+
+from engine.arch.families import FAMILIES, ArchFamily, FFNLayout, UnsupportedArchitecture, family_for
+
+__all__ = ["ArchView", "ArchFamily", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
+
+
+def get_submodule(root, dotted: str):
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class ArchView:
+    def __init__(self, config, model=None):
+        self.config = config
+        self.model = model
+        self.family = family_for(getattr(config, "model_type", type(config).__name__))
+
+    # -- facts from the config ---------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(getattr(self.config, self.family.num_layers_field))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(getattr(self.config, self.family.hidden_size_field))
+
+    @property
+    def ffn_size(self) -> int:
+        value = getattr(self.config, self.family.ffn_size_field, None)
+        if value is None and self.family.ffn_size_default == "4*hidden_size":
+            return 4 * self.hidden_size
+        return int(value)
+
+    # -- the live model ----------------------------------------------------------------------
+    def blocks(self):
+        if self.model is None:
+            raise RuntimeError("ArchView built from a config has no blocks")
+        return get_submodule(self.model, self.family.blocks)
+
+    def ffn(self, layer: int):
+        return get_submodule(self.blocks()[layer], self.family.ffn.module)
+
+    def set_ffn(self, layer: int, module) -> None:
+        parent_path, _, name = self.family.ffn.module.rpartition(".")
+        parent = get_submodule(self.blocks()[layer], parent_path) if parent_path else self.blocks()[layer]
+        setattr(parent, name, module)

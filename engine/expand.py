@@ -1,0 +1,139 @@
+"""Applying a stage's operators with measurement, and the freezing policies.
+
+Every application is measured on a fixed probe batch: parameters before/after, the largest
+change of any logit, and the loss just before and after. Preservation is a number, not a claim.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.ops.registry import OpResult, apply_operator
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def probe(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logits (float32) and mean loss on the probe batch, in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=inputs).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+    model.train(was_training)
+    return logits, loss
+
+
+def new_param_grad_norm(model, result: OpResult, inputs, targets) -> float:
+    """Gradient norm of what the operator added, at expansion (zero means the units cannot learn)."""
+    params = list(result.new_params) + [p for p, _ in result.grown]
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for p in params:
+        p.requires_grad_(True)
+    logits = model(input_ids=inputs).logits.float()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    total = 0.0
+    for p in result.new_params:
+        if p.grad is not None:
+            total += float(p.grad.float().pow(2).sum())
+    for p, mask in result.grown:
+        if p.grad is not None:
+            total += float((p.grad.float() * mask).pow(2).sum())
+    for p in model.parameters():
+        p.grad = None
+        p.requires_grad_(saved[id(p)])
+    return math.sqrt(total)
+
+
+@dataclass
+class StageGrowth:
+    """What a stage's operators added: the freezing policy `base` trains exactly this."""
+
+    results: list[OpResult] = field(default_factory=list)
+    reports: list[dict] = field(default_factory=list)
+
+
+def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Generator,
+                measure: bool = True) -> StageGrowth:
+    """Apply the stage's operators in order. With `measure`, each gets a report (no training)."""
+    growth = StageGrowth()
+    inputs, targets = batch
+    for spec in specs:
+        params = spec.params()
+        before = count_params(model)
+        if measure:
+            logits_before, loss_before = probe(model, inputs, targets)
+        result = apply_operator(view, params, generator)
+        for key, value in result.config_changes.items():
+            setattr(model.config, key, value)
+        growth.results.append(result)
+        if not measure:
+            continue
+        logits_after, loss_after = probe(model, inputs, targets)
+        after = count_params(model)
+        added = after - before
+        growth.reports.append({
+            "stage": stage_index,
+            "op": params.op,
+            "layers": getattr(params, "layers", None),
+            "settings": params.model_dump(exclude={"op", "layers"}),
+            "params_before": before,
+            "params_after": after,
+            "params_added": added,
+            "exact": result.exact,
+            "max_abs_logit_delta": float((logits_after - logits_before).abs().max()),
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "ppl_before": math.exp(loss_before),
+            "ppl_after": math.exp(loss_after),
+            "new_grad_norm": new_param_grad_norm(model, result, inputs, targets),
+            "note": result.note,
+        })
+    return growth
+
+
+class Freezer:
+    """Applies a stage's freezing policy; grown tensors train only their new entries (a gradient
+    mask), and are kept out of weight decay so the frozen entries stay exactly as they were."""
+
+    def __init__(self):
+        self._hooks = []
+        self.masked: dict[int, torch.Tensor] = {}
+
+    def apply(self, model, policy, growth: StageGrowth) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self.masked = [], {}
+        if policy == "none":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        elif policy == "base":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for result in growth.results:
+                for p in result.new_params:
+                    p.requires_grad_(True)
+                for p, mask in result.grown:
+                    p.requires_grad_(True)
+                    self.masked[id(p)] = mask
+                    self._hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+        else:  # a list of globs naming what to freeze
+            for name, p in model.named_parameters():
+                p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in policy))
+
+    def trainable(self, model) -> int:
+        total = 0
+        for p in model.parameters():
+            if p.requires_grad:
+                mask = self.masked.get(id(p))
+                total += int(mask.sum()) if mask is not None else p.numel()
+        return total

@@ -1,0 +1,90 @@
+"""Model sources: built-in configurations, hub names and local directories (one code path).
+
+``builtin:<name>`` is built from a config here (random init, seeded): no download. Anything
+else goes through ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained``, which treats a hub
+name and a local directory alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from engine.arch import ArchView, UnsupportedArchitecture
+
+# A tiny model in the layout of TinyStories-33M (GPT-Neo, alternating global/local attention),
+# sized for a 2-core CPU. vocab 259 = the byte tokenizer (ByT5 layout).
+BUILTIN_MODELS: dict[str, dict] = {
+    "tiny-neo": dict(
+        model_type="gpt_neo", vocab_size=259, hidden_size=128, num_layers=4, num_heads=4,
+        attention_types=[[["global", "local"], 2]], max_position_embeddings=512, window_size=64,
+        intermediate_size=512, activation_function="gelu_new", embed_dropout=0.0,
+        attention_dropout=0.0, resid_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+class ModelLoadError(ValueError):
+    def __init__(self, message: str, field: str = "source"):
+        super().__init__(message)
+        self.field = field
+
+
+def builtin_fields(source: str) -> dict:
+    name = source.removeprefix("builtin:")
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown built-in model '{name}' — built-in models: "
+                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+    return dict(BUILTIN_MODELS[name])
+
+
+def load_config(spec):
+    """The model's config, without weights. `spec` is a plan's ModelSpec."""
+    import transformers
+    from transformers import AutoConfig
+
+    transformers.logging.set_verbosity_error()
+    source = spec.source
+    if source.startswith("builtin:"):
+        fields = builtin_fields(source)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    try:
+        return AutoConfig.from_pretrained(source, revision=spec.revision)
+    except (OSError, ValueError) as e:
+        where = "local directory" if Path(source).exists() else "hub name"
+        reason = str(e).strip().splitlines()[0][:160]
+        raise ModelLoadError(f"cannot load a model config from {where} '{source}': {reason} — use "
+                             f"builtin:tiny-neo, a local model directory, or a hub name (needs the network)") from None
+
+
+def load_architecture(spec) -> ArchView:
+    """The architecture view from the config alone. Built-in models need no transformers (so
+    `widen plan check` / `widen run --detach` stay fast); others load the config with AutoConfig."""
+    if spec.source.startswith("builtin:"):
+        config = SimpleNamespace(**builtin_fields(spec.source))
+    else:
+        config = load_config(spec)
+    try:
+        return ArchView(config)
+    except UnsupportedArchitecture as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def load_model(spec, seed: int):
+    """Build (built-in) or load (hub/local) the causal LM; returns (model, ArchView)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    try:
+        ArchView(config)
+    except UnsupportedArchitecture as e:
+        raise ModelLoadError(str(e)) from None
+    if spec.source.startswith("builtin:"):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec.source, revision=spec.revision)
+    return model, ArchView(model.config, model)

@@ -1,0 +1,1 @@
+"""Expansion operators. Schemas: ``params``; registry: ``registry``; families: ``width`` ..."""

@@ -1,0 +1,61 @@
+"""Expansion operators: one function per op name over the architecture view, registered here.
+
+An operator changes the live model in place and returns an ``OpResult`` naming what it added, so
+freezing policies ("only what this stage added trains") and reports need no knowledge of the op.
+Parameter schemas live in ``engine.ops.params`` (torch-free; the plan checker imports only
+that); implementations live in the family modules listed in ``FAMILY_MODULES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine.ops.params import OP_PARAMS, OpParams
+
+
+@dataclass
+class OpResult:
+    """What an operator did to the model."""
+
+    new_params: list[torch.nn.Parameter] = field(default_factory=list)
+    # Existing tensors that grew: only the entries where the mask is True are new (and trainable
+    # under freeze = "base"); the rest keep the original values.
+    grown: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    exact: bool = True          # preserves the function by construction (measured anyway)
+    note: str = ""
+    config_changes: dict = field(default_factory=dict)
+
+
+Operator = Callable[..., OpResult]
+OPERATORS: dict[str, Operator] = {}
+
+
+def operator(name: str):
+    """Register `fn(view, params, generator) -> OpResult` as the implementation of op `name`."""
+    if name not in OP_PARAMS:
+        raise KeyError(f"op '{name}' has no parameter schema in engine.ops.params")
+
+    def register(fn: Operator) -> Operator:
+        OPERATORS[name] = fn
+        return fn
+
+    return register
+
+
+FAMILY_MODULES = ("engine.ops.width",)
+
+
+def load_operators() -> dict[str, Operator]:
+    """Import every family module (their decorators fill OPERATORS)."""
+    import importlib
+
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return OPERATORS
+
+
+def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResult:
+    return load_operators()[params.op](view, params, generator)

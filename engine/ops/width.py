@@ -1,0 +1,186 @@
+"""Width operators: add hidden units to a transformer FFN.
+
+New unit j gets an incoming row (up, and gate for gated MLPs) and an outgoing column (down).
+The `init` decides both, and so whether the function is preserved and whether the new units can
+learn (the on-the-fly-expansion note's failure modes):
+
+- zero_out   random in, zero out: exact, and the outgoing weights get a non-zero gradient.
+- zeros      zero in, zero out: exact, but every new gradient stays zero (dead units).
+- constant   constant in, zero out: exact, but the units are identical and stay identical.
+- random     random in, random out: not preserving.
+- net2net    replicate random existing units, split their outgoing weights among the copies
+             (Net2WiderNet): exact without noise; `noise` perturbs the copies' incoming weights.
+- copy_halve copy distinct units once and halve the outgoing weights of both twins.
+
+`mode = "parallel"` keeps the original FFN untouched and adds the new units as a separate path
+(frozen base, trainable extension); `mode = "inplace"` makes the matrices wider. Same function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.ops.params import WidenFFNParams
+from engine.ops.registry import OpResult, operator
+
+
+class FFNWithNewUnits(nn.Module):
+    """An FFN plus `size` new hidden units beside it: base(x) + down(act(gate(x)) * up(x))."""
+
+    def __init__(self, base: nn.Module, act: nn.Module, up: nn.Linear, down: nn.Linear,
+                 gate: nn.Linear | None = None):
+        super().__init__()
+        self.base = base
+        self.act = act
+        self.up = up
+        self.gate = gate
+        self.down = down
+
+    def forward(self, x):
+        hidden = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
+        return self.base(x) + self.down(hidden)
+
+
+def _linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
+    """The weight in nn.Linear layout [out, in] (GPT-2's Conv1D stores [in, out])."""
+    return module.weight.detach().T if conv1d else module.weight.detach()
+
+
+def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Tensor | None,
+                      down_w: torch.Tensor, gate_w: torch.Tensor | None, gen: torch.Generator):
+    """Incoming rows, biases and outgoing columns for the new units, plus the rescaled outgoing
+    weights of the original units (only the splitting inits change those).
+
+    All tensors are in Linear layout: up/gate [units, hidden], down [hidden, units].
+    """
+    size, units, hidden = params.size, up_w.shape[0], up_w.shape[1]
+    std_in = params.init_std or float(up_w.float().std())
+    std_out = float(down_w.float().std())
+
+    def randn(*shape, std):
+        return torch.randn(*shape, generator=gen) * std
+
+    new_gate = None
+    new_b = torch.zeros(size) if up_b is not None else None
+    old_down = down_w.float().clone()
+    if params.init in ("zero_out", "random"):
+        new_up = randn(size, hidden, std=std_in)
+        new_gate = randn(size, hidden, std=std_in) if gate_w is not None else None
+        new_down = randn(hidden, size, std=std_out) if params.init == "random" else torch.zeros(hidden, size)
+    elif params.init == "zeros":
+        new_up = torch.zeros(size, hidden)
+        new_gate = torch.zeros(size, hidden) if gate_w is not None else None
+        new_down = torch.zeros(hidden, size)
+    elif params.init == "constant":
+        new_up = torch.full((size, hidden), params.value)
+        new_gate = torch.full((size, hidden), params.value) if gate_w is not None else None
+        new_down = torch.zeros(hidden, size)
+    else:  # net2net / copy_halve: replicate existing units and split their outgoing weights
+        if params.init == "copy_halve":
+            if size > units:
+                raise ValueError(f"copy_halve copies each unit once: size {size} > {units} units")
+            source = torch.randperm(units, generator=gen)[:size]
+        else:
+            source = torch.randint(0, units, (size,), generator=gen)
+        copies = torch.bincount(source, minlength=units).float() + 1  # each unit's total count
+        new_up = up_w.float()[source].clone()
+        if params.noise:
+            new_up += randn(size, hidden, std=params.noise * std_in)
+        new_gate = gate_w.float()[source].clone() if gate_w is not None else None
+        new_b = up_b.float()[source].clone() if up_b is not None else None
+        old_down = old_down / copies
+        new_down = old_down[:, source].clone()
+    return new_up, new_b, new_gate, new_down, old_down
+
+
+def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module, conv1d: bool) -> nn.Module:
+    """A module of the same kind as `like` holding `weight` (Linear layout) and `bias`."""
+    out_features, in_features = weight.shape
+    dtype, device = like.weight.dtype, like.weight.device
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        module = Conv1D(out_features, in_features)
+        module.weight = nn.Parameter(weight.T.contiguous().to(device, dtype))
+    else:
+        module = nn.Linear(in_features, out_features, bias=bias is not None, device=device, dtype=dtype)
+        module.weight = nn.Parameter(weight.contiguous().to(device, dtype))
+    if bias is not None:
+        module.bias = nn.Parameter(bias.contiguous().to(device, dtype))
+    return module
+
+
+@operator("widen_ffn")
+def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
+    layout = view.family.ffn
+    result = OpResult(exact=params.init in ("zero_out", "zeros", "constant")
+                      or (params.init in ("net2net", "copy_halve") and params.noise == 0))
+    layers = params.layer_indices(view.num_layers)
+    for layer in layers:
+        mlp = view.ffn(layer)
+        inner = _innermost(mlp)  # the original FFN, even if it was widened in parallel before
+        up, down = getattr(inner, layout.up), getattr(inner, layout.down)
+        gate = getattr(inner, layout.gate) if layout.gate else None
+        up_w = _linear_weight(up, layout.conv1d)
+        down_w = _linear_weight(down, layout.conv1d)
+        gate_w = _linear_weight(gate, layout.conv1d) if gate is not None else None
+        up_b = up.bias.detach() if getattr(up, "bias", None) is not None else None
+        new_up, new_b, new_gate, new_down, old_down = _new_unit_weights(params, up_w, up_b, down_w, gate_w, gen)
+
+        if params.mode == "parallel":
+            act = getattr(inner, layout.act)
+            ext = FFNWithNewUnits(
+                base=mlp, act=act,
+                up=_make_linear(new_up, new_b, up, conv1d=False),
+                down=_make_linear(new_down, None, down, conv1d=False),
+                gate=_make_linear(new_gate, None, gate, conv1d=False) if gate is not None else None,
+            )
+            view.set_ffn(layer, ext)
+            result.new_params.extend(p for name, p in ext.named_parameters() if not name.startswith("base."))
+            continue
+
+        # in place: wider matrices; the mask marks the new entries
+        units = up_w.shape[0]
+        wide_up = _make_linear(torch.cat([up_w.float(), new_up]),
+                               torch.cat([up_b.float(), new_b]) if up_b is not None else None, up, layout.conv1d)
+        wide_down = _make_linear(torch.cat([old_down, new_down], dim=1),
+                                 down.bias.detach().float() if getattr(down, "bias", None) is not None else None,
+                                 down, layout.conv1d)
+        setattr(inner, layout.up, wide_up)
+        setattr(inner, layout.down, wide_down)
+        row_mask = torch.arange(units + params.size) >= units
+        result.grown.append((wide_up.weight, _mask_like(wide_up.weight, row_mask, rows=not layout.conv1d)))
+        if up_b is not None:
+            result.grown.append((wide_up.bias, row_mask.to(wide_up.bias.device)))
+        result.grown.append((wide_down.weight, _mask_like(wide_down.weight, row_mask, rows=layout.conv1d)))
+        if wide_down.bias is not None:
+            result.grown.append((wide_down.bias, torch.zeros_like(wide_down.bias, dtype=torch.bool)))
+        if gate is not None:
+            wide_gate = _make_linear(torch.cat([gate_w.float(), new_gate]), None, gate, layout.conv1d)
+            setattr(inner, layout.gate, wide_gate)
+            result.grown.append((wide_gate.weight, _mask_like(wide_gate.weight, row_mask, rows=True)))
+
+    if params.mode == "inplace":
+        if layers == list(range(view.num_layers)):
+            result.config_changes[view.family.ffn_size_field] = _inner_ffn_size(view, layers[0], layout)
+        else:
+            result.note = "layers widened unevenly: the config's FFN size describes the unwidened layers"
+    return result
+
+
+def _innermost(mlp: nn.Module) -> nn.Module:
+    while isinstance(mlp, FFNWithNewUnits):
+        mlp = mlp.base
+    return mlp
+
+
+def _inner_ffn_size(view, layer: int, layout) -> int:
+    up = getattr(_innermost(view.ffn(layer)), layout.up)
+    return int(_linear_weight(up, layout.conv1d).shape[0])
+
+
+def _mask_like(weight: torch.Tensor, unit_mask: torch.Tensor, rows: bool) -> torch.Tensor:
+    """Broadcast a per-unit mask over a weight whose units lie along rows (or columns)."""
+    unit_mask = unit_mask.to(weight.device)
+    return (unit_mask[:, None] if rows else unit_mask[None, :]).expand_as(weight).clone()

@@ -1,0 +1,336 @@
+"""The expansion plan: TOML schema, `--set` overrides, and checking with clear messages.
+
+``load_plan`` parses and validates; every problem is reported as ``field.path: message — fix``
+in one ``PlanError``. ``check_plan`` adds the checks that need the model's config (layer indices),
+loaded without weights. No torch here: the CLI imports this module at start-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.ops.params import OP_PARAMS, OpParams
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    source: str = Field("builtin:tiny-neo", description="builtin:<name>, a hub name or a local directory")
+    tokenizer: str = Field("bytes", description='"bytes" or a tokenizer hub name / directory')
+    revision: str | None = None
+
+
+class TaskSpec(Strict):
+    source: str = Field(..., description="builtin:<corpus>, local text files, or a datasets name/dir")
+    split: str = "train"
+    column: str = "text"
+    subset: str | None = Field(None, description="dataset configuration name")
+    eval_fraction: float = Field(0.1, gt=0, lt=0.9, description="share of documents held out")
+    max_docs: int | None = Field(None, gt=0)
+
+
+class TrainSpec(Strict):
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(128, gt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_interval: int = Field(50, ge=0, description="steps between evaluations (0: stage ends only)")
+    eval_batches: int = Field(4, gt=0)
+    log_interval: int = Field(10, gt=0)
+    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints (0: stage ends)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class ExpandSpec(BaseModel):
+    """One operator application; its keys beyond `op` are checked against ``OP_PARAMS[op]``."""
+
+    model_config = ConfigDict(extra="allow")
+    op: str
+
+    def params(self) -> OpParams:
+        return OP_PARAMS[self.op].model_validate(self.model_dump())
+
+
+class StageSpec(Strict):
+    name: str | None = None
+    task: str
+    steps: int = Field(..., ge=0)
+    freeze: Union[Literal["none", "base"], list[str]] = Field(
+        "none", description='"none", "base" (only what this stage adds trains) or name globs to freeze')
+    lr: float | None = Field(None, gt=0, description="overrides train.lr for this stage")
+    expand: list[ExpandSpec] = Field(default_factory=list)
+
+
+class Plan(Strict):
+    name: str = Field(..., min_length=1)
+    seed: int = 0
+    description: str | None = None
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tasks: dict[str, TaskSpec] = Field(..., min_length=1)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    stages: list[StageSpec] = Field(..., min_length=1)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def stage_label(self, index: int) -> str:
+        stage = self.stages[index]
+        return stage.name or f"{index + 1}:{stage.task}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class PlanError(ValueError):
+    """All the problems of a plan, one line each."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# pydantic errors -> one clear line each
+
+
+def _path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _problem_from_pydantic(err: dict, prefix: str = "", model: type[BaseModel] | None = None) -> Problem:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "list["))))
+    path = ".".join(x for x in (prefix, _path(loc)) if x)
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(model, loc[:-1]) if model else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        fix = f" — did you mean '{hint[0]}'?" if hint else (f" — allowed: {', '.join(known)}" if known else " — remove it")
+        return Problem(path, f"unknown key{fix}")
+    if kind == "missing":
+        return Problem(path, "is required — add it")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return Problem(path, f"{err['msg'].replace('Input should be', 'must be')}, got {given!r}")
+    if kind == "literal_error":
+        return Problem(path, f"{err['msg'].replace('Input should be', 'must be')}, got {given!r}")
+    if kind == "value_error":
+        return Problem(path, err["msg"].removeprefix("Value error, "))
+    return Problem(path, f"{err['msg']} (got {given!r})")
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model at `loc`, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _inner_model(field.annotation)
+    return list(getattr(current, "model_fields", {}))
+
+
+def _inner_model(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found:
+            return found
+    return None
+
+
+def _check_op(raw: dict, path: str) -> list[Problem]:
+    name = raw.get("op")
+    if name not in OP_PARAMS:
+        hint = difflib.get_close_matches(str(name), list(OP_PARAMS), n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"known ops: {', '.join(sorted(OP_PARAMS))}"
+        return [Problem(f"{path}.op", f"unknown op '{name}' — {fix}")]
+    try:
+        OP_PARAMS[name].model_validate(raw)
+    except ValidationError as e:
+        return [_problem_from_pydantic(err, path, OP_PARAMS[name]) for err in e.errors()]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value`; the value is read as TOML (`30`, `1e-3`, `"x"`, `[0, 1]`), else a string."""
+    if "=" not in text:
+        raise PlanError([Problem("--set", f"'{text}' is not key.path=value — e.g. --set stages.0.steps=30")])
+    key, _, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not key:
+        raise PlanError([Problem("--set", f"'{text}' has no key — e.g. --set train.lr=3e-4")])
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set fields of the raw plan dict; list items by index (``stages.0.steps=30``)."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit():
+                    raise PlanError([Problem(f"--set {key}", f"'{where}' indexes a list — use a number")])
+                index = int(part)
+                if not -len(node) <= index < len(node):
+                    raise PlanError([Problem(f"--set {key}", f"'{'.'.join(parts[:depth])}' has "
+                                             f"{len(node)} items (0..{len(node) - 1})")])
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise PlanError([Problem(f"--set {key}", f"'{'.'.join(parts[:depth])}' is a value, not a table")])
+    return raw
+
+
+def read_toml(path: Path | str) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PlanError([Problem("", f"{path}: no such plan file")]) from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise PlanError([Problem("", f"{path}: cannot read the plan ({e.__class__.__name__})")]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError([Problem("", f"{path}: TOML syntax error: {e}")]) from None
+
+
+def _cross_check(raw: dict) -> list[Problem]:
+    """Checks across fields (stage -> task, op -> its parameters), on the raw dict so that they
+    run even when other fields are wrong: `plan check` reports every problem at once."""
+    problems: list[Problem] = []
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        task = stage.get("task")
+        if isinstance(task, str) and tasks and task not in tasks:
+            problems.append(Problem(f"stages.{i}.task", f"unknown task '{task}' — define "
+                                    f"[tasks.{task}] or use one of: {', '.join(tasks)}"))
+        expand = stage.get("expand")
+        for j, spec in enumerate(expand if isinstance(expand, list) else []):
+            if isinstance(spec, dict) and "op" in spec:
+                problems.extend(_check_op(spec, f"stages.{i}.expand.{j}"))
+    return problems
+
+
+def plan_from_dict(raw: dict) -> Plan:
+    problems = _cross_check(raw)
+    try:
+        plan = Plan.model_validate(raw)
+    except ValidationError as e:
+        problems = [_problem_from_pydantic(err, model=Plan) for err in e.errors()] + problems
+        raise PlanError(problems) from None
+    if problems:
+        raise PlanError(problems)
+    return plan
+
+
+def load_plan(path: Path | str, overrides: list[str] | None = None, seed: int | None = None) -> Plan:
+    raw = apply_overrides(read_toml(path), overrides or [])
+    if seed is not None:
+        raw["seed"] = seed
+    return plan_from_dict(raw)
+
+
+def check_plan(plan: Plan) -> list[Problem]:
+    """Checks that need the model's config (loaded without weights): layer indices, model source."""
+    return check_model_fields(plan.model_dump(mode="json"))
+
+
+def check_model_fields(raw: dict) -> list[Problem]:
+    """The config-dependent checks on a raw plan dict, so that they run even when other fields
+    are wrong. Each operator's layers are checked against the depth at that point of the plan."""
+    from engine.models import ModelLoadError, load_architecture
+
+    try:
+        model = ModelSpec.model_validate(raw.get("model") or {})
+    except ValidationError:
+        return []  # reported by the schema check
+    try:
+        arch = load_architecture(model)
+    except ModelLoadError as e:
+        return [Problem(f"model.{e.field}", str(e))]
+    problems = []
+    num_layers = arch.num_layers
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    for i, stage in enumerate(stages):
+        expand = stage.get("expand") if isinstance(stage, dict) else None
+        for j, spec in enumerate(expand if isinstance(expand, list) else []):
+            if not isinstance(spec, dict):
+                continue
+            layers = spec.get("layers", "all")
+            if isinstance(layers, list) and all(isinstance(k, int) for k in layers):
+                bad = [k for k in layers if k >= num_layers]
+                if bad:
+                    problems.append(Problem(
+                        f"stages.{i}.expand.{j}.layers",
+                        f"layer {', '.join(map(str, bad))} out of range — the model has {num_layers} "
+                        f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
+            if spec.get("op") in OP_PARAMS:
+                try:
+                    num_layers = OP_PARAMS[spec["op"]].model_validate(spec).num_layers_after(num_layers)
+                except ValidationError:
+                    pass  # reported by the schema check
+    return problems
+
+
+def validate_file(path: Path | str, overrides: list[str] | None = None,
+                  seed: int | None = None) -> tuple[Plan | None, list[Problem]]:
+    """Every problem of a plan file: TOML, schema, cross references and model-dependent checks."""
+    try:
+        raw = apply_overrides(read_toml(path), overrides or [])
+    except PlanError as e:
+        return None, e.problems
+    if seed is not None:
+        raw["seed"] = seed
+    plan, problems = None, []
+    try:
+        plan = plan_from_dict(raw)
+    except PlanError as e:
+        problems = list(e.problems)
+    return (plan if not problems else None), problems + check_model_fields(raw)

@@ -1,0 +1,402 @@
+"""The `widen` command line. Start-up stays light: torch is imported only by verbs that need it
+(`plan show`, `doctor`) or by the worker subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from engine.plan import PlanError, validate_file
+from engine.rundir import FINAL_STATES, RunDir, runs_root
+
+app = typer.Typer(help="widen — grow trained neural networks, train on new tasks, see what was "
+                       "gained and forgotten.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+plan_app = typer.Typer(help="Check expansion plans.", no_args_is_help=True)
+db_app = typer.Typer(help="The runs index.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+app.add_typer(db_app, name="db")
+
+# Piped output (logs, CI) gets a wide page so tables are not truncated to 80 columns.
+console = Console()
+if not console.is_terminal:
+    console = Console(width=140)
+err = Console(stderr=True)
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+class CLIError(Exception):
+    """One clear line for the user; main() prints it and exits 1."""
+
+
+def _index():
+    from widen_tui.registry import RunIndex
+
+    return RunIndex(runs_root())
+
+
+def _run_dir(ref: str) -> RunDir:
+    from widen_tui.registry import RunNotFound
+
+    index = _index()
+    try:
+        run_id = index.resolve(ref)
+    except RunNotFound as e:
+        raise CLIError(str(e)) from None
+    run = RunDir(runs_root() / run_id)
+    if not run.exists():
+        raise CLIError(f"run {run_id} is in the index but its directory is gone — `widen db rebuild`")
+    return run
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _load_plan_or_exit(path: Path, overrides: list[str], seed: int | None):
+    plan, problems = validate_file(path, overrides, seed)
+    if problems:
+        for problem in problems:
+            err.print(f"[red]{path}[/red]: {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+@plan_app.command("check")
+def plan_check(
+    file: Path = typer.Argument(..., help="plan TOML file"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
+):
+    """Validate a plan: schema, tasks, operators, and layer indices against the model's config."""
+    plan = _load_plan_or_exit(file, set_, None)
+    console.print(f"[green]ok[/green] {file}: {len(plan.stages)} stages, tasks {', '.join(plan.tasks)}, "
+                  f"model {plan.model.source}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _launch(file: Path, set_: list[str], seed: int | None, detach: bool) -> None:
+    from widen_tui.launcher import create_run, start_worker
+
+    plan = _load_plan_or_exit(file, set_, seed)
+    run = create_run(plan, file)
+    pid = start_worker(run)
+    if detach:
+        console.print(run.id, highlight=False)
+        err.print(f"started run {run.id} (pid {pid}) — `widen watch {run.id}` to follow, "
+                  f"`widen cancel {run.id}` to stop", highlight=False, soft_wrap=True)
+        return
+    err.print(f"run {run.id} — Ctrl-C stops watching; the run keeps going", highlight=False)
+    state = _follow(run)
+    if state != "done":
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="plan TOML file"),
+    detach: bool = typer.Option(False, "--detach", "-d", help="print the run id and return at once"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the plan's seed"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
+):
+    """Run a plan in a detached engine process (and watch it unless --detach)."""
+    _launch(file, set_, seed, detach)
+
+
+@app.command()
+def demo(
+    set_: list[str] = typer.Option([], "--set", help="override a field of the quickstart plan"),
+):
+    """Grow the built-in model: train on prose, widen every FFN with zero-init, train on Python."""
+    plan = EXPERIMENTS / "quickstart.toml"
+    if not plan.exists():
+        raise CLIError(f"the quickstart plan is missing ({plan}) — run from a checkout of widen")
+    _launch(plan, set_, None, detach=False)
+
+
+@app.command()
+def resume(run_ref: str = typer.Argument(..., metavar="RUN")):
+    """Continue a cancelled, failed or lost run from its latest checkpoint."""
+    from widen_tui.launcher import resume as resume_run
+
+    run = _run_dir(run_ref)
+    try:
+        pid = resume_run(run)
+    except RuntimeError as e:
+        raise CLIError(str(e)) from None
+    err.print(f"resumed {run.id} (pid {pid}) — `widen watch {run.id}`", highlight=False)
+
+
+@app.command()
+def cancel(run_ref: str = typer.Argument(..., metavar="RUN")):
+    """Stop a run gracefully: it checkpoints and ends as `cancelled`."""
+    from widen_tui.launcher import cancel as cancel_run
+
+    run = _run_dir(run_ref)
+    console.print(f"{run.id}: {cancel_run(run)}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# watching
+
+
+def _follow(run: RunDir, live: bool | None = None) -> str:
+    """Follow a run's events until it ends; print the results. Returns the final state."""
+    from engine.events import EventReader
+    from widen_tui.progress import RunProgress
+    from widen_tui.report import live_view, results_view
+
+    reader, progress = EventReader(run.events), RunProgress(run=run.id)
+    live = console.is_terminal if live is None else live
+    printer = None if live else _LinePrinter()
+
+    def poll() -> bool:
+        for event in reader.read_new():
+            progress.update(event)
+            if printer:
+                printer(event)
+        state = run.status()["state"]
+        if state not in ("queued", "running"):
+            for event in reader.read_new():  # the last events written before the status
+                progress.update(event)
+                if printer:
+                    printer(event)
+            progress.state = state
+            progress.error = progress.error or run.status().get("error")
+            return True
+        return False
+
+    try:
+        if live:
+            from rich.live import Live
+
+            with Live(live_view(progress), console=console, refresh_per_second=2, transient=False) as view:
+                while not poll():
+                    view.update(live_view(progress))
+                    time.sleep(0.5)
+                view.update(live_view(progress))
+        else:
+            while not poll():
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        err.print(f"\nstopped watching; {run.id} keeps running — `widen watch {run.id}` / "
+                  f"`widen cancel {run.id}`", highlight=False)
+        return "running"
+    results = run.results()
+    if results:
+        console.print(results_view(results))
+    if progress.state != "done":
+        err.print(f"run {run.id} ended {progress.state}"
+                  + (f": {progress.error}" if progress.error else "")
+                  + (f" — see `widen logs {run.id}`" if progress.state in ("failed", "lost") else ""),
+                  highlight=False)
+    return progress.state
+
+
+class _LinePrinter:
+    """Plain progress lines for logs and pipes (no terminal to redraw)."""
+
+    def __init__(self):
+        self.last_step_print = 0.0
+
+    def __call__(self, e: dict) -> None:
+        line = describe_event(e)
+        if e["type"] == "step":
+            if time.time() - self.last_step_print < 5:
+                return
+            self.last_step_print = time.time()
+        if line and e["type"] != "system":
+            console.print(line, highlight=False, soft_wrap=True)
+
+
+def describe_event(e: dict) -> str:
+    kind, stage = e.get("type"), e.get("stage")
+    label = f"stage {stage + 1}" if isinstance(stage, int) and stage >= 0 else "initial"
+    if kind == "start":
+        return f"start {e['run']} plan={e['plan']} device={e['device']} params={e['params']:,} " \
+               f"{'(resumed)' if e.get('resumed') else ''}"
+    if kind == "stage":
+        return f"{label} {e['phase']}: {e['name']} on {e['task']} ({e['steps']} steps)"
+    if kind == "step":
+        return f"{label} step {e['step']}: loss {e['loss']:.4f} lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s"
+    if kind == "eval":
+        return f"{label} step {e['step']}: eval {e['task']} loss {e['loss']:.4f} ppl {e['ppl']:.3f}"
+    if kind == "expand":
+        return f"{label} expand {e['op']}: +{e['params_added']:,} params, max|Δlogits| " \
+               f"{e['max_abs_logit_delta']:.2e}, loss {e['loss_before']:.4f} -> {e['loss_after']:.4f}"
+    if kind == "checkpoint":
+        return f"{label} checkpoint ({e['reason']}) at step {e['step']}"
+    if kind == "system":
+        return f"system rss {e['rss_mb']} MB cpu {e['cpu_percent']}% {e['gpu_status']}"
+    if kind == "status":
+        return f"status {e['state']}" + (f": {e['error']}" if e.get("error") else "")
+    return json.dumps(e)
+
+
+@app.command()
+def watch(run_ref: str = typer.Argument("last", metavar="RUN")):
+    """Live view of a run (rich; works over SSH). Ctrl-C stops watching, not the run."""
+    state = _follow(_run_dir(run_ref))
+    if state in ("failed", "lost"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def logs(
+    run_ref: str = typer.Argument("last", metavar="RUN"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the run ends"),
+    raw: bool = typer.Option(False, "--raw", help="print the JSON events as written"),
+):
+    """Print a run's events (and the worker's stderr if it failed)."""
+    from engine.events import EventReader
+
+    run = _run_dir(run_ref)
+    reader = EventReader(run.events)
+
+    def dump():
+        for event in reader.read_new():
+            console.print(json.dumps(event) if raw else describe_event(event), highlight=False, soft_wrap=True)
+
+    dump()
+    try:
+        while follow and run.status()["state"] in ("queued", "running"):
+            time.sleep(0.5)
+            dump()
+    except KeyboardInterrupt:
+        return
+    dump()
+    state = run.status()["state"]
+    if state in ("failed", "lost") and run.stderr.exists():
+        err.print(f"--- {run.stderr} (last lines) ---", highlight=False)
+        err.print("\n".join(run.stderr.read_text(errors="replace").splitlines()[-30:]), highlight=False,
+                  markup=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# listing
+
+
+@app.command()
+def runs(as_json: bool = typer.Option(False, "--json", help="print the records as a JSON list")):
+    """List the runs in the runs root (oldest first)."""
+    records = _index().refresh()
+    if as_json:
+        _print_json(records)
+        return
+    if not records:
+        console.print(f"no runs in {runs_root()} — try `widen demo`", highlight=False)
+        return
+    from widen_tui.report import runs_table
+
+    console.print(runs_table(records))
+
+
+@app.command()
+def show(run_ref: str = typer.Argument("last", metavar="RUN"),
+         as_json: bool = typer.Option(False, "--json", help="print record, status and results as JSON")):
+    """A run's record, status and results (perplexity matrix, forgetting, expansions)."""
+    run = _run_dir(run_ref)
+    record = run.record()
+    _index().upsert(record)
+    status, results = run.status(), run.results()
+    if as_json:
+        _print_json({**record, "status": status, "results": results})
+        return
+    from widen_tui.report import results_view, state_text
+
+    console.print(f"[bold]{run.id}[/bold] {record['name']} ", state_text(record["state"]),
+                  f" plan {record.get('plan')}", highlight=False)
+    if status.get("error"):
+        err.print(f"error: {status['error']}", highlight=False)
+    if results:
+        console.print(results_view(results))
+    else:
+        console.print(f"no results yet — `widen watch {run.id}`", highlight=False)
+
+
+@db_app.command("rebuild")
+def db_rebuild():
+    """Rebuild the runs index from the run directories (the source of truth)."""
+    count = _index().rebuild()
+    console.print(f"indexed {count} runs from {runs_root()}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine
+
+
+@app.command()
+def doctor():
+    """Check torch, CUDA, NVML and disk space."""
+    import shutil
+
+    rows: list[tuple[str, str, bool]] = []
+    rows.append(("python", sys.version.split()[0], True))
+    try:
+        import torch
+
+        rows.append(("torch", torch.__version__, True))
+        if torch.cuda.is_available():
+            names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+            rows.append(("CUDA", f"{torch.version.cuda}: {names}", True))
+        else:
+            rows.append(("CUDA", "no GPU (torch sees no CUDA device) — runs use the CPU", True))
+    except ImportError as e:
+        rows.append(("torch", f"missing ({e}) — run `make setup`", False))
+    from engine.system import SystemMonitor
+
+    monitor = SystemMonitor()
+    rows.append(("NVML", monitor.gpu_status, True))
+    for gpu in monitor.gpus():
+        rows.append((f"GPU{gpu['index']}", f"{gpu.get('name')}: {gpu.get('mem_used_mb')}/"
+                     f"{gpu.get('mem_total_mb')} MB, {gpu.get('util_percent')}% busy", True))
+    root = runs_root()
+    probe = root if root.exists() else Path.cwd()
+    free_gb = shutil.disk_usage(probe).free / 2**30
+    rows.append(("runs root", f"{root} ({'exists' if root.exists() else 'created on first run'})", True))
+    rows.append(("disk free", f"{free_gb:.1f} GiB", free_gb > 1))
+    for name, value, ok in rows:
+        console.print(f"{'[green]ok[/green]  ' if ok else '[red]bad[/red] '} {name:10s} {value}", highlight=False)
+    if not all(ok for _, _, ok in rows):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except (CLIError, PlanError) as e:
+        err.print(f"error: {e}", highlight=False, markup=False)
+        sys.exit(1)
+    except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if os.environ.get("WIDEN_DEBUG"):
+            raise
+        err.print(f"error: {e.__class__.__name__}: {e} (WIDEN_DEBUG=1 shows the traceback)",
+                  highlight=False, markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

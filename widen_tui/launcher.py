@@ -1,0 +1,88 @@
+"""Start, cancel and resume engine subprocesses. No torch here: the worker imports it.
+
+Workers run detached (their own session, output to the run's stderr.log), so closing the CLI or
+the TUI, or losing the SSH connection, never stops a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.plan import Plan
+from engine.rundir import RunDir, pid_alive, runs_root, write_json_atomic
+from widen_tui.registry import RunIndex
+
+
+def new_run_id(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:32] or "run"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
+
+
+def create_run(plan: Plan, plan_path: Path | str | None, root: Path | None = None) -> RunDir:
+    """Make the run directory (resolved plan + identity) and index it as `queued`."""
+    root = Path(root) if root else runs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    run = RunDir(root / new_run_id(plan.name))
+    run.path.mkdir()
+    run.plan.write_text(plan.to_toml())
+    now = time.time()
+    write_json_atomic(run.run_json, {
+        "id": run.id, "name": plan.name, "seed": plan.seed,
+        "plan_path": str(Path(plan_path).resolve()) if plan_path else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)), "created_ts": now,
+    })
+    RunIndex(root).upsert(run.record())
+    return run
+
+
+def start_worker(run: RunDir, resume: bool = False) -> int:
+    """Spawn `python -m engine.worker RUN_DIR` detached; returns its pid."""
+    args = [sys.executable, "-m", "engine.worker", str(run.path)] + (["--resume"] if resume else [])
+    with open(run.stderr, "ab") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, cwd=os.getcwd(), env=_worker_env())
+    return proc.pid
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    # the worker must import this checkout's engine even when started from elsewhere
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def cancel(run: RunDir) -> str:
+    """Ask a run to stop: it checkpoints and ends as `cancelled`. Returns what was done."""
+    status = run.status()
+    if status["state"] not in ("queued", "running"):
+        return f"already {status['state']}"
+    run.cancel_request.touch()  # seen by the worker on any host sharing the runs root
+    pid = status.get("pid")
+    if pid and pid_alive(pid):
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return "cancel requested"
+
+
+def resume(run: RunDir) -> int:
+    status = run.status()
+    if status["state"] in ("queued", "running"):
+        raise RuntimeError(f"run {run.id} is still {status['state']} — nothing to resume")
+    if status["state"] == "done":
+        raise RuntimeError(f"run {run.id} is done — nothing to resume")
+    if not (run.checkpoints / "latest").exists():
+        raise RuntimeError(f"run {run.id} has no checkpoint — start it again with `widen run`")
+    write_json_atomic(run.status_json, {"state": "queued", "heartbeat": time.time()})
+    run.cancel_request.unlink(missing_ok=True)
+    return start_worker(run, resume=True)

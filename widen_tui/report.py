@@ -1,0 +1,150 @@
+"""Rich renderables for the CLI: the live run view, the results tables, the runs list."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from widen_tui.progress import RunProgress
+
+STATE_STYLE = {"done": "green", "running": "cyan", "queued": "yellow", "failed": "red",
+               "cancelled": "magenta", "lost": "red"}
+
+
+def fmt_num(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) > 999):
+        return f"{int(value):,}"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        return f"{value:.2e}"
+    return f"{value:.{digits}g}" if abs(value) < 10 else f"{value:,.2f}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def live_view(p: RunProgress) -> Panel:
+    """What `widen watch` shows: stage, step, loss, evals, speed, memory, ETA."""
+    head = Table.grid(padding=(0, 2))
+    head.add_row("state", state_text(p.state), "device", p.device or "–")
+    stage_total = p.stage_steps[p.stage] if p.stage < len(p.stage_steps) else 0
+    head.add_row("stage", f"{p.stage + 1}/{len(p.stage_steps) or '?'} {p.stage_name} ({p.task})",
+                 "step", f"{p.step}/{stage_total}")
+    head.add_row("loss", fmt_num(p.loss), "lr", fmt_num(p.lr))
+    head.add_row("tokens/s", fmt_num(p.tokens_per_s and round(p.tokens_per_s)), "tokens", fmt_num(p.tokens))
+    head.add_row("elapsed", fmt_duration(p.elapsed_s()), "ETA", fmt_duration(p.eta_s()))
+    sysinfo = p.system
+    if sysinfo:
+        gpus = sysinfo.get("gpus") or []
+        gpu = "; ".join(f"GPU{g['index']} {g.get('mem_used_mb', 0):.0f}/{g.get('mem_total_mb', 0):.0f} MB "
+                        f"{g.get('util_percent', 0)}%" for g in gpus) or sysinfo.get("gpu_status", "no GPU")
+        head.add_row("memory", f"RSS {fmt_num(sysinfo.get('rss_mb'))} MB", "gpu", gpu)
+        if sysinfo.get("torch_peak_mb") is not None:
+            head.add_row("torch peak", f"{sysinfo['torch_peak_mb']:.0f} MB", "", "")
+    bar = ProgressBar(total=max(p.total_steps, 1), completed=p.global_step, width=50)
+
+    evals = Table("task", "loss", "ppl", "bits/byte", "at", box=None, header_style="bold")
+    for task, e in p.eval.items():
+        at = "initial" if e["stage"] < 0 else f"stage {e['stage'] + 1} step {e['step']}"
+        evals.add_row(task, fmt_num(e["loss"]), fmt_num(e["ppl"]), fmt_num(e["bpb"]), at)
+    parts = [head, bar, Text("")]
+    if p.eval:
+        parts.append(evals)
+    if p.expansions:
+        parts += [Text(""), expansions_table(p.expansions)]
+    if p.error:
+        parts += [Text(""), Text(f"error: {p.error}", style="red")]
+    return Panel(Group(*parts), title=f"{p.plan or 'run'} · {p.run}", border_style=STATE_STYLE.get(p.state, ""))
+
+
+def expansions_table(reports: list[dict]) -> Table:
+    table = Table(title="expansions (measured on a fixed probe batch)", title_justify="left",
+                  header_style="bold")
+    for col in ("stage", "op", "params added", "trainable", "exact", "max |Δlogits|", "loss before",
+                "loss after", "new-unit grad"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for r in reports:
+        trainable = f"{fmt_num(r.get('trainable'))} ({100 * r.get('trainable_share', 0):.1f}%)" \
+            if r.get("trainable") is not None else "–"
+        table.add_row(str(r["stage"] + 1), r["op"], fmt_num(r["params_added"]), trainable,
+                      "yes" if r["exact"] else "no", f"{r['max_abs_logit_delta']:.2e}",
+                      f"{r['loss_before']:.4f}", f"{r['loss_after']:.4f}", fmt_num(r.get("new_grad_norm")))
+    return table
+
+
+def results_view(results: dict) -> Group:
+    """The end-of-run tables: perplexity per task after each stage with forgetting, parameters
+    per stage, and the expansion reports."""
+    m = results["matrix"]
+    tasks, rows = m["tasks"], m["rows"]
+    forgetting = results.get("forgetting", {}).get("ppl", {})
+    forgetting_loss = results.get("forgetting", {}).get("loss", {})
+    ppl = Table(title=f"perplexity per task after each stage · forgetting: "
+                      f"{results.get('forgetting_definition', '')}; {results.get('sign_convention', '')}",
+                title_justify="left", header_style="bold")
+    ppl.add_column("task")
+    for label in rows:
+        ppl.add_column(label, justify="right")
+    ppl.add_column("forgetting (ppl)", justify="right")
+    ppl.add_column("forgetting (loss)", justify="right")
+    for j, task in enumerate(tasks):
+        f, fl = forgetting.get(task), forgetting_loss.get(task)
+        ppl.add_row(task, *[fmt_num(row[j]) for row in m["ppl"]],
+                    f"{f['absolute']:+.3f}" if f else "–", f"{fl['absolute']:+.4f}" if fl else "–")
+
+    params = Table(title="parameters per stage", title_justify="left", header_style="bold")
+    for col in ("stage", "task", "total", "trainable", "share"):
+        params.add_column(col, justify="left" if col in ("stage", "task") else "right")
+    for s in results.get("stages", []):
+        params.add_row(s["name"], s["task"], fmt_num(s["total"]), fmt_num(s["trainable"]),
+                       f"{100 * s['trainable_share']:.2f}%")
+    summary = results.get("summary", {})
+    footer = Text(f"state {results['state']} · params added {fmt_num(summary.get('params_added'))} · "
+                  f"BWT (loss) {fmt_num(summary.get('bwt'))} · tokens {fmt_num(summary.get('tokens'))} · "
+                  f"{fmt_num(summary.get('tokens_per_s') and round(summary['tokens_per_s']))} tokens/s · "
+                  f"wall {fmt_duration(summary.get('wall_s'))}")
+    parts = [ppl, params]
+    if results.get("expansions"):
+        parts.append(expansions_table(results["expansions"]))
+    return Group(*parts, footer)
+
+
+def runs_table(records: list[dict]) -> Table:
+    table = Table(header_style="bold")
+    for col in ("id", "name", "state", "stage", "step", "final ppl", "age"):
+        table.add_column(col)
+    now = time.time()
+    for r in records:
+        ppl = r.get("summary", {}).get("final_ppl") or {}
+        created = r.get("created_ts") or _parse_time(r.get("created"))
+        table.add_row(r["id"], r.get("name", ""), state_text(r.get("state", "?")),
+                      "–" if r.get("stage") is None else str(r["stage"] + 1),
+                      "–" if r.get("step") is None else str(r["step"]),
+                      " ".join(f"{t}={v:.2f}" for t, v in ppl.items()) or "–",
+                      fmt_duration(now - created) if created else "–")
+    return table
+
+
+def _parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
