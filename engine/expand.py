@@ -66,7 +66,7 @@ def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Ge
                 measure: bool = True) -> StageGrowth:
     """Apply the stage's operators in order. With `measure`, each gets a report (no training)."""
     growth = StageGrowth()
-    inputs, targets = batch
+    inputs, targets = batch if measure else (None, None)
     for spec in specs:
         params = spec.params()
         before = count_params(model)

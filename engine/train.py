@@ -341,7 +341,7 @@ class Trainer:
             if done % train.log_interval == 0 or done == stage.steps:
                 elapsed = time.time() - window_start
                 self.emit("step", stage=index, step=done, global_step=self._global_step(index, done),
-                          loss=float(loss), lr=scheduler.get_last_lr()[0],
+                          loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
                           tokens_per_s=window_tokens / max(elapsed, 1e-9),
                           tokens=self.history["tokens"], flops=self.history["flops"])
                 window_start, window_tokens = time.time(), 0

@@ -376,7 +376,9 @@ def doctor():
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode click returns a typer.Exit's code instead of raising it
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -386,9 +388,7 @@ def main() -> None:
         err.print(f"error: {e}", highlight=False, markup=False)
         sys.exit(1)
     except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
-        import click
-
-        if isinstance(e, click.ClickException):
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error (typer vendors click)
             e.show()
             sys.exit(e.exit_code)
         if os.environ.get("WIDEN_DEBUG"):

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny plan (seconds to run) and an isolated runs root per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_PLAN = textwrap.dedent("""
+    name = "tiny"
+    seed = 3
+
+    [model]
+    source = "builtin:tiny-neo"
+
+    [tasks.prose]
+    source = "builtin:pydoc"
+    eval_fraction = 0.2
+
+    [tasks.python]
+    source = "builtin:stdlib-python"
+    max_docs = 40
+
+    [train]
+    batch_size = 4
+    seq_len = 32
+    lr = 3e-3
+    eval_interval = 4
+    eval_batches = 1
+    log_interval = 1
+    device = "cpu"
+
+    [[stages]]
+    task = "prose"
+    steps = 6
+
+    [[stages]]
+    task = "python"
+    steps = 6
+    freeze = "base"
+
+    [[stages.expand]]
+    op = "widen_ffn"
+    layers = "all"
+    size = 16
+""")
+
+
+@pytest.fixture
+def widen_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "runs"
+    monkeypatch.setenv("WIDEN_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def tiny_plan(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_PLAN)
+    return path
+
+
+def widen(*args: str, env_home: Path, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `widen` CLI in a subprocess."""
+    env = dict(os.environ, WIDEN_HOME=str(env_home))
+    proc = subprocess.run([sys.executable, "-m", "widen_tui.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"widen {' '.join(args)} exited {proc.returncode}: {proc.stderr[-800:]}")
+    return proc

@@ -1,0 +1,144 @@
+"""End to end: the real CLI and worker subprocess on a tiny plan; cancel, resume, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from engine.events import read_all, validate_event
+from engine.plan import load_plan
+from engine.rundir import RunDir
+from engine.train import Trainer
+from tests.conftest import widen
+from widen_tui.launcher import create_run
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(run: RunDir, states: tuple[str, ...], timeout: float = 150) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = run.status()["state"]
+        if state in states:
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"run {run.id} still {run.status()} after {timeout}s; "
+                         f"stderr: {run.stderr.read_text()[-1500:] if run.stderr.exists() else ''}")
+
+
+def test_detached_run_through_the_cli(tiny_plan, widen_home):
+    t0 = time.time()
+    out = widen("run", str(tiny_plan), "--detach", env_home=widen_home, check=True)
+    assert time.time() - t0 < 5
+    run_id = out.stdout.strip()
+    run = RunDir(widen_home / run_id)
+    assert wait_for(run, ("done", "failed", "lost")) == "done", run.stderr.read_text()[-2000:]
+
+    listed = json.loads(widen("runs", "--json", env_home=widen_home, check=True).stdout)
+    assert [r["id"] for r in listed] == [run_id] and listed[0]["state"] == "done"
+    shown = json.loads(widen("show", run_id[:12], "--json", env_home=widen_home, check=True).stdout)
+    results = shown["results"]
+    assert results["matrix"]["rows"] == ["initial", "after 1:prose", "after 2:python"]
+    assert len(results["matrix"]["ppl"]) == 3 and len(results["matrix"]["ppl"][0]) == 2
+    assert results["forgetting"]["loss"]["prose"]["definition"].startswith("max-based")
+    assert results["forgetting"]["loss"]["python"] is None
+    (report,) = results["expansions"]
+    assert report["op"] == "widen_ffn" and report["max_abs_logit_delta"] <= 1e-4
+    assert report["params_added"] == 4 * 16 * (2 * 128 + 1)
+    stage2 = results["stages"][1]
+    assert stage2["trainable"] == report["params_added"] and stage2["total"] == report["params_after"]
+
+    events = read_all(run.events)
+    assert [e for e in events if validate_event(e)] == []
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "status" and events[-1]["state"] == "done"
+    for kind in ("stage", "step", "eval", "expand", "system", "checkpoint"):
+        assert kind in kinds, kind
+    evals = [e for e in events if e["type"] == "eval"]
+    assert {e["task"] for e in evals if e["stage"] == -1} == {"prose", "python"}
+    assert (run.checkpoints / "latest" / "model.safetensors").exists()
+
+    text = widen("show", run_id, env_home=widen_home, check=True).stdout
+    assert "forgetting" in text and "widen_ffn" in text
+    logs = widen("logs", run_id, env_home=widen_home, check=True).stdout
+    assert "expand widen_ffn" in logs and "status done" in logs
+
+
+def test_resume_continues_exactly(tiny_plan, widen_home):
+    """Cancel in stage 2 (after the expansion), resume: same figures as an uninterrupted run."""
+    overrides = ["stages.1.steps=8"]
+    plan = load_plan(tiny_plan, overrides)
+    straight = create_run(plan, tiny_plan, widen_home)
+    Trainer(straight.path).run_plan()
+
+    interrupted = create_run(plan, tiny_plan, widen_home)
+    trainer = Trainer(interrupted.path)
+    emit = trainer.emit
+
+    def cancel_at_stage2_step3(kind, **fields):
+        emit(kind, **fields)
+        if kind == "step" and fields["stage"] == 1 and fields["step"] == 3:
+            trainer.cancel_requested = True
+
+    trainer.emit = cancel_at_stage2_step3
+    from engine.train import Cancelled
+
+    with pytest.raises(Cancelled):
+        trainer.run_plan()
+    trainer.finish("cancelled")
+    assert interrupted.status()["state"] == "cancelled"
+    Trainer(interrupted.path, resume=True).run_plan()
+
+    a, b = straight.results(), interrupted.results()
+    assert b["state"] == "done"
+    assert a["matrix"] == b["matrix"]
+    assert a["expansions"] == [{**r, "stage": r["stage"]} for r in b["expansions"]]
+    losses = lambda run: [(e["stage"], e["step"], e["loss"]) for e in read_all(run.events) if e["type"] == "step"]
+    resumed_steps = losses(interrupted)
+    assert resumed_steps[-1] == losses(straight)[-1]
+    assert any(e["type"] == "start" and e["resumed"] for e in read_all(interrupted.events))
+
+
+def test_cancel_then_resume_through_the_cli(tiny_plan, widen_home):
+    out = widen("run", str(tiny_plan), "--detach", "--set", "stages.0.steps=400", env_home=widen_home, check=True)
+    run = RunDir(widen_home / out.stdout.strip())
+    deadline = time.time() + 90
+    while not any(e["type"] == "step" for e in read_all(run.events)):
+        assert time.time() < deadline, run.stderr.read_text()[-1500:]
+        time.sleep(0.3)
+    assert "cancel requested" in widen("cancel", run.id, env_home=widen_home, check=True).stdout
+    assert wait_for(run, ("cancelled", "failed", "done")) == "cancelled"
+    assert any(e["type"] == "checkpoint" and e["reason"] == "cancel" for e in read_all(run.events))
+    assert run.results()["state"] == "cancelled"
+
+    widen("resume", run.id, env_home=widen_home, check=True)
+    deadline = time.time() + 20
+    while run.status()["state"] == "cancelled" and time.time() < deadline:
+        time.sleep(0.2)
+    widen("cancel", run.id, env_home=widen_home, check=True)  # stop it again: no need to finish 400 steps
+    assert wait_for(run, ("cancelled", "failed", "done")) == "cancelled"
+    starts = [e for e in read_all(run.events) if e["type"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True]
+
+
+def test_killed_worker_shows_as_lost(tiny_plan, widen_home):
+    out = widen("run", str(tiny_plan), "--detach", "--set", "stages.0.steps=400", env_home=widen_home, check=True)
+    run = RunDir(widen_home / out.stdout.strip())
+    assert wait_for(run, ("running",), timeout=60) == "running"
+    os.kill(run.status()["pid"], signal.SIGKILL)
+    assert wait_for(run, ("lost",), timeout=10) == "lost"
+    listed = json.loads(widen("runs", "--json", env_home=widen_home, check=True).stdout)
+    assert listed[0]["state"] == "lost"
+
+
+def test_failure_is_one_clear_line(tiny_plan, widen_home, tmp_path):
+    out = widen("run", str(tiny_plan), "--set", f"tasks.python.source={tmp_path}/absent-dir",
+                env_home=widen_home)
+    assert out.returncode == 1
+    assert "absent-dir" in out.stderr and "Traceback" not in out.stderr + out.stdout
+    (record,) = json.loads(widen("runs", "--json", env_home=widen_home, check=True).stdout)
+    assert record["state"] == "failed" and "absent-dir" in record["error"]

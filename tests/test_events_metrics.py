@@ -1,0 +1,78 @@
+"""The event stream contract, incremental reading, and the continual-learning figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import metrics
+from engine.events import SCHEMA, EventReader, EventWriter, validate_event
+from engine.system import SystemMonitor
+
+
+def test_reader_returns_only_new_events_and_waits_for_whole_lines(tmp_path):
+    path = tmp_path / "events.jsonl"
+    writer = EventWriter(path)
+    reader = EventReader(path)
+    assert reader.read_new() == []
+    writer.emit("status", state="running")
+    assert [e["state"] for e in reader.read_new()] == ["running"]
+    assert reader.read_new() == []
+    with open(path, "a") as f:  # a line caught half-written
+        f.write('{"type": "status", "t": 1, "sta')
+    assert reader.read_new() == []
+    with open(path, "a") as f:
+        f.write('te": "done"}\n')
+    assert [e["state"] for e in reader.read_new()] == ["done"]
+    with open(path, "a") as f:  # a torn line from a crash is skipped, reading goes on
+        f.write('{"type": \n')
+    writer.emit("status", state="failed", error="x")
+    assert [e["state"] for e in reader.read_new()] == ["failed"]
+
+
+def test_schema_validation():
+    assert validate_event({"type": "status", "t": 0, "state": "done"}) == []
+    assert validate_event({"type": "eval", "t": 0, "task": "x"})[0].startswith("eval event lacks")
+    assert validate_event({"type": "nope"}) == ["unknown event type 'nope'"]
+    assert set(SCHEMA) >= {"start", "step", "eval", "expand", "system", "stage", "checkpoint", "status"}
+
+
+def test_writer_serialises_numpy_and_torch_scalars(tmp_path):
+    import numpy as np
+    import torch
+
+    writer = EventWriter(tmp_path / "e.jsonl")
+    writer.emit("status", state="running", a=np.float32(1.5), b=torch.tensor(2))
+    line = json.loads((tmp_path / "e.jsonl").read_text())
+    assert line["a"] == 1.5 and line["b"] == 2
+
+
+def test_system_sample_without_gpu_is_clean():
+    sample = SystemMonitor().sample()
+    assert validate_event({"type": "system", "t": 0, **sample}) == []
+    assert sample["rss_mb"] > 0
+    if not sample["gpus"]:
+        assert sample["gpu_status"].startswith("no GPU")
+
+
+def row(**losses):
+    return {t: {"loss": v, "ppl": 2.718281828 ** v} for t, v in losses.items()}
+
+
+def test_forgetting_is_max_based_and_positive_when_worse():
+    # initial, after stage 0 (a), after stage 1 (b), after stage 2 (a again)
+    matrix = [row(a=5.0, b=5.0), row(a=2.0, b=4.0), row(a=2.5, b=1.5), row(a=1.8, b=2.0)]
+    trained_at = {"a": 0, "b": 1}
+    f = metrics.forgetting(matrix, trained_at)
+    assert f["a"]["absolute"] == pytest.approx(1.8 - 2.0)   # improved: negative forgetting
+    assert f["b"]["absolute"] == pytest.approx(2.0 - 1.5)   # worse than its best: positive
+    assert f["b"]["relative"] == pytest.approx(0.5 / 1.5)
+    # BWT: a: 1.8 - 2.0, b: 2.0 - 1.5 -> mean 0.15
+    assert metrics.backward_transfer(matrix, trained_at) == pytest.approx(0.15)
+
+
+def test_task_trained_last_has_no_forgetting():
+    matrix = [row(a=5.0, b=5.0), row(a=2.0, b=4.0), row(a=2.5, b=1.5)]
+    f = metrics.forgetting(matrix, {"a": 0, "b": 1})
+    assert f["b"] is None and f["a"]["absolute"] == pytest.approx(0.5)
