@@ -109,3 +109,16 @@ def test_plan_check_cli(tmp_path):
     assert any("size: must be greater than 0" in line for line in lines)
     assert any("init: must be" in line for line in lines)
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_cli_start_up_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; sys.argv = ['widen', '--help']\n"
+            "try:\n    runpy.run_module('widen_tui.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'textual') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "widen" in proc.stdout

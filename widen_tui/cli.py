@@ -13,8 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from engine.plan import PlanError, validate_file
-from engine.rundir import FINAL_STATES, RunDir, runs_root
+from engine.rundir import RunDir, runs_root
 
 app = typer.Typer(help="widen — grow trained neural networks, train on new tasks, see what was "
                        "gained and forgotten.", no_args_is_help=True, add_completion=False,
@@ -61,6 +60,8 @@ def _print_json(data) -> None:
 
 
 def _load_plan_or_exit(path: Path, overrides: list[str], seed: int | None):
+    from engine.plan import validate_file  # pydantic models: imported only when a verb needs them
+
     plan, problems = validate_file(path, overrides, seed)
     if problems:
         for problem in problems:
@@ -384,7 +385,7 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except (CLIError, PlanError) as e:
+    except CLIError as e:
         err.print(f"error: {e}", highlight=False, markup=False)
         sys.exit(1)
     except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
