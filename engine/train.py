@@ -122,6 +122,10 @@ class Trainer:
                         "trained_at": {}, "tokens": 0, "flops": 0.0, "wall_s": 0.0, "curves": []}
         self.position = {"stage": 0, "step": 0, "ops_applied": False, "initial_done": False}
         self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(plan.train.dtype)
+        if plan.train.dtype == "float16" and self.device.type != "cuda":
+            raise ValueError("train.dtype = \"float16\" needs a CUDA device — use \"bfloat16\" or \"float32\" on CPU")
+        # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.train.dtype == "float16")
 
     def _tensors(self, batch):
         inputs, targets = batch
@@ -178,6 +182,7 @@ class Trainer:
             "history": self.history,
             "optimizer": optimizer.state_dict() if optimizer else None,
             "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }, tmp / "trainer.pt")
@@ -271,6 +276,8 @@ class Trainer:
         if saved is not None and saved.get("optimizer") is not None:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
+            if saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
             rng = saved["rng"]
             torch.set_rng_state(rng["torch"])
             np.random.set_state(rng["numpy"])
@@ -325,11 +332,13 @@ class Trainer:
                 logits = self.model(input_ids=inputs).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             if trainable:
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 if train.grad_clip:
+                    self.scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in self.model.parameters() if p.requires_grad], train.grad_clip)
-                optimizer.step()
+                self.scaler.step(optimizer)
+                self.scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             self.position["step"] = step + 1

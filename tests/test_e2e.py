@@ -142,3 +142,39 @@ def test_failure_is_one_clear_line(tiny_plan, widen_home, tmp_path):
     assert "absent-dir" in out.stderr and "Traceback" not in out.stderr + out.stdout
     (record,) = json.loads(widen("runs", "--json", env_home=widen_home, check=True).stdout)
     assert record["state"] == "failed" and "absent-dir" in record["error"]
+
+
+def test_local_model_directory_uses_the_hub_code_path(tiny_plan, widen_home, tmp_path):
+    """A local directory goes through from_pretrained exactly as a hub name would."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine.plan import validate_file
+
+    torch.manual_seed(0)
+    source = tmp_path / "gpt2-local"
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(source)
+    overrides = [f"model.source={source}", "stages.0.steps=2", "stages.1.steps=2", "train.eval_interval=0"]
+    plan, problems = validate_file(tiny_plan, overrides + ["stages.1.expand.0.layers=[2]"])
+    assert [str(p) for p in problems] == [
+        'stages.1.expand.0.layers: layer 2 out of range — the model has 2 layers at this point (0..1); '
+        'use those indices or "all"']
+    run = create_run(load_plan(tiny_plan, overrides), tiny_plan, widen_home)
+    Trainer(run.path).run_plan()
+    results = run.results()
+    assert results["state"] == "done"
+    assert results["expansions"][0]["max_abs_logit_delta"] <= 1e-4
+    assert results["expansions"][0]["params_added"] == 2 * 16 * (2 * 32 + 1)
+
+
+def test_unsupported_architecture_is_named(tiny_plan, tmp_path):
+    from transformers import BertConfig
+
+    from engine.plan import validate_file
+
+    source = tmp_path / "bert"
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(source)
+    _, problems = validate_file(tiny_plan, [f"model.source={source}"])
+    assert len(problems) == 1
+    assert str(problems[0]).startswith("model.source: model type 'bert' is not supported — supported: gpt_neo")
