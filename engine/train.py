@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -210,8 +209,6 @@ class Trainer:
     def run_plan(self):
         self.setup()
         plan = self.plan
-        if self.is_main:
-            self._install_signal_handlers()
         saved = self.load_checkpoint() if self.resume else None
         self.emit("start", run=self.run.id, plan=plan.name, seed=plan.seed, device=str(self.device),
                   pid=os.getpid(), params=count_params(self.model), stages=len(plan.stages),
@@ -373,13 +370,6 @@ class Trainer:
         if force or now - self._last_system >= SYSTEM_SAMPLE_S:
             self._last_system = now
             self.emit("system", **self.monitor.sample())
-
-    def _install_signal_handlers(self):
-        def request_cancel(signum, frame):
-            self.cancel_requested = True
-
-        signal.signal(signal.SIGTERM, request_cancel)
-        signal.signal(signal.SIGINT, request_cancel)
 
     # ------------------------------------------------------------------ results
     def results(self, state: str) -> dict:

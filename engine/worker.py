@@ -7,7 +7,9 @@ events, status, checkpoints and results, and never touches the runs index.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = parser.parse_args(argv)
+
+    # Installed before the slow imports: a cancel during start-up must not kill the worker
+    # silently. A signal only leaves the request file, which the training loop polls.
+    cancel_request = Path(args.run_dir) / "cancel.request"
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: cancel_request.touch())
 
     from engine.train import run
 

@@ -178,3 +178,13 @@ def test_unsupported_architecture_is_named(tiny_plan, tmp_path):
     _, problems = validate_file(tiny_plan, [f"model.source={source}"])
     assert len(problems) == 1
     assert str(problems[0]).startswith("model.source: model type 'bert' is not supported — supported: gpt_neo")
+
+
+def test_worker_that_dies_at_start_is_lost_at_once(widen_home, tiny_plan, monkeypatch):
+    """No status from the worker yet: the pid noted at launch still tells that it died."""
+    import widen_tui.launcher as launcher
+
+    run = create_run(load_plan(tiny_plan), tiny_plan, widen_home)
+    monkeypatch.setattr(launcher.sys, "executable", "/bin/false")
+    launcher.start_worker(run)
+    assert wait_for(run, ("lost",), timeout=10) == "lost"

@@ -10,13 +10,14 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from engine.plan import Plan
-from engine.rundir import RunDir, pid_alive, runs_root, write_json_atomic
+from engine.rundir import RunDir, pid_alive, read_json, runs_root, write_json_atomic
 from widen_tui.registry import RunIndex
 
 
@@ -48,6 +49,11 @@ def start_worker(run: RunDir, resume: bool = False) -> int:
     with open(run.stderr, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, cwd=os.getcwd(), env=_worker_env())
+    # Note the pid at once, so a worker that dies before writing its own status shows as `lost`.
+    # The worker needs seconds to import torch; if it was quicker, its own status (same pid) stays.
+    if (read_json(run.status_json) or {}).get("pid") != proc.pid:
+        write_json_atomic(run.status_json, {"state": "queued", "pid": proc.pid, "host": socket.gethostname(),
+                                            "heartbeat": time.time()})
     return proc.pid
 
 
@@ -83,6 +89,5 @@ def resume(run: RunDir) -> int:
         raise RuntimeError(f"run {run.id} is done — nothing to resume")
     if not (run.checkpoints / "latest").exists():
         raise RuntimeError(f"run {run.id} has no checkpoint — start it again with `widen run`")
-    write_json_atomic(run.status_json, {"state": "queued", "heartbeat": time.time()})
     run.cancel_request.unlink(missing_ok=True)
     return start_worker(run, resume=True)

@@ -23,7 +23,7 @@ def fmt_num(value, digits: int = 3) -> str:
         return f"{int(value):,}"
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
         return f"{value:.2e}"
-    return f"{value:.{digits}g}" if abs(value) < 10 else f"{value:,.2f}"
+    return f"{value:.{digits}f}" if abs(value) < 100 else f"{value:,.2f}"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -76,15 +76,15 @@ def live_view(p: RunProgress) -> Panel:
 def expansions_table(reports: list[dict]) -> Table:
     table = Table(title="expansions (measured on a fixed probe batch)", title_justify="left",
                   header_style="bold")
-    for col in ("stage", "op", "params added", "trainable", "exact", "max |Δlogits|", "loss before",
-                "loss after", "new-unit grad"):
-        table.add_column(col, justify="left" if col == "op" else "right")
+    for col in ("stage", "op", "added", "trainable", "exact", "max|Δlogits|", "loss before→after",
+                "new grad"):
+        table.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
     for r in reports:
         trainable = f"{fmt_num(r.get('trainable'))} ({100 * r.get('trainable_share', 0):.1f}%)" \
             if r.get("trainable") is not None else "–"
         table.add_row(str(r["stage"] + 1), r["op"], fmt_num(r["params_added"]), trainable,
                       "yes" if r["exact"] else "no", f"{r['max_abs_logit_delta']:.2e}",
-                      f"{r['loss_before']:.4f}", f"{r['loss_after']:.4f}", fmt_num(r.get("new_grad_norm")))
+                      f"{r['loss_before']:.4f}→{r['loss_after']:.4f}", fmt_num(r.get("new_grad_norm")))
     return table
 
 
