@@ -6,9 +6,10 @@ model (for the operators).
 
 from __future__ import annotations
 
-from engine.arch.families import FAMILIES, ArchFamily, FFNLayout, UnsupportedArchitecture, family_for
+from engine.arch.families import (FAMILIES, ArchFamily, AttentionLayout, FFNLayout, UnsupportedArchitecture,
+                                  family_for)
 
-__all__ = ["ArchView", "ArchFamily", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
+__all__ = ["ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
 
 
 def get_submodule(root, dotted: str):
@@ -50,6 +51,25 @@ class ArchView:
         return get_submodule(self.blocks()[layer], self.family.ffn.module)
 
     def set_ffn(self, layer: int, module) -> None:
-        parent_path, _, name = self.family.ffn.module.rpartition(".")
+        self._set_in_block(layer, self.family.ffn.module, module)
+
+    def attention(self, layer: int):
+        return get_submodule(self.blocks()[layer], self.family.attention.module)
+
+    def set_attention(self, layer: int, module) -> None:
+        self._set_in_block(layer, self.family.attention.module, module)
+
+    def _set_in_block(self, layer: int, dotted: str, module) -> None:
+        parent_path, _, name = dotted.rpartition(".")
         parent = get_submodule(self.blocks()[layer], parent_path) if parent_path else self.blocks()[layer]
         setattr(parent, name, module)
+
+    @property
+    def num_heads(self) -> int:
+        return int(getattr(self.config, self.family.attention.num_heads_field))
+
+    @property
+    def num_kv_heads(self) -> int:
+        field = self.family.attention.num_kv_heads_field
+        value = getattr(self.config, field, None) if field else None
+        return int(value) if value else self.num_heads

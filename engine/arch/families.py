@@ -22,15 +22,37 @@ class FFNLayout:
 
 
 @dataclass(frozen=True)
+class AttentionLayout:
+    """Where a block's self-attention lives. Fused layouts name one qkv projection instead."""
+
+    module: str                   # attention module inside a block, e.g. "self_attn"
+    out: str                      # output projection (zeroing it makes the block's attention a no-op)
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None        # fused projection (GPT-2 c_attn, NeoX query_key_value)
+    num_heads_field: str = "num_attention_heads"
+    num_kv_heads_field: str | None = None   # grouped-query attention (Llama family)
+    # attributes holding the block's own index (KV caches and local/global choice read them)
+    layer_index_attrs: tuple[str, ...] = ("layer_idx",)
+
+
+@dataclass(frozen=True)
 class ArchFamily:
     name: str
     model_types: tuple[str, ...]          # config.model_type values served by this entry
     blocks: str                           # dotted path of the ModuleList of blocks
     ffn: FFNLayout
+    attention: AttentionLayout
+    norms: tuple[str, ...]                # norm modules inside a block
+    final_norm: str                       # dotted path from the model root
+    embeddings: str                       # token embedding, from the model root
     num_layers_field: str                 # config field holding the depth
     ffn_size_field: str                   # config field holding the FFN width
     ffn_size_default: str | None = None   # e.g. GPT-2: n_inner=None means 4 * n_embd
     hidden_size_field: str = "hidden_size"
+    # config fields that hold one entry per layer and must follow a change of depth
+    per_layer_fields: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
 
@@ -38,23 +60,39 @@ FAMILIES: tuple[ArchFamily, ...] = (
     ArchFamily(
         name="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
         ffn=FFNLayout(module="mlp", up="c_fc", down="c_proj", act="act"),
+        attention=AttentionLayout(module="attn.attention", out="out_proj", q="q_proj", k="k_proj",
+                                  v="v_proj", num_heads_field="num_heads",
+                                  layer_index_attrs=("layer_id",)),
+        norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", embeddings="transformer.wte",
         num_layers_field="num_layers", ffn_size_field="intermediate_size",
         ffn_size_default="4*hidden_size",
+        # attention_layers[i] is "global" or "local" for block i (TinyStories-33M alternates);
+        # the parent GPTNeoAttention also carries layer_id
+        per_layer_fields=("attention_layers",),
     ),
     ArchFamily(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h",
         ffn=FFNLayout(module="mlp", up="c_fc", down="c_proj", act="act", conv1d=True),
+        attention=AttentionLayout(module="attn", out="c_proj", qkv="c_attn", num_heads_field="n_head"),
+        norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", embeddings="transformer.wte",
         num_layers_field="n_layer", ffn_size_field="n_inner", ffn_size_default="4*hidden_size",
         hidden_size_field="n_embd",
     ),
     ArchFamily(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
         ffn=FFNLayout(module="mlp", up="dense_h_to_4h", down="dense_4h_to_h", act="act"),
+        attention=AttentionLayout(module="attention", out="dense", qkv="query_key_value"),
+        norms=("input_layernorm", "post_attention_layernorm"), final_norm="gpt_neox.final_layer_norm",
+        embeddings="gpt_neox.embed_in",
         num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
     ),
     ArchFamily(
         name="llama", model_types=("llama", "mistral", "qwen2"), blocks="model.layers",
         ffn=FFNLayout(module="mlp", up="up_proj", down="down_proj", act="act_fn", gate="gate_proj"),
+        attention=AttentionLayout(module="self_attn", out="o_proj", q="q_proj", k="k_proj", v="v_proj",
+                                  num_kv_heads_field="num_key_value_heads"),
+        norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm",
+        embeddings="model.embed_tokens",
         num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
     ),
 )
