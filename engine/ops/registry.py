@@ -2,6 +2,11 @@
 
 An operator changes the live model in place and returns an ``OpResult`` naming what it added, so
 freezing policies ("only what this stage added trains") and reports need no knowledge of the op.
+Export protocol: a module an operator inserts that is not a plain Hugging Face module (a
+parallel path, a virtual layer, an adapter wrapper) has a method ``materialize(self) -> nn.Module``
+returning a plain module with the same function and its own tensors (wider matrices, a real copy);
+``engine.export`` replaces every such module, innermost first, then updates the config.
+
 Parameter schemas live in ``engine.ops.params`` (torch-free; the plan checker imports only
 that); implementations live in the family modules listed in ``FAMILY_MODULES``.
 """
