@@ -19,6 +19,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "eval": ("stage", "step", "task", "loss", "ppl", "bpb"),
     "expand": ("stage", "op", "params_before", "params_after", "params_added", "trainable",
                "exact", "max_abs_logit_delta", "loss_before", "loss_after"),
+    "health": ("stage", "op", "max_pairwise_cosine", "max_twin_cosine"),   # new units after training
     "system": ("rss_mb", "cpu_percent", "gpus", "gpu_status", "torch_peak_mb"),
     "checkpoint": ("stage", "step", "path", "reason"),
     "status": ("state",),                                           # + error when failed

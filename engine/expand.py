@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import health as health_metrics
 from engine.ops.registry import OpResult, apply_operator
 
 
@@ -30,8 +31,9 @@ def probe(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -
     return logits, loss
 
 
-def new_param_grad_norm(model, result: OpResult, inputs, targets) -> float:
-    """Gradient norm of what the operator added, at expansion (zero means the units cannot learn)."""
+def new_unit_health(model, result: OpResult, inputs, targets) -> dict:
+    """At expansion: gradient norm of what the operator added (zero: the units cannot learn), the
+    share of dead new units, and how alike the new units are."""
     params = list(result.new_params) + [p for p, _ in result.grown]
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -48,10 +50,12 @@ def new_param_grad_norm(model, result: OpResult, inputs, targets) -> float:
     for p, mask in result.grown:
         if p.grad is not None:
             total += float((p.grad.float() * mask).pow(2).sum())
+    health = {"new_grad_norm": math.sqrt(total), "dead_share": health_metrics.dead_share(result.units),
+              **health_metrics.similarity_report(result.units)}
     for p in model.parameters():
         p.grad = None
         p.requires_grad_(saved[id(p)])
-    return math.sqrt(total)
+    return health
 
 
 @dataclass
@@ -95,7 +99,7 @@ def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Ge
             "loss_after": loss_after,
             "ppl_before": math.exp(loss_before),
             "ppl_after": math.exp(loss_after),
-            "new_grad_norm": new_param_grad_norm(model, result, inputs, targets),
+            **new_unit_health(model, result, inputs, targets),
             "note": result.note,
         })
     return growth

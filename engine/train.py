@@ -282,6 +282,7 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
         self.train_steps(index, stage, task, optimizer, scheduler, trainable)
+        self._record_unit_health(index)
 
         row = self.evaluate_all(stage=index, step=stage.steps)
         self.history["matrix"].append(row)
@@ -294,6 +295,17 @@ class Trainer:
                   params=total, trainable=trainable)
         self.position.update(stage=index + 1, step=0, ops_applied=False)
         self.save_checkpoint("stage end", stage=index, step=stage.steps)
+
+    def _record_unit_health(self, index: int):
+        """After training: do the stage's new units still differ from each other and their sources?"""
+        from engine.health import similarity_report
+
+        reports = [r for r in self.history["expansions"] if r["stage"] == index]
+        results = getattr(self, "_growth", StageGrowth()).results
+        for report, result in zip(reports, results):
+            if result.units:
+                report["after_training"] = similarity_report(result.units)
+                self.emit("health", stage=index, op=report["op"], **report["after_training"])
 
     def _optimizer(self, stage):
         lr = stage.lr or self.plan.train.lr

@@ -32,6 +32,7 @@ class OpResult:
     exact: bool = True          # preserves the function by construction (measured anyway)
     note: str = ""
     config_changes: dict = field(default_factory=dict)
+    units: list = field(default_factory=list)  # engine.health.NewUnits per widened layer
 
 
 Operator = Callable[..., OpResult]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.health import NewUnits
 from engine.ops.params import WidenFFNParams
 from engine.ops.registry import OpResult, operator
 
@@ -40,6 +41,57 @@ class FFNWithNewUnits(nn.Module):
     def forward(self, x):
         hidden = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
         return self.base(x) + self.down(hidden)
+
+    @torch.no_grad()
+    def materialize(self) -> nn.Module:
+        """The base FFN module (same class) with wider matrices holding the new units: the
+        parallel path's rows/columns are appended to up (and gate) and down; nested paths first.
+        Same function (one matmul instead of two sums; differences are rounding only)."""
+        base = self.base.materialize() if hasattr(self.base, "materialize") else self.base
+        layout = _layout_of(base)
+        up, down = getattr(base, layout.up), getattr(base, layout.down)
+        gate = getattr(base, layout.gate) if layout.gate else None
+        if (gate is None) != (self.gate is None):
+            raise ValueError(f"cannot merge a parallel path into {type(base).__name__}: gated and "
+                             "ungated units do not mix")
+
+        def bias_of(module, units):
+            b = getattr(module, "bias", None)
+            return b.detach().float() if b is not None else torch.zeros(units)
+
+        def grow_in(old, new):  # rows = units, Linear layout
+            old_w, new_w = _linear_weight(old, layout.conv1d).float(), new.weight.detach().float()
+            has_bias = getattr(old, "bias", None) is not None or getattr(new, "bias", None) is not None
+            bias = torch.cat([bias_of(old, old_w.shape[0]).to(old_w.device),
+                              bias_of(new, new_w.shape[0]).to(old_w.device)]) if has_bias else None
+            return _make_linear(torch.cat([old_w, new_w.to(old_w.device)]), bias, old, layout.conv1d)
+
+        old_w, new_w = _linear_weight(down, layout.conv1d).float(), self.down.weight.detach().float()
+        bias = None
+        if getattr(down, "bias", None) is not None or getattr(self.down, "bias", None) is not None:
+            bias = bias_of(down, old_w.shape[0]).to(old_w.device) + bias_of(self.down, old_w.shape[0]).to(old_w.device)
+        wide_down = _make_linear(torch.cat([old_w, new_w.to(old_w.device)], dim=1), bias, down, layout.conv1d)
+        setattr(base, layout.up, grow_in(up, self.up))
+        if gate is not None:
+            setattr(base, layout.gate, grow_in(gate, self.gate))
+        setattr(base, layout.down, wide_down)
+        return base
+
+
+def _layout_of(mlp: nn.Module):
+    """The family FFN layout that describes this MLP module (attribute names, Conv1D or not)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from engine.arch.families import FAMILIES
+
+    # gated layouts first: a gated MLP may also carry the attribute names of an ungated one
+    for layout in sorted((f.ffn for f in FAMILIES), key=lambda layout: layout.gate is None):
+        names = [layout.up, layout.down, layout.act] + ([layout.gate] if layout.gate else [])
+        if all(isinstance(getattr(mlp, n, None), nn.Module) for n in names) \
+                and isinstance(getattr(mlp, layout.up), Conv1D) == layout.conv1d:
+            return layout
+    raise ValueError(f"no architecture description matches the FFN module {type(mlp).__name__}: "
+                     "cannot merge its parallel path into wider matrices")
 
 
 def _linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
@@ -61,7 +113,7 @@ def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Te
     def randn(*shape, std):
         return torch.randn(*shape, generator=gen) * std
 
-    new_gate = None
+    new_gate, source = None, None
     new_b = torch.zeros(size) if up_b is not None else None
     old_down = down_w.float().clone()
     if params.init in ("zero_out", "random"):
@@ -91,7 +143,7 @@ def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Te
         new_b = up_b.float()[source].clone() if up_b is not None else None
         old_down = old_down / copies
         new_down = old_down[:, source].clone()
-    return new_up, new_b, new_gate, new_down, old_down
+    return new_up, new_b, new_gate, new_down, old_down, source
 
 
 def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module, conv1d: bool) -> nn.Module:
@@ -126,7 +178,8 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
         down_w = _linear_weight(down, layout.conv1d)
         gate_w = _linear_weight(gate, layout.conv1d) if gate is not None else None
         up_b = up.bias.detach() if getattr(up, "bias", None) is not None else None
-        new_up, new_b, new_gate, new_down, old_down = _new_unit_weights(params, up_w, up_b, down_w, gate_w, gen)
+        new_up, new_b, new_gate, new_down, old_down, source = _new_unit_weights(
+            params, up_w, up_b, down_w, gate_w, gen)
 
         if params.mode == "parallel":
             act = getattr(inner, layout.act)
@@ -138,6 +191,7 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
             )
             view.set_ffn(layer, ext)
             result.new_params.extend(p for name, p in ext.named_parameters() if not name.startswith("base."))
+            result.units.append(NewUnits(up=ext.up.weight, down=ext.down.weight, rows=torch.arange(params.size)))
             continue
 
         # in place: wider matrices; the mask marks the new entries
@@ -150,6 +204,8 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
         setattr(inner, layout.up, wide_up)
         setattr(inner, layout.down, wide_down)
         row_mask = torch.arange(units + params.size) >= units
+        result.units.append(NewUnits(up=wide_up.weight, down=wide_down.weight, conv1d=layout.conv1d,
+                                     rows=torch.arange(units, units + params.size), sources=source))
         result.grown.append((wide_up.weight, _mask_like(wide_up.weight, row_mask, rows=not layout.conv1d)))
         if up_b is not None:
             result.grown.append((wide_up.bias, row_mask.to(wide_up.bias.device)))

@@ -1,0 +1,90 @@
+"""Health of new units: can they learn, and do they stay distinct?
+
+The on-the-fly-expansion note's failure modes, measured: all-zero units get no gradient (dead);
+constant units get identical gradients and never diverge; copied-and-halved units (Net2Net twins
+without noise) stay equal to their source. Each new hidden unit is described by its incoming
+row and outgoing column; similarity is the cosine between those concatenated vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class NewUnits:
+    """One layer's new hidden units: their rows of `up` and columns of `down` (Linear layout;
+    `conv1d` for GPT-2's transposed storage). `sources` names the unit each one copies, if any."""
+
+    up: torch.nn.Parameter
+    down: torch.nn.Parameter
+    rows: torch.Tensor
+    conv1d: bool = False
+    sources: torch.Tensor | None = None
+
+    def _vectors(self, up: torch.Tensor, down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        incoming = (up.T if self.conv1d else up)[rows]          # [units, hidden]
+        outgoing = (down if self.conv1d else down.T)[rows]      # [units, hidden]
+        return torch.cat([incoming, outgoing], dim=1).float()
+
+    def vectors(self) -> torch.Tensor:
+        return self._vectors(self.up.detach(), self.down.detach(), self.rows)
+
+    def source_vectors(self) -> torch.Tensor | None:
+        if self.sources is None:
+            return None
+        return self._vectors(self.up.detach(), self.down.detach(), self.sources)
+
+    def grad_vectors(self) -> torch.Tensor | None:
+        if self.up.grad is None or self.down.grad is None:
+            return None
+        return self._vectors(self.up.grad, self.down.grad, self.rows)
+
+
+def dead_share(groups: list[NewUnits]) -> float | None:
+    """Share of new units whose every weight has a zero gradient (call after a backward)."""
+    dead = total = 0
+    for group in groups:
+        grads = group.grad_vectors()
+        if grads is None:
+            continue
+        dead += int((grads.abs().amax(dim=1) == 0).sum())
+        total += grads.shape[0]
+    return dead / total if total else None
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return a @ b.T
+
+
+def max_pairwise_cosine(groups: list[NewUnits]) -> float | None:
+    """Largest cosine similarity between two new units of the same layer (1.0 = identical)."""
+    best = None
+    for group in groups:
+        v = group.vectors()
+        if v.shape[0] < 2:
+            continue
+        sim = _cosine(v, v)
+        sim.fill_diagonal_(-1.0)
+        best = max(best if best is not None else -1.0, float(sim.max()))
+    return best
+
+
+def max_twin_cosine(groups: list[NewUnits]) -> float | None:
+    """Largest cosine between a copied unit and the unit it copies (Net2Net / copy-halve twins)."""
+    best = None
+    for group in groups:
+        sources = group.source_vectors()
+        if sources is None:
+            continue
+        sim = (_cosine(group.vectors(), sources)).diagonal()
+        best = max(best if best is not None else -1.0, float(sim.max()))
+    return best
+
+
+def similarity_report(groups: list[NewUnits]) -> dict:
+    return {"max_pairwise_cosine": max_pairwise_cosine(groups), "max_twin_cosine": max_twin_cosine(groups)}
