@@ -301,21 +301,25 @@ def check_model_fields(raw: dict) -> list[Problem]:
     for i, stage in enumerate(stages):
         expand = stage.get("expand") if isinstance(stage, dict) else None
         for j, spec in enumerate(expand if isinstance(expand, list) else []):
-            if not isinstance(spec, dict):
-                continue
-            layers = spec.get("layers", "all")
-            if isinstance(layers, list) and all(isinstance(k, int) for k in layers):
-                bad = [k for k in layers if k >= num_layers]
-                if bad:
-                    problems.append(Problem(
-                        f"stages.{i}.expand.{j}.layers",
-                        f"layer {', '.join(map(str, bad))} out of range — the model has {num_layers} "
-                        f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
-            if spec.get("op") in OP_PARAMS:
-                try:
-                    num_layers = OP_PARAMS[spec["op"]].model_validate(spec).num_layers_after(num_layers)
-                except ValidationError:
-                    pass  # reported by the schema check
+            if not isinstance(spec, dict) or spec.get("op") not in OP_PARAMS:
+                continue  # reported by the schema check
+            try:
+                params = OP_PARAMS[spec["op"]].model_validate(spec)
+            except ValidationError:
+                continue  # reported by the schema check
+            where = f"stages.{i}.expand.{j}"
+            bad = [k for k in params.source_layers() if k >= num_layers]
+            if bad:
+                problems.append(Problem(
+                    f"{where}.{params.source_field}",
+                    f"layer {', '.join(map(str, bad))} out of range — the model has {num_layers} "
+                    f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
+            for field, message in params.depth_problems(num_layers):
+                problems.append(Problem(f"{where}.{field}", message))
+            model_problems = getattr(params, "model_problems", None)
+            for field, message in (model_problems(arch.family) if model_problems else []):
+                problems.append(Problem(f"{where}.{field}", message))
+            num_layers = params.num_layers_after(num_layers)
     return problems
 
 

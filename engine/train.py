@@ -36,6 +36,32 @@ class Cancelled(Exception):
     pass
 
 
+# -- shared with engine.export (build a plan's model without training) -------------------------
+def op_generator(seed: int, stage: int) -> torch.Generator:
+    """The generator a stage's operators draw from: the same in a run, a resume and an export."""
+    return torch.Generator().manual_seed(seed * 1000 + stage)
+
+
+def task_eval_batches(data, train) -> list:
+    """A task's fixed eval batches (numpy) for the plan's `train` settings."""
+    return eval_batches(data.eval, train.batch_size, train.seq_len, train.eval_batches)
+
+
+def probe_batch(eval_set: list) -> tuple:
+    """The fixed probe batch that measures expansions: the first eval batch, PROBE_SEQUENCES rows."""
+    return tuple(t[:PROBE_SEQUENCES] for t in eval_set[0])
+
+
+def replay_expansions(model, view, plan, stages: int) -> StageGrowth:
+    """Apply the operators of the first `stages` stages unmeasured (to fit a checkpoint's shape);
+    returns the last stage's growth."""
+    growth = StageGrowth()
+    for index in range(stages):
+        growth = apply_stage(model, view, index, plan.stages[index].expand, None,
+                             op_generator(plan.seed, index), measure=False)
+    return growth
+
+
 class StatusFile:
     """status.json: state, pid, host, heartbeat and progress. A thread keeps the heartbeat fresh
     while the main thread is busy (a long eval must not look like a dead worker)."""
@@ -111,8 +137,7 @@ class Trainer:
         self.model.to(self.device)
         self.freezer = Freezer()
         self.eval_sets = {
-            name: [self._tensors(b) for b in eval_batches(data.eval, plan.train.batch_size,
-                                                          plan.train.seq_len, plan.train.eval_batches)]
+            name: [self._tensors(b) for b in task_eval_batches(data, plan.train)]
             for name, data in self.tasks.items()
         }
         # bytes per token of each eval stream, so a loss converts to bits per byte
@@ -233,15 +258,11 @@ class Trainer:
 
     def _rebuild_to(self, stage: int, ops_applied: bool):
         """Replay the expansions a checkpoint had, so its weights fit the model's shape."""
-        for index in range(stage + (1 if ops_applied else 0)):
-            spec = self.plan.stages[index]
-            growth = apply_stage(self.model, self.view, index, spec.expand, None,
-                                 self._op_generator(index), measure=False)
-            self._growth = growth
-            self.model.to(self.device)
+        self._growth = replay_expansions(self.model, self.view, self.plan, stage + (1 if ops_applied else 0))
+        self.model.to(self.device)
 
     def _op_generator(self, stage: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.plan.seed * 1000 + stage)
+        return op_generator(self.plan.seed, stage)
 
     def run_stage(self, index: int, saved: dict | None):
         plan, stage = self.plan, self.plan.stages[index]
@@ -253,8 +274,7 @@ class Trainer:
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="begin")
 
         if not self.position["ops_applied"]:
-            probe_batch = tuple(t[:PROBE_SEQUENCES] for t in self.eval_sets[stage.task][0])
-            growth = apply_stage(self.model, self.view, index, stage.expand, probe_batch,
+            growth = apply_stage(self.model, self.view, index, stage.expand, probe_batch(self.eval_sets[stage.task]),
                                  self._op_generator(index))
             self.model.to(self.device)
             self.freezer.apply(self.model, stage.freeze, growth)

@@ -85,6 +85,41 @@ def plan_check(
                   f"model {plan.model.source}", highlight=False)
 
 
+_BUILD_ERRORS = ("ExportError", "DataError", "ModelLoadError", "PlanError")
+
+
+@plan_app.command("show")
+def plan_show(
+    file: Path = typer.Argument(..., help="plan TOML file"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print the per-operator reports as a JSON list"),
+):
+    """Build the model and apply every stage's operators without training: parameters added,
+    trainable share, and preservation (max |Δlogits|, loss before/after) per operator."""
+    plan = _load_plan_or_exit(file, set_, None)
+    from engine.export import build_from_plan, quiet_transformers
+    from engine.expand import count_params
+
+    quiet_transformers()
+    try:
+        model, view, _, reports = build_from_plan(plan)
+    except ValueError as e:
+        if type(e).__name__ in _BUILD_ERRORS:
+            raise CLIError(str(e)) from None
+        raise
+    if as_json:
+        _print_json(reports)
+        return
+    from widen_tui.report import expansions_table
+
+    console.print(f"{plan.name}: {plan.model.source} ({view.family.name}), {len(plan.stages)} stages, "
+                  f"{count_params(model):,} parameters after every operator (no training)", highlight=False)
+    if reports:
+        console.print(expansions_table(reports))
+    else:
+        console.print("the plan applies no operators", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 
@@ -333,6 +368,69 @@ def db_rebuild():
     """Rebuild the runs index from the run directories (the source of truth)."""
     count = _index().rebuild()
     console.print(f"indexed {count} runs from {runs_root()}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# exporting
+
+PARITY_TOLERANCE = 1e-4
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., metavar="PLAN_OR_RUN",
+                                 help="a plan .toml (built and expanded, not trained) or a run (id, prefix, "
+                                      "last, name, or run directory)"),
+    out_dir: Path = typer.Argument(..., help="directory to write the Hugging Face model to"),
+    keep_adapters: bool = typer.Option(False, "--keep-adapters",
+                                       help="keep adapters separate (PEFT format in OUT_DIR/adapter) "
+                                            "instead of merging them"),
+    set_: list[str] = typer.Option([], "--set", help="override a field of a plan file: key.path=value"),
+):
+    """Export a grown model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads
+    it): widened layers merged into wider matrices, copied layers materialized, adapters merged."""
+    path = Path(source)
+    is_plan = source.endswith(".toml")
+    if is_plan:
+        if not path.is_file():
+            raise CLIError(f"{source}: no such plan file")
+        plan = _load_plan_or_exit(path, set_, None)
+    else:
+        if set_:
+            raise CLIError("--set applies to a plan file; a run's plan is fixed")
+        run = RunDir(path) if path.is_dir() and (path / "plan.toml").exists() else _run_dir(source)
+    from engine import export as ex
+
+    ex.quiet_transformers()
+    try:
+        if is_plan:
+            model, view, tokenizer, reports = ex.build_from_plan(plan)
+            origin = {"plan": str(path.resolve()), "plan_name": plan.name, "overrides": list(set_),
+                      "trained": False}
+        else:
+            model, view, tokenizer, plan = ex.load_run_model(run.path)
+            reports = (run.results() or {}).get("expansions") or ex.plan_op_summary(plan)
+            origin = {"run": run.id, "run_dir": str(run.path), "plan_name": plan.name,
+                      "run_state": run.status().get("state"), "trained": True}
+        stage = len(plan.stages) - 1
+        batch = ex.stage_probe(plan, stage, tokenizer)
+        reference = ex.reference_logits(model, batch)
+        manifest = ex.export_model(model, view, tokenizer, out_dir, keep_adapters=keep_adapters,
+                                   source=origin, reports=reports)
+        delta = ex.verify_export(out_dir, batch, reference)
+    except ValueError as e:
+        if type(e).__name__ in _BUILD_ERRORS:
+            raise CLIError(str(e)) from None
+        raise
+    console.print(f"wrote {out_dir}: {manifest['model_type']} model, {manifest['num_layers']} layers, FFN "
+                  f"{manifest['ffn_size']}, {manifest['params']:,} parameters, adapters {manifest['adapters']}",
+                  highlight=False)
+    console.print(f"parity: max |Δlogits| {delta:.2e} — reloaded with AutoModelForCausalLM.from_pretrained vs "
+                  f"the in-widen model, on {batch[0].shape[0]} probe sequences of task "
+                  f"'{plan.stages[stage].task}'", highlight=False)
+    if not delta <= PARITY_TOLERANCE:
+        raise CLIError(f"export parity failed: max |Δlogits| {delta:.2e} > {PARITY_TOLERANCE:g} — the "
+                       f"export in {out_dir} does not compute what the grown model computes")
 
 
 # ---------------------------------------------------------------------------------------------

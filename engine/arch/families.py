@@ -31,6 +31,10 @@ class AttentionLayout:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None        # fused projection (GPT-2 c_attn, NeoX query_key_value)
+    qkv_order: str = "blocks"     # fused rows: "blocks" = [q | k | v]; "per_head" = [q_h k_h v_h] per head
+    conv1d: bool = False          # GPT-2's Conv1D stores weights transposed
+    heads_attr: str | None = None  # instance attribute holding the head count, if the module keeps one
+    split_attr: str | None = None  # GPT-2 splits c_attn's output at this width
     num_heads_field: str = "num_attention_heads"
     num_kv_heads_field: str | None = None   # grouped-query attention (Llama family)
     # attributes holding the block's own index (KV caches and local/global choice read them)
@@ -61,7 +65,7 @@ FAMILIES: tuple[ArchFamily, ...] = (
         name="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
         ffn=FFNLayout(module="mlp", up="c_fc", down="c_proj", act="act"),
         attention=AttentionLayout(module="attn.attention", out="out_proj", q="q_proj", k="k_proj",
-                                  v="v_proj", num_heads_field="num_heads",
+                                  v="v_proj", num_heads_field="num_heads", heads_attr="num_heads",
                                   layer_index_attrs=("layer_id",)),
         norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", embeddings="transformer.wte",
         num_layers_field="num_layers", ffn_size_field="intermediate_size",
@@ -73,7 +77,8 @@ FAMILIES: tuple[ArchFamily, ...] = (
     ArchFamily(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h",
         ffn=FFNLayout(module="mlp", up="c_fc", down="c_proj", act="act", conv1d=True),
-        attention=AttentionLayout(module="attn", out="c_proj", qkv="c_attn", num_heads_field="n_head"),
+        attention=AttentionLayout(module="attn", out="c_proj", qkv="c_attn", num_heads_field="n_head",
+                                  conv1d=True, heads_attr="num_heads", split_attr="split_size"),
         norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", embeddings="transformer.wte",
         num_layers_field="n_layer", ffn_size_field="n_inner", ffn_size_default="4*hidden_size",
         hidden_size_field="n_embd",
@@ -81,7 +86,7 @@ FAMILIES: tuple[ArchFamily, ...] = (
     ArchFamily(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
         ffn=FFNLayout(module="mlp", up="dense_h_to_4h", down="dense_4h_to_h", act="act"),
-        attention=AttentionLayout(module="attention", out="dense", qkv="query_key_value"),
+        attention=AttentionLayout(module="attention", out="dense", qkv="query_key_value", qkv_order="per_head"),
         norms=("input_layernorm", "post_attention_layernorm"), final_norm="gpt_neox.final_layer_norm",
         embeddings="gpt_neox.embed_in",
         num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",

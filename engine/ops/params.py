@@ -7,7 +7,7 @@ implementations (``engine/ops/*.py``) register against these names.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,6 +29,19 @@ class OpParams(BaseModel):
     def num_layers_after(self, num_layers: int) -> int:
         """Depth of the model after this operator (width operators keep it)."""
         return num_layers
+
+    # the key whose block indices must exist in the model at this point of the plan
+    source_field: ClassVar[str] = "layers"
+
+    def source_layers(self) -> list[int]:
+        """Block indices this operator reads, each < the depth at this point (the plan check
+        reports the others against `source_field`); "all" names none."""
+        layers = getattr(self, "layers", "all")
+        return [] if layers == "all" else list(layers)
+
+    def depth_problems(self, num_layers: int) -> list[tuple[str, str]]:
+        """(field, message) for settings that do not fit a model of this depth."""
+        return []
 
 
 class LayeredOpParams(OpParams):
@@ -69,7 +82,271 @@ class WidenFFNParams(LayeredOpParams):
         return self
 
 
+# Adapter roles: names for the projections of a block, resolved through the family description
+# (fused-qkv families map q/k/v to their one fused projection).
+ADAPTER_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "down", "gate")
+ADAPTER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+def _check_roles(roles: list[str]) -> list[str]:
+    unknown = [r for r in roles if r not in ADAPTER_ROLES]
+    if unknown:
+        raise ValueError(f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(repr(r) for r in unknown)} "
+                         f"— valid roles: {', '.join(ADAPTER_ROLES)}")
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"roles repeat: {roles}")
+    return roles
+
+
+class AddHeadsParams(LayeredOpParams):
+    """Add `size` attention heads per chosen layer; their output projection starts at zero."""
+
+    op: Literal["add_heads"] = "add_heads"
+    size: int = Field(..., gt=0, description="query heads to add per layer (a multiple of the GQA group size)")
+    init: Literal["zero_out", "random"] = "zero_out"
+
+
+class AdapterOpParams(LayeredOpParams):
+    """Keys shared by the adapter operators (PEFT layers injected into the chosen projections)."""
+
+    modules: list[str] = Field(..., min_length=1, description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
+    name: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN,
+                             description="adapter name (default: '<op>_stage<N>'); names task-specific modules")
+
+    @field_validator("modules")
+    @classmethod
+    def _known_roles(cls, v):
+        return _check_roles(v)
+
+    def model_problems(self, family) -> list[tuple[str, str]]:
+        """(field, message) for roles this model family lacks (e.g. `gate` on a non-gated MLP)."""
+        problems = []
+        for key in ("modules", "feedforward"):
+            roles = getattr(self, key, None) or []
+            if "gate" in roles and not family.ffn.gate:
+                problems.append((key, f"role 'gate' does not exist in {family.name} models (their MLP has "
+                                      f"no gate projection) — use: {', '.join(r for r in ADAPTER_ROLES if r != 'gate')}"))
+        return problems
+
+
+class LoRAParams(AdapterOpParams):
+    """Low-rank adapters (PEFT LoRA) on the chosen projections: W x + (alpha / r) B A x, B = 0 at init."""
+
+    op: Literal["lora"] = "lora"
+    modules: list[str] = Field(["q", "v"], min_length=1, description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
+    r: int = Field(8, gt=0, description="rank")
+    alpha: float = Field(16, gt=0, description="scaling numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
+
+
+class IA3Params(AdapterOpParams):
+    """IA3 (PEFT): learned scaling vectors, ones at init. Feed-forward roles scale the projection's
+    input, the others its output."""
+
+    op: Literal["ia3"] = "ia3"
+    modules: list[str] = Field(["k", "v", "down"], min_length=1,
+                               description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
+    feedforward: list[str] | None = Field(None, description="roles among `modules` whose input is scaled "
+                                          "(default: \"down\" if it is adapted)")
+
+    @field_validator("feedforward")
+    @classmethod
+    def _known_ff_roles(cls, v):
+        return v if v is None else _check_roles(v)
+
+    def feedforward_roles(self) -> list[str]:
+        return [r for r in self.modules if r == "down"] if self.feedforward is None else list(self.feedforward)
+
+    @model_validator(mode="after")
+    def _feedforward_in_modules(self):
+        missing = [r for r in self.feedforward_roles() if r not in self.modules]
+        if missing:
+            raise ValueError(f"feedforward roles {missing} are not in modules {self.modules} — "
+                             "every feedforward role must also be adapted")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# depth operators (engine/ops/depth.py)
+
+
+class InsertIdentityParams(LayeredOpParams):
+    """Insert, after each chosen block, a copy of it whose attention output and FFN down
+    projections are zero (LLaMA Pro / Net2DeeperNet): an exact identity; only the copies are new."""
+
+    op: Literal["insert_identity"] = "insert_identity"
+
+    def num_layers_after(self, num_layers: int) -> int:
+        return num_layers + len(self.layer_indices(num_layers))
+
+
+class SplitResidualParams(LayeredOpParams):
+    """Replace each chosen block by `k` copies that each add F(x)/k (attention output and FFN down
+    projections scaled by 1/k): approximately the same function, k times deeper there."""
+
+    op: Literal["split_residual"] = "split_residual"
+    k: int = Field(2, ge=2, description="copies per chosen block")
+
+    def num_layers_after(self, num_layers: int) -> int:
+        return num_layers + (self.k - 1) * len(self.layer_indices(num_layers))
+
+
+LayerKind = Literal["real", "virtual"]
+
+
+class KeepEnds(BaseModel):
+    """First and last blocks kept once, the middle ones stretched evenly to `depth` blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+    depth: int = Field(..., ge=2, description="number of blocks after the mapping")
+
+
+class DepthUpScaling(BaseModel):
+    """SOLAR depth up-scaling: `copies` copies of the stack, `drop` blocks removed at every seam
+    (the first copy loses its last `drop` blocks, the next its first `drop`, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    copies: int = Field(2, ge=2, description="copies of the stack")
+    drop: int = Field(..., ge=0, description="blocks dropped on each side of every seam")
+
+
+class MapLayersParams(OpParams):
+    """Rebuild the stack: target block i is source block mapping[i], a real copy (own weights) or
+    a virtual one (weight-tied to its source: one tensor, gradients from every use add up)."""
+
+    op: Literal["map_layers"] = "map_layers"
+    mapping: list[int] | None = Field(None, min_length=1, description="target i = source block mapping[i]")
+    keep_ends: KeepEnds | None = Field(None, description="helper: {depth = N}")
+    dus: DepthUpScaling | None = Field(None, description="helper: {copies = 2, drop = 8} (SOLAR)")
+    kinds: LayerKind | list[LayerKind] | None = Field(
+        None, description='"real" | "virtual" per target, or one for all (default: a source\'s first '
+                          'occurrence holds its own block, repeats are virtual — real when `scale` is set)')
+    scale: float | None = Field(None, gt=0, description="multiplies the attention output and FFN down "
+                                "projections of every repeat (e.g. 0.7071); repeats must then be real")
+
+    source_field: ClassVar[str] = "mapping"
+
+    @field_validator("mapping")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None:
+            bad = [i for i in v if i < 0]
+            if bad:
+                raise ValueError(f"mapping entries are source block indices, >= 0 — got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_way_and_kinds(self):
+        given = [k for k in ("mapping", "keep_ends", "dus") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of mapping, keep_ends, dus — "
+                             + (f"got {' and '.join(given)}" if given else
+                                "e.g. mapping = [0, 1, 1, 2, 2, 3] or keep_ends = {depth = 8}"))
+        if isinstance(self.kinds, list) and self.mapping is not None and len(self.kinds) != len(self.mapping):
+            raise ValueError(f"kinds has {len(self.kinds)} entries but mapping has {len(self.mapping)} — "
+                             "give one per target block, or one string for all")
+        if self.mapping is not None:
+            self._check_scaled_kinds(self.mapping)
+        elif self.scale is not None and self.kinds == "virtual":
+            raise ValueError(_SCALED_VIRTUAL)
+        return self
+
+    def _check_scaled_kinds(self, mapping: list[int]) -> None:
+        if self.scale is None or self.kinds is None:
+            return
+        kinds = self.resolve_kinds(mapping)
+        seen, bad = set(), []
+        for i, (source, kind) in enumerate(zip(mapping, kinds)):
+            if source in seen and kind == "virtual":
+                bad.append(i)
+            seen.add(source)
+        if bad:
+            raise ValueError(f"{_SCALED_VIRTUAL} (targets {bad})")
+
+    def resolve(self, num_layers: int) -> list[int]:
+        """The mapping for a model of `num_layers` blocks (helpers expanded); ValueError if the
+        helper does not fit that depth."""
+        n = num_layers
+        if self.mapping is not None:
+            return list(self.mapping)
+        if self.keep_ends is not None:
+            depth = self.keep_ends.depth
+            if n == 1:
+                return [0] * depth
+            if n == 2 or depth < n:
+                # too few middle blocks to stretch (or shrinking): spread evenly, ends included
+                return [min(n - 1, (i * n) // depth) if i < depth - 1 else n - 1 for i in range(depth)]
+            middle = [1 + (j * (n - 2)) // (depth - 2) for j in range(depth - 2)]
+            return [0] + middle + [n - 1]
+        copies, drop = self.dus.copies, self.dus.drop
+        keep_inner = n - 2 * drop if copies > 2 else n - drop
+        if keep_inner < 1:
+            raise ValueError(f"drop = {drop} leaves no blocks of a {n}-block model in "
+                             f"{'a middle' if copies > 2 else 'each'} copy — use drop < "
+                             f"{(n + 1) // 2 if copies > 2 else n}")
+        mapping = []
+        for c in range(copies):
+            start = drop if c > 0 else 0
+            stop = n - drop if c < copies - 1 else n
+            mapping.extend(range(start, stop))
+        return mapping
+
+    def resolve_kinds(self, mapping: list[int]) -> list[str]:
+        if isinstance(self.kinds, list):
+            if len(self.kinds) != len(mapping):
+                raise ValueError(f"kinds has {len(self.kinds)} entries but the mapping has {len(mapping)} "
+                                 "targets — give one per target block, or one string for all")
+            return list(self.kinds)
+        if isinstance(self.kinds, str):
+            return [self.kinds] * len(mapping)
+        seen, kinds = set(), []
+        for source in mapping:
+            kinds.append("real" if source not in seen or self.scale is not None else "virtual")
+            seen.add(source)
+        return kinds
+
+    def source_layers(self) -> list[int]:
+        return sorted(set(self.mapping)) if self.mapping is not None else []
+
+    def depth_problems(self, num_layers: int) -> list[tuple[str, str]]:
+        if self.mapping is not None:
+            return []
+        try:
+            mapping = self.resolve(num_layers)
+        except ValueError as e:
+            return [("keep_ends" if self.keep_ends is not None else "dus", str(e))]
+        try:
+            self._check_scaled_kinds(mapping)
+            self.resolve_kinds(mapping)
+        except ValueError as e:
+            return [("kinds", str(e))]
+        return []
+
+    def num_layers_after(self, num_layers: int) -> int:
+        try:
+            return len(self.resolve(num_layers))
+        except ValueError:
+            return num_layers  # reported by depth_problems
+
+
+_SCALED_VIRTUAL = ("scale changes the weights of repeated blocks, but a virtual block shares its "
+                   "source's weights — make the repeats real (kinds = \"real\", or leave kinds out)")
+
+
+class UnshareParams(LayeredOpParams):
+    """Give the chosen (virtual, weight-tied) blocks their own copy of every shared tensor."""
+
+    op: Literal["unshare"] = "unshare"
+
+
 # op name -> parameter model. The plan checker rejects any op not listed here.
 OP_PARAMS: dict[str, type[OpParams]] = {
+    "insert_identity": InsertIdentityParams,
+    "split_residual": SplitResidualParams,
+    "map_layers": MapLayersParams,
+    "unshare": UnshareParams,
+    "add_heads": AddHeadsParams,
     "widen_ffn": WidenFFNParams,
+    "lora": LoRAParams,
+    "ia3": IA3Params,
 }

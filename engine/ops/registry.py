@@ -51,7 +51,7 @@ def operator(name: str):
     return register
 
 
-FAMILY_MODULES = ("engine.ops.width",)
+FAMILY_MODULES = ("engine.ops.width", "engine.ops.heads", "engine.ops.adapters", "engine.ops.depth",)
 
 
 def load_operators() -> dict[str, Operator]:

@@ -1,0 +1,343 @@
+"""Adapter operators: LoRA and IA3 (PEFT layers) injected in place into the chosen projections.
+
+The model stays the plain Hugging Face model the rest of widen uses: adapters are put in with
+``peft.inject_adapter_in_model`` (no ``PeftModel`` wrapper), targeting the *exact dotted names* of
+the chosen layers' projections. Roles (``q k v o up down gate``) resolve through the family
+description; fused-qkv families (GPT-2 ``c_attn``, NeoX ``query_key_value``) map q/k/v to the one
+fused projection, which the adapter then covers as a whole.
+
+Virtual layers (``engine.ops.depth``: distinct block modules whose Parameters are the source
+block's) each get their *own* adapter, since PEFT wraps module objects: twins share the frozen base
+weight and differ only by their adapters, as in the virtual-layer-stacking note.
+
+Several adapters can live in one model (one per stage or task); ``set_active_adapters`` switches
+them (task-specific modules), and every new injection keeps the existing ones active (PEFT alone
+would make only the newest adapter active).
+
+Export: PEFT layers are not plain modules and have no ``materialize`` method; call
+``merge_adapters(model)`` (or ``materialize_adapter_layer`` per layer) before the export's
+materialize pass. Merging writes into the base weight, so a weight shared by virtual twins is
+first *untied* (the merged layer gets its own copy): the twin keeps the original weight and its
+own adapter. ``adapter_state_dict`` / ``load_adapter_state`` save one adapter's tensors with
+PEFT's key layout (``<module>.lora_A.weight``, ``<module>.ia3_l``), safetensors-ready.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from engine.arch import get_submodule
+from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams
+from engine.ops.registry import OpResult, operator
+
+__all__ = ["lora", "ia3", "role_module_names", "adapter_names", "set_active_adapters", "adapter_state_dict",
+           "load_adapter_state", "merge_adapters", "materialize_adapter_layer", "adapter_layers"]
+
+
+# ---------------------------------------------------------------------------------------------
+# roles -> dotted module names
+
+
+def _role_leaf(family, role: str) -> tuple[str, str]:
+    """(container inside the block, attribute) of a role in this family."""
+    att, ffn = family.attention, family.ffn
+    if role in ("q", "k", "v"):
+        leaf = att.qkv or getattr(att, role)
+        return att.module, leaf
+    if role == "o":
+        return att.module, att.out
+    if role == "gate" and not ffn.gate:
+        raise ValueError(f"role 'gate' does not exist in {family.name} models (their MLP has no gate "
+                         "projection) — use up, down or the attention roles")
+    return ffn.module, getattr(ffn, role)
+
+
+def _resolve(view, layer: int, container: str, leaf: str) -> str:
+    """Dotted name (from the model root) of `leaf` in block `layer`, looking through wrappers that
+    keep the original module as `.base` (e.g. a parallel-widened FFN)."""
+    path = f"{view.family.blocks}.{layer}.{container}"
+    module = get_submodule(view.model, path)
+    while not hasattr(module, leaf) and isinstance(getattr(module, "base", None), nn.Module):
+        path, module = path + ".base", module.base
+    if not hasattr(module, leaf):
+        raise ValueError(f"layer {layer}: no '{leaf}' in {path} ({type(module).__name__})")
+    return f"{path}.{leaf}"
+
+
+def role_module_names(view, layers: list[int], roles: list[str]) -> dict[str, list[str]]:
+    """dotted module name -> the roles it serves, in layer order (fused roles share one name)."""
+    names: dict[str, list[str]] = {}
+    for layer in layers:
+        for role in roles:
+            names.setdefault(_resolve(view, layer, *_role_leaf(view.family, role)), []).append(role)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter layers in a model
+
+
+def _tuner_layer_cls():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, PEFT layer) for every adapter layer, outermost first (named_modules order)."""
+    cls = _tuner_layer_cls()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+
+
+def _layer_adapters(layer) -> dict[str, str]:
+    """adapter name -> kind ('lora' / 'ia3') held by one PEFT layer."""
+    found = {}
+    for attr, kind in (("lora_A", "lora"), ("ia3_l", "ia3")):
+        for name in getattr(layer, attr, {}) or {}:
+            found[name] = kind
+    return found
+
+
+def adapter_names(model: nn.Module) -> dict[str, str]:
+    """Every adapter in the model: name -> kind."""
+    found: dict[str, str] = {}
+    for _, layer in adapter_layers(model):
+        found.update(_layer_adapters(layer))
+    return found
+
+
+@contextmanager
+def _keep_requires_grad(model: nn.Module):
+    """PEFT's injection and set_adapter change requires_grad; freezing is the Freezer's job."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def set_active_adapters(model: nn.Module, names=None) -> None:
+    """Make exactly `names` active (None: every adapter). Adapters not named are skipped in the
+    forward pass — the frozen base is shared, so switching task switches only these modules."""
+    inactive = set() if names is None else set(adapter_names(model)) - set(names)
+    model._widen_inactive_adapters = inactive
+    _reactivate(model)
+
+
+def _reactivate(model: nn.Module) -> None:
+    inactive = getattr(model, "_widen_inactive_adapters", set())
+    with _keep_requires_grad(model):
+        for _, layer in adapter_layers(model):
+            layer.set_adapter([n for n in _layer_adapters(layer) if n not in inactive])
+
+
+# ---------------------------------------------------------------------------------------------
+# the operators
+
+
+def _default_name(view, params: AdapterOpParams) -> str:
+    """'<op>_stage<N>' (the stage comes from the view, set by apply_stage), made unique in the model."""
+    stage = getattr(view, "stage_index", None)
+    base = f"{params.op}_stage{stage}" if stage is not None else params.op
+    taken, name, k = set(adapter_names(view.model)), base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return isinstance(module, Conv1D)
+
+
+def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, list[str]], OpResult]:
+    model = view.model
+    layers = params.layer_indices(view.num_layers)
+    bad = [i for i in layers if not 0 <= i < view.num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {view.num_layers} layers")
+    targets = role_module_names(view, layers, params.modules)
+    name = params.name or _default_name(view, params)
+    clash = [t for t in targets if name in _layer_adapters(get_submodule(model, t))]
+    if clash:
+        raise ValueError(f"adapter '{name}' already exists on {clash[0]} — choose another name")
+
+    before = {id(p) for p in model.parameters()}
+    existing_configs = dict(getattr(model, "peft_config", {}) or {})
+    from peft import inject_adapter_in_model
+
+    # GPT-2's Conv1D stores weights transposed: PEFT needs fan_in_fan_out per group of targets
+    groups: dict[bool, list[str]] = {}
+    for target in targets:
+        groups.setdefault(_is_conv1d(get_submodule(model, target)), []).append(target)
+    configs = {}
+    with _keep_requires_grad(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for conv1d, group in groups.items():
+            if "peft_config" in model.__dict__:
+                del model.peft_config  # one tuner per injection; the registry is rebuilt below
+            config = make_config(group, conv1d, targets)
+            inject_adapter_in_model(config, model, adapter_name=name)
+            configs[conv1d] = config
+    model.peft_config = {**existing_configs, name: configs[False] if False in configs else configs[True]}
+    _reactivate(model)
+
+    new_params = [p for p in model.parameters() if id(p) not in before]
+    for p in new_params:
+        p.requires_grad_(True)
+    fused = sorted({t.rsplit(".", 1)[1] for t, roles in targets.items() if len(roles) > 1})
+    note = (f"fused projection {', '.join(fused)}: one adapter covers "
+            f"{'/'.join(sorted({r for roles in targets.values() if len(roles) > 1 for r in roles}))}") if fused else ""
+    result = OpResult(new_params=new_params, exact=True, note=note)
+    return name, targets, result
+
+
+@operator("lora")
+def lora(view, params: LoRAParams, gen: torch.Generator) -> OpResult:
+    """LoRA on the chosen projections; A ~ PEFT's kaiming-uniform (drawn from `gen`), B = 0."""
+    from peft import LoraConfig
+
+    def make_config(group, conv1d, _all):
+        return LoraConfig(r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                          target_modules=list(group), fan_in_fan_out=conv1d, bias="none")
+
+    name, targets, result = _inject(view, params, make_config)
+    with torch.no_grad():  # deterministic under the stage's generator (PEFT draws from the global RNG)
+        for target in targets:
+            layer = get_submodule(view.model, target)
+            a = layer.lora_A[name].weight
+            bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) as PEFT and nn.Linear
+            a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) * bound)
+            layer.lora_B[name].weight.zero_()
+    result.note = "; ".join(x for x in (f"adapter '{name}' on {len(targets)} modules", result.note) if x)
+    return result
+
+
+@operator("ia3")
+def ia3(view, params: IA3Params, gen: torch.Generator) -> OpResult:
+    """IA3 scaling vectors (ones at init) on the chosen projections."""
+    from peft import IA3Config
+
+    ff_roles = set(params.feedforward_roles())
+    all_targets = role_module_names(view, params.layer_indices(view.num_layers), params.modules)
+    feedforward = [t for t, roles in all_targets.items() if ff_roles & set(roles)]
+    for target in all_targets:  # PEFT fixes the input/output choice per layer, at its first IA3 adapter
+        layer = get_submodule(view.model, target)
+        if hasattr(layer, "ia3_l") and bool(layer.is_feedforward) != (target in feedforward):
+            raise ValueError(f"{target} already has an IA3 adapter scaling its "
+                             f"{'input' if layer.is_feedforward else 'output'}; a second IA3 adapter there must "
+                             f"do the same — {'add' if layer.is_feedforward else 'remove'} its role in feedforward")
+
+    def make_config(group, conv1d, _all):
+        return IA3Config(target_modules=list(group), feedforward_modules=[t for t in feedforward if t in group],
+                         fan_in_fan_out=conv1d, init_ia3_weights=True)
+
+    name, targets, result = _inject(view, params, make_config)
+    result.note = "; ".join(x for x in (f"adapter '{name}' on {len(targets)} modules", result.note) if x)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# saving / loading one adapter
+
+
+def _adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """PEFT-layout key -> the live parameter of adapter `name`."""
+    tensors = {}
+    for path, layer in adapter_layers(model):
+        for attr in ("lora_A", "lora_B"):
+            modules = getattr(layer, attr, None)
+            if modules is not None and name in modules:
+                for pname, p in modules[name].named_parameters():
+                    tensors[f"{path}.{attr}.{pname}"] = p
+        scales = getattr(layer, "ia3_l", None)
+        if scales is not None and name in scales:
+            tensors[f"{path}.ia3_l"] = scales[name]
+    return tensors
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors, keyed like PEFT's saved adapters without the adapter name
+    (``model.layers.0.self_attn.q_proj.lora_A.weight``); contiguous copies, safetensors-ready."""
+    tensors = _adapter_tensors(model, name)
+    if not tensors:
+        raise KeyError(f"no adapter '{name}' in the model — adapters: {', '.join(adapter_names(model)) or 'none'}")
+    return {key: p.detach().clone().contiguous() for key, p in tensors.items()}
+
+
+def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (from ``adapter_state_dict``) into the existing adapter `name`; keys and shapes
+    must match exactly."""
+    tensors = _adapter_tensors(model, name)
+    if not tensors:
+        raise KeyError(f"no adapter '{name}' in the model — adapters: {', '.join(adapter_names(model)) or 'none'}")
+    missing, unexpected = sorted(set(tensors) - set(state)), sorted(set(state) - set(tensors))
+    if missing or unexpected:
+        raise ValueError(f"adapter '{name}' state does not fit: missing {missing[:3]}"
+                         f"{'…' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'…' if len(unexpected) > 3 else ''}")
+    with torch.no_grad():
+        for key, p in tensors.items():
+            if tuple(state[key].shape) != tuple(p.shape):
+                raise ValueError(f"{key}: shape {tuple(state[key].shape)} does not fit {tuple(p.shape)}")
+            p.copy_(state[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# merging (export)
+
+
+def _untie(module: nn.Module, shared: set[int] | None) -> None:
+    """Give `module`'s own parameters fresh copies (all of them, or those whose id is in `shared`)."""
+    for pname, p in list(module.named_parameters(recurse=False)):
+        if shared is None or id(p) in shared:
+            setattr(module, pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
+def materialize_adapter_layer(layer: nn.Module, shared: set[int] | None = None) -> nn.Module:
+    """Merge a PEFT layer's active adapters into (a copy of) its base weight; return the plain base.
+
+    The base module's parameters are copied before merging — all of them, or with `shared` only
+    those whose id is in it — so a weight tied to a virtual twin is never written through.
+    Nested PEFT layers must be materialized innermost first (``merge_adapters`` does that).
+    """
+    base = layer.base_layer
+    if isinstance(base, _tuner_layer_cls()):
+        raise ValueError("materialize the inner adapter layer first")
+    _untie(base, shared)
+    active = [n for n in layer.active_adapters if n in _layer_adapters(layer)]
+    if active:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer.merge(adapter_names=active)
+    return base
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every active LoRA/IA3 adapter into the base weights and remove the PEFT layers, leaving
+    a plain Hugging Face model with the same function. Inactive adapters are dropped (save them
+    with ``adapter_state_dict`` first). A base weight shared with another module (a virtual twin)
+    is untied before merging, so the twin's function does not change."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    shared = {pid for pid, n in counts.items() if n > 1}
+    layers = adapter_layers(model)
+    for path, layer in sorted(layers, key=lambda item: -item[0].count(".")):  # innermost first
+        parent_path, _, attr = path.rpartition(".")
+        parent = get_submodule(model, parent_path) if parent_path else model
+        base = materialize_adapter_layer(layer, shared)
+        setattr(parent, attr, base)
+    for attr in ("peft_config", "_widen_inactive_adapters"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return model

@@ -1,0 +1,110 @@
+"""Attention-head expansion: add heads whose output projection starts at zero.
+
+New heads get random query/key/value weights and zero columns in the output projection, so the
+block computes exactly what it did (`init = "zero_out"`), while the output columns receive a
+gradient through the new heads' values. With grouped-query attention new heads come in whole
+groups with their own key/value heads (`size` must be a multiple of the group size), so the
+existing heads keep their key/value sharing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.ops.params import AddHeadsParams
+from engine.ops.registry import OpResult, operator
+from engine.ops.width import _linear_weight, _make_linear, _mask_like
+
+
+def _grow_rows(weight: torch.Tensor, new_rows: int, std: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append random rows (Linear layout [out, in]); returns the grown weight and the new-row mask."""
+    added = torch.randn(new_rows, weight.shape[1], generator=gen) * std
+    grown = torch.cat([weight.float(), added])
+    return grown, torch.arange(grown.shape[0]) >= weight.shape[0]
+
+
+@operator("add_heads")
+def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
+    layout = view.family.attention
+    heads, kv_heads = view.num_heads, view.num_kv_heads
+    group = heads // kv_heads
+    if params.size % group:
+        raise ValueError(f"size {params.size} is not a multiple of the GQA group size {group} "
+                         f"({heads} query heads share {kv_heads} key/value heads)")
+    new_kv = params.size // group
+    head_dim = getattr(view.config, "head_dim", None) or view.hidden_size // heads
+    result = OpResult(exact=params.init == "zero_out")
+    layers = params.layer_indices(view.num_layers)
+    for layer in layers:
+        attn = view.attention(layer)
+        out = getattr(attn, layout.out)
+        out_w = _linear_weight(out, layout.conv1d)                    # [hidden, heads*head_dim]
+        if layout.qkv:
+            fused = getattr(attn, layout.qkv)
+            w = _linear_weight(fused, layout.conv1d)                  # [3*heads*head_dim, hidden]
+            b = fused.bias.detach().float() if getattr(fused, "bias", None) is not None else None
+            std = float(w.float().std())
+            grown_w, grown_b, mask = _grow_fused(w.float(), b, layout.qkv_order, heads, head_dim,
+                                                 params.size, std, gen)
+            new = _make_linear(grown_w, grown_b, fused, layout.conv1d)
+            setattr(attn, layout.qkv, new)
+            result.grown.append((new.weight, _mask_like(new.weight, mask, rows=not layout.conv1d)))
+            if grown_b is not None:
+                result.grown.append((new.bias, mask.to(new.bias.device)))
+        else:
+            for name, count in ((layout.q, params.size), (layout.k, new_kv), (layout.v, new_kv)):
+                proj = getattr(attn, name)
+                w = _linear_weight(proj, layout.conv1d)
+                std = float(w.float().std())
+                grown_w, mask = _grow_rows(w, count * head_dim, std, gen)
+                b = proj.bias.detach().float() if getattr(proj, "bias", None) is not None else None
+                grown_b = torch.cat([b, torch.zeros(count * head_dim)]) if b is not None else None
+                new = _make_linear(grown_w, grown_b, proj, layout.conv1d)
+                setattr(attn, name, new)
+                result.grown.append((new.weight, _mask_like(new.weight, mask, rows=not layout.conv1d)))
+                if grown_b is not None:
+                    result.grown.append((new.bias, mask.to(new.bias.device)))
+        # output projection: new input columns, zero unless init = "random"
+        extra = params.size * head_dim
+        cols = (torch.randn(out_w.shape[0], extra, generator=gen) * float(out_w.float().std())
+                if params.init == "random" else torch.zeros(out_w.shape[0], extra))
+        out_b = out.bias.detach().float() if getattr(out, "bias", None) is not None else None
+        new_out = _make_linear(torch.cat([out_w.float(), cols], dim=1), out_b, out, layout.conv1d)
+        setattr(attn, layout.out, new_out)
+        col_mask = torch.arange(out_w.shape[1] + extra) >= out_w.shape[1]
+        result.grown.append((new_out.weight, _mask_like(new_out.weight, col_mask, rows=layout.conv1d)))
+        if layout.heads_attr:
+            setattr(attn, layout.heads_attr, getattr(attn, layout.heads_attr) + params.size)
+        if layout.split_attr:
+            setattr(attn, layout.split_attr, (heads + params.size) * head_dim)
+
+    if layers == list(range(view.num_layers)) and hasattr(view.config, "head_dim"):
+        # head_dim is explicit, so a config with more heads still describes these blocks
+        result.config_changes = {layout.num_heads_field: heads + params.size, "head_dim": head_dim}
+        if layout.num_kv_heads_field:
+            result.config_changes[layout.num_kv_heads_field] = kv_heads + new_kv
+    else:
+        result.note = ("the config keeps the original head count (this family derives head_dim from "
+                       "it, or not every layer grew): the live model is right, export is not possible")
+    return result
+
+
+def _grow_fused(w, b, order: str, heads: int, head_dim: int, size: int, std: float, gen):
+    """Grow a fused qkv projection by `size` heads; returns weight, bias, new-row mask."""
+    hidden = w.shape[1]
+    if order == "blocks":  # [q | k | v], each heads*head_dim rows
+        parts = list(w.split(heads * head_dim))
+        bias_parts = list(b.split(heads * head_dim)) if b is not None else None
+        new_w, new_b, masks = [], [], []
+        for i, part in enumerate(parts):
+            added = torch.randn(size * head_dim, hidden, generator=gen) * std
+            new_w.append(torch.cat([part, added]))
+            masks.append(torch.arange(part.shape[0] + added.shape[0]) >= part.shape[0])
+            if bias_parts is not None:
+                new_b.append(torch.cat([bias_parts[i], torch.zeros(size * head_dim)]))
+        return torch.cat(new_w), (torch.cat(new_b) if b is not None else None), torch.cat(masks)
+    # per head: rows are [q_h, k_h, v_h] for each head, so new heads append at the end
+    added = torch.randn(3 * size * head_dim, hidden, generator=gen) * std
+    grown_b = torch.cat([b, torch.zeros(3 * size * head_dim)]) if b is not None else None
+    return torch.cat([w, added]), grown_b, torch.arange(w.shape[0] + added.shape[0]) >= w.shape[0]
+
