@@ -303,17 +303,23 @@ def check_model_fields(raw: dict) -> list[Problem]:
         for j, spec in enumerate(expand if isinstance(expand, list) else []):
             if not isinstance(spec, dict) or spec.get("op") not in OP_PARAMS:
                 continue  # reported by the schema check
-            try:
-                params = OP_PARAMS[spec["op"]].model_validate(spec)
-            except ValidationError:
-                continue  # reported by the schema check
             where = f"stages.{i}.expand.{j}"
-            bad = [k for k in params.source_layers() if k >= num_layers]
+            op_class = OP_PARAMS[spec["op"]]
+            try:
+                params = op_class.model_validate(spec)
+                source_layers = params.source_layers()
+            except ValidationError:  # other fields are reported by the schema check; indices still here
+                params = None
+                raw_layers = spec.get(op_class.source_field)
+                source_layers = [k for k in raw_layers if isinstance(k, int)] if isinstance(raw_layers, list) else []
+            bad = [k for k in source_layers if k >= num_layers]
             if bad:
                 problems.append(Problem(
-                    f"{where}.{params.source_field}",
+                    f"{where}.{op_class.source_field}",
                     f"layer {', '.join(map(str, bad))} out of range — the model has {num_layers} "
                     f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
+            if params is None:
+                continue
             for field, message in params.depth_problems(num_layers):
                 problems.append(Problem(f"{where}.{field}", message))
             model_problems = getattr(params, "model_problems", None)
