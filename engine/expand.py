@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import health as health_metrics
+from engine.arch.forward import forward_logits, loss_of
 from engine.ops.registry import OpResult, apply_operator
 
 
@@ -25,8 +26,8 @@ def probe(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -
     """Logits (float32) and mean loss on the probe batch, in eval mode."""
     was_training = model.training
     model.eval()
-    logits = model(input_ids=inputs).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+    logits = forward_logits(model, inputs).float()
+    loss = loss_of(logits, targets).item()
     model.train(was_training)
     return logits, loss
 
@@ -41,8 +42,7 @@ def new_unit_health(model, result: OpResult, inputs, targets) -> dict:
         p.grad = None
     for p in params:
         p.requires_grad_(True)
-    logits = model(input_ids=inputs).logits.float()
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    loss_of(forward_logits(model, inputs), targets).backward()
     total = 0.0
     for p in result.new_params:
         if p.grad is not None:

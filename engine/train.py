@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.arch.forward import forward_logits, loss_of
 from engine import metrics
 from engine.data import eval_batches, load_task, load_tokenizer, train_batch
 from engine.events import EventWriter
@@ -166,7 +167,7 @@ class Trainer:
         total, count = 0.0, 0
         for inputs, targets in self.eval_sets[task]:
             with self._autocast():
-                logits = self.model(input_ids=inputs).logits
+                logits = forward_logits(self.model, inputs)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                                      reduction="sum")
             total += float(loss)
@@ -358,8 +359,8 @@ class Trainer:
             inputs, targets = self._tensors(train_batch(task.train, train.batch_size, train.seq_len,
                                                         self.plan.seed, index, step))
             with self._autocast():
-                logits = self.model(input_ids=inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                logits = forward_logits(self.model, inputs)
+            loss = loss_of(logits, targets)
             if trainable:
                 self.scaler.scale(loss).backward()
                 if train.grad_clip:

@@ -58,6 +58,7 @@ class ArchFamily:
     # config fields that hold one entry per layer and must follow a change of depth
     per_layer_fields: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
+    kind: str = "causal_lm"               # engine.arch.forward: causal_lm | seq2seq | mlp
 
 
 FAMILIES: tuple[ArchFamily, ...] = (
