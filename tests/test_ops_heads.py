@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from engine.expand import Freezer, apply_stage
 from engine.plan import ExpandSpec
-from tests.test_ops_width import VOCAB, build
+from tests.tiny_models import VOCAB, build
 
 
 def batch(seed=0):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoConfig, GPTNeoXConfig, LlamaConfig
 
 from engine.arch import ArchView
 from engine.expand import Freezer, apply_stage, probe
@@ -14,34 +13,7 @@ from engine.ops.params import WidenFFNParams
 from engine.ops.registry import OPERATORS, apply_operator, load_operators
 from engine.plan import ExpandSpec
 
-VOCAB = 61
-
-
-def tiny_config(family: str, layers: int, heads: int, head_dim: int, ffn: int):
-    hidden = heads * head_dim
-    if family == "gpt_neo":
-        return GPTNeoConfig(vocab_size=VOCAB, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                            attention_types=[[["global", "local"], layers // 2]] if layers % 2 == 0
-                            else [[["global"], layers]], window_size=8, intermediate_size=ffn,
-                            max_position_embeddings=64)
-    if family == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn,
-                          n_positions=64)
-    if family == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                             num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64)
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=1 if heads % 2 else heads // 2 or 1,
-                       intermediate_size=ffn, max_position_embeddings=64)
-
-
-def build(family, layers, heads, head_dim, ffn, seed):
-    torch.manual_seed(seed)
-    config = tiny_config(family, layers, heads, head_dim, ffn)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    for p in model.parameters():  # random (not default-init) weights so zero paths would show
-        torch.nn.init.normal_(p, std=0.2)
-    return model, ArchView(model.config, model)
+from tests.tiny_models import VOCAB, build, tiny_config  # noqa: F401  (re-exported for other tests)
 
 
 families = st.sampled_from(["gpt_neo", "gpt2", "gpt_neox", "llama"])
