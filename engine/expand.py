@@ -36,6 +36,8 @@ def new_unit_health(model, result: OpResult, inputs, targets) -> dict:
     """At expansion: gradient norm of what the operator added (zero: the units cannot learn), the
     share of dead new units, and how alike the new units are."""
     params = list(result.new_params) + [p for p, _ in result.grown]
+    if not params:  # e.g. virtual repeats: nothing new to learn, nothing to diagnose
+        return {"new_grad_norm": None, "dead_share": None}
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -71,6 +73,7 @@ def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Ge
     """Apply the stage's operators in order. With `measure`, each gets a report (no training)."""
     growth = StageGrowth()
     inputs, targets = batch if measure else (None, None)
+    view.stage_index = stage_index  # adapters name themselves after their stage ("lora_stage1")
     for spec in specs:
         params = spec.params()
         before = count_params(model)
