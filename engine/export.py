@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch
 from torch import nn
 
 from engine.arch import ArchView, get_submodule
+from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
+from engine.ops.depth import untie
 from engine.expand import Freezer, apply_stage, count_params, probe
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir, runs_root
@@ -136,78 +137,6 @@ def load_run_model(run_dir: Path | str, device: str = "cpu"):
 # materializing
 
 
-def _optional(module: str):
-    """A sibling engine module that may not exist yet (depth, adapters): None if absent."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
-def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """PEFT tuner layers (LoRA, IA3, ...) in the model. PEFT not imported: there are none."""
-    if "peft" not in sys.modules:
-        return []
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-
-
-def untie(model: nn.Module) -> None:
-    """Give every block its own tensors: a module object reachable by several paths is copied for
-    the extra paths, then a Parameter held by several modules is cloned for the extra holders.
-    The input/output embeddings stay tied when they are (the config says so and HF reties them)."""
-    depth = _optional("engine.ops.depth")
-    if depth is not None and callable(getattr(depth, "untie", None)):
-        depth.untie(model)
-    seen: set[int] = set()
-
-    def walk(module: nn.Module):
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            if id(child) in seen:
-                twin = copy.deepcopy(child)
-                module._modules[name] = twin
-                seen.update(id(m) for m in twin.modules())
-                continue
-            seen.add(id(child))
-            walk(child)
-
-    walk(model)
-    tied: set[int] = set()
-    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb_in is not None and emb_out is not None and emb_out.weight is emb_in.weight:
-        tied.add(id(emb_in.weight))
-    owned: set[int] = set()
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            if id(p) in owned and id(p) not in tied:
-                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-            else:
-                owned.add(id(p))
-
-
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Merge every adapter into the weights it adapts and drop the adapter modules."""
-    adapters = _optional("engine.ops.adapters")
-    if adapters is not None and callable(getattr(adapters, "merge_adapters", None)):
-        result = adapters.merge_adapters(model)
-        model = result if isinstance(result, nn.Module) else model
-    # whatever is left (or no helper): PEFT's own merge, deepest layers first
-    layers = adapter_layers(model)
-    for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):
-        layer.merge(safe_merge=True)
-        parent_path, _, attr = name.rpartition(".")
-        parent = get_submodule(model, parent_path) if parent_path else model
-        setattr(parent, attr, layer.get_base_layer())
-    return model
-
-
 def _materialize_modules(module: nn.Module) -> None:
     """Replace every child with a materialize() method by its result, innermost first."""
     for name, child in list(module._modules.items()):
@@ -220,17 +149,68 @@ def _materialize_modules(module: nn.Module) -> None:
         module._modules[name] = child
 
 
-def materialize(model: nn.Module, view: ArchView | None = None, keep_adapters: bool = False) -> nn.Module:
+def materialize(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
     """The grown model as its family's stock architecture (in place; returns the model): shared
-    parameters untied, adapters merged (unless `keep_adapters`), inserted modules materialized,
+    parameters untied (virtual layers become real), adapters merged — or, with `keep_adapters`,
+    removed unmerged (save them with ``adapter_exports`` first) — inserted modules materialized,
     config updated. Raises ExportError when a stock config cannot describe the result."""
-    untie(model)
-    if adapter_layers(model) and not keep_adapters:
-        model = merge_adapters(model)
+    untie(model)  # first: merging an adapter into a tensor its twin also holds would merge it twice
+    if keep_adapters:
+        strip_adapters(model)
+    elif adapter_layers(model):
+        merge_adapters(model)
     _materialize_modules(model)
-    view = ArchView(model.config, model)
-    update_config(model, view)
+    update_config(model, ArchView(model.config, model))
     return model
+
+
+def strip_adapters(model: nn.Module) -> None:
+    """Replace every PEFT layer by its base layer, unmerged (innermost first)."""
+    for path, layer in sorted(adapter_layers(model), key=lambda item: -item[0].count(".")):
+        parent_path, _, attr = path.rpartition(".")
+        parent = get_submodule(model, parent_path) if parent_path else model
+        setattr(parent, attr, layer.get_base_layer())
+    for attr in ("peft_config", "_widen_inactive_adapters"):
+        model.__dict__.pop(attr, None)
+
+
+def adapter_exports(model: nn.Module) -> list[dict]:
+    """Each adapter as PEFT saves it: name, a PEFT config whose target_modules are the exact module
+    paths it adapts, and its tensors keyed like PEFT's adapter_model.safetensors. Call on the
+    untied model, before ``strip_adapters``. Adapters inside a module that export rebuilds (a
+    parallel FFN path) cannot be kept: their base changes shape."""
+    configs = getattr(model, "peft_config", {}) or {}
+    inactive = getattr(model, "_widen_inactive_adapters", set())
+    exports = []
+    for name, kind in adapter_names(model).items():
+        layers = [(path, layer) for path, layer in adapter_layers(model)
+                  if name in getattr(layer, "lora_A", {}) or name in getattr(layer, "ia3_l", {})]
+        inside = [path for path, _ in layers if ".base." in f".{path}."]
+        if inside:
+            raise ExportError(f"adapter '{name}' sits inside a widened module ({inside[0]}), which export "
+                              "rebuilds as wider matrices — export without --keep-adapters (adapters merged)")
+        config = copy.deepcopy(configs[name])
+        config.target_modules = sorted(path for path, _ in layers)
+        if kind == "ia3":
+            config.feedforward_modules = sorted(path for path, layer in layers if layer.is_feedforward)
+        config.inference_mode = True
+        state = {f"base_model.model.{key}": tensor for key, tensor in adapter_state_dict(model, name).items()}
+        exports.append({"name": name, "kind": kind, "config": config, "state": state,
+                        "active": name not in inactive})
+    return exports
+
+
+def save_adapters(exports: list[dict], out_dir: Path) -> None:
+    """Write each adapter in PEFT format to out_dir/<name>/ (adapter_config.json,
+    adapter_model.safetensors): ``PeftModel.from_pretrained(base, out_dir/<name>)`` loads it."""
+    from safetensors.torch import save_file
+
+    for item in exports:
+        folder = out_dir / item["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        item["config"].save_pretrained(str(folder))
+        save_file({k: v.contiguous() for k, v in item["state"].items()}, str(folder / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
 
 
 def _ffn_width(view: ArchView, layer: int) -> int:
@@ -241,6 +221,22 @@ def _ffn_width(view: ArchView, layer: int) -> int:
         raise ExportError(f"layer {layer}: the FFN ({type(mlp).__name__}) has no '{layout.up}' weight "
                           "after materializing — an operator left a module without materialize()")
     return int(up.weight.shape[1] if layout.conv1d else up.weight.shape[0])
+
+
+def _check_attention_widths(view: ArchView) -> None:
+    """Every block's attention must have the width the config implies (heads x head_dim): a
+    family that derives head_dim from hidden_size / heads cannot describe added heads."""
+    layout = view.family.attention
+    heads = view.num_heads
+    head_dim = getattr(view.config, "head_dim", None) or view.hidden_size // heads
+    for layer in range(view.num_layers):
+        out = getattr(view.attention(layer), layout.out)
+        width = out.weight.shape[0] if layout.conv1d else out.weight.shape[1]
+        if width != heads * head_dim:
+            raise ExportError(f"layer {layer}: attention is {width} wide but the config describes {heads} heads "
+                              f"x {head_dim} = {heads * head_dim} — a stock {view.family.name} config cannot "
+                              "describe heads added to these layers (llama-family models with every layer "
+                              "grown can); export the plan without add_heads")
 
 
 def update_config(model: nn.Module, view: ArchView) -> dict:
@@ -256,6 +252,7 @@ def update_config(model: nn.Module, view: ArchView) -> dict:
         described = ", ".join(f"{w}: layers {_ranges(ls)}" for w, ls in groups.items())
         raise ExportError(f"layers have FFN widths {{{described}}}: a standard config cannot describe "
                           "that — widen every layer by the same size")
+    _check_attention_widths(view)
     changes = {family.num_layers_field: len(blocks)}
     if widths:
         changes[family.ffn_size_field] = next(iter(widths.values()))
@@ -319,7 +316,7 @@ def _ranges(layers: list[int]) -> str:
 # writing
 
 
-def export_model(model: nn.Module, view: ArchView | None, tokenizer, out_dir: Path | str,
+def export_model(model: nn.Module, tokenizer, out_dir: Path | str,
                  keep_adapters: bool = False, source: dict | None = None,
                  reports: list[dict] | None = None) -> dict:
     """Materialize the model and write a Hugging Face directory: safetensors weights, config,
@@ -329,38 +326,43 @@ def export_model(model: nn.Module, view: ArchView | None, tokenizer, out_dir: Pa
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
-    adapters = adapter_layers(model)
-    if keep_adapters and adapters:
-        _check_keep_adapters()
-    elif keep_adapters:
-        keep_adapters = False  # nothing to keep: a plain export
+    had_adapters = bool(adapter_layers(model))
+    keep_adapters = keep_adapters and had_adapters  # nothing to keep: a plain export
     params_before = count_params(model)
-    model = materialize(model, view, keep_adapters=keep_adapters)
+    exports = []
+    if keep_adapters:
+        untie(model)
+        exports = adapter_exports(model)
+    model = materialize(model, keep_adapters=keep_adapters)
     view = ArchView(model.config, model)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save(out_dir)
-    family = view.family
+    if exports:
+        save_adapters(exports, out_dir / ADAPTER_DIR)
     manifest = {
         "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": source or {},
-        "family": family.name,
+        "family": view.family.name,
         "model_type": model.config.model_type,
+        "model_class": model_class_name(view),
         "num_layers": view.num_layers,
         "ffn_size": view.ffn_size,
         "params": count_params(model),
         "params_before_materialize": params_before,
-        "adapters": "kept" if keep_adapters else ("merged" if adapters else "none"),
+        "adapters": "kept" if keep_adapters else ("merged" if had_adapters else "none"),
+        "kept_adapters": [{"name": e["name"], "kind": e["kind"], "active": e["active"],
+                           "path": f"{ADAPTER_DIR}/{e['name']}"} for e in exports],
         "operators": [_op_summary(r) for r in reports or []],
     }
     (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     return manifest
 
 
-def _check_keep_adapters() -> None:
-    raise ExportError("--keep-adapters needs the adapters' PEFT configs, which the adapters "
-                      "operator does not expose yet — export without it (adapters merged)")
+def model_class_name(view: ArchView) -> str:
+    """The transformers Auto class that loads the export."""
+    return "AutoModelForSeq2SeqLM" if view.family.kind == "seq2seq" else "AutoModelForCausalLM"
 
 
 def _op_summary(report: dict) -> dict:
@@ -400,11 +402,30 @@ def verify_export(out_dir: Path | str, batch, reference: torch.Tensor) -> float:
     return delta
 
 
+def load_export(out_dir: Path | str):
+    """Load an export the way a user without widen would: the Auto class named in the manifest,
+    plus the kept adapters through PEFT (the active ones active). Returns the model in eval mode."""
+    import transformers
+
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / EXPORT_MANIFEST).read_text())
+    model = getattr(transformers, manifest.get("model_class", "AutoModelForCausalLM")).from_pretrained(str(out_dir))
+    kept = manifest.get("kept_adapters") or []
+    if kept:
+        from peft import PeftModel
+
+        first, *rest = kept
+        model = PeftModel.from_pretrained(model, str(out_dir / first["path"]), adapter_name=first["name"])
+        for item in rest:
+            model.load_adapter(str(out_dir / item["path"]), adapter_name=item["name"])
+        model.base_model.set_adapter([item["name"] for item in kept if item["active"]])
+    return model.eval()
+
+
 @torch.no_grad()
 def reload_delta(out_dir: Path | str, inputs: torch.Tensor, reference: torch.Tensor) -> float:
-    """Reload the export with plain from_pretrained; max |Δlogits| against `reference`."""
-    from transformers import AutoModelForCausalLM
+    """Reload the export as a user would (``load_export``); max |Δlogits| against `reference`."""
+    from engine.arch.forward import forward_logits
 
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
-    logits = reloaded(input_ids=inputs.to("cpu")).logits.float()
+    logits = forward_logits(load_export(out_dir), inputs.to("cpu")).float()
     return float((logits - reference.to("cpu").float()).abs().max())

@@ -415,7 +415,7 @@ def export(
         stage = len(plan.stages) - 1
         batch = ex.stage_probe(plan, stage, tokenizer)
         reference = ex.reference_logits(model, batch)
-        manifest = ex.export_model(model, view, tokenizer, out_dir, keep_adapters=keep_adapters,
+        manifest = ex.export_model(model, tokenizer, out_dir, keep_adapters=keep_adapters,
                                    source=origin, reports=reports)
         delta = ex.verify_export(out_dir, batch, reference)
     except ValueError as e:
@@ -484,7 +484,7 @@ def main() -> None:
         err.print("aborted")
         sys.exit(130)
     except CLIError as e:
-        err.print(f"error: {e}", highlight=False, markup=False)
+        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error (typer vendors click)
@@ -493,7 +493,7 @@ def main() -> None:
         if os.environ.get("WIDEN_DEBUG"):
             raise
         err.print(f"error: {e.__class__.__name__}: {e} (WIDEN_DEBUG=1 shows the traceback)",
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
 
 
