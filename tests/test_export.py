@@ -125,7 +125,24 @@ def test_grown_models_of_every_family_reload_with_plain_transformers(tmp_path, w
         assert [r["op"] for r in reports] == ["widen_ffn", "widen_ffn", "insert_identity", "map_layers", "lora", "ia3"]
         cases.append((str(out), str(tmp_path / f"{family}-export.inputs.pt")))
         references[str(out)], manifests[str(out)] = reference, manifest
+    linear_ops = """
+        [[stages.expand]]
+        op = "concat_linear"
+        size = 2
+        [[stages.expand]]
+        op = "parallel_linear"
+        modules = ["o", "q"]
+        init = "random"
+    """
+    linear_cases = {}
+    for family in ("gpt2", "llama"):
+        out, reference, manifest, _ = grow_and_export(tmp_path, family, linear_ops, name="linear")
+        cases.append((str(out), str(tmp_path / f"{family}-linear.inputs.pt")))
+        linear_cases[str(out)] = reference
+        assert manifest["ffn_size"] == 14
     logits = reload_without_widen(cases)
+    for out, reference in linear_cases.items():
+        assert float((logits.pop(out) - reference).abs().max()) <= 1e-4
     for out, reference in references.items():
         delta = float((logits[out] - reference).abs().max())
         assert delta <= 1e-4, (out, delta)

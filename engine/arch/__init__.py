@@ -9,7 +9,7 @@ from __future__ import annotations
 from engine.arch.families import (FAMILIES, ArchFamily, AttentionLayout, FFNLayout, UnsupportedArchitecture,
                                   family_for)
 
-__all__ = ["ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
+__all__ = ["view_of", "ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
 
 
 def get_submodule(root, dotted: str):
@@ -73,3 +73,14 @@ class ArchView:
         field = self.family.attention.num_kv_heads_field
         value = getattr(self.config, field, None) if field else None
         return int(value) if value else self.num_heads
+
+
+def view_of(model):
+    """The architecture view of any model widen grows: Hugging Face models by their config's
+    family, plain nn.Sequential MLPs by ``engine.arch.mlp.MLPView``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        from engine.arch.mlp import MLPView
+
+        return MLPView(model)
+    return ArchView(config, model)

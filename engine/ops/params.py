@@ -82,6 +82,39 @@ class WidenFFNParams(LayeredOpParams):
         return self
 
 
+class WidenMLPParams(WidenFFNParams):
+    """Add `size` units to hidden layers of a plain nn.Sequential MLP (hidden layer i: the output
+    of its i-th Linear). Same inits as widen_ffn; in place only (the matrices grow)."""
+
+    op: Literal["widen_mlp"] = "widen_mlp"
+    mode: Literal["inplace"] = "inplace"
+
+
+ModuleNames = list[Union[str, int]]
+
+
+class ConcatLinearParams(LayeredOpParams):
+    """A Linear's output gains `size` features from a trainable expansion (cat([W x, E x])); the
+    module consuming that output gets `size` zero input columns, so the function is kept."""
+
+    op: Literal["concat_linear"] = "concat_linear"
+    modules: ModuleNames = Field(["up"], min_length=1, description='"up" (a transformer FFN) or Linear '
+                                 "indices of an nn.Sequential")
+    size: int = Field(..., gt=0, description="output features to add")
+    init_std: float | None = Field(None, gt=0, description="std of the expansion's weights "
+                                   "(default: that of the original weights)")
+
+
+class ParallelLinearParams(LayeredOpParams):
+    """Frozen W plus a trainable full-rank delta D of the same shape: y = W x + D x."""
+
+    op: Literal["parallel_linear"] = "parallel_linear"
+    modules: ModuleNames = Field(..., min_length=1, description="roles (q k v o up down gate) or Linear "
+                                 "indices of an nn.Sequential")
+    init: Literal["zeros", "random"] = Field("zeros", description="zeros keeps the function")
+    std: float = Field(0.01, gt=0, description="std of D for init = random")
+
+
 # Adapter roles: names for the projections of a block, resolved through the family description
 # (fused-qkv families map q/k/v to their one fused projection).
 ADAPTER_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "down", "gate")
@@ -347,6 +380,9 @@ OP_PARAMS: dict[str, type[OpParams]] = {
     "unshare": UnshareParams,
     "add_heads": AddHeadsParams,
     "widen_ffn": WidenFFNParams,
+    "widen_mlp": WidenMLPParams,
+    "concat_linear": ConcatLinearParams,
+    "parallel_linear": ParallelLinearParams,
     "lora": LoRAParams,
     "ia3": IA3Params,
 }

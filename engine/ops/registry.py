@@ -51,7 +51,7 @@ def operator(name: str):
     return register
 
 
-FAMILY_MODULES = ("engine.ops.width", "engine.ops.heads", "engine.ops.adapters", "engine.ops.depth",)
+FAMILY_MODULES = ("engine.ops.width", "engine.ops.heads", "engine.ops.adapters", "engine.ops.depth", "engine.ops.linear")
 
 
 def load_operators() -> dict[str, Operator]:

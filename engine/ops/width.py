@@ -18,6 +18,8 @@ learn (the on-the-fly-expansion note's failure modes):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -107,6 +109,7 @@ def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Te
     All tensors are in Linear layout: up/gate [units, hidden], down [hidden, units].
     """
     size, units, hidden = params.size, up_w.shape[0], up_w.shape[1]
+    out = down_w.shape[0]  # = hidden in a transformer FFN; an MLP layer may map elsewhere
     std_in = params.init_std or float(up_w.float().std())
     std_out = float(down_w.float().std())
 
@@ -119,15 +122,15 @@ def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Te
     if params.init in ("zero_out", "random"):
         new_up = randn(size, hidden, std=std_in)
         new_gate = randn(size, hidden, std=std_in) if gate_w is not None else None
-        new_down = randn(hidden, size, std=std_out) if params.init == "random" else torch.zeros(hidden, size)
+        new_down = randn(out, size, std=std_out) if params.init == "random" else torch.zeros(out, size)
     elif params.init == "zeros":
         new_up = torch.zeros(size, hidden)
         new_gate = torch.zeros(size, hidden) if gate_w is not None else None
-        new_down = torch.zeros(hidden, size)
+        new_down = torch.zeros(out, size)
     elif params.init == "constant":
         new_up = torch.full((size, hidden), params.value)
         new_gate = torch.full((size, hidden), params.value) if gate_w is not None else None
-        new_down = torch.zeros(hidden, size)
+        new_down = torch.zeros(out, size)
     else:  # net2net / copy_halve: replicate existing units and split their outgoing weights
         if params.init == "copy_halve":
             if size > units:
@@ -163,11 +166,56 @@ def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Modul
     return module
 
 
+def preserving_init(params) -> bool:
+    """Whether the width init keeps the function (splitting inits only without noise)."""
+    return params.init in ("zero_out", "zeros", "constant") or (
+        params.init in ("net2net", "copy_halve") and params.noise == 0)
+
+
+@dataclass
+class WiderPair:
+    """An up (and gate) / down pair grown in place, with the masks of what is new."""
+
+    up: nn.Module
+    down: nn.Module
+    gate: nn.Module | None
+    grown: list
+    units: NewUnits
+
+
+def grow_units_inplace(up: nn.Module, down: nn.Module, gate: nn.Module | None, conv1d: bool, size: int,
+                       new_weights) -> WiderPair:
+    """Wider copies of up (+gate) and down holding `size` new units (`new_weights` from
+    ``_new_unit_weights``); only the new rows/columns are marked as grown."""
+    new_up, new_b, new_gate, new_down, old_down, source = new_weights
+    up_w = _linear_weight(up, conv1d)
+    up_b = up.bias.detach() if getattr(up, "bias", None) is not None else None
+    units = up_w.shape[0]
+    wide_up = _make_linear(torch.cat([up_w.float(), new_up]),
+                           torch.cat([up_b.float(), new_b]) if up_b is not None else None, up, conv1d)
+    wide_down = _make_linear(torch.cat([old_down, new_down], dim=1),
+                             down.bias.detach().float() if getattr(down, "bias", None) is not None else None,
+                             down, conv1d)
+    row_mask = torch.arange(units + size) >= units
+    grown = [(wide_up.weight, _mask_like(wide_up.weight, row_mask, rows=not conv1d))]
+    if up_b is not None:
+        grown.append((wide_up.bias, row_mask.to(wide_up.bias.device)))
+    grown.append((wide_down.weight, _mask_like(wide_down.weight, row_mask, rows=conv1d)))
+    if wide_down.bias is not None:
+        grown.append((wide_down.bias, torch.zeros_like(wide_down.bias, dtype=torch.bool)))
+    wide_gate = None
+    if gate is not None:
+        wide_gate = _make_linear(torch.cat([_linear_weight(gate, conv1d).float(), new_gate]), None, gate, conv1d)
+        grown.append((wide_gate.weight, _mask_like(wide_gate.weight, row_mask, rows=not conv1d)))
+    record = NewUnits(up=wide_up.weight, down=wide_down.weight, conv1d=conv1d,
+                      rows=torch.arange(units, units + size), sources=source)
+    return WiderPair(wide_up, wide_down, wide_gate, grown, record)
+
+
 @operator("widen_ffn")
 def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
     layout = view.family.ffn
-    result = OpResult(exact=params.init in ("zero_out", "zeros", "constant")
-                      or (params.init in ("net2net", "copy_halve") and params.noise == 0))
+    result = OpResult(exact=preserving_init(params))
     layers = params.layer_indices(view.num_layers)
     for layer in layers:
         mlp = view.ffn(layer)
@@ -195,27 +243,14 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
             continue
 
         # in place: wider matrices; the mask marks the new entries
-        units = up_w.shape[0]
-        wide_up = _make_linear(torch.cat([up_w.float(), new_up]),
-                               torch.cat([up_b.float(), new_b]) if up_b is not None else None, up, layout.conv1d)
-        wide_down = _make_linear(torch.cat([old_down, new_down], dim=1),
-                                 down.bias.detach().float() if getattr(down, "bias", None) is not None else None,
-                                 down, layout.conv1d)
-        setattr(inner, layout.up, wide_up)
-        setattr(inner, layout.down, wide_down)
-        row_mask = torch.arange(units + params.size) >= units
-        result.units.append(NewUnits(up=wide_up.weight, down=wide_down.weight, conv1d=layout.conv1d,
-                                     rows=torch.arange(units, units + params.size), sources=source))
-        result.grown.append((wide_up.weight, _mask_like(wide_up.weight, row_mask, rows=not layout.conv1d)))
-        if up_b is not None:
-            result.grown.append((wide_up.bias, row_mask.to(wide_up.bias.device)))
-        result.grown.append((wide_down.weight, _mask_like(wide_down.weight, row_mask, rows=layout.conv1d)))
-        if wide_down.bias is not None:
-            result.grown.append((wide_down.bias, torch.zeros_like(wide_down.bias, dtype=torch.bool)))
+        wide = grow_units_inplace(up, down, gate, layout.conv1d, params.size,
+                                  (new_up, new_b, new_gate, new_down, old_down, source))
+        setattr(inner, layout.up, wide.up)
+        setattr(inner, layout.down, wide.down)
         if gate is not None:
-            wide_gate = _make_linear(torch.cat([gate_w.float(), new_gate]), None, gate, layout.conv1d)
-            setattr(inner, layout.gate, wide_gate)
-            result.grown.append((wide_gate.weight, _mask_like(wide_gate.weight, row_mask, rows=True)))
+            setattr(inner, layout.gate, wide.gate)
+        result.grown.extend(wide.grown)
+        result.units.append(wide.units)
 
     if params.mode == "inplace":
         if layers == list(range(view.num_layers)):
