@@ -240,25 +240,25 @@ def _check_attention_widths(view: ArchView) -> None:
 
 
 def update_config(model: nn.Module, view: ArchView) -> dict:
-    """Make the config describe the model's blocks: FFN width, depth, per-layer fields.
-    Returns the fields it set."""
-    family, config = view.family, model.config
-    blocks = view.blocks()
-    widths = {i: _ffn_width(view, i) for i in range(len(blocks))}
-    if len(set(widths.values())) > 1:
-        groups: dict[int, list[int]] = {}
-        for layer, width in widths.items():
-            groups.setdefault(width, []).append(layer)
-        described = ", ".join(f"{w}: layers {_ranges(ls)}" for w, ls in groups.items())
+    """Make the config describe the model's blocks — every stack (T5: encoder and decoder): FFN
+    width (one for all blocks), depths, per-layer fields. Returns the fields it set."""
+    config, changes, widths = model.config, {}, {}
+    for stack in view.stacks():
+        label = f"{stack.stack} layers" if stack.stack else "layers"
+        for i in range(len(stack.blocks())):
+            widths.setdefault(_ffn_width(stack, i), []).append(f"{label} {i}")
+        _check_attention_widths(stack)
+        changes[stack.family.num_layers_field] = len(stack.blocks())
+    if len(widths) > 1:
+        described = ", ".join(f"{w}: {', '.join(where)}" for w, where in widths.items())
         raise ExportError(f"layers have FFN widths {{{described}}}: a standard config cannot describe "
                           "that — widen every layer by the same size")
-    _check_attention_widths(view)
-    changes = {family.num_layers_field: len(blocks)}
     if widths:
-        changes[family.ffn_size_field] = next(iter(widths.values()))
+        changes[view.family.ffn_size_field] = next(iter(widths))
     for key, value in changes.items():
         setattr(config, key, value)
-    changes.update(_per_layer_fields(config, family, blocks))
+    for stack in view.stacks():
+        changes.update(_per_layer_fields(config, stack.family, stack.blocks()))
     return changes
 
 
@@ -299,17 +299,6 @@ def _per_layer_fields(config, family, blocks) -> dict:
             config.attention_types = runs
             changes["attention_types"] = runs
     return changes
-
-
-def _ranges(layers: list[int]) -> str:
-    parts, start = [], None
-    for i, layer in enumerate(layers):
-        if start is None:
-            start = layer
-        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-            parts.append(str(start) if start == layer else f"{start}-{layer}")
-            start = None
-    return ",".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,19 +72,21 @@ def load_architecture(spec) -> ArchView:
 
 
 def load_model(spec, seed: int):
-    """Build (built-in) or load (hub/local) the causal LM; returns (model, ArchView)."""
+    """Build (built-in) or load (hub name or local directory: the same call) the model with the
+    Auto class of its family's kind (causal LM, or seq2seq for T5); returns (model, ArchView)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     config = load_config(spec)
     try:
-        ArchView(config)
+        kind = ArchView(config).family.kind
     except UnsupportedArchitecture as e:
         raise ModelLoadError(str(e)) from None
+    auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq" else transformers.AutoModelForCausalLM
     if spec.source.startswith("builtin:"):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            model = auto.from_config(config, attn_implementation="eager")
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec.source, revision=spec.revision)
+        model = auto.from_pretrained(spec.source, revision=spec.revision)
     return model, ArchView(model.config, model)

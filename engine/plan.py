@@ -296,7 +296,9 @@ def check_model_fields(raw: dict) -> list[Problem]:
     except ModelLoadError as e:
         return [Problem(f"model.{e.field}", str(e))]
     problems = []
-    num_layers = arch.num_layers
+    # depth per stack at this point of the plan (one stack, or T5's encoder and decoder)
+    views = arch.stacks()
+    depths = {view.stack: view.num_layers for view in views}
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     for i, stage in enumerate(stages):
         expand = stage.get("expand") if isinstance(stage, dict) else None
@@ -312,20 +314,29 @@ def check_model_fields(raw: dict) -> list[Problem]:
                 params = None
                 raw_layers = spec.get(op_class.source_field)
                 source_layers = [k for k in raw_layers if isinstance(k, int)] if isinstance(raw_layers, list) else []
-            bad = [k for k in source_layers if k >= num_layers]
-            if bad:
-                problems.append(Problem(
-                    f"{where}.{op_class.source_field}",
-                    f"layer {', '.join(map(str, bad))} out of range — the model has {num_layers} "
-                    f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
-            if params is None:
+            stack = spec.get("stack")
+            if stack is not None and stack not in depths:
+                names = ", ".join(str(n) for n in depths if n) or "none (one stack of blocks)"
+                problems.append(Problem(f"{where}.stack", f"'{stack}' is not a stack of this model — stacks: {names}"))
                 continue
-            for field, message in params.depth_problems(num_layers):
-                problems.append(Problem(f"{where}.{field}", message))
+            chosen = [stack] if stack is not None else list(depths)
+            for name in chosen:
+                num_layers = depths[name]
+                label = f"the {name} has" if name else "the model has"
+                bad = [k for k in source_layers if k >= num_layers]
+                if bad:
+                    problems.append(Problem(
+                        f"{where}.{op_class.source_field}",
+                        f"layer {', '.join(map(str, bad))} out of range — {label} {num_layers} "
+                        f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
+                if params is None:
+                    continue
+                for field, message in params.depth_problems(num_layers):
+                    problems.append(Problem(f"{where}.{field}", message))
+                depths[name] = params.num_layers_after(num_layers)
             model_problems = getattr(params, "model_problems", None)
             for field, message in (model_problems(arch.family) if model_problems else []):
                 problems.append(Problem(f"{where}.{field}", message))
-            num_layers = params.num_layers_after(num_layers)
     return problems
 
 

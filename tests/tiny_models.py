@@ -42,3 +42,18 @@ def build(family, layers, heads, head_dim, ffn, seed):
 def token_batch(seed: int = 0, rows: int = 2, length: int = 12):
     x = torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
     return x, torch.roll(x, -1, 1)
+
+
+def build_t5(layers=2, decoder_layers=3, heads=2, d_kv=4, d_model=16, d_ff=24, gated=False, seed=0):
+    """A tiny random T5 (CodeT5 is T5): ReLU FFN (v1.0) or gated-GELU (v1.1)."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
+                      num_decoder_layers=decoder_layers, num_heads=heads, relative_attention_num_buckets=8,
+                      feed_forward_proj="gated-gelu" if gated else "relu", decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)
+    model = AutoModelForSeq2SeqLM.from_config(config, attn_implementation="eager").eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model, ArchView(model.config, model)

@@ -6,6 +6,8 @@ model (for the operators).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine.arch.families import (FAMILIES, ArchFamily, AttentionLayout, FFNLayout, UnsupportedArchitecture,
                                   family_for)
 
@@ -20,10 +22,41 @@ def get_submodule(root, dotted: str):
 
 
 class ArchView:
-    def __init__(self, config, model=None):
+    """``family`` is the description resolved for this model: the gated FFN layout when the
+    config says so, and for multi-stack models (T5) the paths of one stack (``stack``; default the
+    first). ``stacks()`` gives a view per stack, so operators only ever see one stack."""
+
+    def __init__(self, config, model=None, stack: str | None = None):
         self.config = config
         self.model = model
-        self.family = family_for(getattr(config, "model_type", type(config).__name__))
+        family = family_for(getattr(config, "model_type", type(config).__name__))
+        self.base_family = family
+        if family.gated_ffn is not None and getattr(config, family.gated_ffn_flag, False):
+            family = replace(family, ffn=family.gated_ffn)
+        self.stack = None
+        if family.stacks:
+            names = [s.name for s in family.stacks]
+            if stack is not None and stack not in names:
+                raise ValueError(f"stack: {family.name} models have stacks {', '.join(names)} — got '{stack}'")
+            chosen = next(s for s in family.stacks if s.name == (stack or names[0]))
+            family = replace(family, blocks=chosen.blocks, num_layers_field=chosen.num_layers_field,
+                             ffn=replace(family.ffn, module=chosen.ffn_module), extra_outputs=chosen.extra_outputs)
+            self.stack = chosen.name
+        elif stack is not None:
+            raise ValueError(f"stack: {family.name} models have one stack of blocks — leave stack out")
+        self.family = family
+
+    def stacks(self, name: str | None = None) -> list["ArchView"]:
+        """One view per stack (all, or the one named); single-stack models: this view."""
+        if not self.base_family.stacks:
+            if name is not None:
+                ArchView(self.config, self.model, name)  # raises the clear error
+            return [self]
+        names = [name] if name is not None else [s.name for s in self.base_family.stacks]
+        views = [ArchView(self.config, self.model, n) for n in names]
+        for view in views:
+            view.stage_index = getattr(self, "stage_index", None)
+        return views
 
     # -- facts from the config ---------------------------------------------------------------
     @property

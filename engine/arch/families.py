@@ -39,6 +39,27 @@ class AttentionLayout:
     num_kv_heads_field: str | None = None   # grouped-query attention (Llama family)
     # attributes holding the block's own index (KV caches and local/global choice read them)
     layer_index_attrs: tuple[str, ...] = ("layer_idx",)
+    head_dim_field: str = "head_dim"  # config field giving head_dim explicitly, when the family has one
+    width_attr: str | None = None          # module attribute caching heads x head_dim (T5 inner_dim)
+    # an embedding with one column per head, held by some blocks and shared with the rest of the
+    # stack at run time (T5's relative position bias): heads can only be added to every block
+    per_head_embedding: str | None = None
+    # heads x head_dim must equal the hidden size (head_dim is derived from it); False where the
+    # config states head_dim on its own (Llama), so d_model can grow without touching the heads
+    width_follows_hidden: bool = True
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """One stack of blocks in a model with several (T5: encoder and decoder). Paths inside a
+    block may differ between stacks (a decoder block has cross-attention before its FFN)."""
+
+    name: str
+    blocks: str
+    num_layers_field: str
+    ffn_module: str
+    # other modules inside a block whose outputs add to the residual stream (cross-attention)
+    extra_outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,16 @@ class ArchFamily:
     per_layer_fields: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
     kind: str = "causal_lm"               # engine.arch.forward: causal_lm | seq2seq | mlp
+    stacks: tuple[StackLayout, ...] = ()  # several stacks (T5); empty: the one stack above
+    # a config flag choosing a gated FFN layout (T5 v1.1 / CodeT5+ vs the original ReLU FFN)
+    gated_ffn: FFNLayout | None = None
+    gated_ffn_flag: str | None = None
+    extra_outputs: tuple[str, ...] = ()   # see StackLayout.extra_outputs
+    # the residual stream, for growing d_model (engine.ops.hidden)
+    position_embeddings: str | None = None  # learned absolute positions, from the model root
+    lm_head: str = "lm_head"               # output projection, from the model root (may share the embedding)
+    norm_kind: str = "layernorm"           # "layernorm" (mean and variance) or "rmsnorm" (mean square only)
+    hidden_size_attrs: tuple[str, ...] = ()  # module attributes caching d_model; "*" = every block
 
 
 FAMILIES: tuple[ArchFamily, ...] = (
@@ -74,6 +105,8 @@ FAMILIES: tuple[ArchFamily, ...] = (
         # attention_layers[i] is "global" or "local" for block i (TinyStories-33M alternates);
         # the parent GPTNeoAttention also carries layer_id
         per_layer_fields=("attention_layers",),
+        position_embeddings="transformer.wpe",
+        hidden_size_attrs=("transformer.embed_dim", "transformer.h.*.attn.attention.embed_dim"),
     ),
     ArchFamily(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h",
@@ -83,6 +116,8 @@ FAMILIES: tuple[ArchFamily, ...] = (
         norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", embeddings="transformer.wte",
         num_layers_field="n_layer", ffn_size_field="n_inner", ffn_size_default="4*hidden_size",
         hidden_size_field="n_embd",
+        position_embeddings="transformer.wpe",
+        hidden_size_attrs=("transformer.embed_dim", "transformer.h.*.attn.embed_dim"),
     ),
     ArchFamily(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
@@ -96,12 +131,41 @@ FAMILIES: tuple[ArchFamily, ...] = (
         name="llama", model_types=("llama", "mistral", "qwen2"), blocks="model.layers",
         ffn=FFNLayout(module="mlp", up="up_proj", down="down_proj", act="act_fn", gate="gate_proj"),
         attention=AttentionLayout(module="self_attn", out="o_proj", q="q_proj", k="k_proj", v="v_proj",
-                                  num_kv_heads_field="num_key_value_heads"),
+                                  num_kv_heads_field="num_key_value_heads", width_follows_hidden=False),
         norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm",
         embeddings="model.embed_tokens",
         num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
+        norm_kind="rmsnorm", hidden_size_attrs=("model.layers.*.hidden_size", "model.layers.*.mlp.hidden_size"),
     ),
 )
+
+
+_T5_ATTENTION = AttentionLayout(module="layer.0.SelfAttention", out="o", q="q", k="k", v="v",
+                                num_heads_field="num_heads", heads_attr="n_heads", head_dim_field="d_kv",
+                                width_attr="inner_dim", per_head_embedding="relative_attention_bias")
+FAMILIES = FAMILIES + (
+    ArchFamily(
+        # T5 and CodeT5: two stacks; block 0 of each holds the relative position bias it passes on
+        name="t5", model_types=("t5",), kind="seq2seq", blocks="encoder.block",
+        ffn=FFNLayout(module="layer.1.DenseReluDense", up="wi", down="wo", act="act"),
+        gated_ffn=FFNLayout(module="layer.1.DenseReluDense", up="wi_1", down="wo", act="act", gate="wi_0"),
+        gated_ffn_flag="is_gated_act",
+        attention=_T5_ATTENTION,
+        norms=("layer.0.layer_norm", "layer.1.layer_norm"), final_norm="encoder.final_layer_norm",
+        embeddings="shared", num_layers_field="num_layers", ffn_size_field="d_ff", hidden_size_field="d_model",
+        stacks=(
+            StackLayout(name="encoder", blocks="encoder.block", num_layers_field="num_layers",
+                        ffn_module="layer.1.DenseReluDense"),
+            StackLayout(name="decoder", blocks="decoder.block", num_layers_field="num_decoder_layers",
+                        ffn_module="layer.2.DenseReluDense", extra_outputs=("layer.1.EncDecAttention.o",)),
+        ),
+    ),
+)
+
+
+def ffn_layouts() -> list[FFNLayout]:
+    """Every FFN layout a family describes (gated variants included)."""
+    return [layout for f in FAMILIES for layout in (f.ffn, f.gated_ffn) if layout is not None]
 
 
 def family_for(model_type: str) -> ArchFamily:

@@ -30,7 +30,8 @@ def forward_logits(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor
     if kind == "mlp":
         return model(inputs)
     if kind == "seq2seq":
-        return model(input_ids=inputs, decoder_input_ids=inputs).logits
+        # no cache: transformers sizes it by the encoder depth, which a grown decoder may exceed
+        return model(input_ids=inputs, decoder_input_ids=inputs, use_cache=False).logits
     return model(input_ids=inputs).logits
 
 

@@ -67,6 +67,7 @@ def _output_projections(view, block: nn.Module) -> list[nn.Module]:
     attn = get_submodule(block, family.attention.module)
     mlp = get_submodule(block, family.ffn.module)
     modules = [getattr(attn, family.attention.out)]
+    modules += [get_submodule(block, path) for path in family.extra_outputs]  # e.g. T5 cross-attention
     while isinstance(mlp, nn.Module):
         down = getattr(mlp, family.ffn.down, None)
         if down is None:

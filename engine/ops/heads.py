@@ -27,14 +27,20 @@ def _grow_rows(weight: torch.Tensor, new_rows: int, std: float, gen) -> tuple[to
 def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
     layout = view.family.attention
     heads, kv_heads = view.num_heads, view.num_kv_heads
+    head_dim = getattr(view.config, layout.head_dim_field, None) or view.hidden_size // heads
+    if layout.heads_attr:  # the live count (a config may not follow added heads)
+        heads = getattr(view.attention(0), layout.heads_attr)
+        kv_heads = heads if not layout.num_kv_heads_field else kv_heads
     group = heads // kv_heads
     if params.size % group:
         raise ValueError(f"size {params.size} is not a multiple of the GQA group size {group} "
                          f"({heads} query heads share {kv_heads} key/value heads)")
     new_kv = params.size // group
-    head_dim = getattr(view.config, "head_dim", None) or view.hidden_size // heads
     result = OpResult(exact=params.init == "zero_out")
     layers = params.layer_indices(view.num_layers)
+    if layout.per_head_embedding and layers != list(range(view.num_layers)):
+        raise ValueError(f"layers: {view.family.name} blocks share a per-head {layout.per_head_embedding} "
+                         "across the stack, so heads are added to every block — use layers = \"all\"")
     for layer in layers:
         attn = view.attention(layer)
         out = getattr(attn, layout.out)
@@ -77,10 +83,20 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
             setattr(attn, layout.heads_attr, getattr(attn, layout.heads_attr) + params.size)
         if layout.split_attr:
             setattr(attn, layout.split_attr, (heads + params.size) * head_dim)
+        if layout.width_attr:
+            setattr(attn, layout.width_attr, getattr(attn, layout.width_attr) + params.size * head_dim)
+        table = getattr(attn, layout.per_head_embedding, None) if layout.per_head_embedding else None
+        if table is not None:  # new heads start without a position bias
+            grown = torch.cat([table.weight.detach().float(), torch.zeros(table.weight.shape[0], params.size)], dim=1)
+            table.weight = torch.nn.Parameter(grown.to(table.weight.device, table.weight.dtype))
+            table.embedding_dim = grown.shape[1]
+            mask = torch.arange(grown.shape[1]) >= grown.shape[1] - params.size
+            result.grown.append((table.weight, _mask_like(table.weight, mask, rows=False)))
 
-    if layers == list(range(view.num_layers)) and hasattr(view.config, "head_dim"):
+    if layers == list(range(view.num_layers)) and hasattr(view.config, layout.head_dim_field) \
+            and not view.base_family.stacks:
         # head_dim is explicit, so a config with more heads still describes these blocks
-        result.config_changes = {layout.num_heads_field: heads + params.size, "head_dim": head_dim}
+        result.config_changes = {layout.num_heads_field: heads + params.size, layout.head_dim_field: head_dim}
         if layout.num_kv_heads_field:
             result.config_changes[layout.num_kv_heads_field] = kv_heads + new_kv
     else:

@@ -20,6 +20,8 @@ class OpParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     op: str
+    stack: str | None = Field(None, description='models with several stacks (T5): "encoder" or "decoder"; '
+                              "default: every stack")
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The chosen layers, resolved against the model's depth."""
@@ -137,6 +139,20 @@ class AddHeadsParams(LayeredOpParams):
     op: Literal["add_heads"] = "add_heads"
     size: int = Field(..., gt=0, description="query heads to add per layer (a multiple of the GQA group size)")
     init: Literal["zero_out", "random"] = "zero_out"
+
+
+class WidenHiddenParams(OpParams):
+    """Grow d_model (the residual stream) of the whole model by `size` dimensions.
+
+    init = "duplicate": size must equal d_model; every stream tensor is doubled as [x, x] (exact).
+    init = "zero": any size that keeps whole heads; new dimensions start at zero, but norm
+    statistics now include them (not exact: measured and reported)."""
+
+    op: Literal["widen_hidden"] = "widen_hidden"
+    size: int = Field(..., gt=0, description="dimensions to add to d_model (duplicate: equal to d_model)")
+    init: Literal["duplicate", "zero"] = "duplicate"
+    init_std: float | None = Field(None, ge=0, description="init = zero: std of the new input columns of "
+                                   "modules reading the stream (default: the std of their weights; 0: zeros)")
 
 
 class AdapterOpParams(LayeredOpParams):
@@ -379,6 +395,7 @@ OP_PARAMS: dict[str, type[OpParams]] = {
     "map_layers": MapLayersParams,
     "unshare": UnshareParams,
     "add_heads": AddHeadsParams,
+    "widen_hidden": WidenHiddenParams,
     "widen_ffn": WidenFFNParams,
     "widen_mlp": WidenMLPParams,
     "concat_linear": ConcatLinearParams,

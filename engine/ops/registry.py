@@ -51,7 +51,8 @@ def operator(name: str):
     return register
 
 
-FAMILY_MODULES = ("engine.ops.width", "engine.ops.heads", "engine.ops.adapters", "engine.ops.depth", "engine.ops.linear")
+FAMILY_MODULES = ("engine.ops.width", "engine.ops.heads", "engine.ops.adapters", "engine.ops.depth", "engine.ops.linear",
+                  "engine.ops.hidden")
 
 
 def load_operators() -> dict[str, Operator]:
@@ -64,4 +65,21 @@ def load_operators() -> dict[str, Operator]:
 
 
 def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResult:
-    return load_operators()[params.op](view, params, generator)
+    """Apply the op; on models with several stacks (T5), once per chosen stack, results merged."""
+    operator_fn = load_operators()[params.op]
+    stacks = view.stacks(params.stack) if hasattr(view, "stacks") else [view]
+    if len(stacks) == 1:
+        return operator_fn(stacks[0], params, generator)
+    merged = OpResult()
+    notes = []
+    for stack_view in stacks:
+        result = operator_fn(stack_view, params, generator)
+        merged.new_params += result.new_params
+        merged.grown += result.grown
+        merged.units += result.units
+        merged.config_changes.update(result.config_changes)
+        merged.exact = merged.exact and result.exact
+        if result.note:
+            notes.append(f"{stack_view.stack}: {result.note}")
+    merged.note = "; ".join(notes)
+    return merged

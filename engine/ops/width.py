@@ -84,10 +84,10 @@ def _layout_of(mlp: nn.Module):
     """The family FFN layout that describes this MLP module (attribute names, Conv1D or not)."""
     from transformers.pytorch_utils import Conv1D
 
-    from engine.arch.families import FAMILIES
+    from engine.arch.families import ffn_layouts
 
     # gated layouts first: a gated MLP may also carry the attribute names of an ungated one
-    for layout in sorted((f.ffn for f in FAMILIES), key=lambda layout: layout.gate is None):
+    for layout in sorted(ffn_layouts(), key=lambda layout: layout.gate is None):
         names = [layout.up, layout.down, layout.act] + ([layout.gate] if layout.gate else [])
         if all(isinstance(getattr(mlp, n, None), nn.Module) for n in names) \
                 and isinstance(getattr(mlp, layout.up), Conv1D) == layout.conv1d:
