@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from engine.arch import ArchView, get_submodule
 from engine.expand import Freezer, apply_stage
+from engine.export import materialize
+from engine.ops.hidden import MaskedNorm
 from engine.ops.params import WidenHiddenParams
 from engine.plan import ExpandSpec
 from tests.tiny_models import DECODER_FAMILIES, VOCAB, tiny_config, token_batch
@@ -216,7 +218,66 @@ def test_zero_route_init_std_zero_gives_zero_input_columns():
 
 
 # ---------------------------------------------------------------------------------------------
-# errors, ties, freezing
+# masked (MSG): exact at expansion, a plain norm once ramped in
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=FAMILY, layers=st.integers(1, 2), heads=st.sampled_from([2, 4]), tied=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_masked_route_is_exact_then_ramps_into_plain_norms(family, layers, heads, tied, seed):
+    model, view = build(family, layers, heads, 4, 16, seed, tied)
+    size = 4 * (view.num_heads // view.num_kv_heads)
+    x, y = token_batch(seed)
+    growth, report = widen(model, view, seed, size=size, init="masked", ramp_steps=3)
+    assert report["exact"] and report["max_abs_logit_delta"] <= EXACT, report
+    assert "MSG" in report["note"] and report["new_grad_norm"] > 0
+    norms = [m for m in model.modules() if isinstance(m, MaskedNorm)]
+    assert len(norms) == 2 * layers + 1 and all(m.ramp == 0 for m in norms)
+    greedy(model, x[:, :5])  # eval mode: generation does not advance the ramp
+    assert all(m.ramp == 0 for m in norms)
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # three training steps: the ramp reaches 1
+        torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert all(m.ramp == 1 for m in norms)
+    ramped = logits(model, x)
+    materialize(model)  # export: the wrappers give way to the plain norms
+    assert not any(isinstance(m, MaskedNorm) for m in model.modules())
+    assert float((logits(model, x) - ramped).abs().max()) <= EXACT
+    assert reload_delta(model, x) <= EXACT
+
+
+def test_masked_norm_refuses_export_while_ramping_and_unwraps_when_done():
+    model, view = build("llama", 1, 2, 4, 16, 0)
+    widen(model, view, size=4, init="masked", ramp_steps=2)
+    with pytest.raises(ValueError, match="still ramping.*ramp_steps"):
+        materialize(model)
+    model.train()
+    model(input_ids=token_batch()[0])
+    with pytest.raises(ValueError, match="still ramping"):  # a second growth waits for the ramp too
+        widen(model, view, size=12, init="duplicate")
+    model(input_ids=token_batch()[0])
+    model.eval()
+    _, report = widen(model, view, size=12, init="duplicate")  # ramp complete: plain norms again
+    assert report["max_abs_logit_delta"] <= EXACT and view.hidden_size == 24
+
+
+# ---------------------------------------------------------------------------------------------
+# export, errors, ties, freezing
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_export_materializes_a_stock_model(family):
+    model, view = build(family, 2, 2, 4, 16, 0)
+    widen(model, view, size=8, init="duplicate")
+    reference = logits(model, token_batch()[0])
+    materialize(model)  # engine.export: untie, materialize, config check
+    assert float((logits(model, token_batch()[0]) - reference).abs().max()) <= EXACT
+    assert reload_delta(model, token_batch()[0]) <= EXACT
 
 
 def test_bad_sizes_get_one_clear_error():
@@ -226,6 +287,15 @@ def test_bad_sizes_get_one_clear_error():
     with pytest.raises(ValueError, match=r"size: gpt2 derives head_dim.*multiple of head_dim 4"):
         widen(model, view, size=6, init="zero")
     assert model.config.n_embd == 8 and model.transformer.wte.weight.shape == (VOCAB, 8)  # untouched
+
+
+def test_other_model_kinds_are_refused_by_name():
+    from engine.arch import view_of
+    from engine.ops.hidden import widen_hidden
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"decoder-only language models \(gpt_neo, gpt2, gpt_neox, llama.*mlp"):
+        widen_hidden(view_of(mlp), WidenHiddenParams(size=4), torch.Generator())
 
 
 def test_parallel_paths_are_refused():
@@ -276,3 +346,7 @@ def test_plan_schema():
         WidenHiddenParams(size=4, init="zero", init_std=-1)
     with pytest.raises(ValueError, match="layers"):
         WidenHiddenParams(size=4, layers=[0])  # the whole model grows: no layer choice
+    with pytest.raises(ValueError, match='ramp_steps belongs to init = "masked"'):
+        WidenHiddenParams(size=4, init="zero", ramp_steps=10)
+    with pytest.raises(ValueError, match="remove init_std"):
+        WidenHiddenParams(size=4, init_std=0.1)

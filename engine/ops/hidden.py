@@ -2,7 +2,7 @@
 
 Every tensor that touches the stream changes shape: the token (and position) embeddings and
 every norm write or carry stream values; q/k/v, the FFN's up/gate and the LM head read it; the
-attention output and the FFN's down projection write it. Two routes:
+attention output and the FFN's down projection write it. Three routes:
 
 duplicate (size = d_model; exact)
     The stream x becomes [x, x]. Embeddings become [E, E]; norm gains and biases [g, g], [b, b]
@@ -17,7 +17,7 @@ duplicate (size = d_model; exact)
     of the group it used before. Rotary embeddings depend on head_dim only, which is unchanged.
     LM head: untied, its columns become [H/2, H/2]; tied to the embedding [E, E], it would double
     every logit, so the final norm's gain and bias are halved (as in Staged Training).
-    Halving a float is exact, so only summation order differs: max |Δlogits| ~ 1e-6 in float32.
+    Halving a float is exact, so only summation order differs: max |Δlogits| ~ 1e-7 in float32.
 
 zero (any size that keeps whole heads; not exact)
     New stream dimensions start at zero: zero columns in the embeddings, zero output rows in
@@ -30,10 +30,19 @@ zero (any size that keeps whole heads; not exact)
     (LayerNorm's mean and variance, RMSNorm's mean square), so every block sees a rescaled (and
     for LayerNorm re-centred) input. The operator says so (exact = False, the note names the
     norms) and apply_stage measures the change.
-    Heads: where the family derives head_dim from the hidden size (GPT-2, GPT-Neo, GPT-NeoX),
-    the new dimensions form new heads (size a multiple of head_dim) with random q/k/v rows and
-    zero output-projection columns (as add_heads); where the config states head_dim on its own
-    (Llama) the heads stay as they are.
+    Heads (zero and masked): where the family derives head_dim from the hidden size (GPT-2,
+    GPT-Neo, GPT-NeoX), the new dimensions form new heads (size a multiple of head_dim; a larger
+    head_dim would change every head's attention scale and rotary frequencies) with random q/k/v
+    rows and zero output-projection columns (as add_heads); where the config states head_dim on
+    its own (Llama) the heads stay as they are.
+
+masked (any size that keeps whole heads; exact at expansion; Masked Structural Growth, Yao et al.)
+    The zero route's tensors, and every norm wrapped in a ``MaskedNorm``: its statistics weigh
+    the old dimensions by 1 and the new ones by `ramp` (mean = sum(w x) / sum(w), and so on), so
+    at ramp 0 they are the old statistics (exact) and at ramp 1 the plain norm's. The ramp rises
+    linearly over `ramp_steps` training-mode forward passes (one per optimizer step without
+    gradient accumulation), counted in a buffer that checkpoints save. Once it reaches 1 the
+    wrapper is a plain norm: ``materialize()`` (export) returns it; before that, export refuses.
 
 What is "new" (OpResult.grown masks; freeze = "base" trains only these entries): an entry is new
 when it lies in the grown part of any grown axis — beyond the old width of the stream, of the
@@ -58,6 +67,48 @@ from torch import nn
 from engine.arch import get_submodule
 from engine.ops.params import WidenHiddenParams
 from engine.ops.registry import OpResult, operator
+
+
+class MaskedNorm(nn.Module):
+    """A LayerNorm or RMSNorm (`kind`) whose statistics weigh its first `old` dimensions by 1 and
+    the others by `ramp` = training steps so far / `ramp_steps` (at most 1)."""
+
+    def __init__(self, norm: nn.Module, old: int, kind: str, ramp_steps: int):
+        super().__init__()
+        self.norm, self.old, self.kind, self.ramp_steps = norm, old, kind, ramp_steps
+        self.eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # saved with the weights
+
+    @property
+    def ramp(self) -> float:
+        return min(1.0, int(self.steps) / self.ramp_steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = (self.steps.float() / self.ramp_steps).clamp(max=1.0)  # on the device: no sync
+        if self.training:
+            self.steps += 1
+        weights = torch.cat([torch.ones(self.old, device=x.device), ramp.expand(x.shape[-1] - self.old)])
+        xf, total = x.float(), weights.sum()
+        if self.kind == "rmsnorm":
+            y = xf * torch.rsqrt((xf.pow(2) * weights).sum(-1, keepdim=True) / total + self.eps)
+        else:
+            centred = xf - (xf * weights).sum(-1, keepdim=True) / total
+            y = centred * torch.rsqrt((centred.pow(2) * weights).sum(-1, keepdim=True) / total + self.eps)
+        gain, bias = getattr(self.norm, "weight", None), getattr(self.norm, "bias", None)
+        y = y.to(x.dtype)
+        if gain is not None:
+            y = y * gain
+        return y + bias if bias is not None else y
+
+    def materialize(self) -> nn.Module:
+        if self.ramp < 1:
+            raise ValueError(f"a masked norm is still ramping in its new dimensions (ramp {self.ramp:.2f} after "
+                             f"{int(self.steps)} of {self.ramp_steps} steps): train until ramp_steps have passed, "
+                             "or set a smaller ramp_steps")
+        return self.norm
+
+    def extra_repr(self) -> str:
+        return f"old={self.old}, kind={self.kind}, ramp={self.ramp:.3f}"
 
 
 @dataclass(frozen=True)
@@ -194,7 +245,7 @@ def _plan_growth(view, params: WidenHiddenParams) -> _Growth:
         if params.size != hidden:
             raise ValueError(f"size: init = \"duplicate\" doubles d_model, so size must equal the hidden "
                              f"size {hidden} (got {params.size}) — set size = {hidden}, or use init = "
-                             "\"zero\" for other sizes")
+                             "\"zero\" or \"masked\" for other sizes")
         return _Growth(Axis(hidden, duplicate=True), Axis(heads * head_dim, duplicate=True),
                        Axis(kv_heads * head_dim, duplicate=True), 2 * heads, 2 * kv_heads, head_dim)
 
@@ -220,9 +271,14 @@ def _plan_growth(view, params: WidenHiddenParams) -> _Growth:
 
 def _require_plain_model(model: nn.Module) -> None:
     """Refuse models holding parallel paths or adapters: their extra tensors read or write the
-    stream too, and this operator would leave them at the old width."""
+    stream too, and this operator would leave them at the old width. Masked norms whose ramp is
+    complete are plain norms again and are unwrapped (one still ramping is refused)."""
     from engine.ops.adapters import _tuner_layer_cls
 
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MaskedNorm):
+            parent, _, attr = name.rpartition(".")
+            setattr(get_submodule(model, parent) if parent else model, attr, module.materialize())
     tuner = _tuner_layer_cls()
     for name, module in model.named_modules():
         if hasattr(module, "materialize") or isinstance(module, tuner):
@@ -273,14 +329,23 @@ def _grow_attention(grower: _Grower, attn: nn.Module, layout, growth: _Growth) -
 
 
 def _grow_ffn(grower: _Grower, mlp: nn.Module, layout, stream: Axis) -> None:
-    intermediate = lambda module: Axis(module.weight.shape[1 if layout.conv1d else 0])  # noqa: E731
-    for name in (layout.up, layout.gate):
-        if name:
-            module = getattr(mlp, name)
-            grower.linear(module, [intermediate(module)], stream, layout.conv1d)
-    down = getattr(mlp, layout.down)
-    inputs = Axis(down.weight.shape[0 if layout.conv1d else 1])
-    grower.linear(down, [stream], inputs, layout.conv1d)
+    """up (and gate) read the stream, down writes it; the FFN's own width stays."""
+    units = _linear_shape(getattr(mlp, layout.up), layout.conv1d)[0]
+    for name in filter(None, (layout.up, layout.gate)):
+        grower.linear(getattr(mlp, name), [Axis(units)], stream, layout.conv1d)
+    grower.linear(getattr(mlp, layout.down), [stream], Axis(units), layout.conv1d)
+
+
+def _linear_shape(module: nn.Module, conv1d: bool) -> tuple[int, int]:
+    """(out, in) of a Linear, or of a GPT-2 Conv1D (which stores [in, out])."""
+    out_features, in_features = module.weight.shape[::-1] if conv1d else module.weight.shape
+    return int(out_features), int(in_features)
+
+
+def _wrap_masked(root: nn.Module, path: str, stream: Axis, kind: str, ramp_steps: int) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = get_submodule(root, parent_path) if parent_path else root
+    setattr(parent, attr, MaskedNorm(getattr(parent, attr), stream.old, kind, ramp_steps))
 
 
 def _note(view, params: WidenHiddenParams, growth: _Growth, tied: bool) -> str:
@@ -295,17 +360,28 @@ def _note(view, params: WidenHiddenParams, growth: _Growth, tied: bool) -> str:
                 else "LM head columns [W/2, W/2]")
         return f"exact: d_model {hidden} -> {growth.stream.new} by duplication [x, x] ({stats}); {heads}; {head}"
     norms = ", ".join([*family.norms, family.final_norm.rpartition(".")[2]])
+    if params.init == "masked":
+        return (f"exact at expansion: d_model {hidden} -> {growth.stream.new}, new dimensions start at zero and "
+                f"every norm ({norms}) takes its statistics over the old {hidden} only, the new ones entering "
+                f"over {params.ramp_steps} training steps (MSG); {heads}")
     if family.norm_kind == "rmsnorm":
         why = "RMSNorm's mean square now averages over the zero new dimensions too, scaling every norm's output"
     else:
         why = "LayerNorm's mean and variance now run over the zero new dimensions too, shifting and scaling every norm's output"
     return (f"not exact: {why} ({norms}: {hidden} -> {growth.stream.new} dims); {heads}; new dimensions "
-            "start at zero")
+            "start at zero; init = \"masked\" is the exact route for this size")
 
 
 @operator("widen_hidden")
 def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpResult:
-    model, family = view.model, view.family
+    model, family = view.model, getattr(view, "family", None)
+    if family is None or family.kind != "causal_lm" or family.stacks:
+        from engine.arch.families import FAMILIES
+
+        supported = ", ".join(f.name for f in FAMILIES if f.kind == "causal_lm" and not f.stacks)
+        name = family.name if family else type(model).__name__
+        raise ValueError(f"widen_hidden grows decoder-only language models ({supported}); {name} is not "
+                         "supported yet")
     _require_plain_model(model)
     growth = _plan_growth(view, params)
     stream = growth.stream
@@ -326,6 +402,8 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
         seen.add(id(block))
         for norm in family.norms:
             _grow_norm(grower, get_submodule(block, norm), stream, family.norm_kind)
+            if params.init == "masked":
+                _wrap_masked(block, norm, stream, family.norm_kind, params.ramp_steps)
         _grow_attention(grower, get_submodule(block, family.attention.module), family.attention, growth)
         _grow_ffn(grower, get_submodule(block, family.ffn.module), family.ffn, stream)
 
@@ -338,6 +416,8 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
             for name in ("weight", "bias"):
                 if getattr(final_norm, name, None) is not None:
                     getattr(final_norm, name).mul_(0.5)
+    if params.init == "masked":
+        _wrap_masked(model, family.final_norm, stream, family.norm_kind, params.ramp_steps)
     # tied: the embedding's grown tensor (shared through the grower); untied: columns grown
     grower.linear(lm_head, [Axis(lm_head.weight.shape[0])], stream, conv1d=False)
 
@@ -353,5 +433,5 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
         changes[layout.head_dim_field] = growth.head_dim
     if getattr(view.config, family.ffn_size_field, None) is None:
         changes[family.ffn_size_field] = view.ffn_size  # it would follow the new hidden size otherwise
-    return OpResult(grown=grower.grown, exact=params.init == "duplicate",
+    return OpResult(grown=grower.grown, exact=params.init in ("duplicate", "masked"),
                     note=_note(view, params, growth, tied), config_changes=changes)

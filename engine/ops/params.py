@@ -146,13 +146,28 @@ class WidenHiddenParams(OpParams):
 
     init = "duplicate": size must equal d_model; every stream tensor is doubled as [x, x] (exact).
     init = "zero": any size that keeps whole heads; new dimensions start at zero, but norm
-    statistics now include them (not exact: measured and reported)."""
+    statistics now include them (not exact: measured and reported).
+    init = "masked": as zero, but every norm takes its statistics over the old dimensions only,
+    the new ones weighted by a ramp rising from 0 to 1 over `ramp_steps` training steps (MSG):
+    exact at expansion, a plain norm once the ramp is complete."""
 
     op: Literal["widen_hidden"] = "widen_hidden"
     size: int = Field(..., gt=0, description="dimensions to add to d_model (duplicate: equal to d_model)")
-    init: Literal["duplicate", "zero"] = "duplicate"
-    init_std: float | None = Field(None, ge=0, description="init = zero: std of the new input columns of "
+    init: Literal["duplicate", "zero", "masked"] = "duplicate"
+    init_std: float | None = Field(None, ge=0, description="zero/masked: std of the new input columns of "
                                    "modules reading the stream (default: the std of their weights; 0: zeros)")
+    ramp_steps: int = Field(1000, ge=1, description="masked: training steps over which the new dimensions "
+                            "enter the norm statistics")
+
+    @model_validator(mode="after")
+    def _settings_of_other_inits(self):
+        if self.init == "duplicate" and self.init_std is not None:
+            raise ValueError('init_std sets the new input columns of init = "zero" or "masked"; '
+                             'init = "duplicate" copies every weight — remove init_std')
+        if self.init != "masked" and "ramp_steps" in self.model_fields_set:
+            raise ValueError(f'ramp_steps belongs to init = "masked" (got init = "{self.init}") — remove '
+                             'it or set init = "masked"')
+        return self
 
 
 class AdapterOpParams(LayeredOpParams):
