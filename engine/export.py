@@ -7,7 +7,9 @@ merged into the weights, every module with a ``materialize()`` (the protocol of
 ``engine.ops.registry``) replaced by its plain equivalent, innermost first — and rewrites the
 config fields that describe the new shape (FFN width, depth, per-layer fields). ``export_model``
 writes that directory (safetensors weights, config, tokenizer, ``widen_export.json``), which
-loads with ``AutoModelForCausalLM.from_pretrained`` and no widen code.
+loads with ``AutoModelForCausalLM.from_pretrained`` (``AutoModelForSeq2SeqLM`` for a seq2seq
+family) and no widen code; with ``keep_adapters`` the adapters stay unmerged, one PEFT directory
+each under ``adapter/<name>`` (``load_export`` is the recipe).
 
 ``build_from_plan`` builds a plan's model and applies its operators without training, measuring
 each on the same probe batch a run uses; ``load_run_model`` rebuilds a run's model and loads its
@@ -181,8 +183,14 @@ def adapter_exports(model: nn.Module) -> list[dict]:
     parallel FFN path) cannot be kept: their base changes shape."""
     configs = getattr(model, "peft_config", {}) or {}
     inactive = getattr(model, "_widen_inactive_adapters", set())
+    kinds = adapter_names(model)
+    if len(set(kinds.values())) > 1:
+        # PEFT loads adapters of one kind onto a model (PeftMixedModel does not take IA3 either)
+        listed = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+        raise ExportError(f"--keep-adapters: the model has adapters of different kinds ({listed}), which "
+                          "PEFT cannot load onto one model — export without --keep-adapters (adapters merged)")
     exports = []
-    for name, kind in adapter_names(model).items():
+    for name, kind in kinds.items():
         layers = [(path, layer) for path, layer in adapter_layers(model)
                   if name in getattr(layer, "lora_A", {}) or name in getattr(layer, "ia3_l", {})]
         inside = [path for path, _ in layers if ".base." in f".{path}."]

@@ -9,8 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny models: one thread is as fast alone and much faster when the cores are shared (CI, xdist)
+torch.set_num_threads(1)
 
 TINY_PLAN = textwrap.dedent("""
     name = "tiny"

@@ -12,10 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.export import ExportError, build_from_plan, export_model, reference_logits, stage_probe
+from engine.export import (ExportError, build_from_plan, export_model, load_run_model, reference_logits,
+                           stage_probe)
 from engine.plan import load_plan
+from engine.train import Trainer
 from tests.conftest import widen
 from tests.tiny_models import tiny_config
+from widen_tui.launcher import create_run
 
 EXPORT_VOCAB = 260  # the byte tokenizer's ids fit
 
@@ -81,28 +84,69 @@ GROWTH = """
     feedforward = ["up"]
 """
 
-RELOAD = textwrap.dedent("""
+# A process that knows only transformers and torch: it loads each exported directory it is sent
+# (one JSON line: directory, inputs file) and answers its logits, as a user without widen would.
+RELOADER = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM
-    out = {}
-    for directory, inputs_file in json.loads(sys.argv[1]):
+    for line in sys.stdin:
+        directory, inputs_file = json.loads(line)
         model = AutoModelForCausalLM.from_pretrained(directory).eval()
         with torch.no_grad():
-            out[directory] = model(input_ids=torch.load(inputs_file)).logits.tolist()
-    assert not any(name == "engine" or name.startswith("engine.") for name in sys.modules)
-    print(json.dumps(out))
+            logits = model(input_ids=torch.load(inputs_file)).logits.tolist()
+        widen_loaded = any(name == "engine" or name.startswith("engine.") for name in sys.modules)
+        print(json.dumps({"logits": logits, "widen_loaded": widen_loaded}), flush=True)
 """)
 
 
-def reload_without_widen(cases: list[tuple[str, str]]) -> dict:
-    """Logits of each exported directory, loaded in a fresh process that never imports widen."""
-    proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(cases)], capture_output=True, text=True,
-                          timeout=300, cwd="/")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return {k: torch.tensor(v) for k, v in json.loads(proc.stdout).items()}
+class PlainReloader:
+    """One long-lived plain process for the whole module: torch starts once, not per test."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", RELOADER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+
+    def logits(self, directory, inputs_file) -> torch.Tensor:
+        self.proc.stdin.write(json.dumps([str(directory), str(inputs_file)]) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the reloading process died: {self.proc.stderr.read()[-2000:]}"
+        answer = json.loads(line)
+        assert not answer["widen_loaded"], "the export needed widen code to load"
+        return torch.tensor(answer["logits"])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    reloader = PlainReloader()
+    yield reloader
+    reloader.close()
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`widen ARGS` in this process, through the same main() as the console script (no torch
+    start-up per call): (exit code, stdout, stderr)."""
+    from widen_tui import cli as widen_cli
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["widen", *args])
+        try:
+            widen_cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def grow_and_export(tmp_path, family, expand, keep_adapters=False, name="export", train_adapters=False):
+    """Build the plan's model from a tiny saved `family` model, apply `expand`, export it.
+    Returns (export dir, the grown model's logits, the probe inputs' file, manifest, reports)."""
     plan = load_plan(write_plan(tmp_path, save_tiny(family, tmp_path / f"{family}-src"), expand, name))
     model, view, tokenizer, reports = build_from_plan(plan)
     if train_adapters:  # stand-in for training: adapters that change the function
@@ -114,17 +158,30 @@ def grow_and_export(tmp_path, family, expand, keep_adapters=False, name="export"
     reference = reference_logits(model, batch)
     out = tmp_path / f"{family}-{name}"
     manifest = export_model(model, tokenizer, out, keep_adapters=keep_adapters, reports=reports)
-    torch.save(batch[0], tmp_path / f"{family}-{name}.inputs.pt")
-    return out, reference, manifest, reports
+    inputs_file = tmp_path / f"{family}-{name}.inputs.pt"
+    torch.save(batch[0], inputs_file)
+    return out, reference, inputs_file, manifest, reports
 
 
-def test_grown_models_of_every_family_reload_with_plain_transformers(tmp_path, widen_home):
-    cases, references, manifests = [], {}, {}
-    for family in ("gpt_neo", "gpt2", "gpt_neox", "llama"):
-        out, reference, manifest, reports = grow_and_export(tmp_path, family, GROWTH)
-        assert [r["op"] for r in reports] == ["widen_ffn", "widen_ffn", "insert_identity", "map_layers", "lora", "ia3"]
-        cases.append((str(out), str(tmp_path / f"{family}-export.inputs.pt")))
-        references[str(out)], manifests[str(out)] = reference, manifest
+@pytest.mark.parametrize("family", ["gpt_neo", "gpt2", "gpt_neox", "llama"])
+def test_grown_models_reload_with_plain_transformers(tmp_path, widen_home, plain, family):
+    out, reference, inputs_file, manifest, reports = grow_and_export(tmp_path, family, GROWTH)
+    assert [r["op"] for r in reports] == ["widen_ffn", "widen_ffn", "insert_identity", "map_layers", "lora", "ia3"]
+    delta = float((plain.logits(out, inputs_file) - reference).abs().max())
+    assert delta <= 1e-4, delta
+    assert manifest["num_layers"] == 5 and manifest["ffn_size"] == 12 + 4 + 3
+    assert manifest["adapters"] == "merged"
+    config = json.loads((out / "config.json").read_text())
+    depth_key = {"gpt2": "n_layer", "gpt_neo": "num_layers"}.get(family, "num_hidden_layers")
+    ffn_key = "n_inner" if family == "gpt2" else "intermediate_size"
+    assert config[depth_key] == 5 and config[ffn_key] == 19
+    if family == "gpt_neo":
+        # tiny_config alternates global/local: after insert_identity([0]) and the mapping [0, 1, 2, 2, 1]
+        assert config["attention_layers"] == ["global", "global", "local", "local", "global"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_linear_operators_export(tmp_path, widen_home, plain, family):
     linear_ops = """
         [[stages.expand]]
         op = "concat_linear"
@@ -134,30 +191,12 @@ def test_grown_models_of_every_family_reload_with_plain_transformers(tmp_path, w
         modules = ["o", "q"]
         init = "random"
     """
-    linear_cases = {}
-    for family in ("gpt2", "llama"):
-        out, reference, manifest, _ = grow_and_export(tmp_path, family, linear_ops, name="linear")
-        cases.append((str(out), str(tmp_path / f"{family}-linear.inputs.pt")))
-        linear_cases[str(out)] = reference
-        assert manifest["ffn_size"] == 14
-    logits = reload_without_widen(cases)
-    for out, reference in linear_cases.items():
-        assert float((logits.pop(out) - reference).abs().max()) <= 1e-4
-    for out, reference in references.items():
-        delta = float((logits[out] - reference).abs().max())
-        assert delta <= 1e-4, (out, delta)
-        config = json.loads((tmp_path / out / "config.json").read_text())
-        assert manifests[out]["num_layers"] == 5 and manifests[out]["ffn_size"] == 12 + 4 + 3
-        assert manifests[out]["adapters"] == "merged"
-        depth_key = {"gpt2": "n_layer", "gpt_neo": "num_layers"}.get(config["model_type"], "num_hidden_layers")
-        ffn_key = "n_inner" if config["model_type"] == "gpt2" else "intermediate_size"
-        assert config[depth_key] == 5 and config[ffn_key] == 19
-    neo = json.loads((tmp_path / "gpt_neo-export" / "config.json").read_text())
-    # tiny_config alternates global/local: after insert_identity([0]) and the mapping [0, 1, 2, 2, 1]
-    assert neo["attention_layers"] == ["global", "global", "local", "local", "global"]
+    out, reference, inputs_file, manifest, _ = grow_and_export(tmp_path, family, linear_ops, name="linear")
+    assert manifest["ffn_size"] == 14
+    assert float((plain.logits(out, inputs_file) - reference).abs().max()) <= 1e-4
 
 
-def test_exact_plans_export_the_original_function(tmp_path, widen_home):
+def test_exact_plans_export_the_original_function(tmp_path, widen_home, plain):
     expand = """
         [[stages.expand]]
         op = "add_heads"
@@ -179,16 +218,16 @@ def test_exact_plans_export_the_original_function(tmp_path, widen_home):
     out = tmp_path / "exported"
     export_model(model, tokenizer, out)
     torch.save(inputs, tmp_path / "inputs.pt")
-    exported = reload_without_widen([(str(out), str(tmp_path / "inputs.pt"))])[str(out)]
     with torch.no_grad():
         expected = original(input_ids=inputs).logits
-    assert float((exported - expected).abs().max()) <= 1e-4
+    assert float((plain.logits(out, tmp_path / "inputs.pt") - expected).abs().max()) <= 1e-4
     config = json.loads((out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 4)
     assert config["num_hidden_layers"] == 4 and config["intermediate_size"] == 17
 
 
-def test_keep_adapters_writes_peft_directories(tmp_path, widen_home):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_keep_adapters_writes_peft_directories(tmp_path, widen_home, family):
     from peft import PeftModel
 
     from engine.arch.forward import forward_logits
@@ -205,7 +244,8 @@ def test_keep_adapters_writes_peft_directories(tmp_path, widen_home):
     modules = ["o"]
     r = 2
     """
-    out, reference, manifest, _ = grow_and_export(tmp_path, "llama", expand, keep_adapters=True, train_adapters=True)
+    out, reference, inputs_file, manifest, _ = grow_and_export(tmp_path, family, expand, keep_adapters=True,
+                                                               train_adapters=True)
     assert manifest["adapters"] == "kept"
     names = [a["name"] for a in manifest["kept_adapters"]]
     assert names == ["lora_stage0", "second"]
@@ -216,16 +256,43 @@ def test_keep_adapters_writes_peft_directories(tmp_path, widen_home):
     peft_model.load_adapter(out / "adapter" / "second", adapter_name="second")
     peft_model.base_model.set_adapter(names)
     with torch.no_grad():
-        logits = forward_logits(peft_model.eval(), torch.load(tmp_path / "llama-export.inputs.pt"))
+        logits = forward_logits(peft_model.eval(), torch.load(inputs_file))
     assert float((logits - reference).abs().max()) <= 1e-4
     with torch.no_grad(), peft_model.disable_adapter():  # the adapters matter: the base alone differs
-        assert float((forward_logits(peft_model, torch.load(tmp_path / "llama-export.inputs.pt")) - reference).abs().max()) > 1e-3
+        assert float((forward_logits(peft_model, torch.load(inputs_file)) - reference).abs().max()) > 1e-3
 
 
-def test_plan_show_json_and_table(tmp_path, widen_home):
+def test_keep_adapters_through_the_cli(tmp_path, widen_home, capsys):
+    expand = """
+        [[stages.expand]]
+        op = "map_layers"
+        mapping = [0, 1, 1, 0]
+        [[stages.expand]]
+        op = "ia3"
+        modules = ["k", "down"]
+        feedforward = ["down"]
+    """
+    plan = write_plan(tmp_path, save_tiny("gpt_neox", tmp_path / "src"), expand)
+    out = tmp_path / "kept"
+    code, stdout, err = cli(capsys, "export", str(plan), str(out), "--keep-adapters")
+    assert code == 0, err
+    assert "+ PeftModel" in stdout
+    manifest = json.loads((out / "widen_export.json").read_text())
+    assert manifest["kept_adapters"] == [{"name": "ia3_stage0", "kind": "ia3", "active": True,
+                                          "path": "adapter/ia3_stage0"}]
+    assert manifest["parity"]["max_abs_logit_delta"] <= 1e-4
+    saved = json.loads((out / "adapter" / "ia3_stage0" / "adapter_config.json").read_text())
+    # the virtual copies are real blocks in the export, each with its own adapter entry
+    assert sorted(saved["target_modules"]) == sorted(
+        f"gpt_neox.layers.{i}.{leaf}" for i in range(4) for leaf in ("attention.query_key_value", "mlp.dense_4h_to_h"))
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_plan_show_json_and_table(tmp_path, widen_home, capsys):
     plan = write_plan(tmp_path, save_tiny("gpt2", tmp_path / "src"), GROWTH)
-    out = widen("plan", "show", str(plan), "--json", env_home=widen_home, check=True)
-    reports = json.loads(out.stdout)
+    code, out, _ = cli(capsys, "plan", "show", str(plan), "--json")
+    assert code == 0
+    reports = json.loads(out)
     assert [r["op"] for r in reports] == ["widen_ffn", "widen_ffn", "insert_identity", "map_layers", "lora", "ia3"]
     for r in reports:
         for key in ("stage", "op", "params_added", "trainable", "exact", "max_abs_logit_delta",
@@ -236,26 +303,52 @@ def test_plan_show_json_and_table(tmp_path, widen_home):
         else:
             assert r["exact"] and r["max_abs_logit_delta"] <= 1e-4, r
     assert reports[2]["params_added"] > 0 and reports[3]["params_added"] == 0  # a virtual repeat adds none
-    table = widen("plan", "show", str(plan), env_home=widen_home, check=True)
-    assert "insert_identity" in table.stdout and "map_layers" in table.stdout
+    code, table, _ = cli(capsys, "plan", "show", str(plan))
+    assert code == 0 and "insert_identity" in table and "map_layers" in table
 
 
-def test_export_cli_for_a_run_and_bad_input(tmp_path, widen_home, tiny_plan):
+def test_export_cli_for_a_run_and_bad_input(tmp_path, widen_home, tiny_plan, capsys, plain):
     out = tmp_path / "exported"
+    # a real process: the user sees one line, never a traceback
     bad = widen("export", str(tmp_path / "nope.toml"), str(out), env_home=widen_home)
-    assert bad.returncode == 1 and "no such plan file" in bad.stderr and "Traceback" not in bad.stderr
-    missing = widen("export", "last", str(out), env_home=widen_home)
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    widen("run", str(tiny_plan), env_home=widen_home, check=True, timeout=300)
-    done = widen("export", "last", str(out), env_home=widen_home, check=True, timeout=300)
-    assert "parity: max |Δlogits|" in done.stdout
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == f"error: {tmp_path / 'nope.toml'}: no such plan file"
+    code, _, err = cli(capsys, "export", "last", str(out))
+    assert code == 1 and err.startswith("error: no run 'last'")
+
+    # the tiny plan, shortened: a finished run with a checkpoint after its widening stage
+    run = create_run(load_plan(tiny_plan, ["stages.0.steps=2", "stages.1.steps=2"]), tiny_plan, widen_home)
+    code, _, err = cli(capsys, "export", run.id, str(out))
+    assert code == 1 and "has no checkpoint yet" in err and len(err.strip().splitlines()) == 1
+    Trainer(run.path).run_plan()  # in this process: the worker's code path, without its start-up
+
+    code, stdout, err = cli(capsys, "export", "last", str(out))
+    assert code == 0, err
+    assert "parity: max |Δlogits|" in stdout and "AutoModelForCausalLM" in stdout
     manifest = json.loads((out / "widen_export.json").read_text())
     assert manifest["parity"]["max_abs_logit_delta"] <= 1e-4 and manifest["source"]["trained"]
+    assert manifest["source"]["run"] == run.id
+    assert [r["op"] for r in manifest["operators"]] == ["widen_ffn"]
     config = json.loads((out / "config.json").read_text())
     assert config["intermediate_size"] == 512 + 16  # tiny-neo widened by the plan's second stage
+    trained, _, tokenizer, plan = load_run_model(run.path)
+    batch = stage_probe(plan, 1, tokenizer)
+    torch.save(batch[0], tmp_path / "inputs.pt")
+    assert float((plain.logits(out, tmp_path / "inputs.pt") - reference_logits(trained, batch)).abs().max()) <= 1e-4
 
 
-def test_configs_that_cannot_describe_the_model_get_one_clear_error(tmp_path, widen_home):
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gpt_neox"])
+def test_added_heads_that_the_config_cannot_describe_are_refused(tmp_path, widen_home, family):
+    heads = """
+        [[stages.expand]]
+        op = "add_heads"
+        size = 1
+    """
+    with pytest.raises(ExportError, match="cannot describe heads added"):
+        grow_and_export(tmp_path, family, heads, name="heads")
+
+
+def test_uneven_widths_and_mixed_kept_adapters_get_one_clear_error(tmp_path, widen_home, capsys):
     uneven = """
         [[stages.expand]]
         op = "widen_ffn"
@@ -264,14 +357,22 @@ def test_configs_that_cannot_describe_the_model_get_one_clear_error(tmp_path, wi
     """
     with pytest.raises(ExportError, match="FFN widths"):
         grow_and_export(tmp_path, "gpt2", uneven, name="uneven")
-    heads = """
-        [[stages.expand]]
-        op = "add_heads"
-        size = 1
-    """
-    with pytest.raises(ExportError, match="cannot describe heads"):
-        grow_and_export(tmp_path, "gpt2", heads, name="heads")
     plan = write_plan(tmp_path, save_tiny("gpt2", tmp_path / "src2"), uneven, name="cli")
-    proc = widen("export", str(plan), str(tmp_path / "cli-out"), env_home=widen_home)
-    assert proc.returncode == 1 and "FFN widths" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = cli(capsys, "export", str(plan), str(tmp_path / "cli-out"))
+    assert code == 1 and "FFN widths" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+    mixed = """
+        [[stages.expand]]
+        op = "lora"
+        modules = ["q"]
+        [[stages.expand]]
+        op = "ia3"
+        modules = ["k"]
+    """
+    plan = write_plan(tmp_path, save_tiny("llama", tmp_path / "src3"), mixed, name="mixed")
+    code, _, err = cli(capsys, "export", str(plan), str(tmp_path / "mixed-out"), "--keep-adapters")
+    assert code == 1 and "adapters of different kinds" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = cli(capsys, "export", str(plan), str(tmp_path / "mixed-out"))  # merged: fine
+    assert code == 0, err
+    assert json.loads((tmp_path / "mixed-out" / "widen_export.json").read_text())["adapters"] == "merged"

@@ -14,32 +14,121 @@ from engine.expand import apply_stage
 from engine.plan import ExpandSpec, ModelSpec, validate_file
 from tests.tiny_models import build_t5, token_batch
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These matrices are tiny: on busy cores one intra-op thread is many times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 EXACT_OPS = [
     {"op": "widen_ffn", "size": 3},
+    {"op": "widen_ffn", "size": 2, "mode": "inplace"},
     {"op": "widen_ffn", "size": 2, "mode": "inplace", "init": "net2net"},
+    {"op": "widen_ffn", "size": 2, "mode": "inplace", "init": "copy_halve"},
     {"op": "add_heads", "size": 1},
     {"op": "insert_identity", "layers": [0]},
+    {"op": "map_layers"},  # the identity mapping of the stack's depth at that point
     {"op": "lora", "modules": ["q", "v", "o", "up", "down"], "r": 2},
     {"op": "ia3"},
 ]
+STACKS = ("encoder", "decoder")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(gated=st.booleans(), stack=st.sampled_from([None, "encoder", "decoder"]), seed=st.integers(0, 500),
-       ops=st.lists(st.sampled_from(range(len(EXACT_OPS))), min_size=1, max_size=4))
-def test_exact_operators_on_both_stacks(gated, stack, seed, ops):
-    model, view = build_t5(gated=gated, seed=seed)
-    encoder, decoder = model.config.num_layers, model.config.num_decoder_layers
-    specs = [ExpandSpec(stack=stack, **EXACT_OPS[i]) for i in ops]
+def exact_specs(ops: list[int], stack: str | None, depths: dict[str, int]) -> list[ExpandSpec]:
+    """The chosen exact ops on `stack` (None: both); identity mappings follow the depth reached."""
+    specs = []
+    for i in ops:
+        op = EXACT_OPS[i]
+        chosen = [stack] if stack else list(STACKS)
+        if op["op"] == "map_layers":  # depths differ per stack: one identity mapping each
+            specs += [ExpandSpec(op="map_layers", mapping=list(range(depths[s])), stack=s) for s in chosen]
+            continue
+        specs.append(ExpandSpec(stack=stack, **op))
+        if op["op"] == "insert_identity":
+            for s in chosen:
+                depths[s] += 1
+    return specs
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gated=st.booleans(), stack=st.sampled_from([None, *STACKS]), seed=st.integers(0, 500),
+       decoder_layers=st.integers(2, 3), heads=st.integers(2, 4), d_kv=st.sampled_from([4, 8]),
+       d_model=st.sampled_from([16, 24, 32]), d_ff=st.sampled_from([16, 24, 32]),
+       ops=st.lists(st.sampled_from(range(len(EXACT_OPS))), min_size=1, max_size=3))
+def test_exact_operators_on_either_stack(gated, stack, seed, decoder_layers, heads, d_kv, d_model, d_ff, ops):
+    model, view = build_t5(layers=2, decoder_layers=decoder_layers, heads=heads, d_kv=d_kv, d_model=d_model,
+                           d_ff=d_ff, gated=gated, seed=seed)
+    depths = {"encoder": 2, "decoder": decoder_layers}
+    specs = exact_specs(ops, stack, depths)
     growth = apply_stage(model, view, 0, specs, token_batch(seed), torch.Generator().manual_seed(seed))
     for report in growth.reports:
         assert report["exact"] and report["max_abs_logit_delta"] <= 1e-4, report
-    inserted = sum(1 for i in ops if EXACT_OPS[i]["op"] == "insert_identity")
-    assert model.config.num_layers == encoder + (inserted if stack in (None, "encoder") else 0)
-    assert model.config.num_decoder_layers == decoder + (inserted if stack in (None, "decoder") else 0)
-    assert len(model.encoder.block) == model.config.num_layers
-    assert len(model.decoder.block) == model.config.num_decoder_layers
-    assert [b.layer[0].SelfAttention.layer_idx for b in model.decoder.block] == list(range(len(model.decoder.block)))
+    # the depth fields follow, in the config and in the config copies the stacks keep
+    assert (model.config.num_layers, model.config.num_decoder_layers) == (depths["encoder"], depths["decoder"])
+    assert (len(model.encoder.block), len(model.decoder.block)) == (depths["encoder"], depths["decoder"])
+    assert (model.encoder.config.num_layers, model.decoder.config.num_layers) == (depths["encoder"], depths["decoder"])
+    for blocks in (model.encoder.block, model.decoder.block):  # the relative bias: first block only
+        assert [b.layer[0].SelfAttention.has_relative_attention_bias for b in blocks] == [True] + [False] * (len(blocks) - 1)
+    decoder_attention = [m for b in model.decoder.block for m in (b.layer[0].SelfAttention, b.layer[1].EncDecAttention)]
+    assert [m.layer_idx for m in decoder_attention] == [i // 2 for i in range(2 * depths["decoder"])]
+    # KV caches: a cached forward and generation match the uncached ones (a cache slot per block)
+    x = token_batch(seed)[0]
+    with torch.no_grad():
+        uncached = model(input_ids=x, decoder_input_ids=x, use_cache=False).logits
+        assert torch.allclose(model(input_ids=x, decoder_input_ids=x).logits, uncached, atol=1e-5)
+        prompt = x[:, :4]
+        cached = model.generate(prompt, max_new_tokens=2, do_sample=False, min_new_tokens=2)
+        assert torch.equal(cached, model.generate(prompt, max_new_tokens=2, do_sample=False, min_new_tokens=2,
+                                                  use_cache=False))
+
+
+def test_moving_or_dropping_block_0_keeps_the_stack_position_bias():
+    """T5's block 0 computes the relative position bias for its whole stack; after a mapping the
+    first block holds that table, and the grown model equals a stock T5 built with those blocks."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    model, view = build_t5(layers=2, decoder_layers=3, gated=True)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    table = model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    apply_stage(model, view, 0, [ExpandSpec(op="map_layers", mapping=[1, 0], stack="encoder"),
+                                 ExpandSpec(op="map_layers", mapping=[2, 1], stack="decoder")],
+                token_batch(), torch.Generator())
+    assert model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight is table
+    assert not hasattr(model.decoder.block[1].layer[0].SelfAttention, "relative_attention_bias")
+    # the same function, built by hand: a stock 2 + 2 block T5 loaded with the moved weights
+    reference = AutoModelForSeq2SeqLM.from_config(model.config, attn_implementation="eager").eval()
+    moved = {}
+    for stack, sources in (("encoder", [1, 0]), ("decoder", [2, 1])):
+        for target, source in enumerate(sources):
+            prefix = f"{stack}.block.{source}."
+            moved.update({k.replace(prefix, f"{stack}.block.{target}.", 1): v for k, v in old.items()
+                          if k.startswith(prefix) and "relative_attention_bias" not in k})
+        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        moved[bias] = old[bias]
+    moved.update({k: v for k, v in old.items() if ".block." not in k})
+    reference.load_state_dict(moved, strict=True)
+    x = token_batch(3)[0]
+    with torch.no_grad():
+        delta = (model(input_ids=x, decoder_input_ids=x).logits - reference(input_ids=x, decoder_input_ids=x).logits)
+    assert float(delta.abs().max()) <= 1e-5
+
+
+def test_a_decoder_deeper_than_the_encoder_still_generates_with_the_cache():
+    """transformers sizes T5's decoder KV cache by num_layers (the encoder's depth) unless the
+    config has decoder_layers; widen keeps that field equal to the decoder's depth."""
+    model, view = build_t5(layers=2, decoder_layers=2)
+    apply_stage(model, view, 0, [ExpandSpec(op="insert_identity", layers=[0, 1], stack="decoder")], token_batch(),
+                torch.Generator())
+    assert (model.config.num_layers, model.config.num_decoder_layers, model.config.decoder_layers) == (2, 4, 4)
+    prompt = token_batch(2)[0][:, :5]
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+        assert torch.equal(cached, model.generate(prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3,
+                                                  use_cache=False))
 
 
 def test_identity_in_the_decoder_zeroes_cross_attention_too():
@@ -107,6 +196,14 @@ def test_local_directory_loads_and_plan_check_uses_the_right_stack(tmp_path):
         op = "widen_ffn"
         size = 2
         stack = "middle"
+        [[stages.expand]]
+        op = "map_layers"
+        mapping = [1, 0, 2]
+        stack = "encoder"
+        [[stages.expand]]
+        op = "map_layers"
+        mapping = [1, 0, 2, 3]
+        stack = "decoder"
     """))
     (tmp_path / "corpus.txt").write_text("x = 1\n" * 50)
     _, problems = validate_file(plan)
@@ -115,6 +212,9 @@ def test_local_directory_loads_and_plan_check_uses_the_right_stack(tmp_path):
     assert "stages.0.expand.1.layers: layer 3 out of range — the encoder has 2 layers" in text
     assert "the decoder has" not in text
     assert "stages.0.expand.2.stack: 'middle' is not a stack of this model — stacks: encoder, decoder" in text
+    assert "stages.0.expand.3.mapping: layer 2 out of range — the encoder has 2 layers" in text
+    assert "expand.4" not in text  # the decoder has 4 blocks by then; moving block 0 is allowed
+    assert len(problems) == 3, text
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -139,3 +239,8 @@ def test_grown_t5_exports_as_a_standard_seq2seq_directory(tmp_path, gated):
         assert float((forward_logits(reloaded, x) - expected).abs().max()) <= 1e-4
     config = reloaded.config
     assert (config.num_layers, config.num_decoder_layers, config.d_ff) == (3, 4, 24 + 5)
+    # plain transformers generates with the deeper decoder (config.decoder_layers sizes its cache)
+    prompt = x[:, :4]
+    with torch.no_grad():
+        assert torch.equal(reloaded.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False),
+                           model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False))

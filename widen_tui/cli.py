@@ -388,7 +388,9 @@ def export(
     set_: list[str] = typer.Option([], "--set", help="override a field of a plan file: key.path=value"),
 ):
     """Export a grown model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads
-    it): widened layers merged into wider matrices, copied layers materialized, adapters merged."""
+    it; AutoModelForSeq2SeqLM for T5): widened layers merged into wider matrices, copied layers
+    materialized, adapters merged — or, with --keep-adapters, each saved under OUT_DIR/adapter/<name>
+    (PEFT format; widen_export.json lists which are active)."""
     path = Path(source)
     is_plan = source.endswith(".toml")
     if is_plan:
@@ -425,7 +427,8 @@ def export(
     console.print(f"wrote {out_dir}: {manifest['model_type']} model, {manifest['num_layers']} layers, FFN "
                   f"{manifest['ffn_size']}, {manifest['params']:,} parameters, adapters {manifest['adapters']}",
                   highlight=False)
-    console.print(f"parity: max |Δlogits| {delta:.2e} — reloaded with AutoModelForCausalLM.from_pretrained vs "
+    loader = manifest["model_class"] + (" + PeftModel" if manifest["kept_adapters"] else "")
+    console.print(f"parity: max |Δlogits| {delta:.2e} — reloaded with {loader}.from_pretrained vs "
                   f"the in-widen model, on {batch[0].shape[0]} probe sequences of task "
                   f"'{plan.stages[stage].task}'", highlight=False)
     if not delta <= PARITY_TOLERANCE:

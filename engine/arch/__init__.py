@@ -24,7 +24,22 @@ def get_submodule(root, dotted: str):
 class ArchView:
     """``family`` is the description resolved for this model: the gated FFN layout when the
     config says so, and for multi-stack models (T5) the paths of one stack (``stack``; default the
-    first). ``stacks()`` gives a view per stack, so operators only ever see one stack."""
+    first). ``stacks()`` gives a view per stack, so operators only ever see one stack.
+
+    A model without a config (a plain nn.Sequential) gets the MLP view: ``ArchView.of(model)``
+    or ``ArchView(None, model)`` return an ``engine.arch.mlp.MLPView``."""
+
+    def __new__(cls, config=None, model=None, stack: str | None = None):
+        if cls is ArchView and config is None and model is not None:
+            from engine.arch.mlp import MLPView
+
+            return super().__new__(MLPView)  # Python then runs MLPView.__init__
+        return super().__new__(cls)
+
+    @classmethod
+    def of(cls, model) -> "ArchView":
+        """The view of a live model: its config's family, or the MLP view without a config."""
+        return ArchView(getattr(model, "config", None), model)
 
     def __init__(self, config, model=None, stack: str | None = None):
         self.config = config
@@ -57,6 +72,28 @@ class ArchView:
         for view in views:
             view.stage_index = getattr(self, "stage_index", None)
         return views
+
+    def depth_followers(self) -> dict:
+        """Config fields that must equal a stack's depth besides its depth field (T5:
+        `decoder_layers`, by which generate() sizes the decoder's KV cache; without it, it uses
+        num_layers, the encoder's depth, and fails on a deeper decoder)."""
+        if self.model is None:
+            return {}
+        return {s.generation_cache_field: len(get_submodule(self.model, s.blocks))
+                for s in self.base_family.stacks if s.generation_cache_field}
+
+    def update_stack_configs(self, changes: dict) -> None:
+        """Stack modules keeping their own config copy (T5Stack.config, read when the decoder
+        builds its KV cache) get `changes` too, each with its own stack's depth."""
+        if self.model is None:
+            return
+        for layout in self.base_family.stacks:
+            if layout.config_copy is None:
+                continue
+            own = get_submodule(self.model, layout.config_copy)
+            for key, value in changes.items():
+                setattr(own, key, value)
+            setattr(own, self.base_family.num_layers_field, len(get_submodule(self.model, layout.blocks)))
 
     # -- facts from the config ---------------------------------------------------------------
     @property
@@ -111,9 +148,4 @@ class ArchView:
 def view_of(model):
     """The architecture view of any model widen grows: Hugging Face models by their config's
     family, plain nn.Sequential MLPs by ``engine.arch.mlp.MLPView``."""
-    config = getattr(model, "config", None)
-    if config is None:
-        from engine.arch.mlp import MLPView
-
-        return MLPView(model)
-    return ArchView(config, model)
+    return ArchView.of(model)

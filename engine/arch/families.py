@@ -41,9 +41,11 @@ class AttentionLayout:
     layer_index_attrs: tuple[str, ...] = ("layer_idx",)
     head_dim_field: str = "head_dim"  # config field giving head_dim explicitly, when the family has one
     width_attr: str | None = None          # module attribute caching heads x head_dim (T5 inner_dim)
-    # an embedding with one column per head, held by some blocks and shared with the rest of the
-    # stack at run time (T5's relative position bias): heads can only be added to every block
+    # an embedding with one column per head, held by the stack's first block, which computes it
+    # and passes it on to the rest at run time (T5's relative position bias): heads can only be
+    # added to every block, and after a depth change the new first block must hold it
     per_head_embedding: str | None = None
+    per_head_embedding_flag: str | None = None  # the module's "I hold it" switch (has_relative_attention_bias)
     # heads x head_dim must equal the hidden size (head_dim is derived from it); False where the
     # config states head_dim on its own (Llama), so d_model can grow without touching the heads
     width_follows_hidden: bool = True
@@ -60,20 +62,29 @@ class StackLayout:
     ffn_module: str
     # other modules inside a block whose outputs add to the residual stream (cross-attention)
     extra_outputs: tuple[str, ...] = ()
+    # the stack module's own copy of the config (T5Stack.config), read when it builds its KV
+    # cache: a one-stack config, so the family's plain depth field must hold this stack's depth
+    config_copy: str | None = None
+    # a config field to keep equal to this stack's depth so that transformers' generate() sizes
+    # its KV cache right: for T5 it uses num_layers (the encoder's depth) unless the config has
+    # the legacy encoder-decoder key `decoder_layers`
+    generation_cache_field: str | None = None
 
 
 @dataclass(frozen=True)
 class ArchFamily:
     name: str
     model_types: tuple[str, ...]          # config.model_type values served by this entry
-    blocks: str                           # dotted path of the ModuleList of blocks
-    ffn: FFNLayout
-    attention: AttentionLayout
-    norms: tuple[str, ...]                # norm modules inside a block
-    final_norm: str                       # dotted path from the model root
-    embeddings: str                       # token embedding, from the model root
-    num_layers_field: str                 # config field holding the depth
-    ffn_size_field: str                   # config field holding the FFN width
+    # transformer facts: every transformer family sets them; the nn.Sequential entry (kind "mlp")
+    # has no blocks, attention or config and leaves them None
+    blocks: str | None = None             # dotted path of the ModuleList of blocks
+    ffn: FFNLayout | None = None
+    attention: AttentionLayout | None = None
+    norms: tuple[str, ...] = ()           # norm modules inside a block
+    final_norm: str | None = None         # dotted path from the model root
+    embeddings: str | None = None         # token embedding, from the model root
+    num_layers_field: str | None = None   # config field holding the depth
+    ffn_size_field: str | None = None     # config field holding the FFN width
     ffn_size_default: str | None = None   # e.g. GPT-2: n_inner=None means 4 * n_embd
     hidden_size_field: str = "hidden_size"
     # config fields that hold one entry per layer and must follow a change of depth
@@ -90,6 +101,10 @@ class ArchFamily:
     lm_head: str = "lm_head"               # output projection, from the model root (may share the embedding)
     norm_kind: str = "layernorm"           # "layernorm" (mean and variance) or "rmsnorm" (mean square only)
     hidden_size_attrs: tuple[str, ...] = ()  # module attributes caching d_model; "*" = every block
+    # plain nn.Sequential MLPs (kind "mlp", engine.arch.mlp): the children that are layers, and
+    # those that may sit between two layers — elementwise, so a hidden layer can grow through them
+    layer_types: tuple[str, ...] = ()
+    elementwise_types: tuple[str, ...] = ()
 
 
 FAMILIES: tuple[ArchFamily, ...] = (
@@ -142,7 +157,8 @@ FAMILIES: tuple[ArchFamily, ...] = (
 
 _T5_ATTENTION = AttentionLayout(module="layer.0.SelfAttention", out="o", q="q", k="k", v="v",
                                 num_heads_field="num_heads", heads_attr="n_heads", head_dim_field="d_kv",
-                                width_attr="inner_dim", per_head_embedding="relative_attention_bias")
+                                width_attr="inner_dim", per_head_embedding="relative_attention_bias",
+                                per_head_embedding_flag="has_relative_attention_bias")
 FAMILIES = FAMILIES + (
     ArchFamily(
         # T5 and CodeT5: two stacks; block 0 of each holds the relative position bias it passes on
@@ -155,10 +171,23 @@ FAMILIES = FAMILIES + (
         embeddings="shared", num_layers_field="num_layers", ffn_size_field="d_ff", hidden_size_field="d_model",
         stacks=(
             StackLayout(name="encoder", blocks="encoder.block", num_layers_field="num_layers",
-                        ffn_module="layer.1.DenseReluDense"),
+                        ffn_module="layer.1.DenseReluDense", config_copy="encoder.config"),
             StackLayout(name="decoder", blocks="decoder.block", num_layers_field="num_decoder_layers",
-                        ffn_module="layer.2.DenseReluDense", extra_outputs=("layer.1.EncDecAttention.o",)),
+                        ffn_module="layer.2.DenseReluDense", extra_outputs=("layer.1.EncDecAttention.o",),
+                        config_copy="decoder.config", generation_cache_field="decoder_layers"),
         ),
+    ),
+)
+
+
+# Plain nn.Sequential MLPs (the on-the-fly-expansion note's small models): no config, so they are
+# recognised by having none (engine.arch.ArchView.of); hidden layer i is the output of Linear i.
+FAMILIES = FAMILIES + (
+    ArchFamily(
+        name="mlp", model_types=("sequential",), kind="mlp", layer_types=("Linear",),
+        elementwise_types=("ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Tanh",
+                           "Sigmoid", "Softplus", "Softsign", "Tanhshrink", "Hardtanh", "Hardswish",
+                           "Hardsigmoid", "LogSigmoid", "Dropout", "AlphaDropout", "Identity"),
     ),
 )
 
@@ -172,7 +201,8 @@ def family_for(model_type: str) -> ArchFamily:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
-    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    # model types a config can name (the nn.Sequential entry has no config to name it)
+    supported = ", ".join(t for f in FAMILIES if f.kind != "mlp" for t in f.model_types)
     raise UnsupportedArchitecture(f"model type '{model_type}' is not supported — supported: {supported}")
 
 

@@ -8,7 +8,13 @@ fused projection, which the adapter then covers as a whole.
 
 Virtual layers (``engine.ops.depth``: distinct block modules whose Parameters are the source
 block's) each get their *own* adapter, since PEFT wraps module objects: twins share the frozen base
-weight and differ only by their adapters, as in the virtual-layer-stacking note.
+weight and differ only by their adapters, as in the virtual-layer-stacking note. An adapter put on a
+block *before* it is repeated virtually is tied like the rest of the block: add adapters after the
+mapping to give every twin its own.
+
+A projection adapted again by a later stage is wrapped once more: a LoRA and an IA3 adapter on one
+projection nest (the newer outside, its ``base_layer`` the older); two LoRA adapters share one
+PEFT layer. A name reused on more modules joins that adapter, with the same kind and settings.
 
 Several adapters can live in one model (one per stage or task); ``set_active_adapters`` switches
 them (task-specific modules), and every new injection keeps the existing ones active (PEFT alone
@@ -19,7 +25,8 @@ Export: PEFT layers are not plain modules and have no ``materialize`` method; ca
 materialize pass. Merging writes into the base weight, so a weight shared by virtual twins is
 first *untied* (the merged layer gets its own copy): the twin keeps the original weight and its
 own adapter. ``adapter_state_dict`` / ``load_adapter_state`` save one adapter's tensors with
-PEFT's key layout (``<module>.lora_A.weight``, ``<module>.ia3_l``), safetensors-ready.
+PEFT's key layout (``<module>.lora_A.weight``, ``<module>.ia3_l``; ``<module>`` is the plain
+model's path, see ``plain_module_path``), safetensors-ready.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams
 from engine.ops.registry import OpResult, operator
 
 __all__ = ["lora", "ia3", "role_module_names", "adapter_names", "set_active_adapters", "adapter_state_dict",
-           "load_adapter_state", "merge_adapters", "materialize_adapter_layer", "adapter_layers"]
+           "load_adapter_state", "merge_adapters", "materialize_adapter_layer", "adapter_layers", "plain_module_path"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +132,14 @@ def _keep_requires_grad(model: nn.Module):
 def set_active_adapters(model: nn.Module, names=None) -> None:
     """Make exactly `names` active (None: every adapter). Adapters not named are skipped in the
     forward pass — the frozen base is shared, so switching task switches only these modules."""
-    inactive = set() if names is None else set(adapter_names(model)) - set(names)
+    if isinstance(names, str):
+        names = [names]
+    present = adapter_names(model)
+    unknown = [n for n in names or [] if n not in present]
+    if unknown:  # a typo would otherwise silently switch every adapter off
+        raise ValueError(f"no adapter {', '.join(repr(n) for n in unknown)} in the model — adapters: "
+                         f"{', '.join(present) or 'none'}")
+    inactive = set() if names is None else set(present) - set(names)
     model._widen_inactive_adapters = inactive
     _reactivate(model)
 
@@ -142,12 +156,16 @@ def _reactivate(model: nn.Module) -> None:
 
 
 def _default_name(view, params: AdapterOpParams) -> str:
-    """'<op>_stage<N>' (the stage comes from the view, set by apply_stage), made unique in the model."""
+    """'<op>_stage<N>' (the stage comes from the view, set by apply_stage), made unique in the model.
+    Picked once per application: the other stacks of a multi-stack model reuse it."""
+    if params._default_name is not None:
+        return params._default_name
     stage = getattr(view, "stage_index", None)
     base = f"{params.op}_stage{stage}" if stage is not None else params.op
     taken, name, k = set(adapter_names(view.model)), base, 2
     while name in taken:
         name, k = f"{base}_{k}", k + 1
+    params._default_name = name
     return name
 
 
@@ -159,20 +177,40 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def _check_joinable(name: str, existing, params: AdapterOpParams) -> None:
+    """An adapter saved in PEFT format has one config: a name reused on more modules (a later
+    stage, or the other stack of a T5) must keep the kind and the LoRA settings it has."""
+    kind = "lora" if hasattr(existing, "lora_alpha") else "ia3"
+    if kind != params.op:
+        raise ValueError(f"name: adapter '{name}' is already a {kind} adapter — give this {params.op} "
+                         "adapter another name")
+    if kind == "lora":
+        have = {"r": existing.r, "alpha": existing.lora_alpha, "dropout": existing.lora_dropout}
+        want = {"r": params.r, "alpha": params.alpha, "dropout": params.dropout}
+        differ = [k for k in have if float(have[k]) != float(want[k])]
+        if differ:
+            raise ValueError(f"adapter '{name}' already has {', '.join(f'{k} = {have[k]}' for k in differ)}; "
+                             f"adding it to more modules needs the same settings — set "
+                             f"{', '.join(f'{k} = {have[k]}' for k in differ)} or use another name")
+
+
 def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, list[str]], OpResult]:
     model = view.model
     layers = params.layer_indices(view.num_layers)
     bad = [i for i in layers if not 0 <= i < view.num_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {view.num_layers} layers")
+        raise ValueError(f"layers: layer {', '.join(map(str, bad))} out of range — the model has "
+                         f"{view.num_layers} layers (0..{view.num_layers - 1}); use those indices or \"all\"")
     targets = role_module_names(view, layers, params.modules)
     name = params.name or _default_name(view, params)
     clash = [t for t in targets if name in _layer_adapters(get_submodule(model, t))]
     if clash:
         raise ValueError(f"adapter '{name}' already exists on {clash[0]} — choose another name")
+    existing_configs = dict(getattr(model, "peft_config", {}) or {})
+    if name in existing_configs:  # joining an adapter on more modules: one kind, one set of settings
+        _check_joinable(name, existing_configs[name], params)
 
     before = {id(p) for p in model.parameters()}
-    existing_configs = dict(getattr(model, "peft_config", {}) or {})
     from peft import inject_adapter_in_model
 
     # GPT-2's Conv1D stores weights transposed: PEFT needs fan_in_fan_out per group of targets
@@ -250,10 +288,18 @@ def ia3(view, params: IA3Params, gen: torch.Generator) -> OpResult:
 # saving / loading one adapter
 
 
+def plain_module_path(path: str) -> str:
+    """The path a module has in the plain model: adapters of later stages wrap earlier ones, so an
+    inner adapter layer sits at ``...o_proj.base_layer``; saved alone in PEFT format, it adapts
+    ``...o_proj``."""
+    return ".".join(part for part in path.split(".") if part != "base_layer")
+
+
 def _adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
-    """PEFT-layout key -> the live parameter of adapter `name`."""
+    """PEFT-layout key (plain module path) -> the live parameter of adapter `name`."""
     tensors = {}
-    for path, layer in adapter_layers(model):
+    for layer_path, layer in adapter_layers(model):
+        path = plain_module_path(layer_path)
         for attr in ("lora_A", "lora_B"):
             modules = getattr(layer, attr, None)
             if modules is not None and name in modules:
@@ -270,7 +316,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     (``model.layers.0.self_attn.q_proj.lora_A.weight``); contiguous copies, safetensors-ready."""
     tensors = _adapter_tensors(model, name)
     if not tensors:
-        raise KeyError(f"no adapter '{name}' in the model — adapters: {', '.join(adapter_names(model)) or 'none'}")
+        raise ValueError(f"no adapter '{name}' in the model — adapters: {', '.join(adapter_names(model)) or 'none'}")
     return {key: p.detach().clone().contiguous() for key, p in tensors.items()}
 
 
@@ -279,7 +325,7 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
     must match exactly."""
     tensors = _adapter_tensors(model, name)
     if not tensors:
-        raise KeyError(f"no adapter '{name}' in the model — adapters: {', '.join(adapter_names(model)) or 'none'}")
+        raise ValueError(f"no adapter '{name}' in the model — adapters: {', '.join(adapter_names(model)) or 'none'}")
     missing, unexpected = sorted(set(tensors) - set(state)), sorted(set(state) - set(tensors))
     if missing or unexpected:
         raise ValueError(f"adapter '{name}' state does not fit: missing {missing[:3]}"

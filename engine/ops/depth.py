@@ -28,8 +28,9 @@ Every depth change goes through ``_install``: the ModuleList is refilled in plac
 index attributes named by the family (``layer_idx`` / ``layer_id``) are renumbered, and the config
 follows: depth field, the family's per-layer fields (GPT-Neo ``attention_layers`` and its compact
 ``attention_types``) and ``layer_types`` where the config has one, each entry taken from the
-source block. A block keeps its own attention kind (GPT-Neo's local window lives in the module),
-so the config is renumbered to describe what the modules already do.
+source block; a stack-level table one block computes for all (T5's relative position bias)
+stays with whatever block comes first. A block keeps its own attention kind (GPT-Neo's local
+window lives in the module), so the config is renumbered to describe what the modules already do.
 Note: GPT-2 with ``scale_attn_by_inverse_layer_idx`` fixes a block's scaling from its index at
 construction; a moved block keeps its source's scaling, which a reload from the config would not.
 """
@@ -81,14 +82,21 @@ def _output_projections(view, block: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def _scale_outputs(view, block: nn.Module, factor: float) -> None:
     """Multiply the block's residual contributions by `factor`: the output projections' weights
-    and biases; under a PEFT adapter, its base layer and the LoRA B matrices (IA3 scales the
-    base output, so scaling the base suffices)."""
+    and biases; under PEFT adapters, the innermost base layer and the LoRA B matrices of every
+    adapter layer around it (adapters of later stages wrap earlier ones: LoRA inside IA3 must be
+    scaled too; IA3 multiplies what it wraps, so scaling inside it suffices)."""
     for module in _output_projections(view, block):
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        chain = [module]  # the projection and every layer it wraps (PEFT keeps it as base_layer)
+        while isinstance(getattr(chain[-1], "base_layer", None), nn.Module):
+            chain.append(chain[-1].base_layer)
+        base = chain[-1]
         tensors = [base._parameters.get("weight"), base._parameters.get("bias")]
-        lora_b = getattr(module, "lora_B", None)
-        if isinstance(lora_b, nn.ModuleDict):
-            tensors += [p for m in lora_b.values() for p in m.parameters()]
+        if hasattr(base, "materialize"):  # a widen wrapper (parallel_linear, concat): linear in every tensor
+            tensors = list(base.parameters())
+        for layer in chain[:-1]:
+            lora_b = getattr(layer, "lora_B", None)
+            if isinstance(lora_b, nn.ModuleDict):
+                tensors += [p for m in lora_b.values() for p in m.parameters()]
         for p in tensors:
             if p is not None:
                 p.mul_(factor)
@@ -159,12 +167,31 @@ def _compact_types(types: list[str]) -> list:
     return runs
 
 
+def _first_block_keeps_stack_embedding(layout, old_first: nn.Module, new_blocks: list[nn.Module]) -> None:
+    """T5 computes its relative position bias in the stack's first block and passes it on: the
+    table belongs to the stack. Whatever block lands first gets the table the old first block
+    held (the same Parameter, so a mapping may move or drop block 0); copies placed later hold
+    none (they would never read it)."""
+    name, flag = layout.per_head_embedding, layout.per_head_embedding_flag
+    if name is None or flag is None:
+        return
+    table = getattr(get_submodule(old_first, layout.module), name)
+    for index, block in enumerate(new_blocks):
+        attention = get_submodule(block, layout.module)
+        if index == 0:
+            setattr(attention, name, table)
+        elif getattr(attention, flag):
+            delattr(attention, name)
+        setattr(attention, flag, index == 0)
+
+
 def _install(view, new_blocks: list[nn.Module], sources: list[int]) -> dict:
     """Replace the stack by `new_blocks` (new block i came from old block sources[i]); renumber
     layer indices and update the config. Returns the config fields changed."""
     family = view.family
     config = view.config
     blocks = view.blocks()
+    _first_block_keeps_stack_embedding(family.attention, blocks[0], new_blocks)
     del blocks[:]
     blocks.extend(new_blocks)
     for index, block in enumerate(blocks):
@@ -194,10 +221,21 @@ def _install(view, new_blocks: list[nn.Module], sources: list[int]) -> dict:
 # operators
 
 
+def _chosen_layers(params, num_layers: int) -> list[int]:
+    """The blocks an operator acts on; a clear error for one the model does not have (the plan
+    check reports these too, but Python callers skip it)."""
+    chosen = params.layer_indices(num_layers)
+    bad = [i for i in chosen if i >= num_layers]
+    if bad:
+        raise ValueError(f"layers: layer {', '.join(map(str, bad))} out of range — the model has {num_layers} "
+                         f"layers (0..{num_layers - 1}); use those indices or \"all\"")
+    return chosen
+
+
 @operator("insert_identity")
 def insert_identity(view, params: InsertIdentityParams, gen: torch.Generator) -> OpResult:
     n = view.num_layers
-    after = set(params.layer_indices(n))
+    after = set(_chosen_layers(params, n))
     old = list(view.blocks())
     new_blocks, sources, added = [], [], []
     for i, block in enumerate(old):
@@ -218,7 +256,7 @@ def insert_identity(view, params: InsertIdentityParams, gen: torch.Generator) ->
 @operator("split_residual")
 def split_residual(view, params: SplitResidualParams, gen: torch.Generator) -> OpResult:
     n, k = view.num_layers, params.k
-    chosen = set(params.layer_indices(n))
+    chosen = set(_chosen_layers(params, n))
     old = list(view.blocks())
     new_blocks, sources, added, untied = [], [], [], 0
     for i, block in enumerate(old):
@@ -288,7 +326,7 @@ def map_layers(view, params: MapLayersParams, gen: torch.Generator) -> OpResult:
 def unshare(view, params: UnshareParams, gen: torch.Generator) -> OpResult:
     blocks = list(view.blocks())
     made: list[nn.Parameter] = []
-    for i in params.layer_indices(len(blocks)):
+    for i in _chosen_layers(params, len(blocks)):
         shared = {id(p) for p in blocks[i].parameters()} & _shared_ids(blocks, skip=i)
         if shared:
             made.extend(_own_params(blocks[i], shared))

@@ -1,45 +1,99 @@
-"""Operators on single Linear layers: widen_mlp (nn.Sequential hidden layers), concat_linear
-(dimension expansion) and parallel_linear (frozen W plus a full-rank delta).
+"""Operators on single Linear layers: widen_mlp (hidden layers of an nn.Sequential), concat_linear
+(the layer-widening proposal's strategy 1, dimension expansion) and parallel_linear (strategy 2,
+frozen W plus a full-rank delta).
 
-They follow the layer-widening proposal's strategies 1 and 2 and the on-the-fly-expansion note's
-small MLPs. The inserted modules keep the original Linear untouched and frozen-able; each has a
-``materialize()`` returning one plain Linear with the same function, for export.
+The modules put in a Linear's place keep the original Linear untouched (so it can stay frozen)
+and hold the new tensors beside it:
+
+- ``ConcatLinear``      cat([W x, E x]): `size` new output features from a trainable Linear E.
+- ``WiderInputLinear``  W x[:n] + X x[n:]: reads `size` new input features through new columns X.
+- ``ParallelLinear``    W x + D x: a delta D of W's shape.
+
+Each computes what one plain Linear would (GPT-2 Conv1D layout respected); they nest, and
+``materialize()`` returns that plain module, so an export holds only standard layers (the
+protocol of ``engine.ops.registry``).
+
+Which Linear reads a grown one is architecture data, never a guess: a transformer FFN's up (and
+gate, grown together) is read by down; Linear i of an nn.Sequential by Linear i+1.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.ops.params import ConcatLinearParams, ParallelLinearParams, WidenMLPParams
+from engine.arch import get_submodule
+from engine.health import NewUnits
+from engine.ops.params import (ADAPTER_ROLES, ConcatLinearParams, LinearOpParams, ParallelLinearParams,
+                               WidenMLPParams, concat_consumer_message)
 from engine.ops.registry import OpResult, operator
 from engine.ops.width import _linear_weight, _make_linear, _new_unit_weights, grow_units_inplace, preserving_init
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+# ---------------------------------------------------------------------------------------------
+# modules standing for one plain Linear
+
+
+class LinearStandIn(nn.Module):
+    """A module that computes what one plain Linear (or GPT-2 Conv1D) would; the original module
+    is ``base``. ``linear_tensors()`` gives that Linear's weight (Linear layout [out, in]) and bias.
+    ``weight`` / ``bias`` read them detached, in the original module's layout, for code that only
+    inspects them (T5 casts its input to ``wo.weight.dtype``; an in-place widening reads them and
+    so merges this module into its wider matrices)."""
+
+    base: nn.Module
+
+    def linear_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weight, _ = self.linear_tensors()
+        return weight.T if is_conv1d(self) else weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear_tensors()[1]
+
+    @torch.no_grad()
+    def materialize(self) -> nn.Module:
+        weight, bias = self.linear_tensors()
+        return _make_linear(weight, bias, innermost(self), is_conv1d(self))
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The original plain Linear/Conv1D under any stand-in modules."""
+    while isinstance(module, LinearStandIn):
+        module = module.base
+    return module
+
+
+def is_conv1d(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(plain(module), Conv1D)
+    return isinstance(innermost(module), Conv1D)
 
 
-def plain(module: nn.Module) -> nn.Module:
-    """The plain Linear/Conv1D a (possibly wrapped) module computes: the wrappers here nest."""
-    return module.materialize() if hasattr(module, "materialize") else module
+def is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D, LinearStandIn))
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    """The module's effective weight, Linear layout."""
-    module = plain(module)
-    return _linear_weight(module, _is_conv1d(module))
+@torch.no_grad()
+def linear_tensors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias or None) of the plain Linear that `module` computes, detached."""
+    if isinstance(module, LinearStandIn):
+        return module.linear_tensors()
+    bias = getattr(module, "bias", None)
+    return _linear_weight(module, is_conv1d(module)), bias.detach() if bias is not None else None
 
 
-def _bias(module: nn.Module) -> torch.Tensor | None:
-    bias = getattr(plain(module), "bias", None)
-    return bias.detach().float() if bias is not None else None
-
-
-class ConcatLinear(nn.Module):
+class ConcatLinear(LinearStandIn):
     """cat([base(x), expansion(x)]): `base` keeps its weights; the expansion's outputs are new."""
 
     def __init__(self, base: nn.Module, expansion: nn.Linear):
@@ -51,38 +105,42 @@ class ConcatLinear(nn.Module):
         return torch.cat([self.base(x), self.expansion(x)], dim=-1)
 
     @torch.no_grad()
-    def materialize(self) -> nn.Module:
-        conv1d = _is_conv1d(self.base)
-        weight = torch.cat([_weight(self.base).float(), self.expansion.weight.float()])
-        bias = None
-        if _bias(self.base) is not None or self.expansion.bias is not None:
-            new_bias = _bias(self.expansion) if self.expansion.bias is not None else torch.zeros(self.expansion.out_features)
-            old_bias = _bias(self.base) if _bias(self.base) is not None else torch.zeros(weight.shape[0] - new_bias.numel())
-            bias = torch.cat([old_bias, new_bias.to(old_bias.device)])
-        return _make_linear(weight, bias, plain(self.base), conv1d)
+    def linear_tensors(self):
+        weight, bias = linear_tensors(self.base)
+        new_weight, new_bias = self.expansion.weight.detach(), self.expansion.bias
+        if bias is not None or new_bias is not None:
+            bias = torch.cat([bias if bias is not None else weight.new_zeros(weight.shape[0]),
+                              new_bias.detach() if new_bias is not None else weight.new_zeros(new_weight.shape[0])])
+        return torch.cat([weight, new_weight.to(weight.dtype)]), bias
+
+    def extra_repr(self) -> str:
+        return f"new_out_features={self.expansion.out_features}"
 
 
-class WiderInputLinear(nn.Module):
-    """base(x[..., :n]) + x[..., n:] @ extra.T: reads `size` more input features (zero at first)."""
+class WiderInputLinear(LinearStandIn):
+    """base(x[..., :n]) + x[..., n:] @ extra.T: reads `size` more input features, through new
+    columns `extra` ([out, size], Linear layout)."""
 
     def __init__(self, base: nn.Module, extra: nn.Parameter):
         super().__init__()
         self.base = base
-        self.extra = extra  # [out, size], Linear layout
+        self.extra = extra
 
     def forward(self, x):
         n = x.shape[-1] - self.extra.shape[1]
         return self.base(x[..., :n]) + F.linear(x[..., n:], self.extra)
 
     @torch.no_grad()
-    def materialize(self) -> nn.Module:
-        conv1d = _is_conv1d(self.base)
-        weight = torch.cat([_weight(self.base).float(), self.extra.detach().float()], dim=1)
-        return _make_linear(weight, _bias(self.base), plain(self.base), conv1d)
+    def linear_tensors(self):
+        weight, bias = linear_tensors(self.base)
+        return torch.cat([weight, self.extra.detach().to(weight.dtype)], dim=1), bias
+
+    def extra_repr(self) -> str:
+        return f"new_in_features={self.extra.shape[1]}"
 
 
-class ParallelLinear(nn.Module):
-    """base(x) + x @ delta.T: a frozen-able original plus a full-rank trainable delta."""
+class ParallelLinear(LinearStandIn):
+    """base(x) + x @ delta.T: the original (frozen-able) plus a full-rank trainable delta."""
 
     def __init__(self, base: nn.Module, delta: nn.Parameter):
         super().__init__()
@@ -93,73 +151,116 @@ class ParallelLinear(nn.Module):
         return self.base(x) + F.linear(x, self.delta)
 
     @torch.no_grad()
-    def materialize(self) -> nn.Module:
-        conv1d = _is_conv1d(self.base)
-        weight = _weight(self.base).float() + self.delta.detach().float()
-        return _make_linear(weight, _bias(self.base), plain(self.base), conv1d)
+    def linear_tensors(self):
+        weight, bias = linear_tensors(self.base)
+        return weight + self.delta.detach().to(weight.dtype), bias
+
+    def extra_repr(self) -> str:
+        return f"delta={tuple(self.delta.shape)}"
 
 
 # ---------------------------------------------------------------------------------------------
-# where the Linears are: (getter, setter) pairs, from the family description or the Sequential
+# where the named Linears are
 
 
-def _mlp_only(view, op: str) -> None:
-    if view.family.kind != "mlp":
-        raise ValueError(f"{op} works on nn.Sequential MLPs — on a {view.family.name} model use widen_ffn")
+@dataclass
+class Slot:
+    """One Linear of the model: read it, put a module in its place."""
+
+    get: Callable[[], nn.Module]
+    put: Callable[[nn.Module], None]
 
 
-def _sequential_slot(view, index) -> tuple:
-    if not isinstance(index, int) or not 0 <= index < view.num_linears:
-        raise ValueError(f"modules: {index!r} is not a Linear index of this MLP (0..{view.num_linears - 1})")
-    return (lambda: view.linear(index)), (lambda m: view.set_linear(index, m)), f"linear {index}"
+def _sequential_slot(view, index: int) -> Slot:
+    if not 0 <= index < view.num_linears:
+        raise ValueError(f"modules: Linear {index} out of range — this MLP has {view.num_linears} Linears "
+                         f"(0..{view.num_linears - 1})")
+    return Slot(lambda: view.linear(index), lambda m: view.set_linear(index, m))
 
 
-def _attribute_slot(parent: nn.Module, name: str, label: str) -> tuple:
-    return (lambda: getattr(parent, name)), (lambda m: setattr(parent, name, m)), label
+def _path_slot(view, path: str) -> Slot:
+    parent_path, _, attr = path.rpartition(".")
+    parent = get_submodule(view.model, parent_path)
+    return Slot(lambda: getattr(parent, attr), lambda m: setattr(parent, attr, m))
 
 
-def _resolve_linears(view, params) -> list[tuple]:
-    """(get, set, label) for every module `params.modules` names in the chosen layers."""
+def _check_request(view, params: LinearOpParams) -> None:
+    """The names must fit the model kind (params.model_problems), and `layers` must exist."""
+    for field, message in params.model_problems(view.family):
+        raise ValueError(f"{field}: {message}")
+    if view.family.kind == "mlp":
+        if params.layers != "all":
+            raise ValueError("layers: an nn.Sequential has no blocks — name its Linears by index in modules "
+                             "and leave layers out")
+        return
+    bad = [layer for layer in params.layer_indices(view.num_layers) if layer >= view.num_layers]
+    if bad:
+        raise ValueError(f"layers: {bad} out of range — the model has {view.num_layers} layers "
+                         f"(0..{view.num_layers - 1})")
+
+
+def _block_path(view, layer: int, name: str) -> str:
+    """Dotted path (from the model root) of the Linear `name` (a role, or a dotted path inside the
+    block) in block `layer`; wrappers keeping the original module as `.base` (a parallel-widened
+    FFN) are looked through. ValueError naming it if it is missing or not a Linear."""
+    from engine.ops.adapters import _resolve, role_module_names
+
+    if name in ADAPTER_ROLES:
+        path = next(iter(role_module_names(view, [layer], [name])))
+    else:
+        container, _, leaf = name.rpartition(".")
+        try:
+            if container:
+                path = _resolve(view, layer, container, leaf)
+            else:
+                path = f"{view.family.blocks}.{layer}.{leaf}"
+                get_submodule(view.model, path)
+        except (AttributeError, ValueError):
+            ffn = view.family.ffn
+            raise ValueError(f"modules: no module '{name}' in layer {layer} — name a role ({', '.join(ADAPTER_ROLES)}) "
+                             f"or a dotted path inside the block such as '{ffn.module}.{ffn.up}'") from None
+    module = get_submodule(view.model, path)
+    if not is_linear(module):
+        # a PEFT layer keeps the Linear it adapts as base_layer
+        hint = " (an adapter wraps it: apply this op before the adapter)" if hasattr(module, "base_layer") else ""
+        raise ValueError(f"modules: '{name}' in layer {layer} ({path}) is a {type(module).__name__}, not a plain "
+                         f"Linear{hint} — name a Linear projection")
+    return path
+
+
+def _targets(view, params: LinearOpParams) -> list[Slot]:
+    """A slot for every Linear `params.modules` names (in every chosen layer), each once."""
     if view.family.kind == "mlp":
         return [_sequential_slot(view, index) for index in params.modules]
-    from engine.arch import get_submodule
-    from engine.ops.adapters import role_module_names
-    from engine.ops.params import ADAPTER_ROLES
-
-    unknown = [m for m in params.modules if m not in ADAPTER_ROLES]
-    if unknown:
-        raise ValueError(f"modules: {unknown} — on transformer blocks name roles: {', '.join(ADAPTER_ROLES)}")
-    slots = []
-    for path in role_module_names(view, params.layer_indices(view.num_layers), list(params.modules)):
-        parent_path, _, name = path.rpartition(".")
-        slots.append(_attribute_slot(get_submodule(view.model, parent_path), name, path))
-    return slots
+    paths = {_block_path(view, layer, name): None
+             for layer in params.layer_indices(view.num_layers) for name in params.modules}
+    return [_path_slot(view, path) for path in paths]  # fused q/k/v name one module: once
 
 
-def _producer_consumers(view, params: ConcatLinearParams) -> list[tuple[list[tuple], tuple]]:
-    """For each target: the producers whose outputs grow together (up, and gate when gated) and
-    the consumer that reads them. Consumers come from data: the FFN layout or the next Linear."""
+def _producers_and_consumers(view, params: ConcatLinearParams) -> list[tuple[list[Slot], Slot]]:
+    """For each target: the Linears whose outputs grow together (a gated FFN's up and gate), and
+    the one Linear that reads those outputs. Targets without such a reader are refused by name."""
     if view.family.kind == "mlp":
         pairs = []
         for index in params.modules:
-            if isinstance(index, int) and index == view.num_linears - 1:
-                raise ValueError(f"modules: linear {index} is the MLP's output layer — nothing consumes "
-                                 "its outputs; choose a hidden Linear (0..{})".format(view.num_linears - 2))
-            pairs.append(([_sequential_slot(view, index)], _sequential_slot(view, index + 1)))
+            producer = _sequential_slot(view, index)
+            if index == view.num_linears - 1:
+                raise ValueError(f"modules: Linear {index} is the MLP's output layer — nothing reads its outputs; "
+                                 f"choose a hidden Linear (0..{view.num_linears - 2})")
+            view.check_hidden_layer(index, "modules")  # only elementwise modules on the way to the reader
+            pairs.append(([producer], _sequential_slot(view, index + 1)))
         return pairs
-    if list(params.modules) != ["up"]:
-        raise ValueError(f"modules: {params.modules} — concat_linear on transformer blocks grows the FFN's "
-                         "\"up\" projection (its consumer is \"down\"); attention widths change with add_heads")
-    from engine.ops.width import _innermost
-
-    layout = view.family.ffn
+    ffn = view.family.ffn
+    producer_roles = [role for role in ConcatLinearParams.PRODUCER_ROLES if getattr(ffn, role)]
     pairs = []
     for layer in params.layer_indices(view.num_layers):
-        inner = _innermost(view.ffn(layer))
-        producers = [_attribute_slot(inner, layout.up, f"layer {layer} {layout.up}")]
-        if layout.gate:
-            producers.append(_attribute_slot(inner, layout.gate, f"layer {layer} {layout.gate}"))
-        pairs.append((producers, _attribute_slot(inner, layout.down, f"layer {layer} {layout.down}")))
+        producers = [_block_path(view, layer, role) for role in producer_roles]
+        for name in params.modules:
+            path = _block_path(view, layer, name)
+            if path not in producers:
+                raise ValueError("modules: " + concat_consumer_message(name, f"layer {layer}: {path}"))
+        # up and gate multiply elementwise: they grow together, once per layer
+        pairs.append(([_path_slot(view, p) for p in producers], _path_slot(view, _block_path(view, layer, "down"))))
     return pairs
 
 
@@ -169,60 +270,79 @@ def _producer_consumers(view, params: ConcatLinearParams) -> list[tuple[list[tup
 
 @operator("widen_mlp")
 def widen_mlp(view, params: WidenMLPParams, gen: torch.Generator) -> OpResult:
-    _mlp_only(view, "widen_mlp")
+    """Add `params.size` units to each chosen hidden layer (the init's weights from widen_ffn's
+    maths); parallel: beside the Linears, in place: wider Linears."""
     result = OpResult(exact=preserving_init(params))
-    for layer in params.layer_indices(view.num_layers):
-        if not 0 <= layer < view.num_layers:
-            raise ValueError(f"layers: {layer} out of range — the MLP has {view.num_layers} hidden layers")
+    merged = []
+    layers = params.layer_indices(view.num_layers)
+    for layer in layers:  # every layer checked before any changes
+        view.check_hidden_layer(layer)
+    for layer in layers:
         up, down = view.linear(layer), view.linear(layer + 1)
-        new = _new_unit_weights(params, up.weight.detach(), _bias(up), down.weight.detach(), None, gen)
+        up_w, up_b = linear_tensors(up)
+        down_w, _ = linear_tensors(down)
+        new = _new_unit_weights(params, up_w, up_b, down_w, None, gen)
+        if params.mode == "parallel":
+            new_up, new_b, _, new_down, _, _ = new
+            expansion = _make_linear(new_up, new_b, innermost(up), conv1d=False)
+            reader = _new_columns(new_down, innermost(down))
+            view.set_linear(layer, ConcatLinear(up, expansion))
+            view.set_linear(layer + 1, WiderInputLinear(down, reader))
+            result.new_params.extend([*expansion.parameters(), reader])
+            result.units.append(NewUnits(up=expansion.weight, down=reader, rows=torch.arange(params.size)))
+            continue
+        merged += [f"Linear {i}" for i, m in ((layer, up), (layer + 1, down)) if isinstance(m, LinearStandIn)]
         wide = grow_units_inplace(up, down, None, False, params.size, new)
         view.set_linear(layer, wide.up)
         view.set_linear(layer + 1, wide.down)
         result.grown.extend(wide.grown)
         result.units.append(wide.units)
+    if merged:
+        result.note = (f"{', '.join(dict.fromkeys(merged))} held tensors added before (a parallel path); growing "
+                       "in place merged them into the wider matrices")
     return result
+
+
+def _new_columns(values: torch.Tensor, like: nn.Module) -> nn.Parameter:
+    return nn.Parameter(values.to(like.weight.device, like.weight.dtype).contiguous())
 
 
 @operator("concat_linear")
 def concat_linear(view, params: ConcatLinearParams, gen: torch.Generator) -> OpResult:
-    result = OpResult(exact=True, note="consumers read the new features through zero-initialised columns")
-    for producers, (get_consumer, set_consumer, _) in _producer_consumers(view, params):
+    """Each target Linear gains `size` output features from a random trainable expansion; the
+    Linear reading them gets `size` zero input columns: exact, and the columns get a gradient."""
+    _check_request(view, params)
+    result = OpResult(exact=True, note="the reading Linears get zero input columns for the new features")
+    for producers, consumer in _producers_and_consumers(view, params):
         expansions = []
-        for get, set_, _ in producers:
-            base = get()
-            weight = _weight(base)
+        for slot in producers:
+            base = slot.get()
+            weight, bias = linear_tensors(base)
             std = params.init_std or float(weight.float().std())
-            expansion = nn.Linear(weight.shape[1], params.size, bias=_bias(base) is not None,
-                                  device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                expansion.weight.copy_(torch.randn(params.size, weight.shape[1], generator=gen) * std)
-                if expansion.bias is not None:
-                    expansion.bias.zero_()
-            set_(ConcatLinear(base, expansion))
+            new_weight = torch.randn(params.size, weight.shape[1], generator=gen) * std
+            new_bias = torch.zeros(params.size) if bias is not None else None
+            expansion = _make_linear(new_weight, new_bias, innermost(base), conv1d=False)
+            slot.put(ConcatLinear(base, expansion))
             expansions.append(expansion)
             result.new_params.extend(expansion.parameters())
-        consumer = get_consumer()
-        consumer_weight = _weight(consumer)
-        extra = nn.Parameter(torch.zeros(consumer_weight.shape[0], params.size, device=consumer_weight.device,
-                                         dtype=consumer_weight.dtype))
-        set_consumer(WiderInputLinear(consumer, extra))
-        result.new_params.append(extra)
-        from engine.health import NewUnits
-
-        result.units.append(NewUnits(up=expansions[0].weight, down=extra, rows=torch.arange(params.size)))
+        base = consumer.get()
+        reader = _new_columns(torch.zeros(linear_tensors(base)[0].shape[0], params.size), innermost(base))
+        consumer.put(WiderInputLinear(base, reader))
+        result.new_params.append(reader)
+        result.units.append(NewUnits(up=expansions[0].weight, down=reader, rows=torch.arange(params.size)))
     return result
 
 
 @operator("parallel_linear")
 def parallel_linear(view, params: ParallelLinearParams, gen: torch.Generator) -> OpResult:
+    """Each target Linear becomes W x + D x with D of W's shape: zeros (exact) or random (not)."""
+    _check_request(view, params)
     result = OpResult(exact=params.init == "zeros")
-    for get, set_, _ in _resolve_linears(view, params):
-        base = get()
-        weight = _weight(base)
-        values = (torch.zeros(weight.shape) if params.init == "zeros"
-                  else torch.randn(weight.shape, generator=gen) * params.std)
-        delta = nn.Parameter(values.to(weight.device, weight.dtype))
-        set_(ParallelLinear(base, delta))
+    for slot in _targets(view, params):
+        base = slot.get()
+        shape = linear_tensors(base)[0].shape
+        values = torch.zeros(shape) if params.init == "zeros" else torch.randn(shape, generator=gen) * params.std
+        delta = _new_columns(values, innermost(base))
+        slot.put(ParallelLinear(base, delta))
         result.new_params.append(delta)
     return result

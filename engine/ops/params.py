@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 LayerSelection = Union[Literal["all"], list[int]]
 
@@ -22,6 +22,10 @@ class OpParams(BaseModel):
     op: str
     stack: str | None = Field(None, description='models with several stacks (T5): "encoder" or "decoder"; '
                               "default: every stack")
+
+    # the model kinds (engine.arch.forward: causal_lm, seq2seq, mlp) the op applies to;
+    # engine.ops.registry.apply_operator refuses the others with one clear error
+    model_kinds: ClassVar[tuple[str, ...]] = ("causal_lm", "seq2seq")
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The chosen layers, resolved against the model's depth."""
@@ -86,35 +90,108 @@ class WidenFFNParams(LayeredOpParams):
 
 class WidenMLPParams(WidenFFNParams):
     """Add `size` units to hidden layers of a plain nn.Sequential MLP (hidden layer i: the output
-    of its i-th Linear). Same inits as widen_ffn; in place only (the matrices grow)."""
+    of its i-th Linear, read by Linear i+1 through elementwise modules). Inits, modes and defaults
+    as widen_ffn: `parallel` keeps the Linears and adds the units beside them (their incoming
+    rows in a separate trainable Linear, their outgoing weights as new input columns of the next
+    Linear); `inplace` makes the matrices wider. Same function."""
 
     op: Literal["widen_mlp"] = "widen_mlp"
-    mode: Literal["inplace"] = "inplace"
+    layers: LayerSelection = Field("all", description='"all" or a list of hidden layer indices')
+    model_kinds: ClassVar[tuple[str, ...]] = ("mlp",)
+
+    def model_problems(self, family) -> list[tuple[str, str]]:
+        if family.kind not in self.model_kinds:
+            return [("op", f"widen_mlp grows the hidden layers of an nn.Sequential MLP — {family.name} models "
+                           "grow their FFNs with op = \"widen_ffn\"")]
+        return []
 
 
-ModuleNames = list[Union[str, int]]
+# A Linear named for concat_linear / parallel_linear: on transformer blocks a role (see
+# ADAPTER_ROLES) or a dotted path inside the block ("mlp.c_fc"); on an nn.Sequential its index
+# among the Linears.
+ModuleNames = list[Union[int, str]]
 
 
-class ConcatLinearParams(LayeredOpParams):
+class LinearOpParams(LayeredOpParams):
+    """Keys shared by the operators on single Linear modules."""
+
+    modules: ModuleNames = Field(..., min_length=1)
+    model_kinds: ClassVar[tuple[str, ...]] = ("causal_lm", "seq2seq", "mlp")
+
+    @field_validator("modules")
+    @classmethod
+    def _distinct_names(cls, v):
+        bad = [m for m in v if (isinstance(m, int) and m < 0) or (isinstance(m, str) and not m.strip(". "))]
+        if bad:
+            raise ValueError(f"{bad}: name Linears by role (q k v o up down gate), by dotted path inside a "
+                             "block (\"mlp.c_fc\") or, on an nn.Sequential, by index >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError(f"modules repeat: {v}")
+        return v
+
+    def model_problems(self, family) -> list[tuple[str, str]]:
+        """(field, message) for names this family cannot have (dotted paths are checked on the model)."""
+        if family.kind == "mlp":
+            names = [m for m in self.modules if not isinstance(m, int)]
+            if names:
+                return [("modules", f"{names}: an nn.Sequential has no named blocks — name its Linears by index "
+                                    "(0 = the first Linear)")]
+            return []
+        indices = [m for m in self.modules if isinstance(m, int)]
+        if indices:
+            return [("modules", f"{indices}: Linear indices name the layers of an nn.Sequential — on {family.name} "
+                                f"blocks name roles ({', '.join(ADAPTER_ROLES)}) or dotted paths")]
+        if "gate" in self.modules and not family.ffn.gate:
+            return [("modules", f"role 'gate' does not exist in {family.name} models (their MLP has no gate "
+                                "projection) — use up, down or the attention roles")]
+        return []
+
+
+class ConcatLinearParams(LinearOpParams):
     """A Linear's output gains `size` features from a trainable expansion (cat([W x, E x])); the
-    module consuming that output gets `size` zero input columns, so the function is kept."""
+    module consuming that output gets `size` zero input columns, so the function is kept. The
+    consumer comes from the architecture: a transformer FFN's up (and gate, grown together) is
+    read by down; a Linear of an nn.Sequential by the next Linear."""
 
     op: Literal["concat_linear"] = "concat_linear"
-    modules: ModuleNames = Field(["up"], min_length=1, description='"up" (a transformer FFN) or Linear '
-                                 "indices of an nn.Sequential")
+    modules: ModuleNames = Field(["up"], min_length=1, description='roles "up"/"gate" or their dotted paths '
+                                 "(a transformer FFN), or Linear indices of an nn.Sequential (not the last)")
     size: int = Field(..., gt=0, description="output features to add")
     init_std: float | None = Field(None, gt=0, description="std of the expansion's weights "
                                    "(default: that of the original weights)")
 
+    # roles whose output a module of the block reads (the FFN's hidden units, read by down)
+    PRODUCER_ROLES: ClassVar[tuple[str, ...]] = ("up", "gate")
 
-class ParallelLinearParams(LayeredOpParams):
+    def model_problems(self, family) -> list[tuple[str, str]]:
+        problems = super().model_problems(family)
+        others = [m for m in self.modules if m in ADAPTER_ROLES and m not in self.PRODUCER_ROLES]
+        if not problems and family.kind != "mlp" and others:
+            problems.append(("modules", concat_consumer_message(others[0], family.name)))
+        return problems
+
+
+def concat_consumer_message(name, where: str) -> str:
+    return (f"'{name}' ({where}): concat_linear needs a Linear whose outputs exactly one module reads — on "
+            "transformer blocks the FFN's up (and gate) projection, read by down; attention widths grow with "
+            "add_heads, the residual stream with widen_hidden")
+
+
+class ParallelLinearParams(LinearOpParams):
     """Frozen W plus a trainable full-rank delta D of the same shape: y = W x + D x."""
 
     op: Literal["parallel_linear"] = "parallel_linear"
-    modules: ModuleNames = Field(..., min_length=1, description="roles (q k v o up down gate) or Linear "
-                                 "indices of an nn.Sequential")
+    modules: ModuleNames = Field(..., min_length=1, description="roles (q k v o up down gate) or dotted paths "
+                                 "inside a block, or Linear indices of an nn.Sequential")
     init: Literal["zeros", "random"] = Field("zeros", description="zeros keeps the function")
     std: float = Field(0.01, gt=0, description="std of D for init = random")
+
+    @model_validator(mode="after")
+    def _std_only_for_random(self):
+        if self.init == "zeros" and "std" in self.model_fields_set:
+            raise ValueError('std sets the random delta of init = "random"; init = "zeros" starts at zero — '
+                             'remove std or set init = "random"')
+        return self
 
 
 # Adapter roles: names for the projections of a block, resolved through the family description
@@ -176,6 +253,9 @@ class AdapterOpParams(LayeredOpParams):
     modules: list[str] = Field(..., min_length=1, description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
     name: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN,
                              description="adapter name (default: '<op>_stage<N>'); names task-specific modules")
+    # the default name picked when the op is applied, so that every stack of a multi-stack model
+    # (T5 encoder and decoder) joins the same adapter instead of getting a second, suffixed name
+    _default_name: str | None = PrivateAttr(None)
 
     @field_validator("modules")
     @classmethod

@@ -65,10 +65,13 @@ def load_operators() -> dict[str, Operator]:
 
 
 def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResult:
-    """Apply the op; on models with several stacks (T5), once per chosen stack, results merged."""
+    """Apply the op; on models with several stacks (T5), once per chosen stack (`params.stack`, or
+    every stack), the results merged (exact only if exact on every stack); the config copies the
+    stack modules keep follow the changes."""
     operator_fn = load_operators()[params.op]
+    _check_model_kind(view, params)
     stacks = view.stacks(params.stack) if hasattr(view, "stacks") else [view]
-    if len(stacks) == 1:
+    if len(stacks) == 1 and getattr(stacks[0], "stack", None) is None:  # one stack of blocks
         return operator_fn(stacks[0], params, generator)
     merged = OpResult()
     notes = []
@@ -82,4 +85,20 @@ def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResu
         if result.note:
             notes.append(f"{stack_view.stack}: {result.note}")
     merged.note = "; ".join(notes)
+    merged.config_changes.update(view.depth_followers())
+    view.update_stack_configs(merged.config_changes)
     return merged
+
+
+def _check_model_kind(view, params: OpParams) -> None:
+    """One clear error for an op on a kind of model it does not apply to (``model_kinds``)."""
+    kind = view.family.kind
+    if kind in type(params).model_kinds:
+        return
+    own = params.model_problems(view.family) if hasattr(params, "model_problems") else []
+    if own:  # the op's own wording (e.g. "use widen_ffn")
+        field, message = own[0]
+        raise ValueError(f"{field}: {message}")
+    fitting = [name for name, schema in OP_PARAMS.items() if kind in schema.model_kinds]
+    models = view.family.name + (f" ({kind})" if kind != view.family.name else "")
+    raise ValueError(f"op: {params.op} does not apply to {models} models — ops that do: {', '.join(fitting)}")
