@@ -28,7 +28,7 @@ from torch import nn
 
 from engine.arch import ArchView, get_submodule
 from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
-from engine.ops.depth import untie
+from engine.ops.depth import compact_attention_types, untie
 from engine.expand import Freezer, apply_stage, count_params, probe
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir, runs_root
@@ -298,12 +298,7 @@ def _per_layer_fields(config, family, blocks) -> dict:
         if field == "attention_layers" and hasattr(config, "attention_types") \
                 and not (callable(expand) and expand(config.attention_types) == value):
             # GPT-Neo rebuilds attention_layers from attention_types on load: write runs
-            runs: list[list] = []
-            for kind in value:
-                if runs and runs[-1][0] == [kind]:
-                    runs[-1][1] += 1
-                else:
-                    runs.append([[kind], 1])
+            runs = compact_attention_types(value)
             config.attention_types = runs
             changes["attention_types"] = runs
     return changes

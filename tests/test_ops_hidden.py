@@ -290,12 +290,12 @@ def test_bad_sizes_get_one_clear_error():
 
 
 def test_other_model_kinds_are_refused_by_name():
-    from engine.arch import view_of
+    from engine.arch import ArchView
     from engine.ops.hidden import widen_hidden
 
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"decoder-only language models \(gpt_neo, gpt2, gpt_neox, llama.*mlp"):
-        widen_hidden(view_of(mlp), WidenHiddenParams(size=4), torch.Generator())
+        widen_hidden(ArchView.of(mlp), WidenHiddenParams(size=4), torch.Generator())
 
 
 def test_parallel_paths_are_refused():

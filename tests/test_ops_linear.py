@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from engine.arch import ArchView, UnsupportedArchitecture, family_for, view_of
+from engine.arch import ArchView, UnsupportedArchitecture, family_for
 from engine.arch.forward import forward_logits
 from engine.expand import Freezer, apply_stage, count_params, new_unit_health, probe
 from engine.export import _materialize_modules
@@ -70,7 +70,7 @@ PRESERVING = [("zero_out", "parallel"), ("zeros", "parallel"), ("constant", "par
 
 def test_a_sequential_gets_the_mlp_view_from_the_family_data():
     model = make_mlp([2, 8, 8, 1])
-    for view in (ArchView.of(model), ArchView(None, model), view_of(model)):
+    for view in (ArchView.of(model), ArchView(None, model)):
         assert view.family.kind == "mlp" and view.family is family_for("sequential")
         assert (view.num_linears, view.num_layers) == (3, 2) and view.linear(1) is model[2]
     assert family_for("gpt2").blocks == "transformer.h" and family_for("gpt2").kind == "causal_lm"
@@ -91,7 +91,7 @@ def test_a_sequential_gets_the_mlp_view_from_the_family_data():
 def test_widen_mlp_preserving_inits_keep_outputs(widths, act, init_mode, size, seed):
     init, mode = init_mode
     model = make_mlp(widths, act, seed)
-    view, batch = view_of(model), float_batch(widths, seed)
+    view, batch = ArchView.of(model), float_batch(widths, seed)
     report = grow(model, view, batch, {"op": "widen_mlp", "size": size, "init": init, "mode": mode}, seed=seed).reports[0]
     assert report["exact"] and report["max_abs_logit_delta"] <= 1e-4, report
     hidden = len(widths) - 2
@@ -107,7 +107,7 @@ def test_widen_mlp_preserving_inits_keep_outputs(widths, act, init_mode, size, s
 @given(widths=mlp_widths, size=st.integers(1, 3), seed=st.integers(0, 500), mode=st.sampled_from(["parallel", "inplace"]))
 def test_widen_mlp_random_init_is_reported_inexact(widths, size, seed, mode):
     model = make_mlp(widths, "tanh", seed)
-    report = grow(model, view_of(model), float_batch(widths, seed), {"op": "widen_mlp", "size": size, "init": "random",
+    report = grow(model, ArchView.of(model), float_batch(widths, seed), {"op": "widen_mlp", "size": size, "init": "random",
                                                                      "mode": mode}).reports[0]
     assert not report["exact"] and 0 < report["max_abs_logit_delta"] < float("inf")
 
@@ -115,7 +115,7 @@ def test_widen_mlp_random_init_is_reported_inexact(widths, size, seed, mode):
 def test_widen_mlp_on_classes_with_int_targets():
     """Integer targets are classes (cross-entropy); the report holds loss, params and health."""
     model = make_mlp([4, 8, 8, 3], "gelu")
-    view = view_of(model)
+    view = ArchView.of(model)
     x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
     y = x.argmax(1) % 3
     _, loss = probe(model, x, y)
@@ -147,7 +147,7 @@ def test_failure_modes_on_the_small_mlp(init, mode, expect):
     then trained 30 steps: the note's failure modes happen, and zero_out escapes them."""
     widths = [2, 8, 8, 1]
     model = make_mlp(widths, "relu", 0)
-    view = view_of(model)
+    view = ArchView.of(model)
     batch = float_batch(widths, rows=64)
     growth = grow(model, view, batch, {"op": "widen_mlp", "size": 4, "init": init, "mode": mode, "layers": [0]})
     report = growth.reports[0]
@@ -178,7 +178,7 @@ def test_failure_modes_on_the_small_mlp(init, mode, expect):
 
 def test_widen_mlp_in_place_over_a_parallel_path_merges_it():
     model = make_mlp([3, 6, 5, 2], "tanh")
-    view, batch = view_of(model), float_batch([3, 6, 5, 2])
+    view, batch = ArchView.of(model), float_batch([3, 6, 5, 2])
     reports = grow(model, view, batch, {"op": "widen_mlp", "size": 2, "layers": [0]},
                    {"op": "widen_mlp", "size": 3, "init": "net2net", "mode": "inplace"}).reports
     assert all(r["exact"] and r["max_abs_logit_delta"] <= 1e-5 for r in reports)
@@ -195,7 +195,7 @@ def test_widen_mlp_in_place_over_a_parallel_path_merges_it():
        delta_init=st.sampled_from(["zeros", "random"]), data=st.data())
 def test_concat_and_parallel_linear_on_mlps(widths, size, seed, act, delta_init, data):
     model = make_mlp(widths, act, seed)
-    view, batch = view_of(model), float_batch(widths, seed)
+    view, batch = ArchView.of(model), float_batch(widths, seed)
     hidden = data.draw(st.integers(0, len(widths) - 3))  # a Linear that another one reads
     targets = data.draw(st.lists(st.integers(0, len(widths) - 2), min_size=1, max_size=2, unique=True))
     parallel = {"op": "parallel_linear", "modules": targets, "init": delta_init}
@@ -218,7 +218,7 @@ def test_concat_and_parallel_linear_on_mlps(widths, size, seed, act, delta_init,
 def test_freeze_base_trains_only_the_new_tensors():
     widths = [3, 8, 8, 2]
     model = make_mlp(widths, "relu")
-    view, batch = view_of(model), float_batch(widths, rows=32)
+    view, batch = ArchView.of(model), float_batch(widths, rows=32)
     growth = grow(model, view, batch, {"op": "concat_linear", "modules": [0], "size": 3},
                   {"op": "parallel_linear", "modules": [2], "init": "random"})
     freezer = Freezer()
@@ -327,7 +327,7 @@ def test_clear_errors_on_mlps(spec, message):
     model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 1))
     before = repr(model)
     with pytest.raises(ValueError, match=message):
-        grow(model, view_of(model), float_batch([2, 1]), spec)
+        grow(model, ArchView.of(model), float_batch([2, 1]), spec)
     assert repr(model) == before  # refused before anything changed
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from engine.arch.families import (FAMILIES, ArchFamily, AttentionLayout, FFNLayout, UnsupportedArchitecture,
                                   family_for)
 
-__all__ = ["view_of", "ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
+__all__ = ["ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
 
 
 def get_submodule(root, dotted: str):
@@ -144,8 +144,3 @@ class ArchView:
         value = getattr(self.config, field, None) if field else None
         return int(value) if value else self.num_heads
 
-
-def view_of(model):
-    """The architecture view of any model widen grows: Hugging Face models by their config's
-    family, plain nn.Sequential MLPs by ``engine.arch.mlp.MLPView``."""
-    return ArchView.of(model)

@@ -156,7 +156,7 @@ def untie(model: nn.Module) -> int:
 # installing a new stack
 
 
-def _compact_types(types: list[str]) -> list:
+def compact_attention_types(types: list[str]) -> list:
     """Run-length form accepted by GPTNeoConfig.attention_types: [[["global"], 1], [["local"], 3]]."""
     runs: list = []
     for t in types:
@@ -205,7 +205,7 @@ def _install(view, new_blocks: list[nn.Module], sources: list[int]) -> dict:
         if isinstance(old, (list, tuple)):
             changes[name] = [old[s] for s in sources]
     if "attention_layers" in changes and hasattr(config, "attention_types"):
-        changes["attention_types"] = _compact_types(changes["attention_layers"])
+        changes["attention_types"] = compact_attention_types(changes["attention_layers"])
     # the config must describe the new stack now: models read it in forward (e.g. Llama iterates
     # layers[:num_hidden_layers]); apply_stage sets these again from OpResult.config_changes
     for name, value in changes.items():
