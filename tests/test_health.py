@@ -10,6 +10,7 @@ from engine.arch import ArchView
 from engine.expand import Freezer, apply_stage
 from engine.health import max_pairwise_cosine, max_twin_cosine
 from engine.plan import ExpandSpec
+from tests.tiny_models import train_steps
 
 VOCAB = 40
 
@@ -27,12 +28,7 @@ def train_widened(init: str, mode: str = "inplace", freeze: str = "base", steps:
     growth = apply_stage(model, view, 0, [spec], batch, torch.Generator().manual_seed(2))
     freezer = Freezer()
     freezer.apply(model, freeze, growth)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    for _ in range(steps):
-        logits = model(input_ids=batch[0]).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, batch, steps=steps, lr=1e-2)
     return growth.reports[0], growth.results[0].units
 
 

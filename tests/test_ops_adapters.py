@@ -18,7 +18,7 @@ from engine.ops.adapters import (adapter_layers, adapter_names, adapter_state_di
 from engine.ops.depth import layer_kinds
 from engine.ops.params import ADAPTER_ROLES
 from engine.plan import ExpandSpec
-from tests.tiny_models import DECODER_FAMILIES, build, build_t5, token_batch
+from tests.tiny_models import DECODER_FAMILIES, build, build_t5, token_batch, train_steps
 
 examples = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -38,12 +38,8 @@ def loss(model, seed=0):
     return torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
 
 
-def train_steps(model, steps=3, seed=0, lr=0.05):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
-    for _ in range(steps):
-        loss(model, seed).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+def train(model, steps=3, seed=0, lr=0.05):
+    train_steps(model, token_batch(seed), steps=steps, lr=lr)
 
 
 def roles_of(view) -> list[str]:
@@ -113,7 +109,7 @@ def test_frozen_base_stays_put_while_adapters_learn():
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in adapter_tensors(model)}
     before = logits(model)
-    train_steps(model)
+    train(model)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     changed = [n for n, p in adapter_tensors(model) if not torch.equal(p, adapters[n])]
     assert any("lora_B" in n for n in changed) and any("ia3_l" in n for n in changed)
@@ -150,7 +146,7 @@ def test_virtual_twins_get_their_own_adapters(family):
     assert all(ga is not None and gb is not None and not torch.allclose(ga, gb) for ga, gb in grads)
     model.zero_grad()
 
-    train_steps(model)
+    train(model)
     for (path, a), (_, b) in pairs:
         ba, bb = a.lora_B["lora_stage0"].weight, b.lora_B["lora_stage0"].weight
         assert float(ba.detach().abs().max()) > 0 and float(bb.detach().abs().max()) > 0
@@ -269,11 +265,11 @@ def test_switching_saving_and_loading_adapters(tmp_path):
     original = logits(model)
     growth = grow(model, view, {"op": "lora", "modules": ["q", "up"], "r": 2})
     Freezer().apply(model, "base", growth)
-    train_steps(model)
+    train(model)
     after_first = logits(model)
     growth = grow(model, view, {"op": "ia3", "modules": ["k", "down"]}, stage=1)
     Freezer().apply(model, "base", growth)
-    train_steps(model, seed=1)
+    train(model, seed=1)
     both = logits(model)
     assert adapter_names(model) == {"lora_stage0": "lora", "ia3_stage1": "ia3"}
     assert float((both - after_first).abs().max()) > 1e-3
@@ -341,7 +337,7 @@ def test_merging_keeps_the_function_of_twins_with_different_adapters():
                   {"op": "lora", "modules": ["q", "o", "up"], "r": 2},
                   {"op": "ia3", "modules": ["v", "down"]})
     Freezer().apply(model, "base", growth)
-    train_steps(model)
+    train(model)
     a, b = view.blocks()[1], view.blocks()[2]
     assert not torch.allclose(a.self_attn.q_proj.lora_B["lora_stage0"].weight,
                               b.self_attn.q_proj.lora_B["lora_stage0"].weight)
@@ -372,10 +368,10 @@ def test_merging_nested_adapters_then_growing_again(family):
     model, view = build(family, 2, 2, 4, 12, 0)
     growth = grow(model, view, {"op": "lora", "modules": ["o", "down"], "r": 2})
     Freezer().apply(model, "base", growth)
-    train_steps(model)
+    train(model)
     growth = grow(model, view, {"op": "ia3", "modules": ["o", "down"]}, stage=1)
     Freezer().apply(model, "base", growth)
-    train_steps(model, seed=1)
+    train(model, seed=1)
     assert any(".base_layer" in path for path, _ in adapter_layers(model))  # nested
     saved = adapter_state_dict(model, "lora_stage0")
     assert not any("base_layer" in key for key in saved)  # plain module paths, as PEFT names them

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from engine.expand import Freezer, apply_stage
 from engine.plan import ExpandSpec
-from tests.tiny_models import VOCAB, build
+from tests.tiny_models import VOCAB, build, train_steps
 
 
 def batch(seed=0):
@@ -65,12 +65,7 @@ def test_llama_config_follows_and_only_new_heads_train():
     freezer = Freezer()
     freezer.apply(model, "base", growth)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0)
-    x, y = batch()
-    for _ in range(3):
-        torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, batch())
     q = model.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(q[:16], before["model.layers.0.self_attn.q_proj.weight"][:16])
     assert not torch.equal(q[16:], before["model.layers.0.self_attn.q_proj.weight"][16:])

@@ -18,7 +18,7 @@ from engine.export import materialize
 from engine.ops.hidden import MaskedNorm
 from engine.ops.params import WidenHiddenParams
 from engine.plan import ExpandSpec
-from tests.tiny_models import DECODER_FAMILIES, VOCAB, tiny_config, token_batch
+from tests.tiny_models import DECODER_FAMILIES, VOCAB, tiny_config, token_batch, train_steps
 
 EXACT = 1e-4
 FAMILY = st.sampled_from(DECODER_FAMILIES)
@@ -326,12 +326,7 @@ def test_base_freezing_trains_only_the_copies():
     total = sum(p.numel() for p in model.parameters())
     assert 0 < freezer.trainable(model) < total
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0)
-    x, y = token_batch()
-    for _ in range(3):
-        torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, token_batch())
     q = model.transformer.h[0].attn.attention.q_proj.weight
     q0 = before["transformer.h.0.attn.attention.q_proj.weight"]
     assert torch.equal(q[:8, :8], q0[:8, :8]) and not torch.equal(q[8:], q0[8:])

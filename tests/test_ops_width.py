@@ -13,7 +13,7 @@ from engine.ops.params import WidenFFNParams
 from engine.ops.registry import OPERATORS, apply_operator, load_operators
 from engine.plan import ExpandSpec
 
-from tests.tiny_models import VOCAB, build, tiny_config  # noqa: F401  (re-exported for other tests)
+from tests.tiny_models import VOCAB, build, tiny_config, train_steps  # noqa: F401  (re-exported for other tests)
 
 
 families = st.sampled_from(["gpt_neo", "gpt2", "gpt_neox", "llama"])
@@ -83,12 +83,7 @@ def test_freeze_base_trains_only_new_entries():
     freezer = Freezer()
     freezer.apply(model, "base", growth)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0)
-    for _ in range(3):
-        logits = model(input_ids=x).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, batch, lr=0.1)
     fc = view.ffn(0).c_fc.weight  # Conv1D: [hidden, units]; the last 3 columns are new
     assert torch.equal(fc[:, :16], before["transformer.h.0.mlp.c_fc.weight"][:, :16])
     assert not torch.equal(fc[:, 16:], before["transformer.h.0.mlp.c_fc.weight"][:, 16:])

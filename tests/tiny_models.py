@@ -57,3 +57,14 @@ def build_t5(layers=2, decoder_layers=3, heads=2, d_kv=4, d_model=16, d_ff=24, g
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return model, ArchView(model.config, model)
+
+
+def train_steps(model, batch, steps: int = 3, lr: float = 0.05) -> None:
+    """A few AdamW steps (no weight decay, so frozen entries stay exact) of next-token loss on
+    `batch` = (inputs, targets), over whatever requires grad."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
+    inputs, targets = batch
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(input_ids=inputs).logits.flatten(0, 1), targets.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
