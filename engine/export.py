@@ -52,14 +52,11 @@ def _cache_dir() -> Path:
 
 def _load_tokenizer_and_model(plan: Plan, device: str):
     from engine.data import load_tokenizer
-    from engine.models import load_model
+    from engine.models import check_vocabulary, load_model
 
     tokenizer = load_tokenizer(plan.model.tokenizer)
     model, view = load_model(plan.model, plan.seed)
-    vocab = model.get_input_embeddings().num_embeddings
-    if tokenizer.vocab_size > vocab:
-        raise ExportError(f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "
-                          f"vocabulary has {vocab} — use the model's own tokenizer")
+    check_vocabulary(model, tokenizer)
     return tokenizer, model.to(device), view
 
 

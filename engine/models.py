@@ -90,3 +90,11 @@ def load_model(spec, seed: int):
     else:
         model = auto.from_pretrained(spec.source, revision=spec.revision)
     return model, ArchView(model.config, model)
+
+
+def check_vocabulary(model, tokenizer) -> None:
+    """Every token id the tokenizer can produce must have an embedding row."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if tokenizer.vocab_size > vocab:
+        raise ModelLoadError(f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                             f"vocabulary has {vocab} — use the model's own tokenizer", field="tokenizer")

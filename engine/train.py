@@ -23,7 +23,7 @@ from engine import metrics
 from engine.data import eval_batches, load_task, load_tokenizer, train_batch
 from engine.events import EventWriter
 from engine.expand import Freezer, StageGrowth, apply_stage, count_params
-from engine.models import load_model
+from engine.models import check_vocabulary, load_model
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir, write_json_atomic
 from engine.system import SystemMonitor
@@ -131,10 +131,7 @@ class Trainer:
         cache = self.run.path.parent / ".cache"
         self.tasks = {name: load_task(name, spec, self.tokenizer, cache) for name, spec in plan.tasks.items()}
         self.model, self.view = load_model(plan.model, plan.seed)
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if self.tokenizer.vocab_size > vocab:
-            raise ValueError(f"model.tokenizer: the tokenizer has {self.tokenizer.vocab_size} ids but the "
-                             f"model's vocabulary has {vocab} — use the model's own tokenizer")
+        check_vocabulary(self.model, self.tokenizer)
         self.model.to(self.device)
         self.freezer = Freezer()
         self.eval_sets = {

@@ -376,3 +376,13 @@ def test_uneven_widths_and_mixed_kept_adapters_get_one_clear_error(tmp_path, wid
     code, stdout, err = cli(capsys, "export", str(plan), str(tmp_path / "mixed-out"))  # merged: fine
     assert code == 0, err
     assert json.loads((tmp_path / "mixed-out" / "widen_export.json").read_text())["adapters"] == "merged"
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_clear_error(tmp_path, widen_home):
+    from engine.models import ModelLoadError
+
+    config = tiny_config("gpt2", 1, 2, 4, 8)  # 61 ids: the byte tokenizer's 259 do not fit
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "small-vocab")
+    plan = load_plan(write_plan(tmp_path, tmp_path / "small-vocab", ""))
+    with pytest.raises(ModelLoadError, match="tokenizer has 259 ids but the model's vocabulary has 61"):
+        build_from_plan(plan)
