@@ -23,6 +23,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "system": ("rss_mb", "cpu_percent", "gpus", "gpu_status", "torch_peak_mb"),
     "checkpoint": ("stage", "step", "path", "reason"),
     "status": ("state",),                                           # + error when failed
+    "sweep": ("task", "depth", "rows", "best"),                     # a mapping sweep after the stages
 }
 COMMON = ("type", "t")
 
@@ -52,6 +53,11 @@ class EventWriter:
         if kind in self.DURABLE:
             os.fsync(self._file.fileno())
         return event
+
+    def write_raw(self, event: dict) -> None:
+        """Append an event as it is (events copied from a cached prefix keep their times)."""
+        self._file.write(json.dumps(event, default=_jsonable) + "\n")
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()

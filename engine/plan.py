@@ -30,13 +30,31 @@ class ModelSpec(Strict):
     revision: str | None = None
 
 
+GENERATION_SOURCES = ("builtin:docstring-code",)
+
+
 class TaskSpec(Strict):
     source: str = Field(..., description="builtin:<corpus>, local text files, or a datasets name/dir")
+    kind: Literal["text", "generation"] | None = Field(
+        None, description='"text" (language modelling) or "generation" (prompt -> continuation, '
+                          "loss on the continuation, scored by exact match and BLEU-4); default: "
+                          "generation for builtin:docstring-code, else text")
     split: str = "train"
     column: str = "text"
+    prompt_column: str | None = Field(None, description="generation tasks from datasets: the prompt column")
+    target_column: str | None = Field(None, description="generation tasks from datasets: the target column")
     subset: str | None = Field(None, description="dataset configuration name")
     eval_fraction: float = Field(0.1, gt=0, lt=0.9, description="share of documents held out")
     max_docs: int | None = Field(None, gt=0)
+    generate_examples: int = Field(16, ge=0, description="generation tasks: held-out examples decoded "
+                                   "and scored (exact match, BLEU-4) at each stage end; 0 disables")
+    max_new_tokens: int = Field(96, gt=0, description="generation tasks: decoding budget per example")
+
+    @property
+    def task_kind(self) -> str:
+        if self.kind is not None:
+            return self.kind
+        return "generation" if self.source in GENERATION_SOURCES else "text"
 
 
 class TrainSpec(Strict):
@@ -65,6 +83,22 @@ class ExpandSpec(BaseModel):
         return OP_PARAMS[self.op].model_validate(self.model_dump())
 
 
+class GrowSpec(Strict):
+    """Progressive growth inside a stage: apply `expand` whenever the training loss plateaus
+    (the test of torch's ReduceLROnPlateau: `patience` checks without an improvement larger than
+    `threshold`, relative or absolute, then `cooldown` checks of rest)."""
+
+    trigger: Literal["plateau"] = "plateau"
+    patience: int = Field(3, ge=1, description="checks without improvement before growing")
+    threshold: float = Field(0.01, ge=0, description="the improvement that counts (see mode)")
+    mode: Literal["rel", "abs"] = Field("rel", description="rel: best·(1-threshold); abs: best-threshold")
+    cooldown: int = Field(2, ge=0, description="checks to wait after a growth before counting again")
+    check_interval: int = Field(10, gt=0, description="steps per check (mean training loss over them)")
+    warmup_checks: int = Field(2, ge=0, description="checks at the start of the stage that never trigger")
+    max_growths: int = Field(1, ge=1, description="at most this many growths in the stage")
+    expand: list[ExpandSpec] = Field(..., min_length=1, description="the operators applied at each growth")
+
+
 class StageSpec(Strict):
     name: str | None = None
     task: str
@@ -73,6 +107,25 @@ class StageSpec(Strict):
         "none", description='"none", "base" (only what this stage adds trains) or name globs to freeze')
     lr: float | None = Field(None, gt=0, description="overrides train.lr for this stage")
     expand: list[ExpandSpec] = Field(default_factory=list)
+    grow: GrowSpec | None = Field(None, description="grow the model when the loss plateaus")
+
+
+class VariantSpec(Strict):
+    """One arm of a comparison: the plan's shared stages (trained once, cached), then these."""
+
+    name: str = Field(..., min_length=1)
+    description: str | None = None
+    stages: list[StageSpec] = Field(default_factory=list)
+
+
+class SweepSpec(Strict):
+    """Score layer mappings of the trained model without training (after the last stage)."""
+
+    task: str = Field(..., description="the task whose held-out text scores each mapping")
+    depth: int = Field(..., gt=0, description="layers of the stacked models")
+    keep_ends: bool = Field(True, description="keep the first and last source layers in place")
+    mappings: list[list[int]] | None = Field(None, description="explicit mappings (default: generated)")
+    limit: int | None = Field(None, gt=0, description="at most this many generated mappings")
 
 
 class Plan(Strict):
@@ -82,7 +135,11 @@ class Plan(Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: dict[str, TaskSpec] = Field(..., min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    stages: list[StageSpec] = Field(..., min_length=1)
+    stages: list[StageSpec] = Field(default_factory=list, description="shared stages (before any variant)")
+    variants: list[VariantSpec] = Field(default_factory=list, description="arms that share the stages")
+    task_modules: bool = Field(False, description="each stage's expansion modules belong to its task; "
+                               "evaluating a task switches to its modules over the shared frozen base")
+    sweep: SweepSpec | None = None
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
@@ -90,6 +147,32 @@ class Plan(Strict):
     def stage_label(self, index: int) -> str:
         stage = self.stages[index]
         return stage.name or f"{index + 1}:{stage.task}"
+
+    def for_variant(self, name: str) -> "Plan":
+        """The plan one variant runs: the shared stages, then the variant's own."""
+        variant = next((v for v in self.variants if v.name == name), None)
+        if variant is None:
+            raise KeyError(f"no variant '{name}' — variants: {', '.join(v.name for v in self.variants)}")
+        data = self.model_dump()
+        data.update(stages=data["stages"] + [s.model_dump() for s in variant.stages], variants=[],
+                    description=variant.description or self.description)
+        return Plan.model_validate(data)
+
+    def prefix_key(self, stages: int) -> str:
+        """A content hash of everything the first `stages` stages' result depends on: model,
+        tokenizer, every task (each is evaluated after each stage), training settings, seed,
+        task-module mode and the stages themselves. Equal keys = interchangeable checkpoints."""
+        import hashlib
+        import json
+
+        data = self.model_dump(mode="json", include={"seed", "model", "tasks", "train", "task_modules"})
+        data["stages"] = [s.model_dump(mode="json", exclude={"name"}) for s in self.stages[:stages]]
+        data["format"] = PREFIX_FORMAT
+        return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Bump when what a cached prefix checkpoint holds, or how stages train, changes.
+PREFIX_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -244,18 +327,56 @@ def _cross_check(raw: dict) -> list[Problem]:
     problems: list[Problem] = []
     tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    problems += _check_stages(stages, "stages", tasks)
+    names = []
+    for v, variant in enumerate(variants):
+        if not isinstance(variant, dict):
+            continue
+        vstages = variant.get("stages") if isinstance(variant.get("stages"), list) else []
+        problems += _check_stages(vstages, f"variants.{v}.stages", tasks)
+        if not stages and not vstages:
+            problems.append(Problem(f"variants.{v}.stages", "this variant has no stage and the plan "
+                                    "shares none — add [[variants.stages]] or shared [[stages]]"))
+        name = variant.get("name")
+        if name in names:
+            problems.append(Problem(f"variants.{v}.name", f"'{name}' names two variants — make names unique"))
+        names.append(name)
+    if not stages and not variants and "stages" not in raw:
+        problems.append(Problem("stages", "is required — add at least one [[stages]] table"))
+    elif not stages and not variants:
+        problems.append(Problem("stages", "the plan has no stage — add at least one [[stages]] table"))
+    sweep = raw.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("task"), str) and tasks and sweep["task"] not in tasks:
+        problems.append(Problem("sweep.task", f"unknown task '{sweep['task']}' — use one of: {', '.join(tasks)}"))
+    return problems
+
+
+def _check_stages(stages: list, where: str, tasks: dict) -> list[Problem]:
+    problems = []
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
             continue
         task = stage.get("task")
         if isinstance(task, str) and tasks and task not in tasks:
-            problems.append(Problem(f"stages.{i}.task", f"unknown task '{task}' — define "
+            problems.append(Problem(f"{where}.{i}.task", f"unknown task '{task}' — define "
                                     f"[tasks.{task}] or use one of: {', '.join(tasks)}"))
-        expand = stage.get("expand")
-        for j, spec in enumerate(expand if isinstance(expand, list) else []):
-            if isinstance(spec, dict) and "op" in spec:
-                problems.extend(_check_op(spec, f"stages.{i}.expand.{j}"))
+        for key, ops in _stage_op_lists(stage):
+            for j, spec in enumerate(ops):
+                if isinstance(spec, dict) and "op" in spec:
+                    problems.extend(_check_op(spec, f"{where}.{i}.{key}.{j}"))
     return problems
+
+
+def _stage_op_lists(stage: dict) -> list[tuple[str, list]]:
+    """("expand", [ops]) and ("grow.expand", [ops]) of a raw stage: the operators it may apply."""
+    out = []
+    expand = stage.get("expand")
+    out.append(("expand", expand if isinstance(expand, list) else []))
+    grow = stage.get("grow")
+    if isinstance(grow, dict) and isinstance(grow.get("expand"), list):
+        out.append(("grow.expand", grow["expand"]))
+    return out
 
 
 def plan_from_dict(raw: dict) -> Plan:
@@ -295,48 +416,72 @@ def check_model_fields(raw: dict) -> list[Problem]:
         arch = load_architecture(model)
     except ModelLoadError as e:
         return [Problem(f"model.{e.field}", str(e))]
-    problems = []
     # depth per stack at this point of the plan (one stack, or T5's encoder and decoder)
-    views = arch.stacks()
-    depths = {view.stack: view.num_layers for view in views}
-    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    depths = {view.stack: view.num_layers for view in arch.stacks()}
+    shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    problems = _check_stage_ops(shared, "stages", depths, arch)
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    for v, variant in enumerate(variants):
+        stages = variant.get("stages") if isinstance(variant, dict) else None
+        if isinstance(stages, list):
+            problems += _check_stage_ops(stages, f"variants.{v}.stages", dict(depths), arch)
+    return problems
+
+
+def _check_stage_ops(stages: list, where: str, depths: dict, arch) -> list[Problem]:
+    """Check each stage's operators (and its growth operators, once per allowed growth) in plan
+    order, updating `depths` as depth operators change it."""
+    problems = []
     for i, stage in enumerate(stages):
-        expand = stage.get("expand") if isinstance(stage, dict) else None
-        for j, spec in enumerate(expand if isinstance(expand, list) else []):
-            if not isinstance(spec, dict) or spec.get("op") not in OP_PARAMS:
-                continue  # reported by the schema check
-            where = f"stages.{i}.expand.{j}"
-            op_class = OP_PARAMS[spec["op"]]
-            try:
-                params = op_class.model_validate(spec)
-                source_layers = params.source_layers()
-            except ValidationError:  # other fields are reported by the schema check; indices still here
-                params = None
-                raw_layers = spec.get(op_class.source_field)
-                source_layers = [k for k in raw_layers if isinstance(k, int)] if isinstance(raw_layers, list) else []
-            stack = spec.get("stack")
-            if stack is not None and stack not in depths:
-                names = ", ".join(str(n) for n in depths if n) or "none (one stack of blocks)"
-                problems.append(Problem(f"{where}.stack", f"'{stack}' is not a stack of this model — stacks: {names}"))
-                continue
-            chosen = [stack] if stack is not None else list(depths)
-            for name in chosen:
-                num_layers = depths[name]
-                label = f"the {name} has" if name else "the model has"
-                bad = [k for k in source_layers if k >= num_layers]
-                if bad:
-                    problems.append(Problem(
-                        f"{where}.{op_class.source_field}",
-                        f"layer {', '.join(map(str, bad))} out of range — {label} {num_layers} "
-                        f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
-                if params is None:
-                    continue
-                for field, message in params.depth_problems(num_layers):
-                    problems.append(Problem(f"{where}.{field}", message))
-                depths[name] = params.num_layers_after(num_layers)
-            model_problems = getattr(params, "model_problems", None)
-            for field, message in (model_problems(arch.family) if model_problems else []):
-                problems.append(Problem(f"{where}.{field}", message))
+        if not isinstance(stage, dict):
+            continue
+        for key, ops in _stage_op_lists(stage):
+            repeats = 1
+            if key == "grow.expand":
+                growths = stage["grow"].get("max_growths", 1)
+                repeats = growths if isinstance(growths, int) and 0 < growths <= 16 else 1
+            for _ in range(repeats):
+                found = []
+                for j, spec in enumerate(ops):
+                    found += _check_one_op(spec, f"{where}.{i}.{key}.{j}", depths, arch)
+                problems += [p for p in found if p not in problems]
+    return problems
+
+
+def _check_one_op(spec, where: str, depths: dict, arch) -> list[Problem]:
+    if not isinstance(spec, dict) or spec.get("op") not in OP_PARAMS:
+        return []  # reported by the schema check
+    problems = []
+    op_class = OP_PARAMS[spec["op"]]
+    try:
+        params = op_class.model_validate(spec)
+        source_layers = params.source_layers()
+    except ValidationError:  # other fields are reported by the schema check; indices still here
+        params = None
+        raw_layers = spec.get(op_class.source_field)
+        source_layers = [k for k in raw_layers if isinstance(k, int)] if isinstance(raw_layers, list) else []
+    stack = spec.get("stack")
+    if stack is not None and stack not in depths:
+        names = ", ".join(str(n) for n in depths if n) or "none (one stack of blocks)"
+        return [Problem(f"{where}.stack", f"'{stack}' is not a stack of this model — stacks: {names}")]
+    chosen = [stack] if stack is not None else list(depths)
+    for name in chosen:
+        num_layers = depths[name]
+        label = f"the {name} has" if name else "the model has"
+        bad = [k for k in source_layers if k >= num_layers]
+        if bad:
+            problems.append(Problem(
+                f"{where}.{op_class.source_field}",
+                f"layer {', '.join(map(str, bad))} out of range — {label} {num_layers} "
+                f"layers at this point (0..{num_layers - 1}); use those indices or \"all\""))
+        if params is None:
+            continue
+        for field, message in params.depth_problems(num_layers):
+            problems.append(Problem(f"{where}.{field}", message))
+        depths[name] = params.num_layers_after(num_layers)
+    model_problems = getattr(params, "model_problems", None)
+    for field, message in (model_problems(arch.family) if model_problems else []):
+        problems.append(Problem(f"{where}.{field}", message))
     return problems
 
 

@@ -108,6 +108,8 @@ class RunDir:
             "name": info.get("name", self.id),
             "plan": info.get("plan_path"),
             "seed": info.get("seed"),
+            "variant": info.get("variant"),
+            "group": info.get("group"),
             "created": info.get("created"),
             "ended": status.get("ended"),
             "state": status["state"],

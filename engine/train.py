@@ -18,15 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.arch.forward import forward_logits, loss_of
+from engine.arch.forward import batch_to, forward_logits, loss_of, slice_batch
 from engine import metrics
 from engine.data import eval_batches, load_task, load_tokenizer, train_batch
+from engine.growth import PlateauDetector, carry_optimizer_state
 from engine.events import EventWriter
+from engine import prefix_cache
 from engine.expand import Freezer, StageGrowth, apply_stage, count_params
 from engine.models import check_vocabulary, load_model
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir, write_json_atomic
 from engine.system import SystemMonitor
+from engine.task_modules import TaskModules
 
 PROBE_SEQUENCES = 4          # sequences in the fixed probe batch used to measure expansions
 SYSTEM_SAMPLE_S = 5.0        # seconds between system samples
@@ -38,28 +41,53 @@ class Cancelled(Exception):
 
 
 # -- shared with engine.export (build a plan's model without training) -------------------------
-def op_generator(seed: int, stage: int) -> torch.Generator:
-    """The generator a stage's operators draw from: the same in a run, a resume and an export."""
-    return torch.Generator().manual_seed(seed * 1000 + stage)
+def op_generator(seed: int, stage: int, growth: int | None = None) -> torch.Generator:
+    """The generator a stage's operators (or its `growth`-th automatic growth) draw from: the
+    same in a run, a resume and an export."""
+    offset = 0 if growth is None else 100_000 * (growth + 1)
+    return torch.Generator().manual_seed(seed * 1000 + stage + offset)
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """Torch's RNG is reseeded at each stage start, so a stage trains the same whether the stages
+    before it ran in this process, were resumed, or came from the prefix cache."""
+    return seed * 7919 + stage
 
 
 def task_eval_batches(data, train) -> list:
     """A task's fixed eval batches (numpy) for the plan's `train` settings."""
+    if hasattr(data, "eval_batches"):  # a generation task: (prompt, continuation) pairs
+        return data.eval_batches(train.batch_size, train.seq_len, train.eval_batches)
     return eval_batches(data.eval, train.batch_size, train.seq_len, train.eval_batches)
+
+
+def task_train_batch(data, train, seed: int, stage: int, step: int):
+    """A task's training batch for (seed, stage, step): a pure function of them."""
+    if hasattr(data, "train_batch"):
+        return data.train_batch(train.batch_size, train.seq_len, seed, stage, step)
+    return train_batch(data.train, train.batch_size, train.seq_len, seed, stage, step)
 
 
 def probe_batch(eval_set: list) -> tuple:
     """The fixed probe batch that measures expansions: the first eval batch, PROBE_SEQUENCES rows."""
-    return tuple(t[:PROBE_SEQUENCES] for t in eval_set[0])
+    return slice_batch(eval_set[0], PROBE_SEQUENCES)
 
 
-def replay_expansions(model, view, plan, stages: int) -> StageGrowth:
-    """Apply the operators of the first `stages` stages unmeasured (to fit a checkpoint's shape);
-    returns the last stage's growth."""
+def replay_expansions(model, view, plan, stages: int, growths: list[dict] | None = None,
+                      on_stage=None) -> StageGrowth:
+    """Apply the operators of the first `stages` stages unmeasured (to fit a checkpoint's shape),
+    each stage followed by the automatic growths it had (`growths`: [{"stage", "growth"}]);
+    returns the last stage's growth. `on_stage(index, growth)` sees each stage's additions."""
     growth = StageGrowth()
     for index in range(stages):
         growth = apply_stage(model, view, index, plan.stages[index].expand, None,
                              op_generator(plan.seed, index), measure=False)
+        for g in sorted((g for g in growths or [] if g["stage"] == index), key=lambda g: g["growth"]):
+            extra = apply_stage(model, view, index, plan.stages[index].grow.expand, None,
+                                op_generator(plan.seed, index, g["growth"]), measure=False)
+            growth.results += extra.results
+        if on_stage:
+            on_stage(index, growth)
     return growth
 
 
@@ -114,71 +142,114 @@ class Trainer:
     def __init__(self, run_dir: Path, resume: bool = False):
         self.run = RunDir(run_dir)
         self.plan: Plan = load_plan(self.run.plan)
+        self.info = self.run.info()
         self.resume = resume
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
         self.cancel_requested = False
+        self.status: StatusFile | None = None
+        self.monitor: SystemMonitor | None = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self):
         plan = self.plan
         self.events = EventWriter(self.run.events) if self.is_main else None
-        self.status = StatusFile(self.run.status_json) if self.is_main else None
+        if self.status is None and self.is_main:
+            self.status = StatusFile(self.run.status_json)
         self.monitor = SystemMonitor()
         self._last_system = 0.0
+        self._peak_rss_mb = 0.0
         self.device = pick_device(plan.train.device)
         self.tokenizer = load_tokenizer(plan.model.tokenizer)
-        cache = self.run.path.parent / ".cache"
-        self.tasks = {name: load_task(name, spec, self.tokenizer, cache) for name, spec in plan.tasks.items()}
         self.model, self.view = load_model(plan.model, plan.seed)
         check_vocabulary(self.model, self.tokenizer)
+        cache = self.run.path.parent / ".cache"
+        self.tasks = {name: self._load_task(name, spec, cache) for name, spec in plan.tasks.items()}
         self.model.to(self.device)
         self.freezer = Freezer()
+        self.task_modules = TaskModules() if plan.task_modules else None
+        self.active_task: str | None = None
         self.eval_sets = {
-            name: [self._tensors(b) for b in task_eval_batches(data, plan.train)]
+            name: [batch_to(b, self.device) for b in task_eval_batches(data, plan.train)]
             for name, data in self.tasks.items()
         }
         # bytes per token of each eval stream, so a loss converts to bits per byte
         self.bytes_per_token = {n: d.eval_bytes / max(1, d.eval_tokens) for n, d in self.tasks.items()}
         self.history = {"matrix": [], "row_labels": [], "expansions": [], "stage_params": [],
-                        "trained_at": {}, "tokens": 0, "flops": 0.0, "wall_s": 0.0, "curves": []}
+                        "trained_at": {}, "tokens": 0, "flops": 0.0, "wall_s": 0.0, "growths": [],
+                        "prefix_cached": False}
         self.position = {"stage": 0, "step": 0, "ops_applied": False, "initial_done": False}
+        self.plateau_state: dict | None = None
         self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(plan.train.dtype)
         if plan.train.dtype == "float16" and self.device.type != "cuda":
             raise ValueError("train.dtype = \"float16\" needs a CUDA device — use \"bfloat16\" or \"float32\" on CPU")
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.train.dtype == "float16")
 
-    def _tensors(self, batch):
-        inputs, targets = batch
-        return (torch.as_tensor(inputs, device=self.device), torch.as_tensor(targets, device=self.device))
+    def _load_task(self, name, spec, cache):
+        if spec.task_kind == "generation":
+            from engine.arch.forward import model_kind
+            from engine.generation import load_generation_task
+
+            return load_generation_task(name, spec, self.tokenizer, cache, model_kind(self.model))
+        return load_task(name, spec, self.tokenizer, cache)
 
     def emit(self, kind: str, **fields):
         if self.events:
             self.events.emit(kind, **fields)
 
+    # ------------------------------------------------------------------ task modules
+    def activate(self, task: str | None) -> None:
+        """With task-specific modules, switch the model to `task`'s own modules."""
+        if self.task_modules is not None and task != self.active_task:
+            self.task_modules.activate(self.model, task)
+            self.active_task = task
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, task: str) -> dict:
+        training_task = self.active_task
+        self.activate(task)
         self.model.eval()
         total, count = 0.0, 0
         for inputs, targets in self.eval_sets[task]:
             with self._autocast():
                 logits = forward_logits(self.model, inputs)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                                     reduction="sum")
+                                                     reduction="sum", ignore_index=-100)
             total += float(loss)
-            count += targets.numel()
+            count += int((targets != -100).sum())  # generation tasks: continuation tokens only
         self.model.train()
+        self.activate(training_task)
         loss = total / max(1, count)
         return {"loss": loss, "ppl": metrics.perplexity(loss),
                 "bpb": loss / math.log(2) / self.bytes_per_token[task]}
 
-    def evaluate_all(self, stage: int, step: int) -> dict:
+    @torch.no_grad()
+    def score(self, task: str) -> dict:
+        """A generation task's own metric (exact match, BLEU-4) on held-out examples."""
+        spec = self.plan.tasks[task]
+        if spec.task_kind != "generation" or not spec.generate_examples:
+            return {}
+        from engine.generation import score_generation
+
+        training_task = self.active_task
+        self.activate(task)
+        self.model.eval()
+        scores = score_generation(self.model, self.tokenizer, self.tasks[task], self.device,
+                                  examples=spec.generate_examples, max_new_tokens=spec.max_new_tokens)
+        self.model.train()
+        self.activate(training_task)
+        return {k: scores[k] for k in ("exact_match", "bleu") if k in scores}
+
+    def evaluate_all(self, stage: int, step: int, score: bool = True) -> dict:
         row = {}
         for task in self.tasks:
             row[task] = self.evaluate(task)
-            self.emit("eval", stage=stage, step=step, task=task, tokens=self.history["tokens"], **row[task])
+            if score:
+                row[task].update(self.score(task))
+            self.emit("eval", stage=stage, step=step, task=task, tokens=self.history["tokens"],
+                      flops=self.history["flops"], global_step=self._global_step(stage, step), **row[task])
         return row
 
     def _autocast(self):
@@ -192,7 +263,7 @@ class Trainer:
         """Save weights + trainer state; `stage`/`step` label the event (default: the position)."""
         if not self.is_main:
             return
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
 
         final = self.run.checkpoints / "latest"
         tmp = self.run.checkpoints / f".tmp-{os.getpid()}"
@@ -204,10 +275,18 @@ class Trainer:
             "history": self.history,
             "optimizer": optimizer.state_dict() if optimizer else None,
             "scheduler": scheduler.state_dict() if scheduler else None,
+            "plateau": self.plateau_state,
+            "task_modules": self.task_modules.to_json() if self.task_modules else None,
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }, tmp / "trainer.pt")
+        if self.task_modules:  # each task's own modules, loadable on their own
+            (tmp / "tasks").mkdir()
+            for task in self.task_modules.tasks():
+                tensors = self.task_modules.state_dict(task)
+                if tensors:
+                    save_file(tensors, str(tmp / "tasks" / f"{task}.safetensors"))
         # swap directories so a crash leaves either the old checkpoint or the new one
         old = self.run.checkpoints / ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -226,20 +305,75 @@ class Trainer:
         state = torch.load(path, weights_only=False, map_location="cpu")
         self.position = state["position"]
         self.history = state["history"]
+        self.plateau_state = state.get("plateau")
         return state
+
+    # ------------------------------------------------------------------ variants: turn and prefix
+    def wait_turn(self) -> None:
+        """Runs of one `widen run` (variants, seeds) go one after another: wait while the run
+        before this one is queued or running (a cancel still works while waiting)."""
+        before = self.info.get("after")
+        if not before or self.resume:
+            return
+        previous = RunDir(self.run.path.parent / before)
+        while previous.exists() and previous.status()["state"] in ("queued", "running"):
+            if self.cancel_requested or self.run.cancel_request.exists():
+                raise Cancelled()
+            if self.status:
+                self.status.write(state="queued", waiting_for=before)
+            time.sleep(1.0)
+        if self.status:
+            self.status.write(state="running", waiting_for=None)
+
+    def _prefix(self) -> tuple[int, str] | None:
+        """(shared stages, cache key) when this run is a variant with a shared prefix."""
+        stages = self.info.get("prefix_stages") or 0
+        return (stages, self.plan.prefix_key(stages)) if stages else None
+
+    def restore_prefix(self) -> bool:
+        """Start from the cached shared stages if another variant trained them already."""
+        prefix = self._prefix()
+        if prefix is None or self.resume:
+            return False
+        entry = prefix_cache.lookup(self.run.path.parent, prefix[1])
+        if entry is None:
+            return False
+        events, meta = prefix_cache.restore(entry, self.run.checkpoints / "latest")
+        for event in events:
+            if self.events:
+                self.events.write_raw({**event, "cached": True})
+        self.cached_prefix = meta
+        return True
+
+    def publish_prefix(self, index: int) -> None:
+        prefix = self._prefix()
+        if not self.is_main or prefix is None or index != prefix[0] - 1 or self.history.get("prefix_cached"):
+            return
+        from engine.events import read_all
+
+        events = [e for e in read_all(self.run.events) if e.get("type") not in ("start", "status", "system")]
+        prefix_cache.publish(self.run.path.parent, prefix[1], self.run.checkpoints / "latest", events,
+                             {"run": self.run.id, "stages": prefix[0], "key": prefix[1],
+                              "wall_s": self.history["wall_s"]})
 
     # ------------------------------------------------------------------ main loop
     def run_plan(self):
+        self.status = StatusFile(self.run.status_json) if self.is_main else None
+        self.wait_turn()
         self.setup()
         plan = self.plan
-        saved = self.load_checkpoint() if self.resume else None
+        from_cache = self.restore_prefix()
+        saved = self.load_checkpoint() if (self.resume or from_cache) else None
+        if from_cache:
+            self.history["prefix_cached"] = True
         self.emit("start", run=self.run.id, plan=plan.name, seed=plan.seed, device=str(self.device),
                   pid=os.getpid(), params=count_params(self.model), stages=len(plan.stages),
-                  resumed=saved is not None, task_names=list(self.tasks),
+                  resumed=saved is not None and not from_cache, prefix_cached=from_cache,
+                  task_names=list(self.tasks), variant=self.info.get("variant"),
                   stage_steps=[s.steps for s in plan.stages], system=self.monitor.gpu_status)
         torch.manual_seed(plan.seed)
         if saved is not None:
-            self._rebuild_to(self.position["stage"], self.position["ops_applied"])
+            self._rebuild_to(self.position["stage"], self.position["ops_applied"], saved)
             from safetensors.torch import load_model as load_weights
 
             load_weights(self.model, str(self.run.checkpoints / "latest" / "model.safetensors"),
@@ -252,15 +386,17 @@ class Trainer:
         start_stage = self.position["stage"]
         for index in range(start_stage, len(plan.stages)):
             self.run_stage(index, saved if index == start_stage else None)
+        if plan.sweep:
+            self.run_sweep()
         self.finish("done")
 
-    def _rebuild_to(self, stage: int, ops_applied: bool):
-        """Replay the expansions a checkpoint had, so its weights fit the model's shape."""
-        self._growth = replay_expansions(self.model, self.view, self.plan, stage + (1 if ops_applied else 0))
+    def _rebuild_to(self, stage: int, ops_applied: bool, saved: dict):
+        """Replay the expansions (and growths) a checkpoint had, so its weights fit the model."""
+        stages = stage + (1 if ops_applied else 0)
+        self._growth = replay_expansions(self.model, self.view, self.plan, stages, self.history["growths"])
+        if self.task_modules is not None and saved.get("task_modules"):
+            self.task_modules = TaskModules.from_json(saved["task_modules"])
         self.model.to(self.device)
-
-    def _op_generator(self, stage: int) -> torch.Generator:
-        return op_generator(self.plan.seed, stage)
 
     def run_stage(self, index: int, saved: dict | None):
         plan, stage = self.plan, self.plan.stages[index]
@@ -269,22 +405,28 @@ class Trainer:
         self.position["stage"] = index
         if self.status:
             self.status.write(stage=index, stage_name=label, step=self.position["step"], steps=stage.steps)
-        self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="begin")
+        self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="begin",
+                  global_step=self._global_step(index, 0), tokens=self.history["tokens"],
+                  flops=self.history["flops"])
 
         if not self.position["ops_applied"]:
             growth = apply_stage(self.model, self.view, index, stage.expand, probe_batch(self.eval_sets[stage.task]),
                                  self._op_generator(index))
             self.model.to(self.device)
+            if self.task_modules is not None:
+                self.task_modules.claim(stage.task, self.model, growth)
             self.freezer.apply(self.model, stage.freeze, growth)
             trainable, total = self.freezer.trainable(self.model), count_params(self.model)
             for report in growth.reports:
-                report.update(trainable=trainable, trainable_share=trainable / total)
+                report.update(trainable=trainable, trainable_share=trainable / total, task=stage.task)
                 self.history["expansions"].append(report)
                 self.emit("expand", **report)
-            self.position.update(ops_applied=True, step=0)
+            self.position.update(ops_applied=True, step=0, growths=0)
             self._growth = growth
+            self.plateau_state = None
         else:
             self.freezer.apply(self.model, stage.freeze, getattr(self, "_growth", StageGrowth()))
+        self.activate(stage.task)
         total, trainable = count_params(self.model), self.freezer.trainable(self.model)
 
         optimizer, scheduler = self._optimizer(stage)
@@ -298,8 +440,11 @@ class Trainer:
             np.random.set_state(rng["numpy"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            torch.manual_seed(stage_seed(plan.seed, index))
 
-        self.train_steps(index, stage, task, optimizer, scheduler, trainable)
+        optimizer, scheduler = self.train_steps(index, stage, task, optimizer, scheduler)
+        total, trainable = count_params(self.model), self.freezer.trainable(self.model)
         self._record_unit_health(index)
 
         row = self.evaluate_all(stage=index, step=stage.steps)
@@ -313,6 +458,7 @@ class Trainer:
                   params=total, trainable=trainable)
         self.position.update(stage=index + 1, step=0, ops_applied=False)
         self.save_checkpoint("stage end", stage=index, step=stage.steps)
+        self.publish_prefix(index)
 
     def _record_unit_health(self, index: int):
         """After training: do the stage's new units still differ from each other and their sources?"""
@@ -325,7 +471,8 @@ class Trainer:
                 report["after_training"] = similarity_report(result.units)
                 self.emit("health", stage=index, op=report["op"], **report["after_training"])
 
-    def _optimizer(self, stage):
+    def _optimizer(self, stage, step: int = 0):
+        """AdamW over what trains now, and its schedule positioned at `step` of the stage."""
         lr = stage.lr or self.plan.train.lr
         decay, no_decay = [], []
         for p in self.model.parameters():
@@ -334,27 +481,32 @@ class Trainer:
                 (no_decay if masked or p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.plan.train.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], lr=lr)
         train = self.plan.train
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(train.schedule, s, stage.steps, train.warmup_steps))
+        for _ in range(step):  # a schedule rebuilt mid-stage (after a growth) continues where it was
+            scheduler.step()
         return optimizer, scheduler
 
-    def train_steps(self, index, stage, task, optimizer, scheduler, trainable: int):
+    # ------------------------------------------------------------------ training
+    def train_steps(self, index, stage, task, optimizer, scheduler):
+        """Train the stage's remaining steps; returns the optimizer and schedule in use (a growth
+        replaces them)."""
         train = self.plan.train
         self.model.train()
         tokens_per_step = train.batch_size * train.seq_len
         window_start, window_tokens = time.time(), 0
-        params_for_flops = trainable or 1
-        total_params = count_params(self.model)
+        trainable, total_params = self.freezer.trainable(self.model), count_params(self.model)
+        plateau = self._plateau_detector(stage)
+        check_losses: list[float] = []
         stage_start = time.time()
         while self.position["step"] < stage.steps:
             step = self.position["step"]
             if self.cancel_requested or self.run.cancel_request.exists():
                 self.save_checkpoint("cancel", optimizer, scheduler)
                 raise Cancelled()
-            inputs, targets = self._tensors(train_batch(task.train, train.batch_size, train.seq_len,
-                                                        self.plan.seed, index, step))
+            inputs, targets = batch_to(task_train_batch(task, train, self.plan.seed, index, step), self.device)
             with self._autocast():
                 logits = forward_logits(self.model, inputs)
             loss = loss_of(logits, targets)
@@ -371,74 +523,165 @@ class Trainer:
             self.position["step"] = step + 1
             self.history["tokens"] += tokens_per_step
             # forward ~2·N·tokens over all weights, backward ~4·N (2 for weights we train)
-            self.history["flops"] += tokens_per_step * (4 * total_params + 2 * params_for_flops)
+            self.history["flops"] += tokens_per_step * (4 * total_params + 2 * (trainable or 1))
             window_tokens += tokens_per_step
             done = step + 1
+            if plateau is not None:
+                check_losses.append(float(loss.detach()))
             if done % train.log_interval == 0 or done == stage.steps:
                 elapsed = time.time() - window_start
                 self.emit("step", stage=index, step=done, global_step=self._global_step(index, done),
                           loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
                           tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                          tokens=self.history["tokens"], flops=self.history["flops"])
+                          tokens=self.history["tokens"], flops=self.history["flops"], params=total_params)
                 window_start, window_tokens = time.time(), 0
                 if self.status:
                     self.status.write(step=done)
+            if plateau is not None and done % stage.grow.check_interval == 0:
+                grow_now = plateau.update(sum(check_losses) / len(check_losses))
+                check_losses = []
+                self.plateau_state = plateau.state_dict()
+                if grow_now and done < stage.steps:
+                    optimizer, scheduler = self.grow(index, stage, optimizer, scheduler)
+                    trainable, total_params = self.freezer.trainable(self.model), count_params(self.model)
             if train.eval_interval and done % train.eval_interval == 0 and done < stage.steps:
                 for name in self.tasks:
                     result = self.evaluate(name)
-                    self.emit("eval", stage=index, step=done, task=name, tokens=self.history["tokens"], **result)
+                    self.emit("eval", stage=index, step=done, task=name, tokens=self.history["tokens"],
+                              flops=self.history["flops"], global_step=self._global_step(index, done), **result)
             if train.checkpoint_interval and done % train.checkpoint_interval == 0 and done < stage.steps:
                 self.save_checkpoint("interval", optimizer, scheduler)
             self._maybe_system_sample()
         self.history["wall_s"] += time.time() - stage_start
+        return optimizer, scheduler
+
+    def _plateau_detector(self, stage) -> PlateauDetector | None:
+        if stage.grow is None:
+            return None
+        g = stage.grow
+        detector = PlateauDetector(patience=g.patience, threshold=g.threshold, mode=g.mode,
+                                   cooldown=g.cooldown, warmup_checks=g.warmup_checks, max_growths=g.max_growths)
+        if self.plateau_state:
+            detector.load_state_dict(self.plateau_state)
+        return detector
+
+    def grow(self, index: int, stage, optimizer, scheduler):
+        """Grow the model in place mid-stage: apply the stage's growth operators (measured on the
+        probe batch), let the new parameters join a new optimizer that carries the old
+        parameters' state over (transformed for operators that split units), log it, go on."""
+        k = self.position.get("growths", 0)
+        step = self.position["step"]
+        before = dict(self.model.named_parameters())
+        growth = apply_stage(self.model, self.view, index, stage.grow.expand,
+                             probe_batch(self.eval_sets[stage.task]), op_generator(self.plan.seed, index, k))
+        self.model.to(self.device)
+        if self.task_modules is not None:
+            self.task_modules.claim(stage.task, self.model, growth)
+            self.active_task = None
+            self.activate(stage.task)
+        self._growth.results += growth.results
+        self.freezer.apply(self.model, stage.freeze, self._growth)
+        new_optimizer, new_scheduler = self._optimizer(stage, step)
+        carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth)
+        trainable, total = self.freezer.trainable(self.model), count_params(self.model)
+        for report in growth.reports:
+            report.update(trainable=trainable, trainable_share=trainable / total, task=stage.task,
+                          trigger=stage.grow.trigger, growth=k, step=step,
+                          global_step=self._global_step(index, step), tokens=self.history["tokens"],
+                          flops=self.history["flops"])
+            self.history["expansions"].append(report)
+            self.emit("expand", **report)
+        self.history["growths"].append({"stage": index, "growth": k, "step": step,
+                                        "params": total, "tokens": self.history["tokens"]})
+        self.position["growths"] = k + 1
+        self.model.train()
+        return new_optimizer, new_scheduler
 
     def _global_step(self, index: int, step: int) -> int:
-        return sum(s.steps for s in self.plan.stages[:index]) + step
+        return sum(s.steps for s in self.plan.stages[:max(index, 0)]) + step
 
     def _maybe_system_sample(self, force: bool = False):
         now = time.time()
         if force or now - self._last_system >= SYSTEM_SAMPLE_S:
             self._last_system = now
-            self.emit("system", **self.monitor.sample())
+            sample = self.monitor.sample()
+            self._peak_rss_mb = max(self._peak_rss_mb, sample.get("rss_mb") or 0.0)
+            self.emit("system", **sample)
+
+    # ------------------------------------------------------------------ the mapping sweep
+    def run_sweep(self):
+        """Score the plan's layer mappings of the trained model, without training."""
+        from engine.sweep import default_mappings, mapping_sweep
+
+        spec = self.plan.sweep
+        self.activate(None)
+        self.model.eval()
+        mappings = spec.mappings or default_mappings(self.view.num_layers, spec.depth, spec.keep_ends, spec.limit)
+        result = mapping_sweep(self.model, self.eval_sets[spec.task], mappings)
+        result.update(task=spec.task, depth=spec.depth)
+        self.sweep_result = result
+        self.emit("sweep", task=spec.task, depth=spec.depth, rows=len(result["rows"]),
+                  best=result["rows"][0], speedup=result.get("speedup"))
 
     # ------------------------------------------------------------------ results
     def results(self, state: str) -> dict:
         h = self.history
         tasks = list(self.tasks)
         matrix = h["matrix"]
-        forgetting = metrics.forgetting(matrix, h["trained_at"]) if matrix else {}
+        continual = metrics.continual_summary(matrix, h["trained_at"]) if matrix else {}
+        forgetting = continual.get("forgetting", {})
         forgetting_ppl = metrics.forgetting(matrix, h["trained_at"], "ppl") if matrix else {}
+        forgetting_loss = metrics.forgetting(matrix, h["trained_at"], "loss") if matrix else {}
         final = matrix[-1] if matrix else {}
+        sample = self.monitor.sample()
+        self._peak_rss_mb = max(self._peak_rss_mb, sample.get("rss_mb") or 0.0)
+        scores = sorted({k for row in matrix for t in row for k in row[t] if k in ("exact_match", "bleu")})
         summary = {
             "final_ppl": {t: final[t]["ppl"] for t in final},
             "final_bpb": {t: final[t]["bpb"] for t in final},
+            "final_scores": {t: {k: final[t][k] for k in scores if k in final[t]} for t in final
+                             if any(k in final[t] for k in scores)},
             "forgetting": {t: (f["absolute"] if f else None) for t, f in forgetting.items()},
-            "bwt": metrics.backward_transfer(matrix, h["trained_at"]) if matrix else None,
+            "forgetting_metric": metrics.COMPARABLE_METRIC,
+            "acc": continual.get("acc"), "bwt": continual.get("bwt"), "fwt": continual.get("fwt"),
             "params": count_params(self.model),
             "params_added": sum(r["params_added"] for r in h["expansions"]),
+            "trainable": h["stage_params"][-1]["trainable"] if h["stage_params"] else None,
             "trainable_share": h["stage_params"][-1]["trainable_share"] if h["stage_params"] else None,
             "max_abs_logit_delta": max((r["max_abs_logit_delta"] for r in h["expansions"]), default=None),
+            "growths": len(h["growths"]),
             "tokens": h["tokens"],
+            "flops": h["flops"],
             "wall_s": round(h["wall_s"], 2),
             "tokens_per_s": h["tokens"] / h["wall_s"] if h["wall_s"] else None,
-            "peak_rss_mb": self.monitor.sample()["rss_mb"],
+            "peak_rss_mb": self._peak_rss_mb,
+            "torch_peak_mb": sample.get("torch_peak_mb"),
+            "prefix_cached": h.get("prefix_cached", False),
         }
-        return {
+        out = {
             "run": self.run.id, "plan": self.plan.name, "state": state, "seed": self.plan.seed,
+            "variant": self.info.get("variant"), "group": self.info.get("group"),
             "tasks": tasks,
             "sign_convention": metrics.SIGN_CONVENTION,
             "forgetting_definition": metrics.FORGETTING_DEFINITION,
             "matrix": {"rows": h["row_labels"], "tasks": tasks,
-                       "loss": [[r[t]["loss"] for t in tasks] for r in matrix],
-                       "ppl": [[r[t]["ppl"] for t in tasks] for r in matrix],
-                       "bpb": [[r[t]["bpb"] for t in tasks] for r in matrix]},
-            "forgetting": {"loss": forgetting, "ppl": forgetting_ppl},
+                       **{key: [[r[t].get(key) for t in tasks] for r in matrix]
+                          for key in ("loss", "ppl", "bpb", *scores)}},
+            "continual": {k: v for k, v in continual.items() if k != "forgetting"},
+            "forgetting": {"bpb": forgetting, "loss": forgetting_loss, "ppl": forgetting_ppl},
             "stages": h["stage_params"],
             "expansions": h["expansions"],
+            "growths": h["growths"],
             "summary": summary,
         }
+        if getattr(self, "sweep_result", None):
+            out["sweep"] = self.sweep_result
+        return out
 
     def finish(self, state: str, error: str | None = None):
+        if self.monitor is None:  # ended while waiting for its turn (nothing trained, no results)
+            self.status.close(state=state, ended=time.time(), **({"error": error} if error else {}))
+            return
         self._maybe_system_sample(force=True)
         if self.is_main:
             write_json_atomic(self.run.results_json, self.results(state))
@@ -468,4 +711,3 @@ def run(run_dir: Path | str, resume: bool = False) -> int:
                               {"state": "failed", "error": message, "ended": time.time(),
                                "pid": os.getpid(), "host": socket.gethostname()})
         raise
-

@@ -57,7 +57,7 @@ def test_system_sample_without_gpu_is_clean():
 
 
 def row(**losses):
-    return {t: {"loss": v, "ppl": 2.718281828 ** v} for t, v in losses.items()}
+    return {t: {"loss": v, "bpb": v, "ppl": 2.718281828 ** v} for t, v in losses.items()}
 
 
 def test_forgetting_is_max_based_and_positive_when_worse():
@@ -68,8 +68,15 @@ def test_forgetting_is_max_based_and_positive_when_worse():
     assert f["a"]["absolute"] == pytest.approx(1.8 - 2.0)   # improved: negative forgetting
     assert f["b"]["absolute"] == pytest.approx(2.0 - 1.5)   # worse than its best: positive
     assert f["b"]["relative"] == pytest.approx(0.5 / 1.5)
-    # BWT: a: 1.8 - 2.0, b: 2.0 - 1.5 -> mean 0.15
-    assert metrics.backward_transfer(matrix, trained_at) == pytest.approx(0.15)
+    # BWT (GEM, on -loss): a: 2.0 - 1.8, b: 1.5 - 2.0 -> mean -0.15 (later stages hurt on balance)
+    assert metrics.backward_transfer(matrix, trained_at) == pytest.approx(-0.15)
+    # FWT against the base model (row 0): only b is trained after the first stage; before its
+    # stage (row 1) its loss was 4.0, the base model's 5.0 -> +1.0 (stage 0 helped b)
+    assert metrics.forward_transfer(matrix, trained_at) == pytest.approx(1.0)
+    # ACC: mean final loss
+    assert metrics.average_final(matrix) == pytest.approx((1.8 + 2.0) / 2)
+    summary = metrics.continual_summary(matrix, trained_at)
+    assert summary["metric"] == "bpb" and "positive = worse retention" in summary["sign_convention"]
 
 
 def test_task_trained_last_has_no_forgetting():

@@ -26,21 +26,49 @@ def new_run_id(name: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
 
 
-def create_run(plan: Plan, plan_path: Path | str | None, root: Path | None = None) -> RunDir:
-    """Make the run directory (resolved plan + identity) and index it as `queued`."""
+def create_run(plan: Plan, plan_path: Path | str | None, root: Path | None = None,
+               name: str | None = None, **info) -> RunDir:
+    """Make the run directory (resolved plan + identity) and index it as `queued`. `info` adds
+    identity fields (variant, group, prefix_stages, after)."""
     root = Path(root) if root else runs_root()
     root.mkdir(parents=True, exist_ok=True)
-    run = RunDir(root / new_run_id(plan.name))
+    name = name or plan.name
+    run = RunDir(root / new_run_id(name))
     run.path.mkdir()
     run.plan.write_text(plan.to_toml())
     now = time.time()
     write_json_atomic(run.run_json, {
-        "id": run.id, "name": plan.name, "seed": plan.seed,
+        "id": run.id, "name": name, "plan_name": plan.name, "seed": plan.seed,
         "plan_path": str(Path(plan_path).resolve()) if plan_path else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)), "created_ts": now,
+        **{k: v for k, v in info.items() if v is not None},
     })
     RunIndex(root).upsert(run.record())
     return run
+
+
+def create_runs(plan: Plan, plan_path: Path | str | None, seeds: list[int] | None = None,
+                root: Path | None = None) -> list[RunDir]:
+    """One run per (seed, variant) of a plan; a plan without variants and seeds is one run.
+
+    Runs of one call form a group and go one after another (each waits for the one before:
+    `after`), so the first variant trains the shared stages and the others start from the
+    prefix cache; they still run detached, whoever started them."""
+    seeds = seeds or [plan.seed]
+    variants = [v.name for v in plan.variants] or [None]
+    if len(seeds) == 1 and variants == [None]:
+        return [create_run(plan.model_copy(update={"seed": seeds[0]}), plan_path, root)]
+    group = new_run_id(plan.name)
+    runs: list[RunDir] = []
+    for seed in seeds:
+        for variant in variants:
+            resolved = plan.for_variant(variant) if variant else plan
+            resolved = resolved.model_copy(update={"seed": seed})
+            label = "-".join(str(x) for x in (plan.name, variant, f"s{seed}" if len(seeds) > 1 else None) if x)
+            runs.append(create_run(resolved, plan_path, root, name=label, group=group, variant=variant,
+                                   prefix_stages=len(plan.stages) if variant else None,
+                                   after=runs[-1].id if runs else None))
+    return runs
 
 
 def start_worker(run: RunDir, resume: bool = False) -> int:

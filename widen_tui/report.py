@@ -88,25 +88,58 @@ def expansions_table(reports: list[dict]) -> Table:
     return table
 
 
+def _signed(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
+
+
 def results_view(results: dict) -> Group:
-    """The end-of-run tables: perplexity per task after each stage with forgetting, parameters
-    per stage, and the expansion reports."""
+    """The end-of-run tables: the evaluation matrix (perplexity, bits per byte, generation scores)
+    with forgetting, the continual-learning summary, parameters per stage, and expansions."""
     m = results["matrix"]
     tasks, rows = m["tasks"], m["rows"]
-    forgetting = results.get("forgetting", {}).get("ppl", {})
-    forgetting_loss = results.get("forgetting", {}).get("loss", {})
+    forgetting = results.get("forgetting", {})
+    by_bpb, by_ppl = forgetting.get("bpb", {}), forgetting.get("ppl", {})
     ppl = Table(title=f"perplexity per task after each stage · forgetting: "
-                      f"{results.get('forgetting_definition', '')}; {results.get('sign_convention', '')}",
+                      f"{results.get('forgetting_definition', '')} · {results.get('sign_convention', '')}",
                 title_justify="left", header_style="bold")
     ppl.add_column("task")
     for label in rows:
         ppl.add_column(label, justify="right")
     ppl.add_column("forgetting (ppl)", justify="right")
-    ppl.add_column("forgetting (loss)", justify="right")
+    ppl.add_column("forgetting (bits/byte)", justify="right")
     for j, task in enumerate(tasks):
-        f, fl = forgetting.get(task), forgetting_loss.get(task)
+        f, fb = by_ppl.get(task), by_bpb.get(task)
         ppl.add_row(task, *[fmt_num(row[j]) for row in m["ppl"]],
-                    f"{f['absolute']:+.3f}" if f else "–", f"{fl['absolute']:+.4f}" if fl else "–")
+                    f"{f['absolute']:+.3f}" if f else "–",
+                    f"{fb['absolute']:+.4f} ({100 * fb['relative']:+.1f}%)" if fb and fb.get("relative") is not None
+                    else (f"{fb['absolute']:+.4f}" if fb else "–"))
+    parts = [ppl]
+    bpb = m.get("bpb")
+    if bpb:
+        table = Table(title="bits per byte (R[stage][task], the comparable loss)", title_justify="left",
+                      header_style="bold")
+        table.add_column("task")
+        for label in rows:
+            table.add_column(label, justify="right")
+        for j, task in enumerate(tasks):
+            table.add_row(task, *[fmt_num(row[j], 4) for row in bpb])
+        parts.append(table)
+    for score in ("exact_match", "bleu"):
+        if m.get(score) and any(v is not None for row in m[score] for v in row):
+            table = Table(title=f"{score.replace('_', ' ')} per task after each stage (generation tasks)",
+                          title_justify="left", header_style="bold")
+            table.add_column("task")
+            for label in rows:
+                table.add_column(label, justify="right")
+            for j, task in enumerate(tasks):
+                if any(row[j] is not None for row in m[score]):
+                    table.add_row(task, *[fmt_num(row[j]) for row in m[score]])
+            parts.append(table)
+    c = results.get("continual") or {}
+    if c:
+        parts.append(Text(f"continual ({c.get('metric', 'bpb')}): ACC {fmt_num(c.get('acc'), 4)} · "
+                          f"BWT {_signed(c.get('bwt'))} · FWT {_signed(c.get('fwt'))} "
+                          f"(BWT/FWT as in GEM on −loss: positive = better)"))
 
     params = Table(title="parameters per stage", title_justify="left", header_style="bold")
     for col in ("stage", "task", "total", "trainable", "share"):
@@ -114,15 +147,77 @@ def results_view(results: dict) -> Group:
     for s in results.get("stages", []):
         params.add_row(s["name"], s["task"], fmt_num(s["total"]), fmt_num(s["trainable"]),
                        f"{100 * s['trainable_share']:.2f}%")
+    parts.append(params)
     summary = results.get("summary", {})
     footer = Text(f"state {results['state']} · params added {fmt_num(summary.get('params_added'))} · "
-                  f"BWT (loss) {fmt_num(summary.get('bwt'))} · tokens {fmt_num(summary.get('tokens'))} · "
+                  f"growths {summary.get('growths', 0)} · tokens {fmt_num(summary.get('tokens'))} · "
                   f"{fmt_num(summary.get('tokens_per_s') and round(summary['tokens_per_s']))} tokens/s · "
-                  f"wall {fmt_duration(summary.get('wall_s'))}")
-    parts = [ppl, params]
+                  f"wall {fmt_duration(summary.get('wall_s'))} · peak RSS {fmt_num(summary.get('peak_rss_mb'))} MB"
+                  + (" · shared stages from the prefix cache" if summary.get("prefix_cached") else ""))
     if results.get("expansions"):
         parts.append(expansions_table(results["expansions"]))
+    if results.get("sweep"):
+        parts.append(Text(f"mapping sweep on {results['sweep'].get('task')}: {len(results['sweep']['rows'])} "
+                          f"mappings, best {results['sweep']['rows'][0].get('mapping')} ppl "
+                          f"{fmt_num(results['sweep']['rows'][0].get('ppl'))} — `widen plot` draws the heatmap"))
     return Group(*parts, footer)
+
+
+def _ms(stat: dict | None, digits: int = 3, scale: float = 1.0) -> str:
+    """mean ± std (or the value alone for one seed)."""
+    if not stat:
+        return "–"
+    mean = fmt_num(stat["mean"] * scale, digits)
+    return mean if stat["n"] < 2 else f"{mean}±{fmt_num(stat['std'] * scale, digits)}"
+
+
+def comparison_view(data: dict) -> Group:
+    """The layer-widening proposal's table: per variant, parameters and trainable share,
+    per-task perplexity and forgetting, time and memory (mean ± std over seeds)."""
+    tasks = data["tasks"]
+    seeded = data.get("seeded")
+    table = Table(title=f"comparison{' (mean ± std over seeds)' if seeded else ''} · forgetting in bits/byte: "
+                        f"{data['forgetting_definition']} · {data['sign_convention']}",
+                  title_justify="left", header_style="bold")
+    table.add_column("variant")
+    if seeded:
+        table.add_column("seeds", justify="right")
+    for col in ("params", "added", "trainable", "share"):
+        table.add_column(col, justify="right")
+    for task in tasks:
+        table.add_column(f"ppl {task}", justify="right")
+    for task in tasks:
+        table.add_column(f"forget {task}", justify="right")
+    for col in ("ACC", "BWT", "time", "tok/s", "peak MB"):
+        table.add_column(col, justify="right")
+    for g in data["groups"]:
+        cells = [g["variant"] or g["plan"]]
+        if seeded:
+            cells.append(",".join(str(s) for s in g["seeds"]))
+        cells += [_ms(g["params"], 0), _ms(g["params_added"], 0), _ms(g["trainable"], 0),
+                  _ms(g["trainable_share"], 1, 100) + "%" if g["trainable_share"] else "–"]
+        cells += [_ms(g["final_ppl"].get(t), 2) for t in tasks]
+        cells += [_ms(g["forgetting"].get(t), 4) for t in tasks]
+        cells += [_ms(g["acc"], 4), _ms(g["bwt"], 4), _ms(g["wall_s"], 1) + "s" if g["wall_s"] else "–",
+                  _ms(g["tokens_per_s"], 0), _ms(g["peak_rss_mb"], 0)]
+        table.add_row(*cells)
+    parts = [table]
+    if any(r.get("loss_at_equal_flops") is not None for r in data["runs"]) and len(data["runs"]) > 1:
+        budget = data["runs"][0].get("equal_flops_budget")
+        compute = Table(title=f"training loss at equal compute ({fmt_num(budget)} FLOPs) and equal tokens "
+                              f"({fmt_num(data['runs'][0].get('equal_tokens_budget'))})",
+                        title_justify="left", header_style="bold")
+        for col in ("run", "variant", "seed", "growths", "loss @ FLOPs", "loss @ tokens", "final params"):
+            compute.add_column(col, justify="left" if col in ("run", "variant") else "right")
+        for r in data["runs"]:
+            compute.add_row(r["id"], str(r.get("variant") or r.get("name")), str(r.get("seed")),
+                            str(r.get("growths") or 0), fmt_num(r.get("loss_at_equal_flops"), 4),
+                            fmt_num(r.get("loss_at_equal_tokens"), 4), fmt_num(r.get("params")))
+        parts.append(compute)
+    not_done = [r["id"] for r in data["runs"] if r.get("state") != "done"]
+    if not_done:
+        parts.append(Text(f"not done (figures partial or missing): {', '.join(not_done)}", style="yellow"))
+    return Group(*parts)
 
 
 def runs_table(records: list[dict]) -> Table:
