@@ -437,6 +437,99 @@ def export(
 
 
 # ---------------------------------------------------------------------------------------------
+# figures
+
+
+@app.command()
+def plot(
+    refs: list[str] = typer.Argument(..., metavar="RUN...",
+                                     help="runs (id, prefix, last, name, or run directory) and/or mapping-sweep "
+                                          ".json files (from `widen sweep mapping --json`)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="directory for the PNGs (default: RUN/figures for one run, "
+                                            "else ./figures)"),
+    x: str = typer.Option("steps", "--x", help="x axis of the loss curves: steps | tokens | flops "
+                                               "(runs that grow mid-way compare fairly only by flops)"),
+):
+    """PNG figures: loss.png (training and eval loss of every run, overlaid, with stage boundaries and
+    expansions), forgetting-<run>.png (bits per byte per task after each stage) and mapping-<name>.png
+    (a mapping sweep: source layer per target layer, perplexity per row)."""
+    from engine.events import EventReader
+    from widen_tui import plot as figures
+
+    if x not in figures.X_AXES:
+        raise CLIError(f"--x must be one of {', '.join(figures.X_AXES)}, not '{x}'")
+    runs: list[RunDir] = []
+    sweeps: list[tuple[str, object]] = []
+    for ref in refs:
+        path = Path(ref)
+        if ref.endswith(".json"):
+            if not path.is_file():
+                raise CLIError(f"{ref}: no such file")
+            try:
+                sweeps.append((path.stem, json.loads(path.read_text())))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CLIError(f"{ref}: not readable JSON ({e})") from None
+            continue
+        is_dir = path.is_dir() and ((path / "run.json").exists() or (path / "events.jsonl").exists())
+        run = RunDir(path.resolve()) if is_dir else _run_dir(ref)
+        if all(r.path != run.path for r in runs):
+            runs.append(run)
+    out_dir = out or (runs[0].path / "figures" if len(runs) == 1 and not sweeps else Path("figures"))
+
+    def warn(message: str) -> None:
+        err.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
+
+    names = {}
+    for run in runs:
+        info = run.info()
+        name = str(info.get("name") or run.id)
+        variant = info.get("variant")
+        names[run.id] = f"{name}/{variant}" if variant and str(variant) not in name else name
+    labels = {rid: (n if list(names.values()).count(n) == 1 else f"{n} [{rid}]") for rid, n in names.items()}
+
+    written: list[Path] = []
+    curves = []
+    try:
+        for run in runs:
+            events = EventReader(run.events).read_new()
+            results = run.results() or {}
+            if not events and not results:
+                message = f"run {run.id} has no events yet (state {run.status()['state']}) — nothing to plot"
+                if len(runs) == 1 and not sweeps:
+                    raise CLIError(message)
+                warn(message)
+                continue
+            if any(e.get("type") in ("step", "eval") for e in events):
+                curves.append((labels[run.id], events))
+            matrix = results.get("matrix") if isinstance(results.get("matrix"), dict) else None
+            if matrix is None and events:
+                matrix = figures.matrix_from_events(events)
+                if matrix is not None:
+                    warn(f"{run.id}: no results.json yet — forgetting matrix from the evaluations so far")
+            if matrix and matrix.get("rows"):
+                stages = results.get("stages") if isinstance(results.get("stages"), list) else []
+                trained = [None] + [s.get("task") for s in stages] if stages else matrix.get("trained", ())
+                written.append(figures.forgetting_figure(matrix, out_dir / f"forgetting-{run.id}.png",
+                                                         run=labels[run.id], trained=trained))
+            if results.get("sweep"):
+                written.append(figures.mapping_figure(results["sweep"], out_dir / f"mapping-{run.id}.png",
+                                                      title=labels[run.id], warn=warn))
+        if curves:
+            written.insert(0, figures.loss_figure(curves, out_dir / "loss.png", x=x, warn=warn))
+        elif runs:
+            warn("no step or eval events in " + ", ".join(r.id for r in runs) + " — no loss curves")
+        for stem, sweep in sweeps:
+            written.append(figures.mapping_figure(sweep, out_dir / f"mapping-{stem}.png", title=stem, warn=warn))
+    except figures.PlotError as e:
+        raise CLIError(str(e)) from None
+    if not written:
+        raise CLIError("nothing to plot")
+    for path in written:
+        console.print(str(path), highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # the machine
 
 

@@ -1,0 +1,511 @@
+"""PNG figures for people: loss curves, the forgetting matrix, the mapping-sweep heatmap.
+
+Pure functions: parsed events / results in, a PNG path out. matplotlib is imported inside the
+functions (a bare ``Figure`` rendered by the Agg canvas: no pyplot, no GUI backend, no global
+state), so importing this module costs nothing and ``widen --help`` stays fast. No torch here.
+
+- ``loss_figure``: training loss and eval loss per task against global step, tokens seen or
+  training FLOPs; dashed lines at stage boundaries; markers at expansions (a star where a stage
+  applies its operators, a triangle where a plateau triggered growth mid-stage). Several runs
+  overlay, one colour per run.
+- ``forgetting_figure``: bits per byte (or loss) per task after each stage, annotated.
+- ``mapping_figure``: rows = layer mappings best first, cells = source layer, perplexity at right.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+X_AXES = {"steps": "global step", "tokens": "tokens seen", "flops": "training FLOPs (estimated)"}
+MAX_MAPPING_ROWS = 40
+LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}
+
+Warn = Callable[[str], None]
+
+
+class PlotError(ValueError):
+    """Input that cannot be drawn (a wrong shape, nothing to show); one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# events -> curves
+
+
+@dataclass
+class RunCurves:
+    """One run's events, deduplicated (a resumed run repeats what came after its checkpoint) and
+    placed on a common global-step axis."""
+
+    label: str
+    stage_steps: dict[int, int] = field(default_factory=dict)
+    stage_names: dict[int, str] = field(default_factory=dict)
+    stage_begins: dict[int, dict] = field(default_factory=dict)  # stage events, phase begin (+ "_g")
+    steps: list[dict] = field(default_factory=list)       # step events, by global step
+    evals: list[dict] = field(default_factory=list)       # eval events (+ "_g": global step)
+    expansions: list[dict] = field(default_factory=list)  # stage-start expand events
+    growths: list[dict] = field(default_factory=list)     # expand events with a trigger (mid-stage)
+
+    def offset(self, stage: int) -> int:
+        """Global step at which `stage` begins (0 for the initial evaluation, stage -1)."""
+        return sum(self.stage_steps.get(s, 0) for s in range(max(stage, 0)))
+
+    def has(self, key: str) -> bool:
+        """Whether every step event carries `key` (tokens / flops: older runs lack them)."""
+        return all(isinstance(e.get(key), (int, float)) for e in self.steps)
+
+    def at(self, g: float, key: str) -> float:
+        """`key` (tokens or flops) at global step `g`, interpolated between logged steps."""
+        if key == "steps":
+            return float(g)
+        xs, ys = [0.0], [0.0]
+        for e in self.steps:
+            xs.append(float(e["global_step"]))
+            ys.append(float(e[key]))
+        return _interp(float(g), xs, ys)
+
+    def x_of(self, e: dict, key: str) -> float:
+        """Where an eval, expand or stage event sits: its own tokens / flops when it carries them,
+        else interpolated at its global step (`_g`)."""
+        if key != "steps" and _num(e.get(key)):
+            return float(e[key])
+        return self.at(e["_g"], key)
+
+    def stage_x(self, stage: int, key: str) -> float:
+        begin = self.stage_begins.get(stage)
+        return self.x_of(begin, key) if begin else self.at(self.offset(stage), key)
+
+    def train_loss_at(self, g: float) -> float | None:
+        if not self.steps:
+            return None
+        return _interp(g, [float(e["global_step"]) for e in self.steps], [float(e["loss"]) for e in self.steps])
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    if x <= xs[0]:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            x0, x1 = xs[i - 1], xs[i]
+            return ys[i] if x1 == x0 else ys[i - 1] + (ys[i] - ys[i - 1]) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def _num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def curves_from_events(label: str, events: Sequence[dict]) -> RunCurves:
+    """Sort a run's events into curves. Later copies win (a resume re-emits the steps after its
+    checkpoint, and the stage-start expansions when it resumes before they were applied)."""
+    run = RunCurves(label)
+    steps: dict[tuple, dict] = {}
+    evals: dict[tuple, dict] = {}
+    growths: dict[tuple, dict] = {}
+    stage_ops: dict[int, tuple[int, list[dict]]] = {}
+    segment = 0
+    for e in events:
+        kind = e.get("type")
+        if kind == "start":
+            segment += 1
+            for i, n in enumerate(e.get("stage_steps") or []):
+                run.stage_steps.setdefault(i, int(n))
+        elif kind == "stage" and isinstance(e.get("stage"), int):
+            if isinstance(e.get("steps"), int):
+                run.stage_steps[e["stage"]] = e["steps"]
+            run.stage_names[e["stage"]] = str(e.get("name") or f"stage {e['stage'] + 1}")
+            if e.get("phase", "begin") == "begin":
+                run.stage_begins[e["stage"]] = e
+        elif kind == "step" and _num(e.get("loss")) and isinstance(e.get("stage"), int):
+            steps[(e["stage"], e.get("step"))] = e
+        elif kind == "eval" and _num(e.get("loss")) and isinstance(e.get("stage"), int):
+            evals[(e["stage"], e.get("step"), e.get("task"))] = e
+        elif kind == "expand" and isinstance(e.get("stage"), int):
+            if e.get("trigger") or e.get("global_step") is not None:
+                growths[(e["stage"], e.get("global_step"), e.get("growth"), e.get("op"))] = e
+            else:
+                seg, ops = stage_ops.get(e["stage"], (segment, []))
+                if seg != segment:
+                    ops = []
+                stage_ops[e["stage"]] = (segment, ops + [e])
+    for (stage, step), e in steps.items():
+        g = e.get("global_step")
+        steps[(stage, step)] = {**e, "global_step": g if _num(g) else run.offset(stage) + (step or 0)}
+    run.steps = sorted(steps.values(), key=lambda e: e["global_step"])
+    run.evals = sorted(({**e, "_g": e["global_step"] if _num(e.get("global_step"))
+                         else run.offset(e["stage"]) + (e.get("step") or 0)} for e in evals.values()),
+                       key=lambda e: e["_g"])
+    run.stage_begins = {s: {**e, "_g": run.offset(s)} for s, e in run.stage_begins.items()}
+    run.expansions = [e for _, (_, ops) in sorted(stage_ops.items()) for e in ops]
+    run.growths = sorted(({**e, "_g": e["global_step"] if _num(e.get("global_step"))
+                           else run.offset(e["stage"]) + (e.get("step") or 0)} for e in growths.values()),
+                         key=lambda e: e["_g"])
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+
+def human(n: float) -> str:
+    """131584 -> '132k', 2.5e6 -> '2.5M'."""
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            text = f"{n / div:.1f}".rstrip("0").rstrip(".") if abs(n) < 10 * div else f"{n / div:.0f}"
+            return text + suffix
+    return f"{n:g}"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(fig, out: Path | str) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", facecolor="white")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. loss curves
+
+EVAL_STYLES = [("--", "o"), (":", "s"), ("-.", "v"), ((0, (5, 1, 1, 1)), "P"), ((0, (1, 2)), "X"),
+               ((0, (8, 3)), "h")]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: str = "steps",
+                warn: Warn | None = None) -> Path:
+    """Training loss and eval loss per task of each run against `x` (steps | tokens | flops).
+
+    `runs` is a list of (legend label, that run's events). Runs whose step events lack the x
+    quantity (older runs) make the whole figure fall back to global steps, with a warning."""
+    if x not in X_AXES:
+        raise PlotError(f"--x must be one of {', '.join(X_AXES)}, not {x!r}")
+    curves = [curves_from_events(label, events) for label, events in runs]
+    curves = [c for c in curves if c.steps or c.evals]
+    if not curves:
+        raise PlotError("no step or eval events to plot")
+    if x != "steps":
+        lacking = [c.label for c in curves if not c.has(x)]
+        if lacking:
+            if warn:
+                warn(f"{', '.join(lacking)}: events carry no '{x}' (an older run) — "
+                     f"plotting against global step instead")
+            x = "steps"
+
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter
+
+    fig = _figure(12, 6.2)
+    ax = fig.add_subplot()
+    colours = [f"C{i % 10}" for i in range(len(curves))]
+    tasks = list(dict.fromkeys(e.get("task") for c in curves for e in c.evals))
+    style = {t: EVAL_STYLES[i % len(EVAL_STYLES)] for i, t in enumerate(tasks)}
+    ys: list[float] = []
+
+    for c, colour in zip(curves, colours):
+        # training loss, one segment per stage so a task switch is never smoothed over
+        for stage in sorted({e["stage"] for e in c.steps}):
+            seg = [e for e in c.steps if e["stage"] == stage]
+            xs = [float(e["global_step"] if x == "steps" else e[x]) for e in seg]
+            loss = [float(e["loss"]) for e in seg]
+            ys += loss
+            if len(c.steps) > 60 and len(seg) > 5:
+                ax.plot(xs, loss, color=colour, lw=0.8, alpha=0.25)
+                ax.plot(xs, _smooth(loss, max(2, min(50, len(seg) // 20))), color=colour, lw=1.8)
+            else:
+                ax.plot(xs, loss, color=colour, lw=1.6)
+        # eval loss per task
+        for task in tasks:
+            pts = [(c.x_of(e, x), float(e["loss"])) for e in c.evals if e.get("task") == task]
+            if pts:
+                ls, marker = style[task]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, ls=ls, marker=marker,
+                        ms=4.5, lw=1.3, alpha=0.9)
+                ys += [p[1] for p in pts]
+
+    lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = 0.06 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + 3.5 * pad  # room at the top for the stage labels
+    ax.set_ylim(lo, hi)
+
+    def clip(y: float) -> float:
+        return min(max(y, lo + pad / 2), hi - pad / 2)
+
+    # stage boundaries: one grey line where every run agrees, else one per run in its colour
+    boundaries: dict[tuple[float, str], list[int]] = {}
+    for i, c in enumerate(curves):
+        for stage, name in sorted(c.stage_names.items()):
+            boundaries.setdefault((round(c.stage_x(stage, x), 6), name), []).append(i)
+    trans = ax.get_xaxis_transform()
+    for (bx, name), owners in sorted(boundaries.items()):
+        colour = "0.45" if len(owners) == len(curves) else colours[owners[0]]
+        ax.axvline(bx, color=colour, ls=(0, (4, 3)), lw=1.0, alpha=0.8, zorder=0)
+        ax.annotate(name, (bx, 1.0), xycoords=trans, xytext=(3, -4), textcoords="offset points", rotation=90,
+                    va="top", ha="left", fontsize=8, color=colour)
+
+    # expansions: a star where a stage applied its operators, a triangle for growth on a plateau
+    for k, (c, colour) in enumerate(zip(curves, colours)):
+        for stage in sorted({e["stage"] for e in c.expansions}):
+            ops = [e for e in c.expansions if e["stage"] == stage]
+            g = c.offset(stage)
+            after = [e.get("loss_after") for e in ops if _num(e.get("loss_after"))]
+            y = after[-1] if after else c.train_loss_at(g)
+            if y is None:
+                continue
+            added = sum(e.get("params_added") or 0 for e in ops)
+            px = c.stage_x(stage, x)
+            ax.plot([px], [clip(y)], marker="*", ms=15, color=colour, mec="black", mew=0.7, ls="none", zorder=5)
+            names = ", ".join(dict.fromkeys(str(e.get("op")) for e in ops))
+            ax.annotate(f"+{human(added)} params\n{names}", (px, clip(y)), xytext=(8, 4 + 22 * k),
+                        textcoords="offset points", fontsize=7.5, color=colour, zorder=6, bbox=LABEL_BOX)
+        for e in c.growths:
+            px = c.x_of(e, x)
+            y = e.get("loss_after") if _num(e.get("loss_after")) else c.train_loss_at(e["_g"])
+            if y is None:
+                continue
+            ax.plot([px], [clip(y)], marker="^", ms=11, color=colour, mec="black", mew=0.7, ls="none", zorder=5)
+            tag = f" (growth {e['growth']})" if e.get("growth") is not None else ""
+            ax.annotate(f"+{human(e.get('params_added') or 0)} params{tag}", (px, clip(y)), xytext=(6, -13 - 11 * k),
+                        textcoords="offset points", fontsize=7.5, color=colour, zorder=6, bbox=LABEL_BOX)
+
+    ax.set_xlabel(X_AXES[x])
+    ax.set_ylabel("loss (nats per token) — lower is better")
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    elif x == "flops":
+        ax.xaxis.set_major_formatter(EngFormatter(unit="FLOP", sep=" "))
+    ax.grid(True, alpha=0.25)
+    ax.margins(x=0.02)
+    title = "training loss and held-out eval loss per task"
+    ax.set_title(f"{title} vs {X_AXES[x]}" + (f" — {curves[0].label}" if len(curves) == 1 else ""),
+                 loc="left", fontsize=11)
+
+    kinds = [Line2D([], [], color="0.2", lw=1.6, label="training loss")]
+    kinds += [Line2D([], [], color="0.2", ls=style[t][0], marker=style[t][1], ms=4.5, lw=1.3,
+                     label=f"eval: {t}") for t in tasks]
+    if any(c.expansions for c in curves):
+        kinds.append(Line2D([], [], color="0.6", marker="*", ms=12, mec="black", ls="none",
+                            label="expansion (stage start)"))
+    if any(c.growths for c in curves):
+        kinds.append(Line2D([], [], color="0.6", marker="^", ms=9, mec="black", ls="none",
+                            label="growth on plateau"))
+    kinds.append(Line2D([], [], color="0.45", ls=(0, (4, 3)), lw=1.0, label="stage boundary"))
+    if len(curves) > 1:
+        run_handles = [Line2D([], [], color=col, lw=3, label=c.label) for c, col in zip(curves, colours)]
+        first = ax.legend(handles=run_handles, title="runs", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                          fontsize=8.5, title_fontsize=9, frameon=False)
+        ax.add_artist(first)
+        ax.legend(handles=kinds, loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=8.5, frameon=False)
+    else:
+        ax.legend(handles=kinds, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. forgetting matrix
+
+
+def matrix_from_events(events: Sequence[dict]) -> dict | None:
+    """The evaluation matrix so far, from a run's events (before results.json exists): the
+    initial evaluation, then the evaluations at each finished stage's end (step == its steps).
+    Besides rows/tasks/loss/ppl/bpb it has "trained": the task each row's stage trained."""
+    c = curves_from_events("", events)
+    ends = {s: n for s, n in c.stage_steps.items()}
+    finished = sorted({e["stage"] for e in events if e.get("type") == "stage" and e.get("phase") == "end"
+                       and isinstance(e.get("stage"), int)})
+    stage_tasks = {e["stage"]: e.get("task") for e in events if e.get("type") == "stage"
+                   and isinstance(e.get("stage"), int)}
+    rows: list[tuple[str, dict[str, dict]]] = []
+    trained: list[str | None] = []
+    for stage in [-1] + finished:
+        cells = {e["task"]: e for e in c.evals
+                 if e["stage"] == stage and (stage < 0 or e.get("step") == ends.get(stage))}
+        if cells:
+            rows.append(("initial" if stage < 0 else f"after {c.stage_names.get(stage, stage + 1)}", cells))
+            trained.append(stage_tasks.get(stage))
+    if not rows:
+        return None
+    tasks = list(dict.fromkeys(t for _, cells in rows for t in cells))
+    out: dict = {"rows": [label for label, _ in rows], "tasks": tasks, "trained": trained}
+    for metric in ("loss", "ppl", "bpb"):
+        out[metric] = [[cells.get(t, {}).get(metric) for t in tasks] for _, cells in rows]
+    return out
+
+
+def _cell(value) -> float:
+    return float(value) if _num(value) else math.nan
+
+
+def forgetting_figure(matrix: dict, out: Path | str, run: str = "", trained: Sequence[str | None] = ()) -> Path:
+    """Heatmap of the evaluation matrix: rows = after each stage, columns = tasks; bits per byte
+    (loss when bpb is missing). `trained[i]` is the task row i's stage trained (outlined)."""
+    try:
+        rows, tasks = list(matrix["rows"]), list(matrix["tasks"])
+    except (KeyError, TypeError):
+        raise PlotError("results.json 'matrix' lacks rows/tasks") from None
+    metric = next((m for m in ("bpb", "loss") if matrix.get(m) and any(_num(v) for r in matrix[m] for v in r)),
+                  None)
+    if metric is None or not rows or not tasks:
+        raise PlotError("results.json 'matrix' has no bits-per-byte or loss values")
+    values = [[_cell(v) for v in r] for r in matrix[metric]]
+    if len(values) != len(rows) or any(len(r) != len(tasks) for r in values):
+        raise PlotError(f"results.json 'matrix' {metric} is not {len(rows)}×{len(tasks)}")
+
+    import numpy as np
+
+    data = np.array(values, dtype=float)
+    # Colour: how far each value lies above its task's best (lowest) value, so a few percent of
+    # forgetting shows whatever the task's scale. The scale ends at the largest excess of the trained
+    # rows: an untrained initial row (a random base model) would otherwise wash out every difference.
+    best = np.nanmin(np.where(np.isfinite(data), data, np.nan), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        excess = np.where(np.isfinite(data) & (best > 0), data / best - 1.0, np.nan)
+    later = excess[1:] if len(rows) > 1 and str(rows[0]).lower().startswith("initial") else excess
+    top = float(np.nanmax(later)) if np.isfinite(later).any() else 0.0
+    top = max(top, 0.02)
+
+    name = {"bpb": "bits per byte", "loss": "loss (nats per token)"}[metric]
+    fig = _figure(max(6.0, 1.6 * len(tasks) + 3.6), max(2.8, 0.55 * len(rows) + 2.2))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(100 * excess), cmap="YlOrRd", vmin=0, vmax=100 * top, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(tasks)):
+            v = data[i, j]
+            text = "–" if not np.isfinite(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:,.1f}"
+            dark = np.isfinite(excess[i, j]) and excess[i, j] > 0.6 * top
+            ax.text(j, i, text, ha="center", va="center", fontsize=10, color="white" if dark else "black")
+    trained = list(trained) + [None] * len(rows)
+    from matplotlib.patches import Rectangle
+
+    outlined = False
+    for i in range(len(rows)):
+        if trained[i] in tasks:
+            j = tasks.index(trained[i])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="0.1", lw=2.2))
+            outlined = True
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.xaxis.tick_top()
+    ax.set_xlabel("evaluated on task (held-out text)" + ("; outlined: the task that stage trained"
+                                                         if outlined else ""), fontsize=9)
+    ax.set_ylabel("model after")
+    ax.tick_params(length=0)
+    ax.set_title(f"{name} per task after each stage — lower is better" + (f"\n{run}" if run else ""),
+                 fontsize=11)
+    bar = fig.colorbar(image, ax=ax, shrink=0.85, extend="max" if np.nanmax(excess) > top else "neither")
+    bar.set_label("% above the task's best", fontsize=9)
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. mapping sweep heatmap
+
+
+def _ppl(row: dict):
+    value = row.get("ppl", row.get("perplexity"))
+    return float(value) if _num(value) else None
+
+
+def sweep_rows(sweep) -> list[dict]:
+    """The rows of a sweep result: {"rows": [...]} or a bare list of rows."""
+    rows = sweep.get("rows") if isinstance(sweep, dict) else sweep
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise PlotError("a mapping sweep needs {\"rows\": [{\"mapping\": [...], \"ppl\": ...}, ...]}")
+    if not rows:
+        raise PlotError("the mapping sweep has no rows")
+    return rows
+
+
+def mapping_figure(sweep, out: Path | str, title: str = "", warn: Warn | None = None) -> Path:
+    """Rows = mappings, best (lowest perplexity) first; cells coloured and annotated with the source
+    layer each target layer uses; the perplexity at the right of each row; the reference marked."""
+    rows = sweep_rows(sweep)
+    rows = sorted(rows, key=lambda r: (_ppl(r) is None, _ppl(r) if _ppl(r) is not None else 0.0))
+    if len(rows) > MAX_MAPPING_ROWS:
+        keep = rows[:MAX_MAPPING_ROWS]
+        keep += [r for r in rows[MAX_MAPPING_ROWS:] if r.get("reference")]
+        if warn:
+            warn(f"mapping sweep: showing the best {MAX_MAPPING_ROWS} of {len(rows)} mappings")
+        rows = keep
+
+    def mapping(r: dict) -> list[int]:
+        m = r.get("mapping")
+        return [int(v) for v in m] if isinstance(m, list) and all(isinstance(v, int) for v in m) else []
+
+    depth = max((len(mapping(r)) for r in rows), default=0)
+    if depth == 0:
+        raise PlotError("no row of the mapping sweep has a mapping (a list of source layer indices)")
+    sources = max(max(mapping(r), default=0) for r in rows) + 1
+    if isinstance(sweep, dict):
+        for key in ("source_layers", "num_source_layers", "source_depth"):
+            if isinstance(sweep.get(key), int):
+                sources = max(sources, sweep[key])
+
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Rectangle
+
+    grid = np.full((len(rows), depth), np.nan)
+    for i, r in enumerate(rows):
+        m = mapping(r)
+        grid[i, :len(m)] = m
+    base = __import__("matplotlib").colormaps["viridis"]
+    cmap = ListedColormap([base(0.1 + 0.8 * k / max(1, sources - 1)) for k in range(sources)])
+    norm = BoundaryNorm(np.arange(-0.5, sources + 0.5), sources)
+
+    fig = _figure(max(6.0, 0.55 * depth + 4.2), max(2.4, 0.36 * len(rows) + 1.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+    small = len(rows) > 25 or depth > 24
+    for i, r in enumerate(rows):
+        for j, v in enumerate(mapping(r)):
+            shade = v / max(1, sources - 1)
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7 if small else 9,
+                    color="white" if shade < 0.55 else "black")
+        p = _ppl(r)
+        label = "–" if p is None else f"{p:.2f}" if p < 1000 else f"{p:,.0f}"
+        ax.text(depth - 0.5 + 0.25, i, label, ha="left", va="center", fontsize=8 if small else 9.5,
+                fontweight="bold" if r.get("reference") else "normal")
+        if not mapping(r):
+            what = f"{sources} layers" if sources else "no mapping"
+            ax.text((depth - 1) / 2, i, f"reference: the source model as it is ({what})", ha="center",
+                    va="center", fontsize=9, color="0.3")
+        if r.get("reference"):
+            ax.add_patch(Rectangle((-0.5, i - 0.5), depth, 1, fill=False, ec="crimson", lw=2.2, clip_on=False))
+    ax.text(depth - 0.5 + 0.25, len(rows) - 0.5 + 0.12, "perplexity", ha="left", va="top", fontsize=9,
+            fontweight="bold")
+    ax.set_xlim(-0.5, depth - 0.5 + 1.9)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xticks(range(depth))
+    ax.set_xlabel("target layer")
+    ax.set_yticks(range(len(rows)), [("reference" if r.get("reference") else f"#{i + 1}")
+                                     for i, r in enumerate(rows)], fontsize=8 if small else 9)
+    for tick, r in zip(ax.get_yticklabels(), rows):
+        if r.get("reference"):
+            tick.set_color("crimson")
+            tick.set_fontweight("bold")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    task = sweep.get("task") if isinstance(sweep, dict) else None
+    ax.set_title((title + "\n" if title else "") + "layer mappings scored without training, best first — "
+                 f"perplexity{f' on {task}' if task else ''} (lower is better)", loc="left", fontsize=10.5)
+    bar = fig.colorbar(image, ax=ax, ticks=range(sources), shrink=0.8, pad=0.01)
+    bar.set_label("source layer")
+    return _save(fig, out)
