@@ -32,7 +32,7 @@ from engine.ops.depth import compact_attention_types, untie
 from engine.expand import Freezer, apply_stage, count_params, probe
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir, runs_root
-from engine.train import op_generator, probe_batch, replay_expansions, task_eval_batches
+from engine.train import load_plan_task, op_generator, probe_batch, replay_expansions, task_eval_batches
 
 EXPORT_MANIFEST = "widen_export.json"
 ADAPTER_DIR = "adapter"
@@ -63,11 +63,13 @@ def _load_tokenizer_and_model(plan: Plan, device: str):
 def stage_probe(plan: Plan, stage: int, tokenizer, device: str = "cpu", cache_dir: Path | None = None):
     """The probe batch of `stage` (its task's first eval batch, PROBE_SEQUENCES rows), as tensors:
     the batch a run measures that stage's expansions on."""
-    from engine.data import load_task
+    from engine.arch.forward import batch_to
+    from engine.models import load_architecture
 
     name = plan.stages[stage].task
-    data = load_task(name, plan.tasks[name], tokenizer, cache_dir or _cache_dir())
-    return tuple(torch.as_tensor(t, device=device) for t in probe_batch(task_eval_batches(data, plan.train)))
+    kind = load_architecture(plan.model).family.kind
+    data = load_plan_task(name, plan.tasks[name], tokenizer, cache_dir or _cache_dir(), kind)
+    return batch_to(probe_batch(task_eval_batches(data, plan.train)), device)
 
 
 def build_from_plan(plan: Plan, upto_stage: int | None = None, device: str = "cpu"):
@@ -117,11 +119,14 @@ def load_run_model(run_dir: Path | str, device: str = "cpu"):
     plan = load_plan(run.plan)
     stages = len(plan.stages)
     state_file = latest / "trainer.pt"
+    growths = []
     if state_file.exists():
-        position = torch.load(state_file, weights_only=False, map_location="cpu")["position"]
+        state = torch.load(state_file, weights_only=False, map_location="cpu")
+        position = state["position"]
         stages = position["stage"] + (1 if position.get("ops_applied") else 0)
+        growths = state["history"].get("growths", [])  # automatic growths during stages
     tokenizer, model, view = _load_tokenizer_and_model(plan, device)
-    replay_expansions(model, view, plan, stages)
+    replay_expansions(model, view, plan, stages, growths)
     model.to(device)
     try:
         load_weights(model, str(weights), strict=True, device=str(device))

@@ -346,6 +346,12 @@ def _cross_check(raw: dict) -> list[Problem]:
         problems.append(Problem("stages", "is required — add at least one [[stages]] table"))
     elif not stages and not variants:
         problems.append(Problem("stages", "the plan has no stage — add at least one [[stages]] table"))
+    if raw.get("task_modules") is True:
+        problems += _task_module_problems(stages, "stages", first=True)
+        for v, variant in enumerate(variants):
+            vstages = variant.get("stages") if isinstance(variant, dict) else None
+            if isinstance(vstages, list):
+                problems += _task_module_problems(vstages, f"variants.{v}.stages", first=not stages)
     sweep = raw.get("sweep")
     if isinstance(sweep, dict) and isinstance(sweep.get("task"), str) and tasks and sweep["task"] not in tasks:
         problems.append(Problem("sweep.task", f"unknown task '{sweep['task']}' — use one of: {', '.join(tasks)}"))
@@ -365,6 +371,37 @@ def _check_stages(stages: list, where: str, tasks: dict) -> list[Problem]:
             for j, spec in enumerate(ops):
                 if isinstance(spec, dict) and "op" in spec:
                     problems.extend(_check_op(spec, f"{where}.{i}.{key}.{j}"))
+    return problems
+
+
+# Operators whose additions can be switched off per task: separate paths and adapters. The others
+# change the shared base (wider matrices, new blocks, a wider stream), which no task can undo.
+TASK_MODULE_OPS = {"lora": None, "ia3": None, "parallel_linear": None,
+                   "widen_ffn": "parallel", "widen_mlp": "parallel"}
+
+
+def _task_module_problems(stages: list, where: str, first: bool) -> list[Problem]:
+    """With task_modules: after the first stage the base stays frozen, and every operator adds a
+    module that can be switched per task."""
+    problems = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        if not (first and i == 0) and stage.get("freeze", "none") != "base":
+            problems.append(Problem(f"{where}.{i}.freeze", "task_modules = true shares one frozen base "
+                                    "between tasks after the first stage — set freeze = \"base\""))
+        for key, ops in _stage_op_lists(stage):
+            for j, spec in enumerate(ops):
+                if not isinstance(spec, dict) or spec.get("op") not in OP_PARAMS:
+                    continue
+                op = spec["op"]
+                if op not in TASK_MODULE_OPS:
+                    problems.append(Problem(f"{where}.{i}.{key}.{j}.op", f"{op} changes the shared base, so it "
+                                            "cannot belong to one task — with task_modules = true use "
+                                            f"{', '.join(sorted(TASK_MODULE_OPS))} (widening in mode = \"parallel\")"))
+                elif TASK_MODULE_OPS[op] and spec.get("mode", "parallel") != TASK_MODULE_OPS[op]:
+                    problems.append(Problem(f"{where}.{i}.{key}.{j}.mode", "task_modules needs mode = "
+                                            "\"parallel\" (in-place widening changes the shared base)"))
     return problems
 
 

@@ -167,8 +167,12 @@ def _ms(stat: dict | None, digits: int = 3, scale: float = 1.0) -> str:
     """mean ± std (or the value alone for one seed)."""
     if not stat:
         return "–"
-    mean = fmt_num(stat["mean"] * scale, digits)
-    return mean if stat["n"] < 2 else f"{mean}±{fmt_num(stat['std'] * scale, digits)}"
+
+    def fmt(v):
+        return f"{round(v):,}" if digits == 0 else fmt_num(v, digits)
+
+    mean = fmt(stat["mean"] * scale)
+    return mean if stat["n"] < 2 else f"{mean}±{fmt(stat['std'] * scale)}"
 
 
 def comparison_view(data: dict) -> Group:
