@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.arch.forward import batch_to, forward_logits, loss_of, slice_batch
+from engine.arch.forward import batch_to, forward_logits, loss_of, model_kind, slice_batch
 from engine import metrics
 from engine.data import eval_batches, load_task, load_tokenizer, train_batch
 from engine.growth import PlateauDetector, carry_optimizer_state
@@ -59,6 +59,15 @@ def task_eval_batches(data, train) -> list:
     if hasattr(data, "eval_batches"):  # a generation task: (prompt, continuation) pairs
         return data.eval_batches(train.batch_size, train.seq_len, train.eval_batches)
     return eval_batches(data.eval, train.batch_size, train.seq_len, train.eval_batches)
+
+
+def load_plan_task(name: str, spec, tokenizer, cache_dir: Path | None, model_kind: str):
+    """A plan's task data: token streams (text) or prompt/continuation pairs (generation)."""
+    if spec.task_kind == "generation":
+        from engine.generation import load_generation_task
+
+        return load_generation_task(name, spec, tokenizer, cache_dir, model_kind)
+    return load_task(name, spec, tokenizer, cache_dir)
 
 
 def task_train_batch(data, train, seed: int, stage: int, step: int):
@@ -164,7 +173,8 @@ class Trainer:
         self.model, self.view = load_model(plan.model, plan.seed)
         check_vocabulary(self.model, self.tokenizer)
         cache = self.run.path.parent / ".cache"
-        self.tasks = {name: self._load_task(name, spec, cache) for name, spec in plan.tasks.items()}
+        kind = model_kind(self.model)
+        self.tasks = {name: load_plan_task(name, spec, self.tokenizer, cache, kind) for name, spec in plan.tasks.items()}
         self.model.to(self.device)
         self.freezer = Freezer()
         self.task_modules = TaskModules() if plan.task_modules else None
@@ -185,14 +195,6 @@ class Trainer:
             raise ValueError("train.dtype = \"float16\" needs a CUDA device — use \"bfloat16\" or \"float32\" on CPU")
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.train.dtype == "float16")
-
-    def _load_task(self, name, spec, cache):
-        if spec.task_kind == "generation":
-            from engine.arch.forward import model_kind
-            from engine.generation import load_generation_task
-
-            return load_generation_task(name, spec, self.tokenizer, cache, model_kind(self.model))
-        return load_task(name, spec, self.tokenizer, cache)
 
     def emit(self, kind: str, **fields):
         if self.events:
@@ -411,7 +413,7 @@ class Trainer:
 
         if not self.position["ops_applied"]:
             growth = apply_stage(self.model, self.view, index, stage.expand, probe_batch(self.eval_sets[stage.task]),
-                                 self._op_generator(index))
+                                 op_generator(self.plan.seed, index))
             self.model.to(self.device)
             if self.task_modules is not None:
                 self.task_modules.claim(stage.task, self.model, growth)

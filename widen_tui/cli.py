@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from engine.rundir import RunDir, runs_root
+from widen_tui.sweep_cmd import sweep_app
 
 app = typer.Typer(help="widen — grow trained neural networks, train on new tasks, see what was "
                        "gained and forgotten.", no_args_is_help=True, add_completion=False,
@@ -22,6 +23,7 @@ plan_app = typer.Typer(help="Check expansion plans.", no_args_is_help=True)
 db_app = typer.Typer(help="The runs index.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
 app.add_typer(db_app, name="db")
+app.add_typer(sweep_app, name="sweep")
 
 # Piped output (logs, CI) gets a wide page so tables are not truncated to 80 columns.
 console = Console()
@@ -81,8 +83,13 @@ def plan_check(
 ):
     """Validate a plan: schema, tasks, operators, and layer indices against the model's config."""
     plan = _load_plan_or_exit(file, set_, None)
-    console.print(f"[green]ok[/green] {file}: {len(plan.stages)} stages, tasks {', '.join(plan.tasks)}, "
-                  f"model {plan.model.source}", highlight=False)
+    stages = f"{len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''}"
+    if plan.variants:
+        stages = (f"{len(plan.stages)} shared stage{'s' if len(plan.stages) != 1 else ''}, {len(plan.variants)} "
+                  f"variants ({', '.join(v.name for v in plan.variants)})")
+    extras = [x for x, on in (("task-specific modules", plan.task_modules), ("mapping sweep", plan.sweep)) if on]
+    console.print(f"[green]ok[/green] {file}: {stages}, tasks {', '.join(plan.tasks)}, "
+                  f"model {plan.model.source}" + "".join(f", {x}" for x in extras), highlight=False)
 
 
 _BUILD_ERRORS = ("ExportError", "DataError", "ModelLoadError", "PlanError")
@@ -100,56 +107,98 @@ def plan_show(
     from engine.export import build_from_plan, quiet_transformers
     from engine.expand import count_params
 
-    quiet_transformers()
-    try:
-        model, view, _, reports = build_from_plan(plan)
-    except ValueError as e:
-        if type(e).__name__ in _BUILD_ERRORS:
-            raise CLIError(str(e)) from None
-        raise
-    if as_json:
-        _print_json(reports)
-        return
     from widen_tui.report import expansions_table
 
-    console.print(f"{plan.name}: {plan.model.source} ({view.family.name}), {len(plan.stages)} stages, "
-                  f"{count_params(model):,} parameters after every operator (no training)", highlight=False)
-    if reports:
-        console.print(expansions_table(reports))
-    else:
-        console.print("the plan applies no operators", highlight=False)
+    quiet_transformers()
+    arms = [(v.name, plan.for_variant(v.name)) for v in plan.variants] or [(None, plan)]
+    everything = {}
+    for variant, resolved in arms:
+        try:
+            model, view, _, reports = build_from_plan(resolved)
+        except ValueError as e:
+            if type(e).__name__ in _BUILD_ERRORS:
+                raise CLIError(f"{'variant ' + variant + ': ' if variant else ''}{e}") from None
+            raise
+        everything[variant] = reports
+        if as_json:
+            continue
+        console.print(f"{plan.name}{' · variant ' + variant if variant else ''}: {plan.model.source} "
+                      f"({view.family.name}), {len(resolved.stages)} stages, {count_params(model):,} parameters "
+                      "after every operator (no training)", highlight=False)
+        if reports:
+            console.print(expansions_table(reports))
+        else:
+            console.print("the plan applies no operators", highlight=False)
+        if any(s.grow for s in resolved.stages):
+            console.print("automatic growths (stages.grow) happen during training and are not applied here",
+                          highlight=False)
+    if as_json:
+        _print_json(everything[None] if list(everything) == [None] else everything)
 
 
 # ---------------------------------------------------------------------------------------------
 # running
 
 
-def _launch(file: Path, set_: list[str], seed: int | None, detach: bool) -> None:
-    from widen_tui.launcher import create_run, start_worker
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CLIError(f"--seeds '{text}': give integers separated by commas, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CLIError(f"--seeds '{text}': give distinct integers, e.g. --seeds 0,1,2")
+    return seeds
 
+
+def _launch(file: Path, set_: list[str], seed: int | None, detach: bool, seeds: list[int] | None = None) -> None:
+    from widen_tui.launcher import create_runs, start_worker
+
+    if seed is not None and seeds:
+        raise CLIError("--seed and --seeds together: use one of them")
     plan = _load_plan_or_exit(file, set_, seed)
-    run = create_run(plan, file)
-    pid = start_worker(run)
+    runs = create_runs(plan, file, seeds)
+    pids = [start_worker(run) for run in runs]
     if detach:
-        console.print(run.id, highlight=False)
-        err.print(f"started run {run.id} (pid {pid}) — `widen watch {run.id}` to follow, "
-                  f"`widen cancel {run.id}` to stop", highlight=False, soft_wrap=True)
+        for run in runs:
+            console.print(run.id, highlight=False)
+        what = f"run {runs[0].id} (pid {pids[0]})" if len(runs) == 1 else \
+            f"{len(runs)} runs (they go one after another; variants share the cached common stages)"
+        err.print(f"started {what} — `widen watch {runs[-1].id if len(runs) > 1 else runs[0].id}` to follow, "
+                  f"`widen cancel RUN` to stop", highlight=False, soft_wrap=True)
         return
-    err.print(f"run {run.id} — Ctrl-C stops watching; the run keeps going", highlight=False)
-    state = _follow(run)
-    if state != "done":
+    if len(runs) == 1:
+        err.print(f"run {runs[0].id} — Ctrl-C stops watching; the run keeps going", highlight=False)
+        if _follow(runs[0]) != "done":
+            raise typer.Exit(1)
+        return
+    err.print(f"{len(runs)} runs, one after another: {', '.join(r.id for r in runs)} — Ctrl-C stops "
+              "watching; the runs keep going", highlight=False, soft_wrap=True)
+    states = []
+    for run in runs:
+        err.print(f"— {run.info().get('name')} ({run.id})", highlight=False)
+        state = _follow(run, show_results=False)
+        if state == "running":  # Ctrl-C
+            return
+        states.append(state)
+    _print_comparison([r.id for r in runs])
+    if any(state != "done" for state in states):
         raise typer.Exit(1)
 
 
 @app.command()
 def run(
     file: Path = typer.Argument(..., help="plan TOML file"),
-    detach: bool = typer.Option(False, "--detach", "-d", help="print the run id and return at once"),
+    detach: bool = typer.Option(False, "--detach", "-d", help="print the run id(s) and return at once"),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the plan's seed"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="one run per seed (and per variant), e.g. 0,1,2; "
+                                        "`widen compare` reports mean ± std"),
     set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
 ):
-    """Run a plan in a detached engine process (and watch it unless --detach)."""
-    _launch(file, set_, seed, detach)
+    """Run a plan in detached engine processes (and watch unless --detach). A plan with variants
+    runs one after another, sharing its common stages, then prints the comparison."""
+    _launch(file, set_, seed, detach, _parse_seeds(seeds))
 
 
 @app.command()
@@ -189,7 +238,7 @@ def cancel(run_ref: str = typer.Argument(..., metavar="RUN")):
 # watching
 
 
-def _follow(run: RunDir, live: bool | None = None) -> str:
+def _follow(run: RunDir, live: bool | None = None, show_results: bool = True) -> str:
     """Follow a run's events until it ends; print the results. Returns the final state."""
     from engine.events import EventReader
     from widen_tui.progress import RunProgress
@@ -232,8 +281,13 @@ def _follow(run: RunDir, live: bool | None = None) -> str:
                   f"`widen cancel {run.id}`", highlight=False)
         return "running"
     results = run.results()
-    if results:
+    if results and show_results:
         console.print(results_view(results))
+    elif results:
+        s = results.get("summary", {})
+        console.print(f"{progress.state}: final ppl "
+                      + " ".join(f"{t}={v:.2f}" for t, v in (s.get("final_ppl") or {}).items())
+                      + f" · trainable {s.get('trainable_share', 0) * 100:.1f}%", highlight=False)
     if progress.state != "done":
         err.print(f"run {run.id} ended {progress.state}"
                   + (f": {progress.error}" if progress.error else "")
@@ -258,6 +312,10 @@ class _LinePrinter:
             console.print(line, highlight=False, soft_wrap=True)
 
 
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
 def describe_event(e: dict) -> str:
     kind, stage = e.get("type"), e.get("stage")
     label = f"stage {stage + 1}" if isinstance(stage, int) and stage >= 0 else "initial"
@@ -270,6 +328,10 @@ def describe_event(e: dict) -> str:
         return f"{label} step {e['step']}: loss {e['loss']:.4f} lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s"
     if kind == "eval":
         return f"{label} step {e['step']}: eval {e['task']} loss {e['loss']:.4f} ppl {e['ppl']:.3f}"
+    if kind == "expand" and e.get("trigger"):
+        return f"{label} step {e['step']}: growth {e['growth'] + 1} ({e['trigger']}) {e['op']}: " \
+               f"+{e['params_added']:,} params, max|Δlogits| {e['max_abs_logit_delta']:.2e}, loss " \
+               f"{e['loss_before']:.4f} -> {e['loss_after']:.4f}"
     if kind == "expand":
         return f"{label} expand {e['op']}: +{e['params_added']:,} params, max|Δlogits| " \
                f"{e['max_abs_logit_delta']:.2e}, loss {e['loss_before']:.4f} -> {e['loss_after']:.4f}"
@@ -279,6 +341,13 @@ def describe_event(e: dict) -> str:
         return f"system rss {e['rss_mb']} MB cpu {e['cpu_percent']}% {e['gpu_status']}"
     if kind == "status":
         return f"status {e['state']}" + (f": {e['error']}" if e.get("error") else "")
+    if kind == "health":
+        return f"{label} health of {e['op']}'s new units after training: max pairwise cosine " \
+               f"{_num(e.get('max_pairwise_cosine'))}, max twin cosine {_num(e.get('max_twin_cosine'))}"
+    if kind == "sweep":
+        best = e.get("best") or {}
+        return f"sweep on {e['task']}: {e['rows']} mappings to depth {e['depth']}, best {best.get('mapping')} " \
+               f"ppl {_num(best.get('ppl'))}, prefix cache speed-up {_num(e.get('speedup'))}x"
     return json.dumps(e)
 
 
@@ -363,6 +432,30 @@ def show(run_ref: str = typer.Argument("last", metavar="RUN"),
         console.print(f"no results yet — `widen watch {run.id}`", highlight=False)
 
 
+def _print_comparison(refs: list[str], as_json: bool = False) -> None:
+    from widen_tui.compare import compare_runs
+
+    runs = [_run_dir(ref) for ref in refs]
+    missing = [r.id for r in runs if not r.results()]
+    if missing and len(missing) == len(runs):
+        raise CLIError(f"no results yet for {', '.join(missing)} — wait for the runs to end (`widen watch`)")
+    data = compare_runs([({**r.info(), "_events": str(r.events)}, r.status(), r.results()) for r in runs])
+    if as_json:
+        _print_json(data)
+        return
+    from widen_tui.report import comparison_view
+
+    console.print(comparison_view(data))
+
+
+@app.command()
+def compare(run_refs: list[str] = typer.Argument(..., metavar="RUN..."),
+            as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON")):
+    """Runs side by side: parameters added, trainable share, final perplexity per task,
+    forgetting, BWT/FWT, wall time, tokens/s, peak memory; mean ± std over seeds."""
+    _print_comparison(run_refs, as_json)
+
+
 @db_app.command("rebuild")
 def db_rebuild():
     """Rebuild the runs index from the run directories (the source of truth)."""
@@ -386,6 +479,7 @@ def export(
                                        help="keep adapters separate (PEFT format in OUT_DIR/adapter) "
                                             "instead of merging them"),
     set_: list[str] = typer.Option([], "--set", help="override a field of a plan file: key.path=value"),
+    variant: Optional[str] = typer.Option(None, "--variant", help="a plan with variants: the one to build"),
 ):
     """Export a grown model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads
     it; AutoModelForSeq2SeqLM for T5): widened layers merged into wider matrices, copied layers
@@ -397,6 +491,14 @@ def export(
         if not path.is_file():
             raise CLIError(f"{source}: no such plan file")
         plan = _load_plan_or_exit(path, set_, None)
+        if plan.variants:
+            if not variant:
+                raise CLIError(f"{source} has variants ({', '.join(v.name for v in plan.variants)}) — "
+                               "pick one with --variant NAME")
+            try:
+                plan = plan.for_variant(variant)
+            except KeyError as e:
+                raise CLIError(f"--variant: {e.args[0]}") from None
     else:
         if set_:
             raise CLIError("--set applies to a plan file; a run's plan is fixed")

@@ -176,47 +176,46 @@ def _ms(stat: dict | None, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def comparison_view(data: dict) -> Group:
-    """The layer-widening proposal's table: per variant, parameters and trainable share,
-    per-task perplexity and forgetting, time and memory (mean ± std over seeds)."""
+    """The layer-widening proposal's table, in two parts that fit a terminal: what each variant
+    learned and forgot (per-task perplexity and forgetting, ACC, BWT), then what it cost
+    (parameters added, trainable share, time, speed, memory). Mean ± std over seeds."""
     tasks = data["tasks"]
     seeded = data.get("seeded")
-    table = Table(title=f"comparison{' (mean ± std over seeds)' if seeded else ''} · forgetting in bits/byte: "
-                        f"{data['forgetting_definition']} · {data['sign_convention']}",
-                  title_justify="left", header_style="bold")
-    table.add_column("variant")
-    if seeded:
-        table.add_column("seeds", justify="right")
-    for col in ("params", "added", "trainable", "share"):
-        table.add_column(col, justify="right")
+    over = " (mean ± std over seeds)" if seeded else ""
+    quality = Table(title=f"per task{over} · forgetting in bits/byte, {data['forgetting_definition']} · "
+                          f"{data['sign_convention']}", title_justify="left", header_style="bold")
+    quality.add_column("variant")
     for task in tasks:
-        table.add_column(f"ppl {task}", justify="right")
+        quality.add_column(f"ppl {task}", justify="right")
     for task in tasks:
-        table.add_column(f"forget {task}", justify="right")
-    for col in ("ACC", "BWT", "time", "tok/s", "peak MB"):
-        table.add_column(col, justify="right")
+        quality.add_column(f"forgetting {task}", justify="right")
+    quality.add_column("ACC", justify="right")
+    quality.add_column("BWT", justify="right")
+    cost = Table(title=f"parameters and cost{over}", title_justify="left", header_style="bold")
+    for col in ("variant", "seeds", "params", "added", "trainable", "share", "time", "tokens/s", "peak RSS MB"):
+        cost.add_column(col, justify="left" if col == "variant" else "right")
     for g in data["groups"]:
-        cells = [g["variant"] or g["plan"]]
-        if seeded:
-            cells.append(",".join(str(s) for s in g["seeds"]))
-        cells += [_ms(g["params"], 0), _ms(g["params_added"], 0), _ms(g["trainable"], 0),
-                  _ms(g["trainable_share"], 1, 100) + "%" if g["trainable_share"] else "–"]
-        cells += [_ms(g["final_ppl"].get(t), 2) for t in tasks]
-        cells += [_ms(g["forgetting"].get(t), 4) for t in tasks]
-        cells += [_ms(g["acc"], 4), _ms(g["bwt"], 4), _ms(g["wall_s"], 1) + "s" if g["wall_s"] else "–",
-                  _ms(g["tokens_per_s"], 0), _ms(g["peak_rss_mb"], 0)]
-        table.add_row(*cells)
-    parts = [table]
-    if any(r.get("loss_at_equal_flops") is not None for r in data["runs"]) and len(data["runs"]) > 1:
-        budget = data["runs"][0].get("equal_flops_budget")
-        compute = Table(title=f"training loss at equal compute ({fmt_num(budget)} FLOPs) and equal tokens "
-                              f"({fmt_num(data['runs'][0].get('equal_tokens_budget'))})",
+        name = g["variant"] or g["plan"]
+        quality.add_row(name, *[_ms(g["final_ppl"].get(t), 2) for t in tasks],
+                        *[_ms(g["forgetting"].get(t), 4) for t in tasks], _ms(g["acc"], 4), _ms(g["bwt"], 4))
+        cost.add_row(name, ",".join(str(x) for x in g["seeds"]), _ms(g["params"], 0), _ms(g["params_added"], 0),
+                     _ms(g["trainable"], 0),
+                     _ms(g["trainable_share"], 2, 100) + "%" if g["trainable_share"] else "–",
+                     _ms(g["wall_s"], 1) + "s" if g["wall_s"] else "–", _ms(g["tokens_per_s"], 0),
+                     _ms(g["peak_rss_mb"], 0))
+    parts = [quality, cost]
+    grew = any(r.get("growths") for r in data["runs"])
+    if grew and len(data["runs"]) > 1:  # grown models are comparable by compute, not by steps
+        first = data["runs"][0]
+        compute = Table(title=f"training loss at equal compute ({fmt_num(first.get('equal_flops_budget'))} "
+                              f"FLOPs) and equal tokens ({fmt_num(first.get('equal_tokens_budget'))})",
                         title_justify="left", header_style="bold")
-        for col in ("run", "variant", "seed", "growths", "loss @ FLOPs", "loss @ tokens", "final params"):
-            compute.add_column(col, justify="left" if col in ("run", "variant") else "right")
+        for col in ("variant", "seed", "growths", "loss @ FLOPs", "loss @ tokens", "total FLOPs", "final params"):
+            compute.add_column(col, justify="left" if col == "variant" else "right")
         for r in data["runs"]:
-            compute.add_row(r["id"], str(r.get("variant") or r.get("name")), str(r.get("seed")),
-                            str(r.get("growths") or 0), fmt_num(r.get("loss_at_equal_flops"), 4),
-                            fmt_num(r.get("loss_at_equal_tokens"), 4), fmt_num(r.get("params")))
+            compute.add_row(str(r.get("variant") or r.get("name")), str(r.get("seed")), str(r.get("growths") or 0),
+                            fmt_num(r.get("loss_at_equal_flops"), 4), fmt_num(r.get("loss_at_equal_tokens"), 4),
+                            fmt_num(r.get("flops")), fmt_num(r.get("params")))
         parts.append(compute)
     not_done = [r["id"] for r in data["runs"] if r.get("state") != "done"]
     if not_done:
