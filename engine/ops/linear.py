@@ -13,6 +13,12 @@ Each computes what one plain Linear would (GPT-2 Conv1D layout respected); they 
 ``materialize()`` returns that plain module, so an export holds only standard layers (the
 protocol of ``engine.ops.registry``).
 
+Each has an ``active`` switch (default True; task-specific modules, ``engine.task_modules``):
+inactive, the new tensors contribute nothing — ConcatLinear's new features are zeros (the width
+stays, so the reader's slicing holds), WiderInputLinear ignores its new input features,
+ParallelLinear computes W x. ``linear_tensors`` (hence ``materialize``) follows: the Linear the
+module computes now.
+
 Which Linear reads a grown one is architecture data, never a guess: a transformer FFN's up (and
 gate, grown together) is read by down; Linear i of an nn.Sequential by Linear i+1.
 """
@@ -46,6 +52,7 @@ class LinearStandIn(nn.Module):
     so merges this module into its wider matrices)."""
 
     base: nn.Module
+    active: bool = True  # False: the new tensors are switched off (see the module docstring)
 
     def linear_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -102,19 +109,25 @@ class ConcatLinear(LinearStandIn):
         self.expansion = expansion
 
     def forward(self, x):
-        return torch.cat([self.base(x), self.expansion(x)], dim=-1)
+        out = self.base(x)
+        if not self.active:  # the width stays: the reader slices by it
+            return torch.cat([out, out.new_zeros(*out.shape[:-1], self.expansion.out_features)], dim=-1)
+        return torch.cat([out, self.expansion(x)], dim=-1)
 
     @torch.no_grad()
     def linear_tensors(self):
         weight, bias = linear_tensors(self.base)
         new_weight, new_bias = self.expansion.weight.detach(), self.expansion.bias
+        if not self.active:
+            new_weight = torch.zeros_like(new_weight)
+            new_bias = torch.zeros_like(new_bias) if new_bias is not None else None
         if bias is not None or new_bias is not None:
             bias = torch.cat([bias if bias is not None else weight.new_zeros(weight.shape[0]),
                               new_bias.detach() if new_bias is not None else weight.new_zeros(new_weight.shape[0])])
         return torch.cat([weight, new_weight.to(weight.dtype)]), bias
 
     def extra_repr(self) -> str:
-        return f"new_out_features={self.expansion.out_features}"
+        return f"new_out_features={self.expansion.out_features}" + ("" if self.active else ", active=False")
 
 
 class WiderInputLinear(LinearStandIn):
@@ -128,15 +141,18 @@ class WiderInputLinear(LinearStandIn):
 
     def forward(self, x):
         n = x.shape[-1] - self.extra.shape[1]
+        if not self.active:
+            return self.base(x[..., :n])
         return self.base(x[..., :n]) + F.linear(x[..., n:], self.extra)
 
     @torch.no_grad()
     def linear_tensors(self):
         weight, bias = linear_tensors(self.base)
-        return torch.cat([weight, self.extra.detach().to(weight.dtype)], dim=1), bias
+        extra = self.extra.detach().to(weight.dtype)
+        return torch.cat([weight, extra if self.active else torch.zeros_like(extra)], dim=1), bias
 
     def extra_repr(self) -> str:
-        return f"new_in_features={self.extra.shape[1]}"
+        return f"new_in_features={self.extra.shape[1]}" + ("" if self.active else ", active=False")
 
 
 class ParallelLinear(LinearStandIn):
@@ -148,15 +164,19 @@ class ParallelLinear(LinearStandIn):
         self.delta = delta  # Linear layout [out, in]
 
     def forward(self, x):
+        if not self.active:
+            return self.base(x)
         return self.base(x) + F.linear(x, self.delta)
 
     @torch.no_grad()
     def linear_tensors(self):
         weight, bias = linear_tensors(self.base)
+        if not self.active:
+            return weight, bias
         return weight + self.delta.detach().to(weight.dtype), bias
 
     def extra_repr(self) -> str:
-        return f"delta={tuple(self.delta.shape)}"
+        return f"delta={tuple(self.delta.shape)}" + ("" if self.active else ", active=False")
 
 
 # ---------------------------------------------------------------------------------------------

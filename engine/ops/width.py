@@ -29,7 +29,13 @@ from engine.ops.registry import OpResult, operator
 
 
 class FFNWithNewUnits(nn.Module):
-    """An FFN plus `size` new hidden units beside it: base(x) + down(act(gate(x)) * up(x))."""
+    """An FFN plus `size` new hidden units beside it: base(x) + down(act(gate(x)) * up(x)).
+
+    ``active`` (default True) switches the new path: when False the module computes base(x) alone
+    (task-specific modules, ``engine.task_modules``); ``materialize`` follows the function the
+    module computes, so an inactive path is dropped rather than merged."""
+
+    active: bool = True  # class default: modules built before the switch existed are active
 
     def __init__(self, base: nn.Module, act: nn.Module, up: nn.Linear, down: nn.Linear,
                  gate: nn.Linear | None = None):
@@ -41,15 +47,23 @@ class FFNWithNewUnits(nn.Module):
         self.down = down
 
     def forward(self, x):
+        if not self.active:
+            return self.base(x)
         hidden = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
         return self.base(x) + self.down(hidden)
+
+    def extra_repr(self) -> str:
+        return "" if self.active else "active=False"
 
     @torch.no_grad()
     def materialize(self) -> nn.Module:
         """The base FFN module (same class) with wider matrices holding the new units: the
         parallel path's rows/columns are appended to up (and gate) and down; nested paths first.
-        Same function (one matmul instead of two sums; differences are rounding only)."""
+        Same function (one matmul instead of two sums; differences are rounding only). An
+        inactive path adds nothing to the function, so it is dropped: the base alone."""
         base = self.base.materialize() if hasattr(self.base, "materialize") else self.base
+        if not self.active:
+            return base
         layout = _layout_of(base)
         up, down = getattr(base, layout.up), getattr(base, layout.down)
         gate = getattr(base, layout.gate) if layout.gate else None
