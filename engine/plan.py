@@ -374,34 +374,20 @@ def _check_stages(stages: list, where: str, tasks: dict) -> list[Problem]:
     return problems
 
 
-# Operators whose additions can be switched off per task: separate paths and adapters. The others
-# change the shared base (wider matrices, new blocks, a wider stream), which no task can undo.
-TASK_MODULE_OPS = {"lora": None, "ia3": None, "parallel_linear": None,
-                   "widen_ffn": "parallel", "widen_mlp": "parallel"}
-
-
 def _task_module_problems(stages: list, where: str, first: bool) -> list[Problem]:
-    """With task_modules: after the first stage the base stays frozen, and every operator adds a
-    module that can be switched per task."""
+    """With task_modules: after the first stage the base stays frozen and every operator adds a
+    module that can be switched per task (engine.task_modules says which)."""
+    import re
+
+    from engine.task_modules import stage_problems
+
     problems = []
     for i, stage in enumerate(stages):
-        if not isinstance(stage, dict):
-            continue
-        if not (first and i == 0) and stage.get("freeze", "none") != "base":
-            problems.append(Problem(f"{where}.{i}.freeze", "task_modules = true shares one frozen base "
-                                    "between tasks after the first stage — set freeze = \"base\""))
-        for key, ops in _stage_op_lists(stage):
-            for j, spec in enumerate(ops):
-                if not isinstance(spec, dict) or spec.get("op") not in OP_PARAMS:
-                    continue
-                op = spec["op"]
-                if op not in TASK_MODULE_OPS:
-                    problems.append(Problem(f"{where}.{i}.{key}.{j}.op", f"{op} changes the shared base, so it "
-                                            "cannot belong to one task — with task_modules = true use "
-                                            f"{', '.join(sorted(TASK_MODULE_OPS))} (widening in mode = \"parallel\")"))
-                elif TASK_MODULE_OPS[op] and spec.get("mode", "parallel") != TASK_MODULE_OPS[op]:
-                    problems.append(Problem(f"{where}.{i}.{key}.{j}.mode", "task_modules needs mode = "
-                                            "\"parallel\" (in-place widening changes the shared base)"))
+        if isinstance(stage, dict):
+            index = i if first else i + 1  # a variant's stages come after the shared ones
+            for field, message in stage_problems(index, stage):
+                path = re.sub(r"\[(\d+)\]", r".\1", field)  # expand[1].mode -> expand.1.mode
+                problems.append(Problem(f"{where}.{i}.{path}", message))
     return problems
 
 

@@ -21,7 +21,8 @@ import torch
 from engine.arch.forward import batch_to, forward_logits, loss_of, model_kind, slice_batch
 from engine import metrics
 from engine.data import eval_batches, load_task, load_tokenizer, train_batch
-from engine.growth import PlateauDetector, carry_optimizer_state
+from engine.growth import (PlateauDetector, carry_optimizer_state, combine_growth, continue_schedule, grow_model,
+                           growth_generator)
 from engine.events import EventWriter
 from engine import prefix_cache
 from engine.expand import Freezer, StageGrowth, apply_stage, count_params
@@ -41,11 +42,10 @@ class Cancelled(Exception):
 
 
 # -- shared with engine.export (build a plan's model without training) -------------------------
-def op_generator(seed: int, stage: int, growth: int | None = None) -> torch.Generator:
-    """The generator a stage's operators (or its `growth`-th automatic growth) draw from: the
-    same in a run, a resume and an export."""
-    offset = 0 if growth is None else 100_000 * (growth + 1)
-    return torch.Generator().manual_seed(seed * 1000 + stage + offset)
+def op_generator(seed: int, stage: int) -> torch.Generator:
+    """The generator a stage's operators draw from: the same in a run, a resume and an export.
+    (Automatic growths draw from engine.growth.growth_generator.)"""
+    return torch.Generator().manual_seed(seed * 1000 + stage)
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -82,21 +82,19 @@ def probe_batch(eval_set: list) -> tuple:
     return slice_batch(eval_set[0], PROBE_SEQUENCES)
 
 
-def replay_expansions(model, view, plan, stages: int, growths: list[dict] | None = None,
-                      on_stage=None) -> StageGrowth:
+def replay_expansions(model, view, plan, stages: int, growths: list[dict] | None = None) -> StageGrowth:
     """Apply the operators of the first `stages` stages unmeasured (to fit a checkpoint's shape),
     each stage followed by the automatic growths it had (`growths`: [{"stage", "growth"}]);
-    returns the last stage's growth. `on_stage(index, growth)` sees each stage's additions."""
+    returns what the last stage added (its operators and growths)."""
     growth = StageGrowth()
     for index in range(stages):
         growth = apply_stage(model, view, index, plan.stages[index].expand, None,
                              op_generator(plan.seed, index), measure=False)
         for g in sorted((g for g in growths or [] if g["stage"] == index), key=lambda g: g["growth"]):
-            extra = apply_stage(model, view, index, plan.stages[index].grow.expand, None,
-                                op_generator(plan.seed, index, g["growth"]), measure=False)
-            growth.results += extra.results
-        if on_stage:
-            on_stage(index, growth)
+            before = dict(model.named_parameters())
+            grown = grow_model(model, view, plan.stages[index].grow.expand, index, g["growth"], None,
+                               growth_generator(plan.seed, index, g["growth"]))
+            growth = combine_growth(growth, grown, before, model)
     return growth
 
 
@@ -207,6 +205,13 @@ class Trainer:
             self.task_modules.activate(self.model, task)
             self.active_task = task
 
+    def claim_modules(self, index: int, task: str, growth: StageGrowth) -> None:
+        """What a stage (or a growth) added belongs to its task; the first stage shapes the base."""
+        if self.task_modules is not None:
+            self.task_modules.claim(task, self.model, growth, allow_shared=index == 0)
+            self.active_task = None  # the new modules are on: switch again
+            self.activate(task)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, task: str) -> dict:
@@ -286,7 +291,7 @@ class Trainer:
         if self.task_modules:  # each task's own modules, loadable on their own
             (tmp / "tasks").mkdir()
             for task in self.task_modules.tasks():
-                tensors = self.task_modules.state_dict(task)
+                tensors = self.task_modules.state_dict(task, self.model)
                 if tensors:
                     save_file(tensors, str(tmp / "tasks" / f"{task}.safetensors"))
         # swap directories so a crash leaves either the old checkpoint or the new one
@@ -397,7 +402,8 @@ class Trainer:
         stages = stage + (1 if ops_applied else 0)
         self._growth = replay_expansions(self.model, self.view, self.plan, stages, self.history["growths"])
         if self.task_modules is not None and saved.get("task_modules"):
-            self.task_modules = TaskModules.from_json(saved["task_modules"])
+            self.task_modules = TaskModules.from_json(saved["task_modules"], self.model)
+            self.active_task = None
         self.model.to(self.device)
 
     def run_stage(self, index: int, saved: dict | None):
@@ -412,11 +418,11 @@ class Trainer:
                   flops=self.history["flops"])
 
         if not self.position["ops_applied"]:
+            self.activate(stage.task)  # expansions are measured on the task's own model
             growth = apply_stage(self.model, self.view, index, stage.expand, probe_batch(self.eval_sets[stage.task]),
                                  op_generator(self.plan.seed, index))
             self.model.to(self.device)
-            if self.task_modules is not None:
-                self.task_modules.claim(stage.task, self.model, growth)
+            self.claim_modules(index, stage.task, growth)
             self.freezer.apply(self.model, stage.freeze, growth)
             trainable, total = self.freezer.trainable(self.model), count_params(self.model)
             for report in growth.reports:
@@ -473,8 +479,8 @@ class Trainer:
                 report["after_training"] = similarity_report(result.units)
                 self.emit("health", stage=index, op=report["op"], **report["after_training"])
 
-    def _optimizer(self, stage, step: int = 0):
-        """AdamW over what trains now, and its schedule positioned at `step` of the stage."""
+    def _optimizer(self, stage):
+        """AdamW over what trains now, and the stage's learning-rate schedule."""
         lr = stage.lr or self.plan.train.lr
         decay, no_decay = [], []
         for p in self.model.parameters():
@@ -487,8 +493,6 @@ class Trainer:
         train = self.plan.train
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(train.schedule, s, stage.steps, train.warmup_steps))
-        for _ in range(step):  # a schedule rebuilt mid-stage (after a growth) continues where it was
-            scheduler.step()
         return optimizer, scheduler
 
     # ------------------------------------------------------------------ training
@@ -574,17 +578,15 @@ class Trainer:
         k = self.position.get("growths", 0)
         step = self.position["step"]
         before = dict(self.model.named_parameters())
-        growth = apply_stage(self.model, self.view, index, stage.grow.expand,
-                             probe_batch(self.eval_sets[stage.task]), op_generator(self.plan.seed, index, k))
+        growth = grow_model(self.model, self.view, stage.grow.expand, index, k,
+                            probe_batch(self.eval_sets[stage.task]), growth_generator(self.plan.seed, index, k))
         self.model.to(self.device)
-        if self.task_modules is not None:
-            self.task_modules.claim(stage.task, self.model, growth)
-            self.active_task = None
-            self.activate(stage.task)
-        self._growth.results += growth.results
+        self.claim_modules(index, stage.task, growth)
+        self._growth = combine_growth(self._growth, growth, before, self.model)
         self.freezer.apply(self.model, stage.freeze, self._growth)
-        new_optimizer, new_scheduler = self._optimizer(stage, step)
-        carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth)
+        new_optimizer, new_scheduler = self._optimizer(stage)
+        carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth, masked=self.freezer.masked)
+        continue_schedule(scheduler, new_scheduler)
         trainable, total = self.freezer.trainable(self.model), count_params(self.model)
         for report in growth.reports:
             report.update(trainable=trainable, trainable_share=trainable / total, task=stage.task,

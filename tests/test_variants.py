@@ -219,6 +219,6 @@ def test_task_modules_need_a_frozen_base_and_switchable_ops(variant_plan):
     with pytest.raises(PlanError) as e:
         plan_from_dict(raw)
     text = str(e.value)
-    assert 'variants.0.stages.0.freeze: task_modules = true shares one frozen base' in text
+    assert 'variants.0.stages.0.freeze: task_modules keeps the shared base frozen' in text
     assert "variants.0.stages.0.expand.1.op: insert_identity changes the shared base" in text
     assert 'variants.1.stages.0.expand.0.mode: task_modules needs mode = "parallel"' in text
