@@ -22,6 +22,22 @@ from engine.ops.params import OP_PARAMS, OpParams
 
 
 @dataclass
+class Split:
+    """Units replicated along one axis of a grown tensor (Net2WiderNet-style splitting): slot i
+    along `dim` of `param` holds old index `source[i]` (an old slot holds itself), its value
+    divided by `divisor[i]`; at the same function its gradient is `grad_scale[i]` times the
+    source's. A replicated unit's incoming weights: divisor 1, grad_scale 1/copies (each copy's
+    output is read through 1/copies of the outgoing weight); its outgoing weights: divisor copies,
+    grad_scale 1. ``engine.growth.carry_optimizer_state`` grows the optimizer state with it."""
+
+    param: torch.nn.Parameter
+    dim: int
+    source: torch.Tensor       # long, [size of `param` along `dim`]
+    divisor: torch.Tensor      # float, same length
+    grad_scale: torch.Tensor   # float, same length
+
+
+@dataclass
 class OpResult:
     """What an operator did to the model."""
 
@@ -33,6 +49,8 @@ class OpResult:
     note: str = ""
     config_changes: dict = field(default_factory=dict)
     units: list = field(default_factory=list)  # engine.health.NewUnits per widened layer
+    # tensors whose entries copy (split) old units: how each entry derives from the old tensor
+    splits: list[Split] = field(default_factory=list)
 
 
 Operator = Callable[..., OpResult]
@@ -80,6 +98,7 @@ def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResu
         merged.new_params += result.new_params
         merged.grown += result.grown
         merged.units += result.units
+        merged.splits += result.splits
         merged.config_changes.update(result.config_changes)
         merged.exact = merged.exact and result.exact
         if result.note:

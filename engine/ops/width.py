@@ -18,14 +18,14 @@ learn (the on-the-fly-expansion note's failure modes):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from engine.health import NewUnits
 from engine.ops.params import WidenFFNParams
-from engine.ops.registry import OpResult, operator
+from engine.ops.registry import OpResult, Split, operator
 
 
 class FFNWithNewUnits(nn.Module):
@@ -195,6 +195,7 @@ class WiderPair:
     gate: nn.Module | None
     grown: list
     units: NewUnits
+    splits: list[Split] = field(default_factory=list)  # splitting inits: which unit each slot copies
 
 
 def grow_units_inplace(up: nn.Module, down: nn.Module, gate: nn.Module | None, conv1d: bool, size: int,
@@ -223,7 +224,17 @@ def grow_units_inplace(up: nn.Module, down: nn.Module, gate: nn.Module | None, c
         grown.append((wide_gate.weight, _mask_like(wide_gate.weight, row_mask, rows=not conv1d)))
     record = NewUnits(up=wide_up.weight, down=wide_down.weight, conv1d=conv1d,
                       rows=torch.arange(units, units + size), sources=source)
-    return WiderPair(wide_up, wide_down, wide_gate, grown, record)
+    splits = []
+    if source is not None:  # net2net / copy_halve: slot i copies unit slot_source[i]
+        slot_source = torch.cat([torch.arange(units), source])
+        copies = (torch.bincount(source, minlength=units).float() + 1)[slot_source]
+        ones = torch.ones_like(copies)
+        incoming = [(wide_up.weight, 1 if conv1d else 0)] + ([(wide_up.bias, 0)] if up_b is not None else [])
+        if wide_gate is not None:
+            incoming.append((wide_gate.weight, 1 if conv1d else 0))
+        splits = [Split(p, dim, slot_source, ones, 1 / copies) for p, dim in incoming]
+        splits.append(Split(wide_down.weight, 0 if conv1d else 1, slot_source, copies, ones))
+    return WiderPair(wide_up, wide_down, wide_gate, grown, record, splits)
 
 
 @operator("widen_ffn")
@@ -265,6 +276,7 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
             setattr(inner, layout.gate, wide.gate)
         result.grown.extend(wide.grown)
         result.units.append(wide.units)
+        result.splits.extend(wide.splits)
 
     if params.mode == "inplace":
         if layers == list(range(view.num_layers)):
