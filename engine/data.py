@@ -218,13 +218,14 @@ def _pydoc_documents() -> list[tuple[str, str]]:
     return [(key, topics[key]) for key in sorted(topics)]
 
 
-def _stdlib_documents() -> list[tuple[str, str]]:
+def _stdlib_documents(max_total_bytes: int | None = STDLIB_MAX_TOTAL_BYTES) -> list[tuple[str, str]]:
     """Python code: the running interpreter's standard library, one document per ``.py`` file.
 
     Tests, IDLE and installed packages are left out, and so are files over 200 kB (generated
-    tables). The rest (~10 MB) is capped at STDLIB_MAX_TOTAL_BYTES: files are taken in the order
-    of a hash of their relative path (a deterministic, unbiased sample across packages) while
-    they fit under the cap, then sorted by path.
+    tables). The rest (~10 MB) is capped at `max_total_bytes` (None: no cap; the docstring->code
+    pairs of engine.generation use every file): files are taken in the order of a hash of their
+    relative path (a deterministic, unbiased sample across packages) while they fit under the
+    cap, then sorted by path.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     sizes: dict[str, int] = {}
@@ -238,7 +239,7 @@ def _stdlib_documents() -> list[tuple[str, str]]:
                     sizes[file.relative_to(root).as_posix()] = size
     chosen, total = [], 0
     for rel in sorted(sizes, key=_hash_int):
-        if total + sizes[rel] <= STDLIB_MAX_TOTAL_BYTES:
+        if max_total_bytes is None or total + sizes[rel] <= max_total_bytes:
             chosen.append(rel)
             total += sizes[rel]
     return [(rel, (root / rel).read_text(encoding="utf-8", errors="replace")) for rel in sorted(chosen)]
@@ -508,15 +509,23 @@ def _read_cache(directory: Path, name: str) -> TaskData | None:
 
 
 def _write_cache(corpora: Path, final: Path, data: TaskData) -> None:
-    """Write to a temporary directory beside the final one, then rename: readers never see a
-    partial cache, and a writer that loses a race keeps the winner's (identical) files."""
-    corpora.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=corpora))
-    try:
+    def fill(tmp: Path) -> None:
         np.save(tmp / "train.npy", data.train)
         np.save(tmp / "eval.npy", data.eval)
         meta = {k: getattr(data, k) for k in _META_KEYS}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    write_dir_atomic(final, fill)  # final sits in corpora
+
+
+def write_dir_atomic(final: Path, fill) -> None:
+    """`fill(tmp)` writes into a temporary directory beside `final`, which is then renamed to
+    `final`: readers never see a partial cache, and a writer that loses a race keeps the
+    winner's (identical) files."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        fill(tmp)
         os.rename(tmp, final)
     except OSError:
         if not final.exists():
