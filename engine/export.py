@@ -67,8 +67,9 @@ def stage_probe(plan: Plan, stage: int, tokenizer, device: str = "cpu", cache_di
     from engine.models import load_architecture
 
     name = plan.stages[stage].task
-    kind = load_architecture(plan.model).family.kind
-    data = load_plan_task(name, plan.tasks[name], tokenizer, cache_dir or _cache_dir(), kind)
+    arch = load_architecture(plan.model)
+    start = getattr(arch.config, "decoder_start_token_id", None)
+    data = load_plan_task(name, plan.tasks[name], tokenizer, cache_dir or _cache_dir(), arch.family.kind, start)
     return batch_to(probe_batch(task_eval_batches(data, plan.train)), device)
 
 

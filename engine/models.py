@@ -25,6 +25,29 @@ BUILTIN_MODELS: dict[str, dict] = {
 }
 
 
+# A small MLP over bytes (the on-the-fly-expansion note's setting): embedding -> Linear/GELU
+# hidden layers -> logits. It predicts the next byte from the current one (a bigram model), so it
+# trains on the same text tasks as the transformers; widen_mlp grows its hidden layers.
+BUILTIN_MLPS: dict[str, dict] = {
+    "mlp": dict(vocab_size=259, embedding=64, hidden=(128, 128)),
+}
+
+
+def build_builtin_mlp(name: str, seed: int):
+    import torch
+    from torch import nn
+
+    fields = BUILTIN_MLPS[name]
+    widths = [fields["embedding"], *fields["hidden"]]
+    layers: list[nn.Module] = [nn.Embedding(fields["vocab_size"], fields["embedding"])]
+    for width_in, width_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(width_in, width_out), nn.GELU()]
+    layers.append(nn.Linear(widths[-1], fields["vocab_size"]))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(*layers)
+
+
 class ModelLoadError(ValueError):
     def __init__(self, message: str, field: str = "source"):
         super().__init__(message)
@@ -35,7 +58,7 @@ def builtin_fields(source: str) -> dict:
     name = source.removeprefix("builtin:")
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(f"unknown built-in model '{name}' — built-in models: "
-                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+                             f"{', '.join('builtin:' + n for n in [*BUILTIN_MODELS, *BUILTIN_MLPS])}")
     return dict(BUILTIN_MODELS[name])
 
 
@@ -61,6 +84,8 @@ def load_config(spec):
 def load_architecture(spec) -> ArchView:
     """The architecture view from the config alone. Built-in models need no transformers (so
     `widen plan check` / `widen run --detach` stay fast); others load the config with AutoConfig."""
+    if spec.source.removeprefix("builtin:") in BUILTIN_MLPS:
+        return ArchView.of(build_builtin_mlp(spec.source.removeprefix("builtin:"), 0))
     if spec.source.startswith("builtin:"):
         config = SimpleNamespace(**builtin_fields(spec.source))
     else:
@@ -77,6 +102,9 @@ def load_model(spec, seed: int):
     import torch
     import transformers
 
+    if spec.source.removeprefix("builtin:") in BUILTIN_MLPS:
+        model = build_builtin_mlp(spec.source.removeprefix("builtin:"), seed)
+        return model, ArchView.of(model)
     config = load_config(spec)
     try:
         kind = ArchView(config).family.kind
@@ -94,7 +122,14 @@ def load_model(spec, seed: int):
 
 def check_vocabulary(model, tokenizer) -> None:
     """Every token id the tokenizer can produce must have an embedding row."""
-    vocab = model.get_input_embeddings().num_embeddings
+    import torch
+
+    if isinstance(model, torch.nn.Sequential):  # a built-in MLP: its first child embeds
+        vocab = model[0].num_embeddings if isinstance(model[0], torch.nn.Embedding) else None
+        if vocab is None:
+            return
+    else:
+        vocab = model.get_input_embeddings().num_embeddings
     if tokenizer.vocab_size > vocab:
         raise ModelLoadError(f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "
                              f"vocabulary has {vocab} — use the model's own tokenizer", field="tokenizer")

@@ -111,10 +111,13 @@ class StageSpec(Strict):
 
 
 class VariantSpec(Strict):
-    """One arm of a comparison: the plan's shared stages (trained once, cached), then these."""
+    """One arm of a comparison: the plan's shared stages (trained once, cached), then these.
+    A variant may use another model (e.g. the same inits on a small MLP and on a transformer):
+    the shared stages then train once per model (the cache key covers the model)."""
 
     name: str = Field(..., min_length=1)
     description: str | None = None
+    model: ModelSpec | None = Field(None, description="this variant's model (default: the plan's)")
     stages: list[StageSpec] = Field(default_factory=list)
 
 
@@ -156,6 +159,8 @@ class Plan(Strict):
         data = self.model_dump()
         data.update(stages=data["stages"] + [s.model_dump() for s in variant.stages], variants=[],
                     description=variant.description or self.description)
+        if variant.model is not None:
+            data["model"] = variant.model.model_dump()
         return Plan.model_validate(data)
 
     def prefix_key(self, stages: int) -> str:
@@ -428,27 +433,45 @@ def check_plan(plan: Plan) -> list[Problem]:
 
 def check_model_fields(raw: dict) -> list[Problem]:
     """The config-dependent checks on a raw plan dict, so that they run even when other fields
-    are wrong. Each operator's layers are checked against the depth at that point of the plan."""
+    are wrong. Each operator's layers are checked against the depth at that point of the plan
+    (shared stages, then each variant's own, on the variant's model when it names one)."""
+    shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    variants = [v for v in raw.get("variants") or [] if isinstance(v, dict)] \
+        if isinstance(raw.get("variants"), list) else []
+    arch, problems = _architecture(raw.get("model") or {}, "model")
+    depths = {view.stack: view.num_layers for view in arch.stacks()} if arch else {}
+    if arch:
+        problems += _check_stage_ops(shared, "stages", depths, arch)
+    for v, variant in enumerate(raw.get("variants") or [] if isinstance(raw.get("variants"), list) else []):
+        if not isinstance(variant, dict):
+            continue
+        stages = variant.get("stages") if isinstance(variant.get("stages"), list) else []
+        if variant.get("model") is not None:
+            own, found = _architecture(variant["model"], f"variants.{v}.model")
+            problems += found
+            if own is None:
+                continue
+            own_depths = {view.stack: view.num_layers for view in own.stacks()}
+            problems += [p for p in _check_stage_ops(shared, "stages", own_depths, own) if p not in problems]
+            problems += _check_stage_ops(stages, f"variants.{v}.stages", own_depths, own)
+        elif arch:
+            problems += _check_stage_ops(stages, f"variants.{v}.stages", dict(depths), arch)
+    del variants
+    return problems
+
+
+def _architecture(model_raw, where: str):
+    """(ArchView from the config alone, problems) for a raw model table."""
     from engine.models import ModelLoadError, load_architecture
 
     try:
-        model = ModelSpec.model_validate(raw.get("model") or {})
+        model = ModelSpec.model_validate(model_raw)
     except ValidationError:
-        return []  # reported by the schema check
+        return None, []  # reported by the schema check
     try:
-        arch = load_architecture(model)
+        return load_architecture(model), []
     except ModelLoadError as e:
-        return [Problem(f"model.{e.field}", str(e))]
-    # depth per stack at this point of the plan (one stack, or T5's encoder and decoder)
-    depths = {view.stack: view.num_layers for view in arch.stacks()}
-    shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
-    problems = _check_stage_ops(shared, "stages", depths, arch)
-    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
-    for v, variant in enumerate(variants):
-        stages = variant.get("stages") if isinstance(variant, dict) else None
-        if isinstance(stages, list):
-            problems += _check_stage_ops(stages, f"variants.{v}.stages", dict(depths), arch)
-    return problems
+        return None, [Problem(f"{where}.{e.field}", str(e))]
 
 
 def _check_stage_ops(stages: list, where: str, depths: dict, arch) -> list[Problem]:

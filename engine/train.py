@@ -61,12 +61,13 @@ def task_eval_batches(data, train) -> list:
     return eval_batches(data.eval, train.batch_size, train.seq_len, train.eval_batches)
 
 
-def load_plan_task(name: str, spec, tokenizer, cache_dir: Path | None, model_kind: str):
+def load_plan_task(name: str, spec, tokenizer, cache_dir: Path | None, model_kind: str,
+                   decoder_start_id: int | None = None):
     """A plan's task data: token streams (text) or prompt/continuation pairs (generation)."""
     if spec.task_kind == "generation":
         from engine.generation import load_generation_task
 
-        return load_generation_task(name, spec, tokenizer, cache_dir, model_kind)
+        return load_generation_task(name, spec, tokenizer, cache_dir, model_kind, decoder_start_id)
     return load_task(name, spec, tokenizer, cache_dir)
 
 
@@ -172,7 +173,9 @@ class Trainer:
         check_vocabulary(self.model, self.tokenizer)
         cache = self.run.path.parent / ".cache"
         kind = model_kind(self.model)
-        self.tasks = {name: load_plan_task(name, spec, self.tokenizer, cache, kind) for name, spec in plan.tasks.items()}
+        start = getattr(getattr(self.model, "config", None), "decoder_start_token_id", None)
+        self.tasks = {name: load_plan_task(name, spec, self.tokenizer, cache, kind, start)
+                      for name, spec in plan.tasks.items()}
         self.model.to(self.device)
         self.freezer = Freezer()
         self.task_modules = TaskModules() if plan.task_modules else None
@@ -244,7 +247,8 @@ class Trainer:
         self.activate(task)
         self.model.eval()
         scores = score_generation(self.model, self.tokenizer, self.tasks[task], self.device,
-                                  examples=spec.generate_examples, max_new_tokens=spec.max_new_tokens)
+                                  examples=spec.generate_examples, max_new_tokens=spec.max_new_tokens,
+                                  seq_len=self.plan.train.seq_len)
         self.model.train()
         self.activate(training_task)
         return {k: scores[k] for k in ("exact_match", "bleu") if k in scores}

@@ -33,7 +33,21 @@ def run_row(info: dict, status: dict, results: dict | None) -> dict:
     for key in PER_TASK:
         row[key] = summary.get(key) or {}
     row["scores"] = summary.get("final_scores") or {}
+    row["new_units"] = [_unit_health(r) for r in (results or {}).get("expansions", [])
+                        if r.get("new_grad_norm") is not None]
     return row
+
+
+def _unit_health(report: dict) -> dict:
+    """The new units of one expansion: can they learn (gradient, dead share) and do they stay
+    distinct (cosines at expansion and after training) — the inits' failure modes as numbers."""
+    after = report.get("after_training") or {}
+    return {"stage": report.get("stage"), "op": report.get("op"), "init": (report.get("settings") or {}).get("init"),
+            "exact": report.get("exact"), "max_abs_logit_delta": report.get("max_abs_logit_delta"),
+            "new_grad_norm": report.get("new_grad_norm"), "dead_share": report.get("dead_share"),
+            "max_pairwise_cosine": report.get("max_pairwise_cosine"), "max_twin_cosine": report.get("max_twin_cosine"),
+            "max_pairwise_cosine_after": after.get("max_pairwise_cosine"),
+            "max_twin_cosine_after": after.get("max_twin_cosine")}
 
 
 def _curve(events: list[dict], axis: str) -> list[tuple[float, float]]:

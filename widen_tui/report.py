@@ -217,6 +217,20 @@ def comparison_view(data: dict) -> Group:
                             fmt_num(r.get("loss_at_equal_flops"), 4), fmt_num(r.get("loss_at_equal_tokens"), 4),
                             fmt_num(r.get("flops")), fmt_num(r.get("params")))
         parts.append(compute)
+    health = [(r, u) for r in data["runs"] for u in r.get("new_units") or []]
+    if health:
+        units = Table(title="health of new units (at expansion → after training): dead = zero gradient; "
+                            "cosine 1 = identical units or collapsed twins", title_justify="left", header_style="bold")
+        for col in ("variant", "op", "init", "max|Δlogits|", "new grad", "dead", "pair cos", "pair cos after",
+                    "twin cos after"):
+            units.add_column(col, justify="left" if col in ("variant", "op", "init") else "right")
+        for r, u in health:
+            units.add_row(str(r.get("variant") or r.get("name")), u["op"], str(u.get("init") or "–"),
+                          f"{u['max_abs_logit_delta']:.1e}" if u.get("max_abs_logit_delta") is not None else "–",
+                          fmt_num(u.get("new_grad_norm")), fmt_num(u.get("dead_share")),
+                          fmt_num(u.get("max_pairwise_cosine")), fmt_num(u.get("max_pairwise_cosine_after")),
+                          fmt_num(u.get("max_twin_cosine_after")))
+        parts.append(units)
     not_done = [r["id"] for r in data["runs"] if r.get("state") != "done"]
     if not_done:
         parts.append(Text(f"not done (figures partial or missing): {', '.join(not_done)}", style="yellow"))

@@ -316,6 +316,7 @@ def widen_mlp(view, params: WidenMLPParams, gen: torch.Generator) -> OpResult:
         view.set_linear(layer, wide.up)
         view.set_linear(layer + 1, wide.down)
         result.grown.extend(wide.grown)
+        result.splits.extend(wide.splits)  # splitting inits: the optimizer state follows (engine.growth)
         result.units.append(wide.units)
     if merged:
         result.note = (f"{', '.join(dict.fromkeys(merged))} held tensors added before (a parallel path); growing "
