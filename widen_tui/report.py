@@ -192,7 +192,7 @@ def comparison_view(data: dict) -> Group:
     quality.add_column("ACC", justify="right")
     quality.add_column("BWT", justify="right")
     cost = Table(title=f"parameters and cost{over}", title_justify="left", header_style="bold")
-    for col in ("variant", "seeds", "params", "added", "trainable", "share", "time", "tokens/s", "peak RSS MB"):
+    for col in ("variant", "seeds", "params", "added", "trainable", "share", "time (all stages)", "tokens/s", "peak RSS MB"):
         cost.add_column(col, justify="left" if col == "variant" else "right")
     for g in data["groups"]:
         name = g["variant"] or g["plan"]
