@@ -78,3 +78,21 @@ def widen(*args: str, env_home: Path, timeout: float = 120, check: bool = False)
     if check and proc.returncode != 0:
         raise AssertionError(f"widen {' '.join(args)} exited {proc.returncode}: {proc.stderr[-800:]}")
     return proc
+
+
+def run_until_cancelled(trainer, should_cancel) -> None:
+    """Run `trainer` (an engine.train.Trainer) until an emitted event makes
+    `should_cancel(kind, fields)` true, then end it as a cancel does (checkpoint, `cancelled`)."""
+    from engine.train import Cancelled
+
+    emit = trainer.emit
+
+    def emit_then_maybe_cancel(kind, **fields):
+        emit(kind, **fields)
+        if should_cancel(kind, fields):
+            trainer.cancel_requested = True
+
+    trainer.emit = emit_then_maybe_cancel
+    with pytest.raises(Cancelled):
+        trainer.run_plan()
+    trainer.finish("cancelled")

@@ -13,7 +13,7 @@ from engine.events import read_all, validate_event
 from engine.plan import load_plan
 from engine.rundir import RunDir
 from engine.train import Trainer
-from tests.conftest import widen
+from tests.conftest import run_until_cancelled, widen
 from widen_tui.launcher import create_run
 
 pytestmark = pytest.mark.slow
@@ -76,20 +76,8 @@ def test_resume_continues_exactly(tiny_plan, widen_home):
     Trainer(straight.path).run_plan()
 
     interrupted = create_run(plan, tiny_plan, widen_home)
-    trainer = Trainer(interrupted.path)
-    emit = trainer.emit
-
-    def cancel_at_stage2_step3(kind, **fields):
-        emit(kind, **fields)
-        if kind == "step" and fields["stage"] == 1 and fields["step"] == 3:
-            trainer.cancel_requested = True
-
-    trainer.emit = cancel_at_stage2_step3
-    from engine.train import Cancelled
-
-    with pytest.raises(Cancelled):
-        trainer.run_plan()
-    trainer.finish("cancelled")
+    run_until_cancelled(Trainer(interrupted.path),
+                        lambda kind, e: kind == "step" and e["stage"] == 1 and e["step"] == 3)
     assert interrupted.status()["state"] == "cancelled"
     Trainer(interrupted.path, resume=True).run_plan()
 

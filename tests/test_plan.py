@@ -53,7 +53,7 @@ def test_op_specific_rules():
 
 def test_unknown_model_is_a_field_error():
     _, problems = problems_of(QUICKSTART, "model.source=builtin:nope")
-    assert problems == ["model.source: unknown built-in model 'nope' — built-in models: builtin:tiny-neo"]
+    assert problems == ["model.source: unknown built-in model 'nope' — built-in models: builtin:tiny-neo, builtin:mlp"]
 
 
 def test_missing_required_fields(tmp_path):

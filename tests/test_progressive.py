@@ -9,7 +9,8 @@ import pytest
 
 from engine.events import read_all
 from engine.plan import load_plan
-from engine.train import Cancelled, Trainer
+from engine.train import Trainer
+from tests.conftest import run_until_cancelled
 from widen_tui.launcher import create_run
 
 pytestmark = pytest.mark.slow
@@ -94,18 +95,9 @@ def test_resume_after_a_growth_is_exact(grow_plan, widen_home):
     Trainer(straight.path).run_plan()
 
     interrupted = create_run(plan, grow_plan, widen_home)
-    trainer = Trainer(interrupted.path)
-    emit = trainer.emit
-
-    def cancel_after_first_growth(kind, **fields):
-        emit(kind, **fields)
-        if kind == "step" and fields["step"] == 9:
-            trainer.cancel_requested = True
-
-    trainer.emit = cancel_after_first_growth
-    with pytest.raises(Cancelled):
-        trainer.run_plan()
-    trainer.finish("cancelled")
+    # cancelled at step 11, after the first growth (at step 10): the checkpoint holds the grown
+    # model, its optimizer state and the plateau detector
+    run_until_cancelled(Trainer(interrupted.path), lambda kind, e: kind == "step" and e["step"] == 11)
     Trainer(interrupted.path, resume=True).run_plan()
 
     a, b = straight.results(), interrupted.results()
