@@ -628,8 +628,10 @@ class Trainer:
         result = mapping_sweep(self.model, self.eval_sets[spec.task], mappings)
         result.update(task=spec.task, depth=spec.depth)
         self.sweep_result = result
-        self.emit("sweep", task=spec.task, depth=spec.depth, rows=len(result["rows"]),
-                  best=result["rows"][0], speedup=result.get("speedup"))
+        best = next((r for r in result["rows"] if not r["reference"]), None)
+        reference = next((r for r in result["rows"] if r["reference"]), None)
+        self.emit("sweep", task=spec.task, depth=spec.depth, rows=len(result["rows"]), best=best,
+                  reference_ppl=reference and reference["ppl"], speedup=result.get("speedup"))
 
     # ------------------------------------------------------------------ results
     def results(self, state: str) -> dict:

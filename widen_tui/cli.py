@@ -346,8 +346,9 @@ def describe_event(e: dict) -> str:
                f"{_num(e.get('max_pairwise_cosine'))}, max twin cosine {_num(e.get('max_twin_cosine'))}"
     if kind == "sweep":
         best = e.get("best") or {}
-        return f"sweep on {e['task']}: {e['rows']} mappings to depth {e['depth']}, best {best.get('mapping')} " \
-               f"ppl {_num(best.get('ppl'))}, prefix cache speed-up {_num(e.get('speedup'))}x"
+        return f"sweep on {e['task']}: {e['rows'] - 1} mappings to depth {e['depth']}, best {best.get('mapping')} " \
+               f"ppl {_num(best.get('ppl'))} (unexpanded: {_num(e.get('reference_ppl'))}), prefix-sharing " \
+               f"speed-up {_num(e.get('speedup'))}x"
     return json.dumps(e)
 
 

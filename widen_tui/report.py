@@ -157,9 +157,11 @@ def results_view(results: dict) -> Group:
     if results.get("expansions"):
         parts.append(expansions_table(results["expansions"]))
     if results.get("sweep"):
-        parts.append(Text(f"mapping sweep on {results['sweep'].get('task')}: {len(results['sweep']['rows'])} "
-                          f"mappings, best {results['sweep']['rows'][0].get('mapping')} ppl "
-                          f"{fmt_num(results['sweep']['rows'][0].get('ppl'))} — `widen plot` draws the heatmap"))
+        from widen_tui.sweep_cmd import heatmap, speedup_line
+
+        sweep = results["sweep"]
+        parts += [Text(f"mapping sweep on {sweep.get('task')} (no training; `widen plot` draws it as a figure)"),
+                  heatmap(sweep), Text(speedup_line(sweep))]
     return Group(*parts, footer)
 
 
