@@ -222,3 +222,43 @@ def test_task_modules_need_a_frozen_base_and_switchable_ops(variant_plan):
     assert 'variants.0.stages.0.freeze: task_modules keeps the shared base frozen' in text
     assert "variants.0.stages.0.expand.1.op: insert_identity changes the shared base" in text
     assert 'variants.1.stages.0.expand.0.mode: task_modules needs mode = "parallel"' in text
+
+
+@pytest.mark.slow
+def test_a_variant_waiting_for_its_turn_is_queued_and_can_be_cancelled(variant_plan, widen_home):
+    """The second run of a group waits (state `queued`, heartbeat fresh) while the first runs;
+    `widen cancel` ends it as `cancelled` without training anything."""
+    import os
+    import socket
+    import time
+
+    from engine.rundir import write_json_atomic
+    from tests.conftest import widen
+    from widen_tui.launcher import create_runs, start_worker
+
+    first, second = create_runs(load_plan(variant_plan), variant_plan)
+    # the first run "runs" as this test process: alive, same host
+    write_json_atomic(first.status_json, {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                                          "heartbeat": time.time()})
+    start_worker(second)
+    deadline = time.time() + 60
+    while second.status().get("waiting_for") != first.id:
+        assert time.time() < deadline, second.status()
+        time.sleep(0.3)
+    assert second.status()["state"] == "queued"
+    assert widen("cancel", second.id, env_home=widen_home).returncode == 0
+    while second.status()["state"] == "queued":
+        assert time.time() < deadline, second.status()
+        time.sleep(0.3)
+    assert second.status()["state"] == "cancelled" and not second.results_json.exists()
+
+
+def test_plan_show_builds_every_variant(variant_plan, widen_home):
+    from tests.conftest import widen
+
+    proc = widen("plan", "show", str(variant_plan), "--json", env_home=widen_home)
+    assert proc.returncode == 0, proc.stderr
+    reports = json.loads(proc.stdout)
+    assert sorted(reports) == ["ffn", "lora"]
+    assert reports["lora"][0]["op"] == "lora" and reports["ffn"][0]["op"] == "widen_ffn"
+    assert all(r["exact"] for rs in reports.values() for r in rs)

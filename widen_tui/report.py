@@ -194,7 +194,9 @@ def comparison_view(data: dict) -> Group:
     quality.add_column("ACC", justify="right")
     quality.add_column("BWT", justify="right")
     cost = Table(title=f"parameters and cost{over}", title_justify="left", header_style="bold")
-    for col in ("variant", "seeds", "params", "added", "trainable", "share", "time (all stages)", "tokens/s", "peak RSS MB"):
+    gpu = any(g["torch_peak_mb"] for g in data["groups"])  # runs on a GPU: torch's own peak too
+    for col in ("variant", "seeds", "params", "added", "trainable", "share", "time (all stages)", "tokens/s",
+                "peak RSS MB", *(["GPU peak MB"] if gpu else [])):
         cost.add_column(col, justify="left" if col == "variant" else "right")
     for g in data["groups"]:
         name = g["variant"] or g["plan"]
@@ -204,7 +206,7 @@ def comparison_view(data: dict) -> Group:
                      _ms(g["trainable"], 0),
                      _ms(g["trainable_share"], 2, 100) + "%" if g["trainable_share"] else "–",
                      _ms(g["wall_s"], 1) + "s" if g["wall_s"] else "–", _ms(g["tokens_per_s"], 0),
-                     _ms(g["peak_rss_mb"], 0))
+                     _ms(g["peak_rss_mb"], 0), *([_ms(g["torch_peak_mb"], 0)] if gpu else []))
     parts = [quality, cost]
     grew = any(r.get("growths") for r in data["runs"])
     if grew and len(data["runs"]) > 1:  # grown models are comparable by compute, not by steps
