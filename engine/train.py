@@ -28,6 +28,7 @@ from engine import prefix_cache
 from engine.expand import Freezer, StageGrowth, apply_stage, count_params
 from engine.models import check_vocabulary, load_model
 from engine.plan import Plan, load_plan
+from engine.results import build_results
 from engine.rundir import RunDir, write_json_atomic
 from engine.system import SystemMonitor
 from engine.task_modules import TaskModules
@@ -635,58 +636,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ results
     def results(self, state: str) -> dict:
-        h = self.history
-        tasks = list(self.tasks)
-        matrix = h["matrix"]
-        continual = metrics.continual_summary(matrix, h["trained_at"]) if matrix else {}
-        forgetting = continual.get("forgetting", {})
-        forgetting_ppl = metrics.forgetting(matrix, h["trained_at"], "ppl") if matrix else {}
-        forgetting_loss = metrics.forgetting(matrix, h["trained_at"], "loss") if matrix else {}
-        final = matrix[-1] if matrix else {}
         sample = self.monitor.sample()
         self._peak_rss_mb = max(self._peak_rss_mb, sample.get("rss_mb") or 0.0)
-        scores = sorted({k for row in matrix for t in row for k in row[t] if k in ("exact_match", "bleu")})
-        summary = {
-            "final_ppl": {t: final[t]["ppl"] for t in final},
-            "final_bpb": {t: final[t]["bpb"] for t in final},
-            "final_scores": {t: {k: final[t][k] for k in scores if k in final[t]} for t in final
-                             if any(k in final[t] for k in scores)},
-            "forgetting": {t: (f["absolute"] if f else None) for t, f in forgetting.items()},
-            "forgetting_metric": metrics.COMPARABLE_METRIC,
-            "acc": continual.get("acc"), "bwt": continual.get("bwt"), "fwt": continual.get("fwt"),
-            "params": count_params(self.model),
-            "params_added": sum(r["params_added"] for r in h["expansions"]),
-            "trainable": h["stage_params"][-1]["trainable"] if h["stage_params"] else None,
-            "trainable_share": h["stage_params"][-1]["trainable_share"] if h["stage_params"] else None,
-            "max_abs_logit_delta": max((r["max_abs_logit_delta"] for r in h["expansions"]), default=None),
-            "growths": len(h["growths"]),
-            "tokens": h["tokens"],
-            "flops": h["flops"],
-            "wall_s": round(h["wall_s"], 2),
-            "tokens_per_s": h["tokens"] / h["wall_s"] if h["wall_s"] else None,
-            "peak_rss_mb": self._peak_rss_mb,
-            "torch_peak_mb": sample.get("torch_peak_mb"),
-            "prefix_cached": h.get("prefix_cached", False),
-        }
-        out = {
-            "run": self.run.id, "plan": self.plan.name, "state": state, "seed": self.plan.seed,
-            "variant": self.info.get("variant"), "group": self.info.get("group"),
-            "tasks": tasks,
-            "sign_convention": metrics.SIGN_CONVENTION,
-            "forgetting_definition": metrics.FORGETTING_DEFINITION,
-            "matrix": {"rows": h["row_labels"], "tasks": tasks,
-                       **{key: [[r[t].get(key) for t in tasks] for r in matrix]
-                          for key in ("loss", "ppl", "bpb", *scores)}},
-            "continual": {k: v for k, v in continual.items() if k != "forgetting"},
-            "forgetting": {"bpb": forgetting, "loss": forgetting_loss, "ppl": forgetting_ppl},
-            "stages": h["stage_params"],
-            "expansions": h["expansions"],
-            "growths": h["growths"],
-            "summary": summary,
-        }
-        if getattr(self, "sweep_result", None):
-            out["sweep"] = self.sweep_result
-        return out
+        identity = {"run": self.run.id, "plan": self.plan.name, "state": state, "seed": self.plan.seed,
+                    "variant": self.info.get("variant"), "group": self.info.get("group")}
+        return build_results(identity, list(self.tasks), self.history, count_params(self.model),
+                             {"peak_rss_mb": self._peak_rss_mb, "torch_peak_mb": sample.get("torch_peak_mb")},
+                             getattr(self, "sweep_result", None))
 
     def finish(self, state: str, error: str | None = None):
         if self.monitor is None:  # ended while waiting for its turn (nothing trained, no results)
