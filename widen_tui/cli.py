@@ -637,6 +637,19 @@ def plot(
 
 
 @app.command()
+def tui(run_ref: Optional[str] = typer.Argument(None, metavar="[RUN]", help="open this run's monitor"),
+        plan: Optional[Path] = typer.Option(None, "--plan", help="open the plan builder on this file")):
+    """The terminal app: runs, live monitor, plan builder, compare, sweep. `q` quits; runs keep
+    going. Works over SSH (any terminal, 80×24 and up)."""
+    run_id = _run_dir(run_ref).id if run_ref else None
+    if plan is not None and not plan.is_file():
+        raise CLIError(f"--plan {plan}: no such plan file")
+    from widen_tui.app import main as tui_main
+
+    tui_main(runs_root(), run_id, plan)
+
+
+@app.command()
 def doctor():
     """Check torch, CUDA, NVML and disk space."""
     import shutil

@@ -1,0 +1,1 @@
+"""Widgets shared by the screens. Each posts messages; none reaches into another widget."""
