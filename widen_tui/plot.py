@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-X_AXES = {"steps": "global step", "tokens": "tokens seen", "flops": "training FLOPs (estimated)"}
+# The events -> curves model lives in widen_tui.curves (shared with the TUI); re-exported here.
+from widen_tui.curves import (X_AXES, RunCurves, _num, curves_from_events, human,  # noqa: F401
+                              matrix_from_events)
+
 MAX_MAPPING_ROWS = 40
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}
 
@@ -31,131 +33,7 @@ class PlotError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# events -> curves
-
-
-@dataclass
-class RunCurves:
-    """One run's events, deduplicated (a resumed run repeats what came after its checkpoint) and
-    placed on a common global-step axis."""
-
-    label: str
-    stage_steps: dict[int, int] = field(default_factory=dict)
-    stage_names: dict[int, str] = field(default_factory=dict)
-    stage_begins: dict[int, dict] = field(default_factory=dict)  # stage events, phase begin (+ "_g")
-    steps: list[dict] = field(default_factory=list)       # step events, by global step
-    evals: list[dict] = field(default_factory=list)       # eval events (+ "_g": global step)
-    expansions: list[dict] = field(default_factory=list)  # stage-start expand events
-    growths: list[dict] = field(default_factory=list)     # expand events with a trigger (mid-stage)
-
-    def offset(self, stage: int) -> int:
-        """Global step at which `stage` begins (0 for the initial evaluation, stage -1)."""
-        return sum(self.stage_steps.get(s, 0) for s in range(max(stage, 0)))
-
-    def has(self, key: str) -> bool:
-        """Whether every step event carries `key` (tokens / flops: older runs lack them)."""
-        return all(isinstance(e.get(key), (int, float)) for e in self.steps)
-
-    def at(self, g: float, key: str) -> float:
-        """`key` (tokens or flops) at global step `g`, interpolated between logged steps."""
-        if key == "steps":
-            return float(g)
-        xs, ys = [0.0], [0.0]
-        for e in self.steps:
-            xs.append(float(e["global_step"]))
-            ys.append(float(e[key]))
-        return _interp(float(g), xs, ys)
-
-    def x_of(self, e: dict, key: str) -> float:
-        """Where an eval, expand or stage event sits: its own tokens / flops when it carries them,
-        else interpolated at its global step (`_g`)."""
-        if key != "steps" and _num(e.get(key)):
-            return float(e[key])
-        return self.at(e["_g"], key)
-
-    def stage_x(self, stage: int, key: str) -> float:
-        begin = self.stage_begins.get(stage)
-        return self.x_of(begin, key) if begin else self.at(self.offset(stage), key)
-
-    def train_loss_at(self, g: float) -> float | None:
-        if not self.steps:
-            return None
-        return _interp(g, [float(e["global_step"]) for e in self.steps], [float(e["loss"]) for e in self.steps])
-
-
-def _interp(x: float, xs: list[float], ys: list[float]) -> float:
-    if x <= xs[0]:
-        return ys[0]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            x0, x1 = xs[i - 1], xs[i]
-            return ys[i] if x1 == x0 else ys[i - 1] + (ys[i] - ys[i - 1]) * (x - x0) / (x1 - x0)
-    return ys[-1]
-
-
-def _num(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def curves_from_events(label: str, events: Sequence[dict]) -> RunCurves:
-    """Sort a run's events into curves. Later copies win (a resume re-emits the steps after its
-    checkpoint, and the stage-start expansions when it resumes before they were applied)."""
-    run = RunCurves(label)
-    steps: dict[tuple, dict] = {}
-    evals: dict[tuple, dict] = {}
-    growths: dict[tuple, dict] = {}
-    stage_ops: dict[int, tuple[int, list[dict]]] = {}
-    segment = 0
-    for e in events:
-        kind = e.get("type")
-        if kind == "start":
-            segment += 1
-            for i, n in enumerate(e.get("stage_steps") or []):
-                run.stage_steps.setdefault(i, int(n))
-        elif kind == "stage" and isinstance(e.get("stage"), int):
-            if isinstance(e.get("steps"), int):
-                run.stage_steps[e["stage"]] = e["steps"]
-            run.stage_names[e["stage"]] = str(e.get("name") or f"stage {e['stage'] + 1}")
-            if e.get("phase", "begin") == "begin":
-                run.stage_begins[e["stage"]] = e
-        elif kind == "step" and _num(e.get("loss")) and isinstance(e.get("stage"), int):
-            steps[(e["stage"], e.get("step"))] = e
-        elif kind == "eval" and _num(e.get("loss")) and isinstance(e.get("stage"), int):
-            evals[(e["stage"], e.get("step"), e.get("task"))] = e
-        elif kind == "expand" and isinstance(e.get("stage"), int):
-            if e.get("trigger") or e.get("global_step") is not None:
-                growths[(e["stage"], e.get("global_step"), e.get("growth"), e.get("op"))] = e
-            else:
-                seg, ops = stage_ops.get(e["stage"], (segment, []))
-                if seg != segment:
-                    ops = []
-                stage_ops[e["stage"]] = (segment, ops + [e])
-    for (stage, step), e in steps.items():
-        g = e.get("global_step")
-        steps[(stage, step)] = {**e, "global_step": g if _num(g) else run.offset(stage) + (step or 0)}
-    run.steps = sorted(steps.values(), key=lambda e: e["global_step"])
-    run.evals = sorted(({**e, "_g": e["global_step"] if _num(e.get("global_step"))
-                         else run.offset(e["stage"]) + (e.get("step") or 0)} for e in evals.values()),
-                       key=lambda e: e["_g"])
-    run.stage_begins = {s: {**e, "_g": run.offset(s)} for s, e in run.stage_begins.items()}
-    run.expansions = [e for _, (_, ops) in sorted(stage_ops.items()) for e in ops]
-    run.growths = sorted(({**e, "_g": e["global_step"] if _num(e.get("global_step"))
-                           else run.offset(e["stage"]) + (e.get("step") or 0)} for e in growths.values()),
-                         key=lambda e: e["_g"])
-    return run
-
-
-# ---------------------------------------------------------------------------------------------
-# formatting
-
-
-def human(n: float) -> str:
-    """131584 -> '132k', 2.5e6 -> '2.5M'."""
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            text = f"{n / div:.1f}".rstrip("0").rstrip(".") if abs(n) < 10 * div else f"{n / div:.0f}"
-            return text + suffix
-    return f"{n:g}"
+# figure helpers
 
 
 def _figure(width: float, height: float):
@@ -319,33 +197,6 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
 
 # ---------------------------------------------------------------------------------------------
 # 2. forgetting matrix
-
-
-def matrix_from_events(events: Sequence[dict]) -> dict | None:
-    """The evaluation matrix so far, from a run's events (before results.json exists): the
-    initial evaluation, then the evaluations at each finished stage's end (step == its steps).
-    Besides rows/tasks/loss/ppl/bpb it has "trained": the task each row's stage trained."""
-    c = curves_from_events("", events)
-    ends = {s: n for s, n in c.stage_steps.items()}
-    finished = sorted({e["stage"] for e in events if e.get("type") == "stage" and e.get("phase") == "end"
-                       and isinstance(e.get("stage"), int)})
-    stage_tasks = {e["stage"]: e.get("task") for e in events if e.get("type") == "stage"
-                   and isinstance(e.get("stage"), int)}
-    rows: list[tuple[str, dict[str, dict]]] = []
-    trained: list[str | None] = []
-    for stage in [-1] + finished:
-        cells = {e["task"]: e for e in c.evals
-                 if e["stage"] == stage and (stage < 0 or e.get("step") == ends.get(stage))}
-        if cells:
-            rows.append(("initial" if stage < 0 else f"after {c.stage_names.get(stage, stage + 1)}", cells))
-            trained.append(stage_tasks.get(stage))
-    if not rows:
-        return None
-    tasks = list(dict.fromkeys(t for _, cells in rows for t in cells))
-    out: dict = {"rows": [label for label, _ in rows], "tasks": tasks, "trained": trained}
-    for metric in ("loss", "ppl", "bpb"):
-        out[metric] = [[cells.get(t, {}).get(metric) for t in tasks] for _, cells in rows]
-    return out
 
 
 def _cell(value) -> float:
