@@ -360,3 +360,29 @@ def mapping_figure(sweep, out: Path | str, title: str = "", warn: Warn | None = 
     bar = fig.colorbar(image, ax=ax, ticks=range(sources), shrink=0.8, pad=0.01)
     bar.set_label("source layer")
     return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. one run's figures (the TUI monitor's `p`)
+
+
+def run_figures(label: str, events: Sequence[dict], results: dict | None, out_dir: Path | str,
+                x: str = "steps", warn: Warn | None = None) -> list[Path]:
+    """What `widen plot RUN` writes for one run: loss.png, forgetting-<label>.png (from results.json,
+    else from the evaluations so far) and mapping-<label>.png when the run swept mappings."""
+    out_dir, results = Path(out_dir), results or {}
+    written: list[Path] = []
+    if any(e.get("type") in ("step", "eval") for e in events):
+        written.append(loss_figure([(label, events)], out_dir / "loss.png", x=x, warn=warn))
+    matrix = results.get("matrix") if isinstance(results.get("matrix"), dict) else None
+    if matrix is None and events:
+        matrix = matrix_from_events(events)
+    if matrix and matrix.get("rows"):
+        stages = results.get("stages") if isinstance(results.get("stages"), list) else []
+        trained = [None] + [s.get("task") for s in stages] if stages else matrix.get("trained", ())
+        written.append(forgetting_figure(matrix, out_dir / f"forgetting-{label}.png", run=label, trained=trained))
+    if results.get("sweep"):
+        written.append(mapping_figure(results["sweep"], out_dir / f"mapping-{label}.png", title=label, warn=warn))
+    if not written:
+        raise PlotError("no step or eval events yet — nothing to plot")
+    return written

@@ -33,6 +33,7 @@ class RunProgress:
     expansions: list[dict] = field(default_factory=list)
     system: dict = field(default_factory=dict)
     started: float | None = None
+    last_t: float | None = None          # time of the latest event (a finished run's end)
     _rate: list[tuple[float, int]] = field(default_factory=list)  # (time, global step) samples
 
     @property
@@ -45,6 +46,8 @@ class RunProgress:
 
     def update(self, event: dict) -> None:
         kind = event.get("type")
+        if isinstance(event.get("t"), (int, float)) and not event.get("cached"):
+            self.last_t = max(self.last_t or 0.0, float(event["t"]))
         if kind == "start":
             self.run, self.plan, self.device = event["run"], event["plan"], event["device"]
             self.stage_steps = list(event.get("stage_steps", []))
@@ -61,7 +64,8 @@ class RunProgress:
             self.loss, self.lr, self.tokens_per_s = event["loss"], event["lr"], event["tokens_per_s"]
             self.tokens = event["tokens"]
             self.train_curve.append((event["global_step"], event["loss"]))
-            self._rate = (self._rate + [(event["t"], event["global_step"])])[-20:]
+            if not event.get("cached"):  # copied from a cached prefix: its times are not this run's pace
+                self._rate = (self._rate + [(event["t"], event["global_step"])])[-20:]
         elif kind == "eval":
             self.eval[event["task"]] = event
             x = sum(self.stage_steps[: event["stage"]]) + event["step"] if event["stage"] >= 0 else 0
@@ -74,14 +78,31 @@ class RunProgress:
             self.state = event["state"]
             self.error = event.get("error")
 
-    def eta_s(self) -> float | None:
-        """Seconds left, from the step rate over the last samples."""
-        if len(self._rate) < 2 or not self.total_steps:
+    def seconds_per_step(self) -> float | None:
+        """The recent pace, from the last step samples (None until there are two)."""
+        if len(self._rate) < 2:
             return None
         (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
         if s1 <= s0 or t1 <= t0:
             return None
-        return (self.total_steps - self.global_step) * (t1 - t0) / (s1 - s0)
+        return (t1 - t0) / (s1 - s0)
 
-    def elapsed_s(self) -> float:
-        return time.time() - self.started if self.started else 0.0
+    def eta_s(self) -> float | None:
+        """Seconds left in the whole run, from the step rate over the last samples."""
+        pace = self.seconds_per_step()
+        if pace is None or not self.total_steps:
+            return None
+        return max(self.total_steps - self.global_step, 0) * pace
+
+    def stage_eta_s(self) -> float | None:
+        """Seconds left in the current stage."""
+        pace = self.seconds_per_step()
+        if pace is None or self.stage >= len(self.stage_steps):
+            return None
+        return max(self.stage_steps[self.stage] - self.step, 0) * pace
+
+    def elapsed_s(self, now: float | None = None) -> float:
+        """Seconds since the run started, until `now` (default: the clock)."""
+        if not self.started:
+            return 0.0
+        return (time.time() if now is None else now) - self.started

@@ -95,6 +95,9 @@ class LossChart(PlotextPlot):
         # braille holds two points per cell across; min-max buckets keep spikes
         budget = max(8, 2 * max(self.size.width - 12, 4))
         several = len(self._runs) > 1
+        # a small chart has no room for plotext's legend box: a one-line key under the axis instead
+        compact = self.size.height < 18 or self.size.width < 60
+        key: list[str] = []
         tasks = list(dict.fromkeys(t for r in self._runs for t in r.tasks))
         marker = {t: TASK_MARKERS[i % len(TASK_MARKERS)] for i, t in enumerate(tasks)}
         xs_all: list[float] = []
@@ -106,9 +109,12 @@ class LossChart(PlotextPlot):
             for stage in sorted(series):
                 points = downsample(series[stage], max(4, budget * len(series[stage]) // max(len(run.steps), 1)))
                 xs_all += [p[0] for p in points]
+                label = None if labelled or compact else (run.label if several else "train")
                 plt.plot([p[0] for p in points], [p[1] for p in points], marker="braille", color=colour,
-                         label=None if labelled else (run.label if several else "train"))
+                         label=label)
                 labelled = True
+            if series and compact:
+                key.append(f"⠤ {run.label}" if several else "⠤ train")
             for j, (task, points) in enumerate(run.eval_series(x).items()):
                 tcolour = colour if several else TASK_COLOURS[tasks.index(task) % len(TASK_COLOURS)]
                 points = downsample(points, budget)
@@ -117,8 +123,11 @@ class LossChart(PlotextPlot):
                 if len(points) > 1:
                     plt.plot(px, py, marker="braille", color=tcolour)
                 # several runs: each task's marker is named once (the run colours name the runs)
+                named = not several or i == 0
                 plt.scatter(px, py, marker=marker[task], color=tcolour,
-                            label=f"eval {task}" if not several or i == 0 else None)
+                            label=f"eval {task}" if named and not compact else None)
+                if named and compact:
+                    key.append(f"{marker[task]} {task}")
 
         marks = [m for r in self._runs for m in r.stage_marks(x)]
         for m in {round(m.x, 9): m for m in marks}.values():
@@ -129,10 +138,13 @@ class LossChart(PlotextPlot):
             points = [m for r in self._runs for m in r.expansion_marks(x) if m.kind == kind and m.y is not None]
             if points:
                 added = sum(m.params_added for m in points)
+                label = f"{what} (+{human(added)} params)"
                 plt.scatter([m.x for m in points], [m.y for m in points], marker=symbol, color=colour,
-                            label=f"{what} (+{human(added)} params)")
+                            label=None if compact else label)
+                if compact:
+                    key.append(f"{symbol} {kind} +{human(added)}")
 
-        plt.xlabel(X_AXES[x] + (f"  [{self.note}]" if self.note else ""))
+        plt.xlabel(X_AXES[x] + (f"  [{self.note}]" if self.note else "") + ("   " + "  ".join(key) if key else ""))
         plt.ylabel("loss")
         plt.title(self._title if self._title is not None else "training and eval loss")
         if x != "steps" and xs_all:
