@@ -1,0 +1,89 @@
+"""What the Compare screen shows, read from run directories in one pass (no torch, no Textual).
+
+`load_runs` reads each run's run.json, status, results and its whole event stream once; the
+comparison figures (`comparison`), the curves and the growth lineage are all computed from that
+in-memory copy, so opening Compare costs one read of each `events.jsonl`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.events import read_all
+from engine.rundir import RunDir
+from widen_tui import compare
+
+
+@dataclass
+class LoadedRun:
+    """One run as read from its directory."""
+
+    id: str
+    info: dict
+    status: dict
+    results: dict | None
+    events: list[dict] = field(default_factory=list)
+    label: str = ""  # unique among the runs compared (legend, table, lineage)
+
+    @property
+    def grew(self) -> bool:
+        """Whether the model grew mid-way (a stage's operators or a plateau growth changed its
+        parameter count between steps): steps and tokens then undercount what it cost, and only
+        training FLOPs make it comparable with other runs."""
+        params = {e.get("params") for e in self.events if e.get("type") == "step" and e.get("params")}
+        return len(params) > 1 or any(e.get("type") == "expand" and e.get("trigger") for e in self.events)
+
+
+@dataclass
+class Loaded:
+    runs: list[LoadedRun]
+    missing: list[str]  # ids with no run directory under the root
+
+
+def load_runs(root: Path | str, run_ids: list[str]) -> Loaded:
+    """Read the runs (in the order given); ids without a run directory are listed as missing."""
+    runs, missing = [], []
+    for run_id in run_ids:
+        run = RunDir(Path(root) / run_id)
+        if not run.exists():
+            missing.append(run_id)
+            continue
+        events = read_all(run.events) if run.events.exists() else []
+        runs.append(LoadedRun(run.id, run.info(), run.status(), run.results(), events))
+    _label(runs)
+    return Loaded(runs, missing)
+
+
+def _label(runs: list[LoadedRun]) -> None:
+    """Short unique labels: the variant (or run name), then the seed, then the id's tail."""
+    for run in runs:
+        run.label = str(run.info.get("variant") or run.info.get("name") or run.id)
+    for add in (lambda r: f"s{r.info.get('seed')}", lambda r: r.id[-4:]):
+        counts = Counter(r.label for r in runs)
+        for run in runs:
+            if counts[run.label] > 1:
+                run.label = f"{run.label} {add(run)}"
+
+
+def comparison(runs: list[LoadedRun]) -> dict:
+    """`compare_runs`' figures (what `widen compare` prints), with the equal-compute losses taken
+    from the events already in memory rather than read again from disk."""
+    data = compare.compare_runs([(r.info, r.status, r.results) for r in runs])
+    curves = {r.id: {axis: compare._curve(r.events, axis) for axis in ("flops", "tokens")} for r in runs}
+    budgets = {}
+    for axis in ("flops", "tokens"):
+        ends = [c[axis][-1][0] for c in curves.values() if c[axis]]
+        budgets[axis] = min(ends) if ends else None
+    for row in data["runs"]:
+        for axis in ("flops", "tokens"):
+            row[f"equal_{axis}_budget"] = budgets[axis]
+            curve = curves.get(row["id"], {}).get(axis)
+            row[f"loss_at_equal_{axis}"] = compare.loss_at(curve, budgets[axis]) if budgets[axis] else None
+    by_id = {row["id"]: row for row in data["runs"]}
+    for group in data["groups"]:  # the seed means, as compare_runs forms them
+        for axis in ("flops", "tokens"):
+            key = f"loss_at_equal_{axis}"
+            group[key] = compare._mean_std([by_id[i].get(key) for i in group["runs"]])
+    return data
