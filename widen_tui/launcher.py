@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,3 +120,15 @@ def resume(run: RunDir) -> int:
         raise RuntimeError(f"run {run.id} has no checkpoint — start it again with `widen run`")
     run.cancel_request.unlink(missing_ok=True)
     return start_worker(run, resume=True)
+
+
+def delete_run(run: RunDir, index: RunIndex | None = None) -> None:
+    """Delete a run for good: its directory and its index record. A queued or running run is refused
+    (its worker would keep writing into a directory that is gone): cancel it first."""
+    index = index or RunIndex(run.path.parent)
+    if run.path.exists():
+        state = run.status()["state"]
+        if state in ("queued", "running"):
+            raise RuntimeError(f"run {run.id} is {state} — cancel it first, then delete it")
+        shutil.rmtree(run.path)
+    index.remove(run.id)

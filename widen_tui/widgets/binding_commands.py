@@ -1,0 +1,36 @@
+"""The command palette lists the keys of the screen it was opened from.
+
+Every binding active where the focus is (the screen's and the focused widget's, as the footer
+shows them) becomes a palette command running the same action, so every action is reachable by
+name as well as by key. Add ``BindingCommands`` to a screen's ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+
+class BindingCommands(Provider):
+    def _commands(self):
+        seen = set()
+        for key, active in self.screen.active_bindings.items():
+            binding = active.binding
+            if not binding.description or binding.system or (active.node, binding.action) in seen:
+                continue
+            seen.add((active.node, binding.action))
+            keys = self.app.get_key_display(binding)
+            run = partial(self.app.run_action, binding.action, active.node)
+            yield binding.description, f"key: {keys}", run
+
+    async def discover(self) -> Hits:
+        for name, help_text, run in sorted(self._commands(), key=lambda command: command[0]):
+            yield DiscoveryHit(name, run, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, run in self._commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), run, help=help_text)
