@@ -24,7 +24,8 @@ class WidenApp(App):
 
     TITLE = "widen"
     SUB_TITLE = "grow trained networks, watch what they gain and forget"
-    CSS_PATH = "app.tcss"
+    # absolute: subclasses defined elsewhere (tests) would look for a relative path beside themselves
+    CSS_PATH = Path(__file__).with_name("app.tcss")
     BINDINGS = [
         Binding("q", "quit", "Quit (runs keep going)"),
         Binding("R", "runs", "Runs", show=False),
