@@ -73,7 +73,11 @@ class RunCurves:
 
     def has(self, key: str) -> bool:
         """Whether every step event carries `key` (tokens / flops: older runs lack them)."""
-        return key == "steps" or all(is_number(e.get(key)) for e in self.steps)
+        if key == "steps":
+            return True
+        if ("has", key) not in self._axis_cache:
+            self._axis_cache[("has", key)] = all(is_number(e.get(key)) for e in self.steps)
+        return self._axis_cache[("has", key)]
 
     @property
     def tasks(self) -> list[str]:
@@ -146,7 +150,7 @@ class RunCurves:
             marks.append(Mark(self.stage_x(stage, x), y, names, "expansion", int(added)))
         for e in self.growths:
             y = e.get("loss_after") if is_number(e.get("loss_after")) else self.train_loss_at(e["_g"])
-            tag = f"growth {e['growth']}" if e.get("growth") is not None else "growth"
+            tag = f"growth {e['growth'] + 1}" if isinstance(e.get("growth"), int) else "growth"  # 0-based
             marks.append(Mark(self.x_of(e, x), y, f"{e.get('op')} ({tag})", "growth",
                               int(e.get("params_added") or 0)))
         return marks
@@ -201,7 +205,9 @@ class CurveFolder:
         elif kind == "step" and is_number(e.get("loss")) and isinstance(stage, int):
             self._steps[(stage, e.get("step"))] = e
         elif kind == "eval" and is_number(e.get("loss")) and isinstance(stage, int):
-            self._evals[(stage, e.get("step"), e.get("task"))] = e
+            # placed once here when it carries its global step (the trainer's do), not per redraw
+            self._evals[(stage, e.get("step"), e.get("task"))] = {**e, "_g": e["global_step"]} \
+                if is_number(e.get("global_step")) else e
         elif kind == "expand" and isinstance(stage, int):
             if e.get("trigger") or e.get("global_step") is not None:
                 self._growths[(stage, e.get("global_step"), e.get("growth"), e.get("op"))] = e
@@ -221,9 +227,11 @@ class CurveFolder:
             g = e.get("global_step")
             return g if is_number(g) else run.offset(e["stage"]) + (e.get("step") or 0)
 
-        run.steps = sorted(({**e, "global_step": g_of(e)} for e in self._steps.values()),
-                           key=lambda e: e["global_step"])
-        run.evals = sorted(({**e, "_g": g_of(e)} for e in self._evals.values()), key=lambda e: e["_g"])
+        # copies only for events that lack a global step (older runs); the rest are shared, read-only
+        run.steps = sorted((e if is_number(e.get("global_step")) else {**e, "global_step": g_of(e)}
+                            for e in self._steps.values()), key=lambda e: e["global_step"])
+        run.evals = sorted((e if "_g" in e else {**e, "_g": g_of(e)} for e in self._evals.values()),
+                           key=lambda e: e["_g"])
         run.stage_begins = {s: {**e, "_g": run.offset(s)} for s, e in self._stage_begins.items()}
         run.expansions = [e for _, (_, ops) in sorted(self._stage_ops.items()) for e in ops]
         run.growths = sorted(({**e, "_g": g_of(e)} for e in self._growths.values()), key=lambda e: e["_g"])
@@ -249,16 +257,16 @@ def downsample(points: Sequence[Point], max_points: int) -> list[Point]:
     if max_points < 4:
         return [points[0], points[-1]][:max_points]
     buckets = (max_points - 2) // 2
-    inner = points[1:-1]
+    ys = [p[1] for p in points]
     out = [points[0]]
-    size = len(inner) / buckets
+    size = (len(points) - 2) / buckets
     for b in range(buckets):
-        chunk = inner[int(b * size):int((b + 1) * size)]
-        if not chunk:
+        start, stop = 1 + int(b * size), 1 + int((b + 1) * size)
+        if start >= stop:
             continue
-        lo = min(range(len(chunk)), key=lambda i: chunk[i][1])
-        hi = max(range(len(chunk)), key=lambda i: chunk[i][1])
-        out.extend(chunk[i] for i in sorted({lo, hi}))
+        lo = min(range(start, stop), key=ys.__getitem__)
+        hi = max(range(start, stop), key=ys.__getitem__)
+        out.extend(points[i] for i in sorted({lo, hi}))
     out.append(points[-1])
     return out
 

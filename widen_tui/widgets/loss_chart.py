@@ -12,6 +12,7 @@ changed, and only when painted (a chart in a hidden tab costs nothing).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from textual_plotext import PlotextPlot
@@ -55,9 +56,11 @@ class LossChart(PlotextPlot):
         self._runs: list[RunCurves] = []
         self._x = "steps"
         self._title: str | None = None
-        self._built_for: tuple | None = None  # (data generation, width, height) of the last build
+        self._built_for: tuple | None = None  # (data generation, width, height, theme) of the last build
+        self._rendered = None
         self._generation = 0
         self.note = ""  # why the axis differs from the one asked for, if it does
+        self.last_build_s = 0.0  # seconds the last rebuild took (data to text)
 
     @property
     def x_axis(self) -> str:
@@ -77,11 +80,16 @@ class LossChart(PlotextPlot):
         self.refresh()
 
     def render(self):
-        key = (self._generation, self.size.width, self.size.height)
-        if key != self._built_for and self.size.width > 0:
-            self._build()
-            self._built_for = key
-        return super().render()
+        key = (self._generation, self.size.width, self.size.height, self.app.theme)
+        if key == self._built_for and self._rendered is not None:
+            return self._rendered  # a repaint of unchanged data: no plotext work at all
+        started = time.perf_counter()
+        self._build()
+        self._built_for = key
+        self._rendered = super().render()
+        # what a redraw costs: a caller following a live run can space redraws by it
+        self.last_build_s = time.perf_counter() - started
+        return self._rendered
 
     # -- drawing -----------------------------------------------------------------------------------
     def _build(self) -> None:
