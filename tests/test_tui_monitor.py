@@ -312,6 +312,39 @@ def test_a_dead_worker_shows_as_lost(widen_home):
     asyncio.run(main())
 
 
+def test_cancel_asks_first_then_stops_the_worker(widen_home):
+    """`c` on a running run: the question, `n` keeps it, `y` asks the worker to stop (cancel.request
+    and SIGTERM, as `widen cancel` does). A sleeping process stands in for the worker."""
+    worker = subprocess.Popen(["sleep", "60"])
+    try:
+        events = fake_events()
+        cut = next(i for i, e in enumerate(events) if e["type"] == "step" and e["stage"] == 1)
+        run = write_run(widen_home, "20250101-000000-busy-bbbb", events[:cut], state="running", pid=worker.pid)
+
+        async def main():
+            app = MonitorApp(widen_home, run.id)
+            async with app.run_test(size=(100, 32)) as pilot:
+                screen = app.screen
+                await wait_until(pilot, lambda: screen.loaded, what="history")
+                assert screen.live.state == "running" and screen.check_action("cancel_run", ()) is True
+                await pilot.press("c")
+                await pilot.pause(0.1)
+                assert type(app.screen).__name__ == "ConfirmScreen"
+                await pilot.press("n")
+                await pilot.pause(0.1)
+                assert app.screen is screen and not run.cancel_request.exists()
+                await pilot.press("c")
+                await pilot.pause(0.1)
+                await pilot.press("y")
+                await wait_until(pilot, lambda: worker.poll() is not None, what="the worker to get SIGTERM")
+                assert run.cancel_request.exists()
+
+        asyncio.run(main())
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 # ---------------------------------------------------------------------------------------------
 # snapshots: a hand-written run, fixed numbers and times
 
