@@ -312,9 +312,11 @@ def test_a_dead_worker_shows_as_lost(widen_home):
     asyncio.run(main())
 
 
-def test_cancel_asks_first_then_stops_the_worker(widen_home):
+def test_cancel_asks_first_then_stops_the_worker(widen_home, monkeypatch):
     """`c` on a running run: the question, `n` keeps it, `y` asks the worker to stop (cancel.request
     and SIGTERM, as `widen cancel` does). A sleeping process stands in for the worker."""
+    CountingReader.reads = []
+    monkeypatch.setattr(monitor_module, "EventReader", CountingReader)
     worker = subprocess.Popen(["sleep", "60"])
     try:
         events = fake_events()
@@ -338,6 +340,10 @@ def test_cancel_asks_first_then_stops_the_worker(widen_home):
                 await pilot.press("y")
                 await wait_until(pilot, lambda: worker.poll() is not None, what="the worker to get SIGTERM")
                 assert run.cancel_request.exists()
+                # woken to look at once, the follower then sleeps again: no busy polling
+                reads = len(CountingReader.reads)
+                await pilot.pause(1.0)
+                assert len(CountingReader.reads) - reads <= 3
 
         asyncio.run(main())
     finally:

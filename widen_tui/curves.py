@@ -184,6 +184,7 @@ class CurveFolder:
         self._stage_ops: dict[int, tuple[int, list[dict]]] = {}
         self._segment = 0
         self.version = 0  # bumped by every event that changes a curve: redraw only when it moves
+        self.expand_events = 0  # expand events taken in (a table of them redraws when it moves)
 
     def add(self, events: Iterable[dict]) -> None:
         for e in events:
@@ -209,6 +210,7 @@ class CurveFolder:
             self._evals[(stage, e.get("step"), e.get("task"))] = {**e, "_g": e["global_step"]} \
                 if is_number(e.get("global_step")) else e
         elif kind == "expand" and isinstance(stage, int):
+            self.expand_events += 1
             if e.get("trigger") or e.get("global_step") is not None:
                 self._growths[(stage, e.get("global_step"), e.get("growth"), e.get("op"))] = e
             else:

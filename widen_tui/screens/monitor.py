@@ -71,7 +71,6 @@ class LiveRun:
         self.events_read = 0
         self._matrix_events: list[dict] = []  # eval and stage events: all the forgetting table needs
         self.matrix_version = 0
-        self.expansion_version = 0
         self._last_step_logged: float | None = None
 
     @property
@@ -94,7 +93,6 @@ class LiveRun:
             self.results = results
             self.matrix_version += 1
         lines = []
-        expansions = len(self.curves._stage_ops) + len(self.curves._growths)
         for e in events:
             self.events_read += 1
             try:
@@ -104,12 +102,11 @@ class LiveRun:
             self.curves.add([e])
             if e.get("type") in ("eval", "stage"):
                 self._matrix_events.append(e)
-                self.matrix_version += 1
+                # rows appear when a stage begins (the initial evaluation) or ends: redraw then only
+                self.matrix_version += e.get("type") == "stage"
             line = self._log_line(e)
             if line:
                 lines.append(line)
-        if len(self.curves._stage_ops) + len(self.curves._growths) != expansions:
-            self.expansion_version += 1
         return lines
 
     def _log_line(self, e: dict) -> str | None:
@@ -130,7 +127,8 @@ class LiveRun:
             text = f"{kind} event"
         when = e.get("t")
         started = self.progress.started
-        stamp = f"+{fmt_duration(when - started)}" if is_number(when) and started else "       "
+        # cached prefix events keep their original (earlier) times: clamp, never a negative stamp
+        stamp = f"+{fmt_duration(max(when - started, 0))}" if is_number(when) and started else "       "
         return f"{stamp} {'(cached) ' if e.get('cached') else ''}{text}"
 
     # -- views ------------------------------------------------------------------------------------
@@ -239,6 +237,7 @@ class MonitorScreen(Screen):
         self.chart_updates = 0        # how many times the chart was given new curves
         self._now = clock()
         self._wake = threading.Event()
+        self._stopping = False
         self._last_redraw = 0.0
         self._last_chart = 0.0
         self._redraw_timer = None
@@ -290,7 +289,8 @@ class MonitorScreen(Screen):
         self._follow(self._rundir)
 
     def on_unmount(self) -> None:
-        self._wake.set()  # the follower thread sleeps on this: let it see it is cancelled
+        self._stopping = True
+        self._wake.set()  # the follower thread sleeps on this: wake it to see it must stop
 
     # -- following the run (thread) -----------------------------------------------------------------
     @work(thread=True, exclusive=True, group="follow")
@@ -302,7 +302,7 @@ class MonitorScreen(Screen):
         last_post = 0.0
         results_seen = False
         first = True
-        while not worker.is_cancelled:
+        while not (worker.is_cancelled or self._stopping):
             events = reader.read_new()
             status = run.status()
             results = None
@@ -317,7 +317,8 @@ class MonitorScreen(Screen):
             if first or events or results or status != last_status or (running and now - last_post >= HEARTBEAT_S):
                 self.post_message(RunUpdate(events, status, results, info if first else None, now, first))
                 last_status, last_post, first = status, now, False
-            self._wake.wait(POLL_S if running or events else IDLE_POLL_S)
+            if self._wake.wait(POLL_S if running or events else IDLE_POLL_S) and not self._stopping:
+                self._wake.clear()  # woken early (after a cancel): look now, then sleep as before
 
     def on_run_update(self, message: RunUpdate) -> None:
         before = self.live.state
@@ -367,8 +368,8 @@ class MonitorScreen(Screen):
         if live.matrix_version != self._drawn["matrix"]:
             self._drawn["matrix"] = live.matrix_version
             self._draw_forgetting()
-        if live.expansion_version != self._drawn["expansions"]:
-            self._drawn["expansions"] = live.expansion_version
+        if live.curves.expand_events != self._drawn["expansions"]:
+            self._drawn["expansions"] = live.curves.expand_events
             self._draw_expansions()
         system = live.progress.system
         if system is not self._drawn["system"]:
