@@ -315,6 +315,7 @@ async def test_compare_strategies_loads_and_saves_back_unchanged(tmp_path):
         await pilot.pause()
     text = plan.read_text()
     assert text.startswith("# compare_strategies")  # the header comments stay
+    assert "\n[[variants.stages.expand]]\nop = \"lora\"\n" in text  # written as people write plans
     assert tomllib.loads(text) == original
     assert load_plan(plan) == load_plan(EXPERIMENTS / "compare_strategies.toml")
 

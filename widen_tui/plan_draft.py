@@ -212,8 +212,57 @@ def quiet_hub_logs() -> None:
 
 
 def to_toml(raw: dict, header: str = "") -> str:
-    body = tomli_w.dumps(_plain(raw))
-    return (header.rstrip("\n") + "\n" if header.strip() else "") + body
+    """The plan as a person writes it (as in README and experiments/): ``[train]``,
+    ``[tasks.prose]``, ``[[stages]]``, ``[[stages.expand]]``; small numeric tables inline
+    (``keep_ends = {depth = 8}``), lists of values on one line."""
+    lines: list[str] = []
+    _write_table(_plain(raw), (), lines)
+    body = "\n".join(lines).strip("\n") + "\n"
+    return (header.rstrip("\n") + "\n\n" if header.strip() else "") + body
+
+
+def _key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _value(name)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _inline(value: Any, in_array: bool) -> bool:
+    """Written as `key = value` in its table: not a table, or a small numeric table inside an
+    array item (keep_ends, dus)."""
+    if _is_table_array(value):
+        return False
+    if isinstance(value, dict):
+        return in_array and all(isinstance(v, (int, float)) for v in value.values())
+    return True
+
+
+def _write_table(table: dict, path: tuple, lines: list[str], in_array: bool = False) -> None:
+    for name, value in table.items():
+        if _inline(value, in_array):
+            lines.append(f"{_key(name)} = {_value(value)}")
+    for name, value in table.items():
+        if _inline(value, in_array):
+            continue
+        dotted_name = ".".join(_key(p) for p in path + (name,))
+        if isinstance(value, dict):
+            if not value or any(_inline(v, in_array) for v in value.values()):  # [tasks] alone says nothing
+                lines += ["", f"[{dotted_name}]"]
+            _write_table(value, path + (name,), lines, in_array)
+        else:
+            for item in value:
+                lines += ["", f"[[{dotted_name}]]"]
+                _write_table(item, path + (name,), lines, in_array=True)
 
 
 def _plain(value: Any) -> Any:

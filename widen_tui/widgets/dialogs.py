@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -63,12 +64,20 @@ class PlanPicker(ModalScreen[Path | str | None]):
         self.dismiss(NEW_PLAN if choice == NEW_PLAN else self.files[int(choice)])
 
 
-def _label(path: Path) -> str:
+def _label(path: Path) -> Text:
+    """The plan's name, and what its header comment says it is (or where it lives)."""
     try:
-        shown = path.resolve().relative_to(Path.cwd())
+        shown = str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
-        shown = path
-    return f"{path.stem:28} {shown}"
+        shown = str(path)
+    summary = shown
+    try:
+        first = path.read_text().splitlines()[0]
+        if first.startswith("#"):
+            summary = first.lstrip("# ").partition(" — ")[2] or first.lstrip("# ")
+    except (OSError, IndexError):
+        pass
+    return Text.assemble((path.stem, "bold"), "\n  ", (summary[:68] + ("…" if len(summary) > 68 else ""), "dim"))
 
 
 class FileNamePrompt(ModalScreen[Path | None]):
