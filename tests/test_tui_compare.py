@@ -283,7 +283,7 @@ def test_growth_run_shows_its_branch_points_in_the_app(tmp_path):
         # every key is a command too: the palette switches the axis
         await pilot.press("ctrl+p")
         await pilot.pause()
-        await pilot.press(*"x: tokens")
+        await pilot.press(*"tokens")
         await pilot.pause(0.3)
         await pilot.press("enter")
         await pilot.pause()

@@ -160,7 +160,7 @@ def test_monitor_shows_a_finished_real_run(finished_run, widen_home):
             await pilot.press("f")
             await pilot.pause(0.1)
             assert chart.x_axis == "flops"
-            await pilot.press("l")
+            await pilot.press("s")
             await pilot.pause(0.1)
             assert chart.x_axis == "steps"
             # cancel is offered only to a running run

@@ -11,12 +11,10 @@ comparable. Three tabs keep it usable at 80×24.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Container
 from textual.message import Message
 from textual.reactive import reactive
@@ -26,32 +24,13 @@ from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 from widen_tui.compare_data import Loaded, comparison, load_runs
 from widen_tui.curves import X_AXES, RunCurves, curves_from_events
 from widen_tui.lineage import LineageNode, build_lineage, lineage_curves
+from widen_tui.widgets.binding_commands import BindingCommands
 from widen_tui.widgets.comparison_table import ComparisonTable
 from widen_tui.widgets.lineage import LineageView
 from widen_tui.widgets.loss_chart import LossChart
 
 AXIS_ORDER = ("steps", "tokens", "flops")
 AXIS_NAME = {"steps": "steps", "tokens": "tokens", "flops": "FLOPs"}
-
-
-class CompareCommands(Provider):
-    """The Compare screen's key bindings, offered in the command palette too."""
-
-    def _commands(self):
-        screen = self.screen
-        for binding in CompareScreen.BINDINGS:
-            yield f"Compare: {binding.description}", partial(screen.run_action, binding.action)
-
-    async def discover(self) -> Hits:
-        for text, command in self._commands():
-            yield DiscoveryHit(text, command)
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for text, command in self._commands():
-            score = matcher.match(text)
-            if score > 0:
-                yield Hit(score, matcher.highlight(text), command, text=text)
 
 
 @dataclass
@@ -68,13 +47,13 @@ class CompareData:
 
 class CompareScreen(Screen):
     CSS_PATH = "compare.tcss"
-    COMMANDS = {CompareCommands}
+    COMMANDS = {BindingCommands}
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [
         Binding("escape", "back", "Back"),
-        Binding("s", "x_axis('steps')", "x: steps"),
-        Binding("t", "x_axis('tokens')", "x: tokens"),
-        Binding("f", "x_axis('flops')", "x: FLOPs"),
+        Binding("s", "x_axis('steps')", "Steps"),
+        Binding("t", "x_axis('tokens')", "Tokens"),
+        Binding("f", "x_axis('flops')", "FLOPs"),
         Binding("x", "next_axis", "Next x axis", show=False),
         Binding("1", "tab('curves')", "Curves", show=False),
         Binding("2", "tab('table')", "Table", show=False),

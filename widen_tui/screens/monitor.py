@@ -214,7 +214,7 @@ class MonitorScreen(Screen):
     BINDINGS = [
         Binding("escape", "back", "Back"),
         Binding("c", "cancel_run", "Cancel run"),
-        Binding("l", "x_axis('steps')", "Steps"),
+        Binding("s", "x_axis('steps')", "Steps"),
         Binding("t", "x_axis('tokens')", "Tokens"),
         Binding("f", "x_axis('flops')", "FLOPs"),
         Binding("p", "write_figures", "PNG figures"),
