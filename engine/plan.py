@@ -436,8 +436,6 @@ def check_model_fields(raw: dict) -> list[Problem]:
     are wrong. Each operator's layers are checked against the depth at that point of the plan
     (shared stages, then each variant's own, on the variant's model when it names one)."""
     shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
-    variants = [v for v in raw.get("variants") or [] if isinstance(v, dict)] \
-        if isinstance(raw.get("variants"), list) else []
     arch, problems = _architecture(raw.get("model") or {}, "model")
     depths = {view.stack: view.num_layers for view in arch.stacks()} if arch else {}
     if arch:
@@ -456,7 +454,6 @@ def check_model_fields(raw: dict) -> list[Problem]:
             problems += _check_stage_ops(stages, f"variants.{v}.stages", own_depths, own)
         elif arch:
             problems += _check_stage_ops(stages, f"variants.{v}.stages", dict(depths), arch)
-    del variants
     return problems
 
 

@@ -163,8 +163,6 @@ class Trainer:
     def setup(self):
         plan = self.plan
         self.events = EventWriter(self.run.events) if self.is_main else None
-        if self.status is None and self.is_main:
-            self.status = StatusFile(self.run.status_json)
         self.monitor = SystemMonitor()
         self._last_system = 0.0
         self._peak_rss_mb = 0.0
@@ -350,11 +348,10 @@ class Trainer:
         entry = prefix_cache.lookup(self.run.path.parent, prefix[1])
         if entry is None:
             return False
-        events, meta = prefix_cache.restore(entry, self.run.checkpoints / "latest")
+        events, _ = prefix_cache.restore(entry, self.run.checkpoints / "latest")
         for event in events:
             if self.events:
                 self.events.write_raw({**event, "cached": True})
-        self.cached_prefix = meta
         return True
 
     def publish_prefix(self, index: int) -> None:

@@ -14,6 +14,7 @@ import pytest
 from engine.events import EventWriter
 from engine.rundir import RunDir, write_json_atomic
 from tests.conftest import widen
+from widen_tui import curves as curve_model
 from widen_tui import plot
 from widen_tui.registry import RunIndex
 
@@ -88,7 +89,7 @@ def fake_events(*, steps=(20, 20), params=(900_000, 1_030_000), batch_tokens=128
 
 
 def fake_results(events: list[dict], with_sweep: bool = False) -> dict:
-    matrix = plot.matrix_from_events(events)
+    matrix = curve_model.matrix_from_events(events)
     matrix.pop("trained")
     results = {"run": "r", "plan": "tiny", "state": "done", "tasks": list(TASKS), "matrix": matrix,
                "stages": [{"stage": 0, "name": "prose", "task": "prose", "total": 900_000, "trainable": 900_000,
@@ -147,7 +148,7 @@ def test_two_runs_overlay_on_each_x_axis(tmp_path, x):
 
 def test_plateau_growth_event_is_placed_by_its_own_step(tmp_path):
     events = fake_events(growth_at=7)
-    curves = plot.curves_from_events("grown", events)
+    curves = curve_model.curves_from_events("grown", events)
     assert [e["_g"] for e in curves.growths] == [20 + 7]
     assert [e["stage"] for e in curves.expansions] == [1]
     # a stage-end eval (step == the stage's steps) sits at the end of its stage, by tokens too
@@ -166,7 +167,7 @@ def test_resumed_run_events_are_deduplicated():
     replay = [e for e in events[:cut + 1] if e["type"] in ("start", "stage", "expand") and e.get("stage", 1) == 1]
     resumed = events[:cut + 1] + replay + [e for e in events if e["type"] == "step" and e["stage"] == 1
                                            and 4 <= e["step"] <= 6] + events[cut + 1:]
-    curves = plot.curves_from_events("resumed", resumed)
+    curves = curve_model.curves_from_events("resumed", resumed)
     assert len(curves.steps) == 40
     assert len(curves.expansions) == 1
     assert [e["global_step"] for e in curves.steps] == list(range(1, 41))
@@ -182,7 +183,7 @@ def test_older_events_without_tokens_fall_back_to_steps(tmp_path):
 
 def test_forgetting_heatmap(tmp_path):
     events = fake_events()
-    matrix = plot.matrix_from_events(events)
+    matrix = curve_model.matrix_from_events(events)
     assert matrix["rows"] == ["initial", "after prose", "after widen+python"]
     assert matrix["trained"] == [None, "prose", "python"]
     assert len(matrix["bpb"]) == 3 and all(len(r) == 2 for r in matrix["bpb"])
@@ -209,10 +210,10 @@ def test_mapping_heatmap_from_a_json_file(tmp_path):
 
 
 def test_human_numbers():
-    assert plot.human(131_584) == "132k"
-    assert plot.human(2_500_000) == "2.5M"
-    assert plot.human(65_000) == "65k"
-    assert plot.human(12) == "12"
+    assert curve_model.human(131_584) == "132k"
+    assert curve_model.human(2_500_000) == "2.5M"
+    assert curve_model.human(65_000) == "65k"
+    assert curve_model.human(12) == "12"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,8 +250,11 @@ def test_plateau_growths_are_branch_points(tmp_path):
     data = comparison(loaded.runs)  # equal compute from the events in memory, as compare_runs has it
     from widen_tui.compare import compare_runs
 
-    disk = compare_runs([({**r.info, "_events": str(tmp_path / r.id / "events.jsonl")}, r.status, r.results)
-                         for r in loaded.runs])
+    from engine.events import read_all
+
+    disk = compare_runs([(r.info, r.status, r.results) for r in loaded.runs],
+                        [read_all(tmp_path / r.id / "events.jsonl") for r in loaded.runs])
+    assert all(r["loss_at_equal_flops"] is not None for r in disk["runs"])
     assert [r["loss_at_equal_flops"] for r in data["runs"]] == [r["loss_at_equal_flops"] for r in disk["runs"]]
     assert data["groups"][0]["loss_at_equal_flops"] == disk["groups"][0]["loss_at_equal_flops"]
     assert [s.key for s in comparison_sections(data)] == ["figures", "compute"]

@@ -160,8 +160,8 @@ def test_second_variant_starts_from_the_cached_prefix_and_matches_an_uncached_ru
     flat = [x for row in c["matrix"]["loss"] for x in row]
     assert flat == pytest.approx([x for row in b["matrix"]["loss"] for x in row], abs=1e-5)
 
-    data = compare_runs([({**r.info(), "_events": str(r.events)}, r.status(), r.results())
-                         for r in (first, second)])
+    data = compare_runs([(r.info(), r.status(), r.results()) for r in (first, second)],
+                        [read_all(r.events) for r in (first, second)])
     assert [g["variant"] for g in data["groups"]] == ["lora", "ffn"]
     lora = data["runs"][0]
     assert lora["trainable"] > 0 and lora["forgetting"]["prose"] is not None

@@ -401,7 +401,9 @@ def _print_comparison(refs: list[str], as_json: bool = False) -> None:
     missing = [r.id for r in runs if not r.results()]
     if missing and len(missing) == len(runs):
         raise CLIError(f"no results yet for {', '.join(missing)} — wait for the runs to end (`widen watch`)")
-    data = compare_runs([({**r.info(), "_events": str(r.events)}, r.status(), r.results()) for r in runs])
+    from engine.events import read_all
+
+    data = compare_runs([(r.info(), r.status(), r.results()) for r in runs], [read_all(r.events) for r in runs])
     if as_json:
         _print_json(data)
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import statistics
 
-from engine.events import read_all
 from engine.metrics import FORGETTING_DEFINITION, SIGN_CONVENTION
 
 # the per-run figures that are averaged over seeds (dotted: per-task dictionaries)
@@ -73,12 +72,12 @@ def _mean_std(values: list) -> dict | None:
             "n": len(values)}
 
 
-def compare_runs(runs: list[tuple[dict, dict, dict | None]]) -> dict:
-    """`runs`: (run.json info, status, results) per run; info["_events"] may name the run's
-    events.jsonl (for the equal-compute losses). Returns rows, seed groups and the conventions
-    the figures follow."""
+def compare_runs(runs: list[tuple[dict, dict, dict | None]], events: list[list[dict]] | None = None) -> dict:
+    """`runs`: (run.json info, status, results) per run; `events`: each run's event stream, in
+    the same order (for the equal-compute losses; None: those stay empty). Returns rows, seed
+    groups and the conventions the figures follow."""
     rows = [run_row(info, status, results) for info, status, results in runs]
-    _add_equal_compute(rows, runs)
+    _add_equal_compute(rows, events or [[] for _ in rows])
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["plan"], row["variant"] or row["name"]), []).append(row)
@@ -101,13 +100,9 @@ def compare_runs(runs: list[tuple[dict, dict, dict | None]]) -> dict:
             "sign_convention": SIGN_CONVENTION}
 
 
-def _add_equal_compute(rows: list[dict], runs) -> None:
+def _add_equal_compute(rows: list[dict], events: list[list[dict]]) -> None:
     """Training loss of each run at the smallest total FLOPs / tokens among the runs."""
-    curves = []
-    for info, _, results in runs:
-        path = info.get("_events")
-        events = read_all(path) if path else []
-        curves.append((_curve(events, "flops"), _curve(events, "tokens")))
+    curves = [(_curve(stream, "flops"), _curve(stream, "tokens")) for stream in events]
     budgets = {}
     for index, axis in ((0, "flops"), (1, "tokens")):
         ends = [c[index][-1][0] for c in curves if c[index]]

@@ -68,22 +68,5 @@ def _label(runs: list[LoadedRun]) -> None:
 
 
 def comparison(runs: list[LoadedRun]) -> dict:
-    """`compare_runs`' figures (what `widen compare` prints), with the equal-compute losses taken
-    from the events already in memory rather than read again from disk."""
-    data = compare.compare_runs([(r.info, r.status, r.results) for r in runs])
-    curves = {r.id: {axis: compare._curve(r.events, axis) for axis in ("flops", "tokens")} for r in runs}
-    budgets = {}
-    for axis in ("flops", "tokens"):
-        ends = [c[axis][-1][0] for c in curves.values() if c[axis]]
-        budgets[axis] = min(ends) if ends else None
-    for row in data["runs"]:
-        for axis in ("flops", "tokens"):
-            row[f"equal_{axis}_budget"] = budgets[axis]
-            curve = curves.get(row["id"], {}).get(axis)
-            row[f"loss_at_equal_{axis}"] = compare.loss_at(curve, budgets[axis]) if budgets[axis] else None
-    by_id = {row["id"]: row for row in data["runs"]}
-    for group in data["groups"]:  # the seed means, as compare_runs forms them
-        for axis in ("flops", "tokens"):
-            key = f"loss_at_equal_{axis}"
-            group[key] = compare._mean_std([by_id[i].get(key) for i in group["runs"]])
-    return data
+    """`compare_runs`' figures (what `widen compare` prints), from the events already in memory."""
+    return compare.compare_runs([(r.info, r.status, r.results) for r in runs], [r.events for r in runs])

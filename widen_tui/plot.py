@@ -18,9 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-# The events -> curves model lives in widen_tui.curves (shared with the TUI); re-exported here.
-from widen_tui.curves import (X_AXES, RunCurves, _num, curves_from_events, human,  # noqa: F401
-                              matrix_from_events)
+# The events -> curves model lives in widen_tui.curves (shared with the TUI).
+from widen_tui.curves import X_AXES, _num, curves_from_events, human, matrix_from_events
 
 MAX_MAPPING_ROWS = 40
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}
