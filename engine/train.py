@@ -437,7 +437,6 @@ class Trainer:
         else:
             self.freezer.apply(self.model, stage.freeze, getattr(self, "_growth", StageGrowth()))
         self.activate(stage.task)
-        total, trainable = count_params(self.model), self.freezer.trainable(self.model)
 
         optimizer, scheduler = self._optimizer(stage)
         if saved is not None and saved.get("optimizer") is not None:
