@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import WidenError
+
 # Bump when the way documents, splits or streams are built changes: it invalidates every cache.
 FORMAT_VERSION = "1"
 
@@ -50,7 +52,7 @@ STDLIB_MAX_TOTAL_BYTES = 6_000_000
 MIN_DOC_CHARS = 2000
 
 
-class DataError(ValueError):
+class DataError(WidenError, ValueError):
     """A problem with a task's data: ``field`` is the plan field that causes it
     (``tasks.prose.source``), ``str(error)`` the one-line message (as ``ModelLoadError``)."""
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from engine.arch import ArchView, get_submodule
+from engine.errors import WidenError
+from engine.expand import Freezer, apply_stage, count_params, probe
 from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
 from engine.ops.depth import compact_attention_types, untie
-from engine.expand import Freezer, apply_stage, count_params, probe
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir, runs_root
 from engine.train import load_plan_task, op_generator, probe_batch, replay_expansions, task_eval_batches
@@ -38,7 +39,7 @@ EXPORT_MANIFEST = "widen_export.json"
 ADAPTER_DIR = "adapter"
 
 
-class ExportError(ValueError):
+class ExportError(WidenError, ValueError):
     """A model that cannot be exported as asked; the message says why and what to do."""
 
 

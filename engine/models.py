@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from engine.arch import ArchView, UnsupportedArchitecture
+from engine.errors import WidenError
 
 # A tiny model in the layout of TinyStories-33M (GPT-Neo, alternating global/local attention),
 # sized for a 2-core CPU. vocab 259 = the byte tokenizer (ByT5 layout).
@@ -48,7 +49,7 @@ def build_builtin_mlp(name: str, seed: int):
         return nn.Sequential(*layers)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(WidenError, ValueError):
     def __init__(self, message: str, field: str = "source"):
         super().__init__(message)
         self.field = field

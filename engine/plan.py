@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine.errors import WidenError
 from engine.ops.params import OP_PARAMS, OpParams
 
 
@@ -189,7 +190,7 @@ class Problem:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class PlanError(ValueError):
+class PlanError(WidenError, ValueError):
     """All the problems of a plan, one line each."""
 
     def __init__(self, problems: list[Problem]):

@@ -39,6 +39,7 @@ from torch import nn
 
 from engine.arch import get_submodule
 from engine.arch.families import UnsupportedArchitecture, family_for
+from engine.errors import WidenError
 from engine.metrics import perplexity
 
 # Without --limit, more generated mappings than this is almost surely a mistake (32 -> 48 layers
@@ -48,7 +49,7 @@ MAX_MAPPINGS = 1000
 REPLAY_TOLERANCE = 1e-4
 
 
-class SweepError(ValueError):
+class SweepError(WidenError, ValueError):
     """A sweep that cannot run as asked; the message says why and what to do."""
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from engine.errors import WidenError
 from engine.rundir import RunDir, runs_root
 from widen_tui.event_text import describe_event
 from widen_tui.sweep_cmd import sweep_app
@@ -34,7 +35,7 @@ err = Console(stderr=True)
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-class CLIError(Exception):
+class CLIError(WidenError):
     """One clear line for the user; main() prints it and exits 1."""
 
 
@@ -105,9 +106,8 @@ def plan_show(
     """Build the model and apply every stage's operators without training: parameters added,
     trainable share, and preservation (max |Δlogits|, loss before/after) per operator."""
     plan = _load_plan_or_exit(file, set_, None)
-    from engine.export import build_from_plan, quiet_transformers
     from engine.expand import count_params
-
+    from engine.export import build_from_plan, quiet_transformers
     from widen_tui.report import expansions_table
 
     quiet_transformers()
@@ -658,7 +658,7 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except CLIError as e:
+    except WidenError as e:  # widen's own: the message is the whole story
         err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except Exception as e:  # click usage errors and anything unexpected: one line, no traceback

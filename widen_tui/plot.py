@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from engine.errors import WidenError
+
 # The events -> curves model lives in widen_tui.curves (shared with the TUI).
 from widen_tui.curves import X_AXES, _num, curves_from_events, human, matrix_from_events
 
@@ -27,7 +29,7 @@ LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha":
 Warn = Callable[[str], None]
 
 
-class PlotError(ValueError):
+class PlotError(WidenError, ValueError):
     """Input that cannot be drawn (a wrong shape, nothing to show); one line for the user."""
 
 

@@ -25,6 +25,7 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Table
 
+from engine.errors import WidenError
 from engine.rundir import FINAL_STATES, RunDir, list_run_dirs, runs_root, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ INDEX_NAME = "index.json"
 LOCK_TIMEOUT_S = 30.0
 
 
-class RunNotFound(ValueError):
+class RunNotFound(WidenError, ValueError):
     """A run reference that names no run, or more than one."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import WidenError
+
 
 @dataclass(frozen=True)
 class FFNLayout:
@@ -206,5 +208,5 @@ def family_for(model_type: str) -> ArchFamily:
     raise UnsupportedArchitecture(f"model type '{model_type}' is not supported — supported: {supported}")
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(WidenError, ValueError):
     pass

@@ -24,13 +24,14 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Header, Input, Label, LoadingIndicator, Static
 
+from engine.errors import WidenError
 from widen_tui.widgets.binding_commands import BindingCommands
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_KEYS = ("rows", "source_layers", "depth")
 
 
-class SweepSourceError(ValueError):
+class SweepSourceError(WidenError, ValueError):
     """A source that holds no mapping sweep; the message is one line for the user."""
 
 
