@@ -27,116 +27,18 @@ import torch
 from torch import nn
 
 from engine.arch import ArchView, get_submodule
-from engine.errors import WidenError
-from engine.expand import Freezer, apply_stage, count_params, probe
+from engine.build import BuildError, build_from_plan, load_run_model, stage_probe  # noqa: F401  (export's API)
+from engine.expand import count_params, probe
 from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
 from engine.ops.depth import compact_attention_types, untie
-from engine.plan import Plan, load_plan
-from engine.rundir import RunDir, runs_root
-from engine.train import load_plan_task, op_generator, probe_batch, replay_expansions, task_eval_batches
+from engine.plan import Plan
 
 EXPORT_MANIFEST = "widen_export.json"
 ADAPTER_DIR = "adapter"
 
 
-class ExportError(WidenError, ValueError):
+class ExportError(BuildError):
     """A model that cannot be exported as asked; the message says why and what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# building the grown model
-
-
-def _cache_dir() -> Path:
-    return runs_root() / ".cache"
-
-
-def _load_tokenizer_and_model(plan: Plan, device: str):
-    from engine.data import load_tokenizer
-    from engine.models import check_vocabulary, load_model
-
-    tokenizer = load_tokenizer(plan.model.tokenizer)
-    model, view = load_model(plan.model, plan.seed)
-    check_vocabulary(model, tokenizer)
-    return tokenizer, model.to(device), view
-
-
-def stage_probe(plan: Plan, stage: int, tokenizer, device: str = "cpu", cache_dir: Path | None = None):
-    """The probe batch of `stage` (its task's first eval batch, PROBE_SEQUENCES rows), as tensors:
-    the batch a run measures that stage's expansions on."""
-    from engine.arch.forward import batch_to
-    from engine.models import load_architecture
-
-    name = plan.stages[stage].task
-    arch = load_architecture(plan.model)
-    start = getattr(arch.config, "decoder_start_token_id", None)
-    data = load_plan_task(name, plan.tasks[name], tokenizer, cache_dir or _cache_dir(), arch.family.kind, start)
-    return batch_to(probe_batch(task_eval_batches(data, plan.train)), device)
-
-
-def build_from_plan(plan: Plan, upto_stage: int | None = None, device: str = "cpu"):
-    """Build the plan's model and apply the operators of every stage (through `upto_stage`,
-    inclusive; None: all) in order, without training. Each operator is measured on its stage's
-    probe batch, as in a run; `trainable` follows the stage's freeze policy.
-
-    Returns (model, view, tokenizer, reports)."""
-    tokenizer, model, view = _load_tokenizer_and_model(plan, device)
-    last = len(plan.stages) - 1 if upto_stage is None else upto_stage
-    if not 0 <= last < len(plan.stages):
-        raise ExportError(f"upto_stage {upto_stage}: the plan has stages 0..{len(plan.stages) - 1}")
-    freezer, reports, probes = Freezer(), [], {}
-    for index in range(last + 1):
-        stage = plan.stages[index]
-        if not stage.expand:
-            continue
-        if stage.task not in probes:
-            probes[stage.task] = stage_probe(plan, index, tokenizer, device)
-        growth = apply_stage(model, view, index, stage.expand, probes[stage.task], op_generator(plan.seed, index))
-        model.to(device)
-        freezer.apply(model, stage.freeze, growth)
-        trainable, total = freezer.trainable(model), count_params(model)
-        for report in growth.reports:
-            report.update(trainable=trainable, trainable_share=trainable / total)
-            reports.append(report)
-    freezer.apply(model, "none", None)  # drop the gradient-mask hooks; the export trains nothing
-    model.eval()
-    return model, view, tokenizer, reports
-
-
-def load_run_model(run_dir: Path | str, device: str = "cpu"):
-    """A run's latest weights: build from the run's plan.toml, replay the expansions its
-    checkpoint had (as a resume does), load checkpoints/latest/model.safetensors.
-
-    Returns (model, view, tokenizer, plan)."""
-    from safetensors.torch import load_model as load_weights
-
-    run = RunDir(run_dir)
-    if not run.plan.exists():
-        raise ExportError(f"{run.path} is not a run directory (no plan.toml)")
-    latest = run.checkpoints / "latest"
-    weights = latest / "model.safetensors"
-    if not weights.exists():
-        raise ExportError(f"run {run.id} has no checkpoint yet — wait for a stage to end "
-                          f"(`widen watch {run.id}`)")
-    plan = load_plan(run.plan)
-    stages = len(plan.stages)
-    state_file = latest / "trainer.pt"
-    growths = []
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=False, map_location="cpu")
-        position = state["position"]
-        stages = position["stage"] + (1 if position.get("ops_applied") else 0)
-        growths = state["history"].get("growths", [])  # automatic growths during stages
-    tokenizer, model, view = _load_tokenizer_and_model(plan, device)
-    replay_expansions(model, view, plan, stages, growths)
-    model.to(device)
-    try:
-        load_weights(model, str(weights), strict=True, device=str(device))
-    except RuntimeError as e:
-        raise ExportError(f"run {run.id}: its checkpoint does not fit the rebuilt model "
-                          f"({str(e).splitlines()[0][:200]})") from None
-    model.eval()
-    return model, view, tokenizer, plan
 
 
 # ---------------------------------------------------------------------------------------------

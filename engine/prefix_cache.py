@@ -9,6 +9,10 @@ would; its event stream starts with the cached events, marked ``"cached": true``
 
 Publishing is atomic (a temporary directory renamed into place), so a reader sees a whole entry
 or none; two runs racing to publish the same key leave one (identical) entry.
+
+The runs root may be shared, so an entry is untrusted input: only the checkpoint's own files are
+copied (regular files, no links), and they are loaded as any checkpoint is — JSON and
+safetensors, never pickle (``engine.checkpoint``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ENTRY_FILES = ("model.safetensors", "trainer.pt")
+from engine import checkpoint as ckpt
+
+ENTRY_FILES = (ckpt.WEIGHTS_FILE, ckpt.TENSORS_FILE, ckpt.STATE_FILE)
 
 
 def entry_dir(runs_root: Path, key: str) -> Path:
@@ -29,9 +35,23 @@ def entry_dir(runs_root: Path, key: str) -> Path:
 def lookup(runs_root: Path, key: str) -> Path | None:
     """The cached entry for `key`, if a whole one exists."""
     entry = entry_dir(runs_root, key)
-    if all((entry / name).exists() for name in ENTRY_FILES) and (entry / "meta.json").exists():
+    names = (*ENTRY_FILES, "meta.json", "events.jsonl")
+    if all((entry / name).is_file() and not (entry / name).is_symlink() for name in names):
         return entry
     return None
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy a checkpoint's own files (and its tasks/*.safetensors), regular files only."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ENTRY_FILES:
+        shutil.copyfile(source / name, target / name, follow_symlinks=False)
+    tasks = source / ckpt.TASKS_DIR
+    if tasks.is_dir() and not tasks.is_symlink():
+        (target / ckpt.TASKS_DIR).mkdir()
+        for item in tasks.iterdir():
+            if item.suffix == ".safetensors" and item.is_file() and not item.is_symlink():
+                shutil.copyfile(item, target / ckpt.TASKS_DIR / item.name, follow_symlinks=False)
 
 
 def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], meta: dict) -> Path:
@@ -42,11 +62,8 @@ def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], met
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
-        for name in ENTRY_FILES:
-            shutil.copy2(checkpoint / name, tmp / name)
-        for extra in checkpoint.iterdir():  # per-task module files, if any
-            if extra.is_dir():
-                shutil.copytree(extra, tmp / extra.name)
+        share_dir(tmp)
+        _copy_checkpoint(checkpoint, tmp)
         with open(tmp / "events.jsonl", "w") as f:
             for event in events:
                 f.write(json.dumps(event) + "\n")
@@ -62,10 +79,23 @@ def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], met
 
 def restore(entry: Path, checkpoint: Path) -> tuple[list[dict], dict]:
     """Copy a cached entry in as `checkpoint` (checkpoints/latest); returns (events, meta)."""
+    from engine.events import read_all
+
     tmp = checkpoint.parent / f".cache-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(entry, tmp, ignore=shutil.ignore_patterns("events.jsonl", "meta.json"))
+    _copy_checkpoint(entry, tmp)
     shutil.rmtree(checkpoint, ignore_errors=True)
     tmp.rename(checkpoint)
-    events = [json.loads(line) for line in (entry / "events.jsonl").read_text().splitlines() if line.strip()]
-    return events, json.loads((entry / "meta.json").read_text())
+    events = read_all(entry / "events.jsonl")  # the tolerant reader: a damaged line is skipped
+    try:
+        meta = json.loads((entry / "meta.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        meta = {}
+    return events, meta if isinstance(meta, dict) else {}
+
+
+def share_dir(path: Path) -> None:
+    """mkdtemp makes 0700 directories; a shared runs root needs the umask's mode instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)

@@ -2,30 +2,41 @@
 
 Written for one process today and for ``torchrun`` tomorrow: only rank 0 writes files, and the
 batches are a pure function of (seed, stage, step), so a resume — or another rank — gets exactly
-the batch it would have had.
+the batch it would have had. Building the model is ``engine.build``; saving and loading state is
+``engine.checkpoint`` (typed, no pickle).
+
+A run ends in one of: ``done``; ``cancelled`` (checkpoint first); ``diverged`` (a non-finite loss,
+gradient or weight: nothing non-finite is ever saved, so the last checkpoint is a good one and
+``widen resume --set train.lr=...`` continues from it); ``failed`` (one line naming the stage and
+step in status.json, the traceback in stderr.log).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
-import shutil
 import socket
+import sys
 import threading
 import time
+import traceback
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from engine.arch.forward import batch_to, forward_logits, loss_of, model_kind, slice_batch
-from engine import metrics
-from engine.data import eval_batches, load_task, load_tokenizer, train_batch
+from engine import checkpoint, metrics, prefix_cache
+from engine.arch.forward import batch_to, forward_logits, loss_of, model_kind
+from engine.build import (load_plan_task, op_generator, pick_device, probe_batch, replay_expansions, stage_seed,
+                          task_eval_batches, task_train_batch)
+from engine.checkpoint import History, Position, TrainerState
+from engine.data import load_tokenizer
+from engine.errors import WidenError
+from engine.events import EventWriter
+from engine.expand import Freezer, StageGrowth, apply_stage, count_params
 from engine.growth import (PlateauDetector, carry_optimizer_state, combine_growth, continue_schedule, grow_model,
                            growth_generator)
-from engine.events import EventWriter
-from engine import prefix_cache
-from engine.expand import Freezer, StageGrowth, apply_stage, count_params
 from engine.models import check_vocabulary, load_model
 from engine.plan import Plan, load_plan
 from engine.results import build_results
@@ -33,7 +44,6 @@ from engine.rundir import RunDir, write_json_atomic
 from engine.system import SystemMonitor
 from engine.task_modules import TaskModules
 
-PROBE_SEQUENCES = 4          # sequences in the fixed probe batch used to measure expansions
 SYSTEM_SAMPLE_S = 5.0        # seconds between system samples
 HEARTBEAT_S = 5.0
 
@@ -42,62 +52,24 @@ class Cancelled(Exception):
     pass
 
 
-# -- shared with engine.export (build a plan's model without training) -------------------------
-def op_generator(seed: int, stage: int) -> torch.Generator:
-    """The generator a stage's operators draw from: the same in a run, a resume and an export.
-    (Automatic growths draw from engine.growth.growth_generator.)"""
-    return torch.Generator().manual_seed(seed * 1000 + stage)
+class Diverged(WidenError):
+    """A non-finite loss, gradient norm or weight: the run stops before anything non-finite is
+    saved."""
+
+    def __init__(self, stage: int, step: int, what: str):
+        self.stage, self.step = stage, step
+        super().__init__(f"diverged at stage {stage} step {step}: {what} — the last checkpoint is kept; "
+                         f"continue with a lower learning rate: widen resume RUN --set train.lr=...")
 
 
-def stage_seed(seed: int, stage: int) -> int:
-    """Torch's RNG is reseeded at each stage start, so a stage trains the same whether the stages
-    before it ran in this process, were resumed, or came from the prefix cache."""
-    return seed * 7919 + stage
+def process_create_time(pid: int | None = None) -> float | None:
+    """The start time of a process as psutil reports it: with the pid, its identity."""
+    try:
+        import psutil
 
-
-def task_eval_batches(data, train) -> list:
-    """A task's fixed eval batches (numpy) for the plan's `train` settings."""
-    if hasattr(data, "eval_batches"):  # a generation task: (prompt, continuation) pairs
-        return data.eval_batches(train.batch_size, train.seq_len, train.eval_batches)
-    return eval_batches(data.eval, train.batch_size, train.seq_len, train.eval_batches)
-
-
-def load_plan_task(name: str, spec, tokenizer, cache_dir: Path | None, model_kind: str,
-                   decoder_start_id: int | None = None):
-    """A plan's task data: token streams (text) or prompt/continuation pairs (generation)."""
-    if spec.task_kind == "generation":
-        from engine.generation import load_generation_task
-
-        return load_generation_task(name, spec, tokenizer, cache_dir, model_kind, decoder_start_id)
-    return load_task(name, spec, tokenizer, cache_dir)
-
-
-def task_train_batch(data, train, seed: int, stage: int, step: int):
-    """A task's training batch for (seed, stage, step): a pure function of them."""
-    if hasattr(data, "train_batch"):
-        return data.train_batch(train.batch_size, train.seq_len, seed, stage, step)
-    return train_batch(data.train, train.batch_size, train.seq_len, seed, stage, step)
-
-
-def probe_batch(eval_set: list) -> tuple:
-    """The fixed probe batch that measures expansions: the first eval batch, PROBE_SEQUENCES rows."""
-    return slice_batch(eval_set[0], PROBE_SEQUENCES)
-
-
-def replay_expansions(model, view, plan, stages: int, growths: list[dict] | None = None) -> StageGrowth:
-    """Apply the operators of the first `stages` stages unmeasured (to fit a checkpoint's shape),
-    each stage followed by the automatic growths it had (`growths`: [{"stage", "growth"}]);
-    returns what the last stage added (its operators and growths)."""
-    growth = StageGrowth()
-    for index in range(stages):
-        growth = apply_stage(model, view, index, plan.stages[index].expand, None,
-                             op_generator(plan.seed, index), measure=False)
-        for g in sorted((g for g in growths or [] if g["stage"] == index), key=lambda g: g["growth"]):
-            before = dict(model.named_parameters())
-            grown = grow_model(model, view, plan.stages[index].grow.expand, index, g["growth"], None,
-                               growth_generator(plan.seed, index, g["growth"]))
-            growth = combine_growth(growth, grown, before, model)
-    return growth
+        return psutil.Process(pid or os.getpid()).create_time()
+    except Exception:  # psutil missing or the process gone: identity unknown
+        return None
 
 
 class StatusFile:
@@ -106,8 +78,8 @@ class StatusFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                     "started": time.time(), "heartbeat": time.time()}
+        self.data = {"state": "running", "pid": os.getpid(), "create_time": process_create_time(),
+                     "host": socket.gethostname(), "started": time.time(), "heartbeat": time.time()}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.write()
@@ -116,7 +88,10 @@ class StatusFile:
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
-            self.write()
+            try:
+                self.write()
+            except OSError:  # a full disk: the main thread reports it; keep beating when space returns
+                pass
 
     def write(self, **fields):
         with self._lock:
@@ -125,15 +100,25 @@ class StatusFile:
 
     def close(self, **fields):
         self._stop.set()
-        self.write(**fields)
+        try:
+            self.write(**fields)
+        except OSError:
+            # No room for a temporary copy (a full disk): overwrite in place, which needs no new
+            # blocks for a file this small, so the final state is still recorded.
+            with self._lock:
+                self.data.update(fields, heartbeat=time.time())
+                write_in_place(self.path, self.data)
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device = \"cuda\" but CUDA is not available — use \"auto\" or \"cpu\"")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
+def write_in_place(path: Path, data: dict) -> None:
+    import json
+
+    with open(path, "r+" if path.exists() else "w") as f:
+        text = json.dumps(data, default=str)
+        f.write(text)
+        f.truncate(len(text))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
@@ -145,6 +130,19 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
     if schedule == "cosine":
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
+
+
+def set_learning_rate(optimizer, scheduler, lr: float) -> None:
+    """Make `lr` the schedule's base rate (a resume with `--set train.lr=...`); a no-op when it
+    already is, so an ordinary resume stays bit-exact."""
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class Trainer:
@@ -185,14 +183,12 @@ class Trainer:
         }
         # bytes per token of each eval stream, so a loss converts to bits per byte
         self.bytes_per_token = {n: d.eval_bytes / max(1, d.eval_tokens) for n, d in self.tasks.items()}
-        self.history = {"matrix": [], "row_labels": [], "expansions": [], "stage_params": [],
-                        "trained_at": {}, "tokens": 0, "flops": 0.0, "wall_s": 0.0, "growths": [],
-                        "prefix_cached": False}
-        self.position = {"stage": 0, "step": 0, "ops_applied": False, "initial_done": False}
+        self.history = History()
+        self.position = Position()
         self.plateau_state: dict | None = None
         self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(plan.train.dtype)
         if plan.train.dtype == "float16" and self.device.type != "cuda":
-            raise ValueError("train.dtype = \"float16\" needs a CUDA device — use \"bfloat16\" or \"float32\" on CPU")
+            raise WidenError("train.dtype = \"float16\" needs a CUDA device — use \"bfloat16\" or \"float32\" on CPU")
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.train.dtype == "float16")
 
@@ -258,8 +254,8 @@ class Trainer:
             row[task] = self.evaluate(task)
             if score:
                 row[task].update(self.score(task))
-            self.emit("eval", stage=stage, step=step, task=task, tokens=self.history["tokens"],
-                      flops=self.history["flops"], global_step=self._global_step(stage, step), **row[task])
+            self.emit("eval", stage=stage, step=step, task=task, tokens=self.history.tokens,
+                      flops=self.history.flops, global_step=self._global_step(stage, step), **row[task])
         return row
 
     def _autocast(self):
@@ -270,52 +266,36 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str, optimizer=None, scheduler=None, stage: int | None = None,
                         step: int | None = None):
-        """Save weights + trainer state; `stage`/`step` label the event (default: the position)."""
+        """Save weights + trainer state; `stage`/`step` label the event (default: the position).
+        Non-finite weights are never saved: the last checkpoint stays a good one."""
         if not self.is_main:
             return
-        from safetensors.torch import save_file, save_model
-
-        final = self.run.checkpoints / "latest"
-        tmp = self.run.checkpoints / f".tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(self.model, str(tmp / "model.safetensors"))
-        torch.save({
-            "position": dict(self.position),
-            "history": self.history,
-            "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
-            "plateau": self.plateau_state,
-            "task_modules": self.task_modules.to_json() if self.task_modules else None,
-            "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        }, tmp / "trainer.pt")
-        if self.task_modules:  # each task's own modules, loadable on their own
-            (tmp / "tasks").mkdir()
-            for task in self.task_modules.tasks():
-                tensors = self.task_modules.state_dict(task, self.model)
-                if tensors:
-                    save_file(tensors, str(tmp / "tasks" / f"{task}.safetensors"))
-        # swap directories so a crash leaves either the old checkpoint or the new one
-        old = self.run.checkpoints / ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        self.emit("checkpoint", stage=self.position["stage"] if stage is None else stage,
-                  step=self.position["step"] if step is None else step,
+        if not checkpoint.finite_weights(self.model):
+            raise Diverged(self.position.stage, self.position.step, "the weights are not finite")
+        state = TrainerState(
+            position=self.position, history=self.history,
+            optimizer=optimizer.state_dict() if optimizer else None,
+            scheduler=scheduler.state_dict() if scheduler else None,
+            plateau=self.plateau_state,
+            task_modules=self.task_modules.to_json() if self.task_modules else None,
+            scaler=self.scaler.state_dict(), rng=checkpoint.capture_rng())
+        tasks = ({task: self.task_modules.state_dict(task, self.model) for task in self.task_modules.tasks()}
+                 if self.task_modules else None)
+        final = checkpoint.save(self.run.checkpoints / "latest", self.model, state, tasks)
+        self.emit("checkpoint", stage=self.position.stage if stage is None else stage,
+                  step=self.position.step if step is None else step,
                   path=str(final.relative_to(self.run.path)), reason=reason)
 
-    def load_checkpoint(self) -> dict | None:
-        path = self.run.checkpoints / "latest" / "trainer.pt"
-        if not path.exists():
+    def load_checkpoint(self) -> TrainerState | None:
+        state = checkpoint.load_state(self.run.checkpoints / "latest")
+        if state is None:
             return None
-        state = torch.load(path, weights_only=False, map_location="cpu")
-        self.position = state["position"]
-        self.history = state["history"]
-        self.plateau_state = state.get("plateau")
+        if state.position.stage > len(self.plan.stages):
+            raise checkpoint.CheckpointError(f"checkpoint: stage {state.position.stage} is beyond the plan's "
+                                             f"{len(self.plan.stages)} stages — the run directory is damaged")
+        self.position = state.position
+        self.history = state.history
+        self.plateau_state = state.plateau
         return state
 
     # ------------------------------------------------------------------ variants: turn and prefix
@@ -356,14 +336,14 @@ class Trainer:
 
     def publish_prefix(self, index: int) -> None:
         prefix = self._prefix()
-        if not self.is_main or prefix is None or index != prefix[0] - 1 or self.history.get("prefix_cached"):
+        if not self.is_main or prefix is None or index != prefix[0] - 1 or self.history.prefix_cached:
             return
         from engine.events import read_all
 
         events = [e for e in read_all(self.run.events) if e.get("type") not in ("start", "status", "system")]
         prefix_cache.publish(self.run.path.parent, prefix[1], self.run.checkpoints / "latest", events,
                              {"run": self.run.id, "stages": prefix[0], "key": prefix[1],
-                              "wall_s": self.history["wall_s"]})
+                              "wall_s": self.history.wall_s})
 
     # ------------------------------------------------------------------ main loop
     def run_plan(self):
@@ -374,52 +354,54 @@ class Trainer:
         from_cache = self.restore_prefix()
         saved = self.load_checkpoint() if (self.resume or from_cache) else None
         if from_cache:
-            self.history["prefix_cached"] = True
+            self.history.prefix_cached = True
         self.emit("start", run=self.run.id, plan=plan.name, seed=plan.seed, device=str(self.device),
                   pid=os.getpid(), params=count_params(self.model), stages=len(plan.stages),
                   resumed=saved is not None and not from_cache, prefix_cached=from_cache,
                   task_names=list(self.tasks), variant=self.info.get("variant"),
                   stage_steps=[s.steps for s in plan.stages], system=self.monitor.gpu_status)
+        if self.resume:
+            # Readers drop what an earlier segment logged past this point (engine.events).
+            at = self.position if saved is not None else Position()
+            self.emit("resume", stage=at.stage, step=at.step, global_step=self._global_step(at.stage, at.step),
+                      from_checkpoint=saved is not None)
         torch.manual_seed(plan.seed)
         if saved is not None:
-            self._rebuild_to(self.position["stage"], self.position["ops_applied"], saved)
-            from safetensors.torch import load_model as load_weights
+            self._rebuild_to(self.position.stage, self.position.ops_applied, saved)
+            checkpoint.load_weights(self.model, self.run.checkpoints / "latest", self.device)
+        if not self.position.initial_done:
+            self.history.matrix.append(self.evaluate_all(stage=-1, step=0))
+            self.history.row_labels.append("initial")
+            self.position.initial_done = True
 
-            load_weights(self.model, str(self.run.checkpoints / "latest" / "model.safetensors"),
-                         device=str(self.device))
-        if not self.position["initial_done"]:
-            self.history["matrix"].append(self.evaluate_all(stage=-1, step=0))
-            self.history["row_labels"].append("initial")
-            self.position["initial_done"] = True
-
-        start_stage = self.position["stage"]
+        start_stage = self.position.stage
         for index in range(start_stage, len(plan.stages)):
             self.run_stage(index, saved if index == start_stage else None)
         if plan.sweep:
             self.run_sweep()
         self.finish("done")
 
-    def _rebuild_to(self, stage: int, ops_applied: bool, saved: dict):
+    def _rebuild_to(self, stage: int, ops_applied: bool, saved: TrainerState):
         """Replay the expansions (and growths) a checkpoint had, so its weights fit the model."""
         stages = stage + (1 if ops_applied else 0)
-        self._growth = replay_expansions(self.model, self.view, self.plan, stages, self.history["growths"])
-        if self.task_modules is not None and saved.get("task_modules"):
-            self.task_modules = TaskModules.from_json(saved["task_modules"], self.model)
+        self._growth = replay_expansions(self.model, self.view, self.plan, stages, self.history.growths)
+        if self.task_modules is not None and saved.task_modules:
+            self.task_modules = TaskModules.from_json(saved.task_modules, self.model)
             self.active_task = None
         self.model.to(self.device)
 
-    def run_stage(self, index: int, saved: dict | None):
+    def run_stage(self, index: int, saved: TrainerState | None):
         plan, stage = self.plan, self.plan.stages[index]
         label = plan.stage_label(index)
         task = self.tasks[stage.task]
-        self.position["stage"] = index
+        self.position.stage = index
         if self.status:
-            self.status.write(stage=index, stage_name=label, step=self.position["step"], steps=stage.steps)
+            self.status.write(stage=index, stage_name=label, step=self.position.step, steps=stage.steps)
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="begin",
-                  global_step=self._global_step(index, 0), tokens=self.history["tokens"],
-                  flops=self.history["flops"])
+                  global_step=self._global_step(index, 0), tokens=self.history.tokens,
+                  flops=self.history.flops)
 
-        if not self.position["ops_applied"]:
+        if not self.position.ops_applied:
             self.activate(stage.task)  # expansions are measured on the task's own model
             growth = apply_stage(self.model, self.view, index, stage.expand, probe_batch(self.eval_sets[stage.task]),
                                  op_generator(self.plan.seed, index))
@@ -429,9 +411,9 @@ class Trainer:
             trainable, total = self.freezer.trainable(self.model), count_params(self.model)
             for report in growth.reports:
                 report.update(trainable=trainable, trainable_share=trainable / total, task=stage.task)
-                self.history["expansions"].append(report)
+                self.history.expansions.append(report)
                 self.emit("expand", **report)
-            self.position.update(ops_applied=True, step=0, growths=0)
+            self.position.ops_applied, self.position.step, self.position.growths = True, 0, 0
             self._growth = growth
             self.plateau_state = None
         else:
@@ -439,16 +421,18 @@ class Trainer:
         self.activate(stage.task)
 
         optimizer, scheduler = self._optimizer(stage)
-        if saved is not None and saved.get("optimizer") is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if saved.get("scaler"):
-                self.scaler.load_state_dict(saved["scaler"])
-            rng = saved["rng"]
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        if saved is not None and saved.optimizer is not None:
+            try:
+                optimizer.load_state_dict(saved.optimizer)
+                scheduler.load_state_dict(saved.scheduler or {})
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise checkpoint.CheckpointError(f"checkpoint: the optimizer state does not fit the rebuilt "
+                                                 f"model ({str(e).splitlines()[0][:120]})") from None
+            set_learning_rate(optimizer, scheduler, stage.lr or plan.train.lr)  # a resume may lower it
+            if saved.scaler:
+                self.scaler.load_state_dict(saved.scaler)
+            if saved.rng is not None:
+                checkpoint.restore_rng(saved.rng)
         else:
             torch.manual_seed(stage_seed(plan.seed, index))
 
@@ -457,15 +441,15 @@ class Trainer:
         self._record_unit_health(index)
 
         row = self.evaluate_all(stage=index, step=stage.steps)
-        self.history["matrix"].append(row)
-        self.history["row_labels"].append(f"after {label}")
-        self.history["trained_at"].setdefault(stage.task, index)
-        self.history["stage_params"].append({"stage": index, "name": label, "task": stage.task,
+        self.history.matrix.append(row)
+        self.history.row_labels.append(f"after {label}")
+        self.history.trained_at.setdefault(stage.task, index)
+        self.history.stage_params.append({"stage": index, "name": label, "task": stage.task,
                                              "total": total, "trainable": trainable,
                                              "trainable_share": trainable / total})
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="end",
                   params=total, trainable=trainable)
-        self.position.update(stage=index + 1, step=0, ops_applied=False)
+        self.position.stage, self.position.step, self.position.ops_applied = index + 1, 0, False
         self.save_checkpoint("stage end", stage=index, step=stage.steps)
         self.publish_prefix(index)
 
@@ -473,7 +457,7 @@ class Trainer:
         """After training: do the stage's new units still differ from each other and their sources?"""
         from engine.health import similarity_report
 
-        reports = [r for r in self.history["expansions"] if r["stage"] == index]
+        reports = [r for r in self.history.expansions if r["stage"] == index]
         results = getattr(self, "_growth", StageGrowth()).results
         for report, result in zip(reports, results):
             if result.units:
@@ -508,8 +492,8 @@ class Trainer:
         plateau = self._plateau_detector(stage)
         check_losses: list[float] = []
         stage_start = time.time()
-        while self.position["step"] < stage.steps:
-            step = self.position["step"]
+        while self.position.step < stage.steps:
+            step = self.position.step
             if self.cancel_requested or self.run.cancel_request.exists():
                 self.save_checkpoint("cancel", optimizer, scheduler)
                 raise Cancelled()
@@ -519,18 +503,25 @@ class Trainer:
             loss = loss_of(logits, targets)
             if trainable:
                 self.scaler.scale(loss).backward()
+                grads = [p for p in self.model.parameters() if p.requires_grad]
                 if train.grad_clip:
                     self.scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.model.parameters() if p.requires_grad], train.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(grads, train.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads if p.grad is not None])
+                # One sync for both checks. With float16 loss scaling an inf gradient is routine
+                # (the scaler skips that step), so only the loss counts there.
+                self._check_finite(index, step, loss, None if self.scaler.is_enabled() else grad_norm)
                 self.scaler.step(optimizer)
                 self.scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+            else:
+                self._check_finite(index, step, loss, None)
             scheduler.step()
-            self.position["step"] = step + 1
-            self.history["tokens"] += tokens_per_step
+            self.position.step = step + 1
+            self.history.tokens += tokens_per_step
             # forward ~2·N·tokens over all weights, backward ~4·N (2 for weights we train)
-            self.history["flops"] += tokens_per_step * (4 * total_params + 2 * (trainable or 1))
+            self.history.flops += tokens_per_step * (4 * total_params + 2 * (trainable or 1))
             window_tokens += tokens_per_step
             done = step + 1
             if plateau is not None:
@@ -540,7 +531,7 @@ class Trainer:
                 self.emit("step", stage=index, step=done, global_step=self._global_step(index, done),
                           loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
                           tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                          tokens=self.history["tokens"], flops=self.history["flops"], params=total_params)
+                          tokens=self.history.tokens, flops=self.history.flops, params=total_params)
                 window_start, window_tokens = time.time(), 0
                 if self.status:
                     self.status.write(step=done)
@@ -554,13 +545,24 @@ class Trainer:
             if train.eval_interval and done % train.eval_interval == 0 and done < stage.steps:
                 for name in self.tasks:
                     result = self.evaluate(name)
-                    self.emit("eval", stage=index, step=done, task=name, tokens=self.history["tokens"],
-                              flops=self.history["flops"], global_step=self._global_step(index, done), **result)
+                    self.emit("eval", stage=index, step=done, task=name, tokens=self.history.tokens,
+                              flops=self.history.flops, global_step=self._global_step(index, done), **result)
             if train.checkpoint_interval and done % train.checkpoint_interval == 0 and done < stage.steps:
                 self.save_checkpoint("interval", optimizer, scheduler)
             self._maybe_system_sample()
-        self.history["wall_s"] += time.time() - stage_start
+        self.history.wall_s += time.time() - stage_start
         return optimizer, scheduler
+
+    @staticmethod
+    def _check_finite(stage: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        values = loss.detach().float().reshape(1)
+        if grad_norm is not None:
+            values = torch.cat([values, grad_norm.detach().float().reshape(1).to(values.device)])
+        if not bool(torch.isfinite(values).all()):
+            loss_value = float(values[0])
+            what = (f"the loss is {loss_value}" if not math.isfinite(loss_value)
+                    else f"the gradient norm is {float(values[1])}")
+            raise Diverged(stage, step, what)
 
     def _plateau_detector(self, stage) -> PlateauDetector | None:
         if stage.grow is None:
@@ -576,8 +578,8 @@ class Trainer:
         """Grow the model in place mid-stage: apply the stage's growth operators (measured on the
         probe batch), let the new parameters join a new optimizer that carries the old
         parameters' state over (transformed for operators that split units), log it, go on."""
-        k = self.position.get("growths", 0)
-        step = self.position["step"]
+        k = self.position.growths
+        step = self.position.step
         before = dict(self.model.named_parameters())
         growth = grow_model(self.model, self.view, stage.grow.expand, index, k,
                             probe_batch(self.eval_sets[stage.task]), growth_generator(self.plan.seed, index, k))
@@ -592,26 +594,30 @@ class Trainer:
         for report in growth.reports:
             report.update(trainable=trainable, trainable_share=trainable / total, task=stage.task,
                           trigger=stage.grow.trigger, growth=k, step=step,
-                          global_step=self._global_step(index, step), tokens=self.history["tokens"],
-                          flops=self.history["flops"])
-            self.history["expansions"].append(report)
+                          global_step=self._global_step(index, step), tokens=self.history.tokens,
+                          flops=self.history.flops)
+            self.history.expansions.append(report)
             self.emit("expand", **report)
-        self.history["growths"].append({"stage": index, "growth": k, "step": step,
-                                        "params": total, "tokens": self.history["tokens"]})
-        self.position["growths"] = k + 1
+        self.history.growths.append({"stage": index, "growth": k, "step": step,
+                                        "params": total, "tokens": self.history.tokens})
+        self.position.growths = k + 1
         self.model.train()
         return new_optimizer, new_scheduler
 
     def _global_step(self, index: int, step: int) -> int:
         return sum(s.steps for s in self.plan.stages[:max(index, 0)]) + step
 
-    def _maybe_system_sample(self, force: bool = False):
+    def _maybe_system_sample(self, force: bool = False, quiet: bool = False):
         now = time.time()
         if force or now - self._last_system >= SYSTEM_SAMPLE_S:
             self._last_system = now
             sample = self.monitor.sample()
             self._peak_rss_mb = max(self._peak_rss_mb, sample.get("rss_mb") or 0.0)
-            self.emit("system", **sample)
+            try:
+                self.emit("system", **sample)
+            except OSError:
+                if not quiet:
+                    raise
 
     # ------------------------------------------------------------------ the mapping sweep
     def run_sweep(self):
@@ -636,40 +642,81 @@ class Trainer:
         self._peak_rss_mb = max(self._peak_rss_mb, sample.get("rss_mb") or 0.0)
         identity = {"run": self.run.id, "plan": self.plan.name, "state": state, "seed": self.plan.seed,
                     "variant": self.info.get("variant"), "group": self.info.get("group")}
-        return build_results(identity, list(self.tasks), self.history, count_params(self.model),
+        return build_results(identity, list(self.tasks), asdict(self.history), count_params(self.model),
                              {"peak_rss_mb": self._peak_rss_mb, "torch_peak_mb": sample.get("torch_peak_mb")},
                              getattr(self, "sweep_result", None))
 
     def finish(self, state: str, error: str | None = None):
-        if self.monitor is None:  # ended while waiting for its turn (nothing trained, no results)
-            self.status.close(state=state, ended=time.time(), **({"error": error} if error else {}))
-            return
-        self._maybe_system_sample(force=True)
+        """Write the ending: results.json (when setup got far enough to have any), a status event,
+        status.json. Each write is tried on its own, so a full disk loses as little as it can."""
+        extra = {"error": error} if error else {}
         if self.is_main:
-            write_json_atomic(self.run.results_json, self.results(state))
-            self.emit("status", state=state, **({"error": error} if error else {}))
-            self.status.close(state=state, ended=time.time(), **({"error": error} if error else {}))
+            if self.monitor is not None and hasattr(self, "tasks"):
+                self._maybe_system_sample(force=True, quiet=True)
+                try:
+                    write_json_atomic(self.run.results_json, {**self.results(state), **extra})
+                except OSError:
+                    pass
+                try:
+                    self.emit("status", state=state, **extra)
+                except OSError:
+                    pass
+            self.status.close(state=state, ended=time.time(), **extra)
             self.run.cancel_request.unlink(missing_ok=True)
 
 
 def run(run_dir: Path | str, resume: bool = False) -> int:
-    """Run (or resume) the plan in `run_dir`; returns the process exit code."""
-    trainer = Trainer(Path(run_dir), resume=resume)
+    """Run (or resume) the plan in `run_dir`; returns the process exit code (0 done or cancelled,
+    1 otherwise). Never raises: every ending is recorded in status.json (and events, results
+    where they can still be written) as one line; unexpected errors add a traceback to stderr."""
+    run_dir = Path(run_dir)
+    checkpoint.remove_leftovers(RunDir(run_dir).checkpoints)  # the caller holds the run's lock
+    trainer = None
     try:
+        trainer = Trainer(run_dir, resume=resume)
         trainer.run_plan()
         return 0
     except Cancelled:
         trainer.finish("cancelled")
         return 0
+    except Diverged as e:
+        _end(trainer, run_dir, "diverged", str(e))
+        return 1
+    except WidenError as e:
+        _end(trainer, run_dir, "failed", _where(trainer) + str(e).splitlines()[0])
+        return 1
     except Exception as e:
-        message = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if getattr(trainer, "status", None) is not None:
-            try:
-                trainer.finish("failed", error=message)
-            except Exception:
-                trainer.status.close(state="failed", ended=time.time(), error=message)
-        else:
-            write_json_atomic(RunDir(run_dir).status_json,
-                              {"state": "failed", "error": message, "ended": time.time(),
-                               "pid": os.getpid(), "host": socket.gethostname()})
-        raise
+        traceback.print_exc()
+        detail = str(e).splitlines()[0][:300] if str(e) else ""
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno == errno.ENOSPC else detail
+        _end(trainer, run_dir, "failed", f"{_where(trainer)}{e.__class__.__name__}: {reason}")
+        return 1
+
+
+def _where(trainer: Trainer | None) -> str:
+    if trainer is None or not hasattr(trainer, "position") or trainer.monitor is None:
+        return ""
+    return f"stage {trainer.position.stage} step {trainer.position.step}: "
+
+
+def _end(trainer: Trainer | None, run_dir: Path, state: str, message: str) -> None:
+    """Record how the run ended wherever anything can still be written: stderr.log, then
+    results/events/status; a full disk still gets the final status (written in place)."""
+    try:
+        print(f"widen: run {state}: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    if trainer is not None and trainer.status is not None:
+        try:
+            trainer.finish(state, error=message)
+            return
+        except Exception:
+            trainer.status.close(state=state, ended=time.time(), error=message)
+            return
+    status = {"state": state, "error": message, "ended": time.time(), "pid": os.getpid(),
+              "create_time": process_create_time(), "host": socket.gethostname()}
+    path = RunDir(run_dir).status_json
+    try:
+        write_json_atomic(path, status)
+    except OSError:
+        write_in_place(path, status)

@@ -94,8 +94,6 @@ def plan_check(
                   f"model {plan.model.source}" + "".join(f", {x}" for x in extras), highlight=False)
 
 
-_BUILD_ERRORS = ("ExportError", "DataError", "ModelLoadError", "PlanError")
-
 
 @plan_app.command("show")
 def plan_show(
@@ -116,10 +114,8 @@ def plan_show(
     for variant, resolved in arms:
         try:
             model, view, _, reports = build_from_plan(resolved)
-        except ValueError as e:
-            if type(e).__name__ in _BUILD_ERRORS:
-                raise CLIError(f"{'variant ' + variant + ': ' if variant else ''}{e}") from None
-            raise
+        except WidenError as e:
+            raise CLIError(f"{'variant ' + variant + ': ' if variant else ''}{e}") from None
         everything[variant] = reports
         if as_json:
             continue
@@ -486,10 +482,8 @@ def export(
         manifest = ex.export_model(model, tokenizer, out_dir, keep_adapters=keep_adapters,
                                    source=origin, reports=reports)
         delta = ex.verify_export(out_dir, batch, reference)
-    except ValueError as e:
-        if type(e).__name__ in _BUILD_ERRORS:
-            raise CLIError(str(e)) from None
-        raise
+    except WidenError as e:
+        raise CLIError(str(e)) from None
     console.print(f"wrote {out_dir}: {manifest['model_type']} model, {manifest['num_layers']} layers, FFN "
                   f"{manifest['ffn_size']}, {manifest['params']:,} parameters, adapters {manifest['adapters']}",
                   highlight=False)

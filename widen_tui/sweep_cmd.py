@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from engine.errors import WidenError
+
 sweep_app = typer.Typer(help="Score grown models without training.", no_args_is_help=True)
 
 console = Console()
@@ -35,9 +37,6 @@ PALETTE = ("black on bright_white", "white on blue", "black on green", "white on
            "black on bright_green", "black on bright_red", "black on bright_cyan", "black on bright_magenta",
            "black on bright_yellow", "white on bright_black")
 
-# The engine's error classes whose message is already one clear line for the user.
-_CLEAR_ERRORS = ("SweepError", "DataError", "ModelLoadError", "ExportError", "PlanError",
-                 "UnsupportedArchitecture", "RunNotFound")
 
 
 class _Fail(Exception):
@@ -249,9 +248,7 @@ def mapping(
                         batch_size, seq_len, batches, naive, device)
     except _Fail as e:
         _exit_with(str(e))
-    except ValueError as e:
-        if type(e).__name__ not in _CLEAR_ERRORS:
-            raise
+    except WidenError as e:
         _exit_with(str(e))
     if csv_path is not None:
         write_csv(result, csv_path)
