@@ -19,15 +19,37 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
 
 
+def _shown(value: str) -> str:
+    """The value quoted on one line (newlines and control characters escaped), at most ~40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:36] + "...'"
+
+
 def name_problem(value: object) -> str | None:
-    """Why `value` cannot name a task/variant/stage (a message with the fix), or None if it can."""
+    """Why `value` cannot name a task/variant/plan (a message with the fix), or None if it can."""
     if not isinstance(value, str):
-        return f"must be text, got {type(value).__name__}"
-    if _NAME.match(value):
+        return f"must be text, got {type(value).__name__} — write the name in quotes"
+    if _NAME.fullmatch(value):  # fullmatch: '$' would accept a trailing newline
         return None
-    shown = value if len(value) <= 40 else value[:37] + "..."
-    return (f"'{shown}' cannot be a name — use 1 to 64 letters, digits, '_', '-', '.', starting "
-            f"with a letter or digit (it becomes a file name)")
+    return (f"{_shown(value)} cannot be a name — use 1 to 64 letters, digits, '_', '-', '.', '+', '=', "
+            f"starting with a letter or digit (it becomes a file name)")
+
+
+# Stage names are labels (tables, events, the monitor), never file names: they may also hold
+# spaces, ':', ',' and parentheses ("base:prose", "python (final size)"), but never a path
+# separator, a control character or a leading '.', and at most 64 characters.
+LABEL_PATTERN = r"^[^\W_][\w .+=:,()&#'<>@%-]{0,63}$"
+_LABEL = re.compile(LABEL_PATTERN)
+
+
+def label_problem(value: object) -> str | None:
+    """Why `value` cannot be a stage's name (a message with the fix), or None if it can."""
+    if not isinstance(value, str):
+        return f"must be text, got {type(value).__name__} — write the name in quotes"
+    if _LABEL.fullmatch(value):
+        return None
+    return (f"{_shown(value)} cannot be a stage name — use 1 to 64 letters, digits, spaces and "
+            f"_ . + = : , ( ) & # ' < > @ % -, starting with a letter or digit (no '/' or '\\')")
 
 
 def child_path(directory: Path | str, name: str, suffix: str = "") -> Path:

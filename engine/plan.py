@@ -15,14 +15,32 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from engine.errors import WidenError
-from engine.ops.params import OP_PARAMS, OpParams
+from engine.names import label_problem, name_problem
+from engine.ops.params import MAX_DEPTH, MAX_STEPS, OP_PARAMS, Float, Int, OpParams
+
+# Bounds of the plan's numbers (the operators' own are in engine.ops.params).
+MAX_SEED = 2 ** 32 - 1          # numpy seeds (default_rng([seed, stage, step])) are 32-bit words
+MAX_LR = 1e4
+MAX_WEIGHT_DECAY = 1e4
+MAX_BATCH_SIZE = 1 << 16
+MAX_SEQ_LEN = 1 << 20           # and at most the model's positions (check_model_fields)
+MAX_EVAL_BATCHES = 10_000
+MAX_DOCS = 10 ** 9
+MAX_GENERATE_EXAMPLES = 10_000
+MAX_NEW_TOKENS = 1 << 16
+MAX_CHECKS = 10 ** 6            # plateau checks (patience, cooldown, warm-up)
+MAX_GROWTHS = 100
+MAX_SWEEP_MAPPINGS = 10_000     # explicit mappings, and `limit`
+# engine.sweep.MAX_MAPPINGS (that module imports torch): more generated mappings than this
+# without a limit fail the sweep, so the plan check asks for a limit up front.
+SWEEP_MAX_GENERATED = 1000
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -45,11 +63,11 @@ class TaskSpec(Strict):
     prompt_column: str | None = Field(None, description="generation tasks from datasets: the prompt column")
     target_column: str | None = Field(None, description="generation tasks from datasets: the target column")
     subset: str | None = Field(None, description="dataset configuration name")
-    eval_fraction: float = Field(0.1, gt=0, lt=0.9, description="share of documents held out")
-    max_docs: int | None = Field(None, gt=0)
-    generate_examples: int = Field(16, ge=0, description="generation tasks: held-out examples decoded "
+    eval_fraction: Float = Field(0.1, gt=0, lt=0.9, description="share of documents held out")
+    max_docs: Int | None = Field(None, gt=0, le=MAX_DOCS)
+    generate_examples: Int = Field(16, ge=0, le=MAX_GENERATE_EXAMPLES, description="generation tasks: held-out examples decoded "
                                    "and scored (exact match, BLEU-4) at each stage end; 0 disables")
-    max_new_tokens: int = Field(96, gt=0, description="generation tasks: decoding budget per example")
+    max_new_tokens: Int = Field(96, gt=0, le=MAX_NEW_TOKENS, description="generation tasks: decoding budget per example")
 
     @property
     def task_kind(self) -> str:
@@ -59,17 +77,17 @@ class TaskSpec(Strict):
 
 
 class TrainSpec(Strict):
-    batch_size: int = Field(16, gt=0)
-    seq_len: int = Field(128, gt=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    batch_size: Int = Field(16, gt=0, le=MAX_BATCH_SIZE)
+    seq_len: Int = Field(128, gt=1, le=MAX_SEQ_LEN, description="tokens per sequence (at most the model's positions)")
+    lr: Float = Field(1e-3, gt=0, le=MAX_LR)
+    weight_decay: Float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    eval_interval: int = Field(50, ge=0, description="steps between evaluations (0: stage ends only)")
-    eval_batches: int = Field(4, gt=0)
-    log_interval: int = Field(10, gt=0)
-    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints (0: stage ends)")
+    warmup_steps: Int = Field(0, ge=0, le=MAX_STEPS)
+    grad_clip: Float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_interval: Int = Field(50, ge=0, le=MAX_STEPS, description="steps between evaluations (0: stage ends only)")
+    eval_batches: Int = Field(4, gt=0, le=MAX_EVAL_BATCHES)
+    log_interval: Int = Field(10, gt=0, le=MAX_STEPS)
+    checkpoint_interval: Int = Field(0, ge=0, le=MAX_STEPS, description="steps between checkpoints (0: stage ends)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -77,7 +95,7 @@ class TrainSpec(Strict):
 class ExpandSpec(BaseModel):
     """One operator application; its keys beyond `op` are checked against ``OP_PARAMS[op]``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     op: str
 
     def params(self) -> OpParams:
@@ -90,23 +108,23 @@ class GrowSpec(Strict):
     `threshold`, relative or absolute, then `cooldown` checks of rest)."""
 
     trigger: Literal["plateau"] = "plateau"
-    patience: int = Field(3, ge=1, description="checks without improvement before growing")
-    threshold: float = Field(0.01, ge=0, description="the improvement that counts (see mode)")
+    patience: Int = Field(3, ge=1, le=MAX_CHECKS, description="checks without improvement before growing")
+    threshold: Float = Field(0.01, ge=0, le=1e9, description="the improvement that counts (see mode)")
     mode: Literal["rel", "abs"] = Field("rel", description="rel: best·(1-threshold); abs: best-threshold")
-    cooldown: int = Field(2, ge=0, description="checks to wait after a growth before counting again")
-    check_interval: int = Field(10, gt=0, description="steps per check (mean training loss over them)")
-    warmup_checks: int = Field(2, ge=0, description="checks at the start of the stage that never trigger")
-    max_growths: int = Field(1, ge=1, description="at most this many growths in the stage")
+    cooldown: Int = Field(2, ge=0, le=MAX_CHECKS, description="checks to wait after a growth before counting again")
+    check_interval: Int = Field(10, gt=0, le=MAX_STEPS, description="steps per check (mean training loss over them)")
+    warmup_checks: Int = Field(2, ge=0, le=MAX_CHECKS, description="checks at the start of the stage that never trigger")
+    max_growths: Int = Field(1, ge=1, le=MAX_GROWTHS, description="at most this many growths in the stage")
     expand: list[ExpandSpec] = Field(..., min_length=1, description="the operators applied at each growth")
 
 
 class StageSpec(Strict):
     name: str | None = None
     task: str
-    steps: int = Field(..., ge=0)
+    steps: Int = Field(..., ge=0, le=MAX_STEPS)
     freeze: Union[Literal["none", "base"], list[str]] = Field(
         "none", description='"none", "base" (only what this stage adds trains) or name globs to freeze')
-    lr: float | None = Field(None, gt=0, description="overrides train.lr for this stage")
+    lr: Float | None = Field(None, gt=0, le=MAX_LR, description="overrides train.lr for this stage")
     expand: list[ExpandSpec] = Field(default_factory=list)
     grow: GrowSpec | None = Field(None, description="grow the model when the loss plateaus")
 
@@ -126,22 +144,23 @@ class SweepSpec(Strict):
     """Score layer mappings of the trained model without training (after the last stage)."""
 
     task: str = Field(..., description="the task whose held-out text scores each mapping")
-    depth: int = Field(..., gt=0, description="layers of the stacked models")
-    keep_ends: bool = Field(True, description="keep the first and last source layers in place")
-    mappings: list[list[int]] | None = Field(None, description="explicit mappings (default: generated)")
-    limit: int | None = Field(None, gt=0, description="at most this many generated mappings")
+    depth: Int = Field(..., gt=0, le=MAX_DEPTH, description="layers of the stacked models")
+    keep_ends: StrictBool = Field(True, description="keep the first and last source layers in place")
+    mappings: list[list[Int]] | None = Field(None, max_length=MAX_SWEEP_MAPPINGS,
+                                             description="explicit mappings (default: generated)")
+    limit: Int | None = Field(None, gt=0, le=MAX_SWEEP_MAPPINGS, description="at most this many generated mappings")
 
 
 class Plan(Strict):
     name: str = Field(..., min_length=1)
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="0..2**32-1 (numpy seeds)")
     description: str | None = None
     model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: dict[str, TaskSpec] = Field(..., min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     stages: list[StageSpec] = Field(default_factory=list, description="shared stages (before any variant)")
     variants: list[VariantSpec] = Field(default_factory=list, description="arms that share the stages")
-    task_modules: bool = Field(False, description="each stage's expansion modules belong to its task; "
+    task_modules: StrictBool = Field(False, description="each stage's expansion modules belong to its task; "
                                "evaluating a task switches to its modules over the shared frozen base")
     sweep: SweepSpec | None = None
 
@@ -181,10 +200,31 @@ class Plan(Strict):
 PREFIX_FORMAT = 1
 
 
+def one_line(text: str, limit: int) -> str:
+    """`text` with every non-printable character escaped (no newline can split a problem) and
+    cut to `limit` characters."""
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def listing(names, limit: int = 12) -> str:
+    """Names for a "use one of: ..." hint: each on one line, at most `limit` of them."""
+    names = [n if isinstance(n, str) and name_problem(n) is None else shown(n) for n in names]
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f", … ({more} more)" if more > 0 else "")
+
+
 @dataclass(frozen=True)
 class Problem:
+    """One problem: `path` the field (stages.1.expand.0.size), `message` what is wrong — and the
+    fix. Both are kept to one line whatever the plan holds (keys and values are user input)."""
+
     path: str
     message: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", one_line(self.path, 200))
+        object.__setattr__(self, "message", one_line(self.message, 2000))
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
@@ -206,25 +246,118 @@ def _path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
+SHOWN_CHARS = 60
+
+
+def shown(value: Any) -> str:
+    """A value echoed in a message: its repr on one line, cut to ~60 characters."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a message must never fail
+        text = f"<{type(value).__name__}>"
+    if len(text) > SHOWN_CHARS:
+        text = text[:SHOWN_CHARS - 1] + "…"
+    return text
+
+
+# pydantic error type -> the fix that follows its message
+_TYPE_FIXES = {
+    "int_type": "write a whole number, e.g. 4",
+    "int_parsing": "write a whole number, e.g. 4",
+    "int_from_float": "write a whole number, e.g. 4",
+    "float_type": "write a number, e.g. 0.001",
+    "float_parsing": "write a number, e.g. 0.001",
+    "finite_number": "write a finite number (no inf or nan)",
+    "bool_type": "write true or false",
+    "bool_parsing": "write true or false",
+    "string_type": "write text in quotes",
+    "list_type": "write a list, e.g. [0, 1]",
+    "dict_type": "write a table, e.g. [train] or {key = value}",
+    "model_type": "write a table, e.g. [train] or {key = value}",
+    "model_attributes_type": "write a table, e.g. [train] or {key = value}",
+    "too_short": "add entries",
+    "too_long": "remove entries",
+    "string_too_short": "write at least one character",
+    "union_tag_invalid": "see the README's plan format",
+}
+
+
 def _problem_from_pydantic(err: dict, prefix: str = "", model: type[BaseModel] | None = None) -> Problem:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "list["))))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "list[", "function-"))))
     path = ".".join(x for x in (prefix, _path(loc)) if x)
     kind = err["type"]
-    given = err.get("input")
+    given = shown(err.get("input"))
+    message = " ".join(str(err.get("msg", "")).split())  # one line, whatever pydantic wrote
     if kind == "extra_forbidden":
         known = _known_keys(model, loc[:-1]) if model else []
-        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = difflib.get_close_matches(str(loc[-1])[:100], known, n=1)
         fix = f" — did you mean '{hint[0]}'?" if hint else (f" — allowed: {', '.join(known)}" if known else " — remove it")
         return Problem(path, f"unknown key{fix}")
     if kind == "missing":
         return Problem(path, "is required — add it")
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return Problem(path, f"{err['msg'].replace('Input should be', 'must be')}, got {given!r}")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        bounds = _bounds_text(model, loc) if model else None
+        fix = f"use a value in {bounds}" if bounds else _TYPE_FIXES.get(kind, "use a smaller or larger value")
+        return Problem(path, f"{message.replace('Input should be', 'must be')}, got {given} — {fix}")
     if kind == "literal_error":
-        return Problem(path, f"{err['msg'].replace('Input should be', 'must be')}, got {given!r}")
+        return Problem(path, f"{message.replace('Input should be', 'must be')}, got {given}")
     if kind == "value_error":
-        return Problem(path, err["msg"].removeprefix("Value error, "))
-    return Problem(path, f"{err['msg']} (got {given!r})")
+        return Problem(path, message.removeprefix("Value error, "))
+    fix = _TYPE_FIXES.get(kind, "see the README's plan format")
+    return Problem(path, f"{message.replace('Input should be', 'must be')} (got {given}) — {fix}")
+
+
+def _bounds_text(model: type[BaseModel], loc: tuple) -> str | None:
+    """The allowed range of the number field at `loc` ("1..65536", "(0, 10000]"), or None."""
+    field = _field_at(model, loc)
+    if field is None:
+        return None
+    low = high = None
+    low_open = high_open = False
+    for item in field.metadata:
+        for attr, is_low, is_open in (("gt", True, True), ("ge", True, False), ("lt", False, True), ("le", False, False)):
+            value = getattr(item, attr, None)
+            if value is None:
+                continue
+            if is_low:
+                low, low_open = value, is_open
+            else:
+                high, high_open = value, is_open
+    if low is None and high is None:
+        return None
+    whole = _is_int_field(field.annotation)
+    if whole:
+        low = None if low is None else low + (1 if low_open else 0)
+        high = None if high is None else high - (1 if high_open else 0)
+        return f"{'..' if low is None else low}..{'' if high is None else high}".replace("....", "..")
+    left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+    right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+    return f"{left}, {right}"
+
+
+def _is_int_field(annotation) -> bool:
+    if annotation is int:
+        return True
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    origin = getattr(annotation, "__origin__", None)
+    if origin is not None and origin is not list and args:
+        return _is_int_field(args[0])
+    return False
+
+
+def _field_at(model: type[BaseModel], loc: tuple):
+    """The pydantic FieldInfo at `loc` inside `model` (list indices and dict keys skipped)."""
+    current: Any = model
+    field = None
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or isinstance(part, int):
+            continue
+        if part not in fields:
+            continue  # a dict key (tasks.<name>)
+        field = fields[part]
+        current = _inner_model(field.annotation)
+    return field
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -252,10 +385,10 @@ def _inner_model(annotation) -> type[BaseModel] | None:
 
 def _check_op(raw: dict, path: str) -> list[Problem]:
     name = raw.get("op")
-    if name not in OP_PARAMS:
-        hint = difflib.get_close_matches(str(name), list(OP_PARAMS), n=1)
+    if not isinstance(name, str) or name not in OP_PARAMS:
+        hint = difflib.get_close_matches(str(name)[:100], list(OP_PARAMS), n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"known ops: {', '.join(sorted(OP_PARAMS))}"
-        return [Problem(f"{path}.op", f"unknown op '{name}' — {fix}")]
+        return [Problem(f"{path}.op", f"unknown op {shown(name)} — {fix}")]
     try:
         OP_PARAMS[name].model_validate(raw)
     except ValidationError as e:
@@ -334,6 +467,7 @@ def _cross_check(raw: dict) -> list[Problem]:
     tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    problems += _name_problems(raw, tasks)
     problems += _check_stages(stages, "stages", tasks)
     names = []
     for v, variant in enumerate(variants):
@@ -345,8 +479,8 @@ def _cross_check(raw: dict) -> list[Problem]:
             problems.append(Problem(f"variants.{v}.stages", "this variant has no stage and the plan "
                                     "shares none — add [[variants.stages]] or shared [[stages]]"))
         name = variant.get("name")
-        if name in names:
-            problems.append(Problem(f"variants.{v}.name", f"'{name}' names two variants — make names unique"))
+        if isinstance(name, str) and name in names:
+            problems.append(Problem(f"variants.{v}.name", f"{shown(name)} names two variants — make names unique"))
         names.append(name)
     if not stages and not variants and "stages" not in raw:
         problems.append(Problem("stages", "is required — add at least one [[stages]] table"))
@@ -360,8 +494,32 @@ def _cross_check(raw: dict) -> list[Problem]:
                 problems += _task_module_problems(vstages, f"variants.{v}.stages", first=not stages)
     sweep = raw.get("sweep")
     if isinstance(sweep, dict) and isinstance(sweep.get("task"), str) and tasks and sweep["task"] not in tasks:
-        problems.append(Problem("sweep.task", f"unknown task '{sweep['task']}' — use one of: {', '.join(tasks)}"))
+        problems.append(Problem("sweep.task", f"unknown task {shown(sweep['task'])} — use one of: {listing(tasks)}"))
     return problems
+
+
+def _name_problems(raw: dict, tasks: dict) -> list[Problem]:
+    """Names that become file names (plan, tasks, variants; adapters are checked with their op)
+    and stage names (labels), each one line with the fix."""
+    found = []
+    if "name" in raw and isinstance(raw["name"], str) and raw["name"]:
+        found.append(("name", name_problem(raw["name"])))
+    for task in tasks:
+        found.append((f"tasks.{task}", name_problem(task)))
+    shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    stage_lists = [("stages", shared)]
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    for v, variant in enumerate(variants):
+        if isinstance(variant, dict):
+            if isinstance(variant.get("name"), str) and variant["name"]:
+                found.append((f"variants.{v}.name", name_problem(variant["name"])))
+            if isinstance(variant.get("stages"), list):
+                stage_lists.append((f"variants.{v}.stages", variant["stages"]))
+    for where, stages in stage_lists:
+        for i, stage in enumerate(stages):
+            if isinstance(stage, dict) and isinstance(stage.get("name"), str):
+                found.append((f"{where}.{i}.name", label_problem(stage["name"])))
+    return [Problem(path, message) for path, message in found if message]
 
 
 def _check_stages(stages: list, where: str, tasks: dict) -> list[Problem]:
@@ -371,8 +529,9 @@ def _check_stages(stages: list, where: str, tasks: dict) -> list[Problem]:
             continue
         task = stage.get("task")
         if isinstance(task, str) and tasks and task not in tasks:
-            problems.append(Problem(f"{where}.{i}.task", f"unknown task '{task}' — define "
-                                    f"[tasks.{task}] or use one of: {', '.join(tasks)}"))
+            shown_task = task if name_problem(task) is None else "<name>"
+            problems.append(Problem(f"{where}.{i}.task", f"unknown task {shown(task)} — define "
+                                    f"[tasks.{shown_task}] or use one of: {listing(tasks)}"))
         for key, ops in _stage_op_lists(stage):
             for j, spec in enumerate(ops):
                 if isinstance(spec, dict) and "op" in spec:
@@ -433,15 +592,25 @@ def check_plan(plan: Plan) -> list[Problem]:
 
 
 def check_model_fields(raw: dict) -> list[Problem]:
-    """The config-dependent checks on a raw plan dict, so that they run even when other fields
-    are wrong. Each operator's layers are checked against the depth at that point of the plan
-    (shared stages, then each variant's own, on the variant's model when it names one)."""
+    """The checks beyond the schema, on a raw plan dict so that they run even when other fields
+    are wrong: what the plan points at (task sources, tokenizers, the device: engine.plan_checks)
+    and what needs the model's config (loaded without weights). Each operator's layers are
+    checked against the depth at that point of the plan (shared stages, then each variant's own,
+    on the variant's model when it names one); seq_len against the model's positions; the
+    sweep's mappings against the depth after the last stage."""
+    from engine.plan_checks import environment_problems
+
+    problems = [Problem(path, message) for path, message in environment_problems(raw)]
     shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
-    arch, problems = _architecture(raw.get("model") or {}, "model")
+    arch, found = _architecture(raw.get("model") or {}, "model")
+    problems += found
     depths = {view.stack: view.num_layers for view in arch.stacks()} if arch else {}
     if arch:
         problems += _check_stage_ops(shared, "stages", depths, arch)
-    for v, variant in enumerate(raw.get("variants") or [] if isinstance(raw.get("variants"), list) else []):
+        problems += _seq_len_problems(raw, arch, "")
+    arms = []  # (arch, depths after the last stage, where a problem of this arm is reported)
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    for v, variant in enumerate(variants):
         if not isinstance(variant, dict):
             continue
         stages = variant.get("stages") if isinstance(variant.get("stages"), list) else []
@@ -453,23 +622,101 @@ def check_model_fields(raw: dict) -> list[Problem]:
             own_depths = {view.stack: view.num_layers for view in own.stacks()}
             problems += [p for p in _check_stage_ops(shared, "stages", own_depths, own) if p not in problems]
             problems += _check_stage_ops(stages, f"variants.{v}.stages", own_depths, own)
+            problems += [p for p in _seq_len_problems(raw, own, f" (variants.{v}.model)") if p not in problems]
+            arms.append((own, own_depths, f"variant {v}"))
         elif arch:
-            problems += _check_stage_ops(stages, f"variants.{v}.stages", dict(depths), arch)
+            final = dict(depths)
+            problems += _check_stage_ops(stages, f"variants.{v}.stages", final, arch)
+            arms.append((arch, final, f"variant {v}"))
+    if not variants and arch:
+        arms.append((arch, depths, ""))
+    sweep = raw.get("sweep")
+    if isinstance(sweep, dict):
+        for own, final, label in arms:
+            problems += [p for p in _sweep_problems(sweep, own, final, label) if p not in problems]
     return problems
+
+
+def _seq_len_problems(raw: dict, arch, label: str) -> list[Problem]:
+    """train.seq_len at most the model's positions, when its config has a limit."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    seq_len = train.get("seq_len", TrainSpec.model_fields["seq_len"].default)
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+        return []
+    config = getattr(arch, "config", None)
+    for field in ("n_positions", "max_position_embeddings"):
+        limit = getattr(config, field, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if seq_len > limit:
+                return [Problem("train.seq_len", f"{seq_len} is longer than the model's {limit} positions "
+                                f"({field}){label} — use seq_len <= {limit}")]
+            return []
+    return []
+
+
+def _sweep_problems(sweep: dict, arch, depths: dict, label: str) -> list[Problem]:
+    """What the sweep after the last stage would trip on: the model kind, each mapping's length
+    and indices (source layers 0..depth-1 after the last stage), too many generated mappings."""
+    from math import comb
+
+    after = f" after the last stage{f' of {label}' if label else ''}"
+    family = arch.family
+    if family.kind != "causal_lm" or family.final_norm is None or len(depths) != 1:
+        return [Problem("sweep", f"the mapping sweep supports decoder-only transformers (GPT-Neo, GPT-2, GPT-NeoX, "
+                                 f"Llama/Mistral/Qwen2) — {family.name} ({family.kind}){f' in {label}' if label else ''} "
+                                 "is not supported; remove [sweep]")]
+    num_layers = next(iter(depths.values()))
+    depth = sweep.get("depth")
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 0 < depth <= MAX_DEPTH:
+        return []  # the schema reports it
+    mappings = sweep.get("mappings")
+    problems = []
+    if isinstance(mappings, list) and mappings:
+        for m, mapping in enumerate(mappings):
+            if not isinstance(mapping, list):
+                continue  # the schema reports it
+            where = f"sweep.mappings.{m}"
+            if len(mapping) != depth:
+                problems.append(Problem(where, f"has {len(mapping)} entries — every mapping needs {depth} (sweep.depth); "
+                                        "fix the mapping or the depth"))
+            entries = [x for x in mapping if isinstance(x, int) and not isinstance(x, bool)]
+            bad = sorted({x for x in entries if not 0 <= x < num_layers})
+            if bad:
+                problems.append(Problem(where, f"uses layer {', '.join(shown(x) for x in bad[:8])} — the model has "
+                                        f"{num_layers} layers{after} (0..{num_layers - 1}); use those indices"))
+        return problems
+    keep_ends = sweep.get("keep_ends", True)
+    if keep_ends is True and num_layers > 1 and depth < 2:
+        return [Problem("sweep.depth", f"depth {depth} cannot keep both the first and the last source layer — "
+                                       "use depth >= 2 or keep_ends = false")]
+    middle = depth - 2 if keep_ends is True and num_layers > 1 else depth
+    total = comb(num_layers + middle - 1, middle) if middle > 0 else 1
+    if sweep.get("limit") is None and total > SWEEP_MAX_GENERATED:
+        return [Problem("sweep.limit", f"{total:,} mappings of {depth} layers over {num_layers}{after} — too many "
+                                       f"to score all (at most {SWEEP_MAX_GENERATED}): set limit (e.g. 50) or give mappings")]
+    return []
 
 
 def _architecture(model_raw, where: str):
     """(ArchView from the config alone, problems) for a raw model table."""
     from engine.models import ModelLoadError, load_architecture
+    from engine.plan_checks import model_source_problems
 
     try:
         model = ModelSpec.model_validate(model_raw)
     except ValidationError:
         return None, []  # reported by the schema check
+    shape = model_source_problems(model.model_dump(), where)
+    if shape:
+        return None, [Problem(path, message) for path, message in shape]
     try:
         return load_architecture(model), []
     except ModelLoadError as e:
         return None, [Problem(f"{where}.{e.field}", str(e))]
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot read is a problem of the plan
+        reason = " ".join(str(e).split())[:160] or e.__class__.__name__
+        return None, [Problem(f"{where}.source", f"cannot read the model's config ({e.__class__.__name__}: {reason}) "
+                                                 "— use builtin:tiny-neo or a model directory with a valid config.json")]
 
 
 def _check_stage_ops(stages: list, where: str, depths: dict, arch) -> list[Problem]:
@@ -483,7 +730,8 @@ def _check_stage_ops(stages: list, where: str, depths: dict, arch) -> list[Probl
             repeats = 1
             if key == "grow.expand":
                 growths = stage["grow"].get("max_growths", 1)
-                repeats = growths if isinstance(growths, int) and 0 < growths <= 16 else 1
+                valid = isinstance(growths, int) and not isinstance(growths, bool) and 0 < growths <= MAX_GROWTHS
+                repeats = growths if valid else 1
             for _ in range(repeats):
                 found = []
                 for j, spec in enumerate(ops):
@@ -493,7 +741,7 @@ def _check_stage_ops(stages: list, where: str, depths: dict, arch) -> list[Probl
 
 
 def _check_one_op(spec, where: str, depths: dict, arch) -> list[Problem]:
-    if not isinstance(spec, dict) or spec.get("op") not in OP_PARAMS:
+    if not isinstance(spec, dict) or not isinstance(spec.get("op"), str) or spec["op"] not in OP_PARAMS:
         return []  # reported by the schema check
     problems = []
     op_class = OP_PARAMS[spec["op"]]
@@ -505,9 +753,11 @@ def _check_one_op(spec, where: str, depths: dict, arch) -> list[Problem]:
         raw_layers = spec.get(op_class.source_field)
         source_layers = [k for k in raw_layers if isinstance(k, int)] if isinstance(raw_layers, list) else []
     stack = spec.get("stack")
+    if stack is not None and not isinstance(stack, str):
+        return []  # reported by the schema check
     if stack is not None and stack not in depths:
         names = ", ".join(str(n) for n in depths if n) or "none (one stack of blocks)"
-        return [Problem(f"{where}.stack", f"'{stack}' is not a stack of this model — stacks: {names}")]
+        return [Problem(f"{where}.stack", f"{shown(stack)} is not a stack of this model — stacks: {names}")]
     chosen = [stack] if stack is not None else list(depths)
     for name in chosen:
         num_layers = depths[name]

@@ -84,14 +84,17 @@ def plan_check(
     set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
 ):
     """Validate a plan: schema, tasks, operators, and layer indices against the model's config."""
+    from rich.markup import escape
+
     plan = _load_plan_or_exit(file, set_, None)
     stages = f"{len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''}"
     if plan.variants:
         stages = (f"{len(plan.stages)} shared stage{'s' if len(plan.stages) != 1 else ''}, {len(plan.variants)} "
                   f"variants ({', '.join(v.name for v in plan.variants)})")
     extras = [x for x, on in (("task-specific modules", plan.task_modules), ("mapping sweep", plan.sweep)) if on]
-    console.print(f"[green]ok[/green] {file}: {stages}, tasks {', '.join(plan.tasks)}, "
-                  f"model {plan.model.source}" + "".join(f", {x}" for x in extras), highlight=False)
+    summary = (f"{file}: {stages}, tasks {', '.join(plan.tasks)}, model {plan.model.source}"
+               + "".join(f", {x}" for x in extras))
+    console.print(f"[green]ok[/green] {escape(summary)}", highlight=False)
 
 
 

@@ -7,17 +7,43 @@ implementations (``engine/ops/*.py``) register against these names.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Union
+import re
+from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-LayerSelection = Union[Literal["all"], list[int]]
+from engine.names import name_problem
+
+
+def _not_bool(value):
+    """TOML true/false are not numbers (pydantic would read them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {str(value).lower()} — write a number, not true/false")
+    return value
+
+
+# Numbers of a plan: bools refused (ints still read as floats: `lr = 1` works). Every model of a
+# plan also sets allow_inf_nan=False, so no float field takes inf or nan.
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+# Bounds shared by the operators (and the plan): far above any real model, far below what would
+# overflow an allocation or a loop.
+MAX_UNITS = 1 << 16        # units / features / d_model dimensions added per layer
+MAX_HEADS = 1 << 10        # attention heads added per layer
+MAX_RANK = 1 << 14         # LoRA rank
+MAX_DEPTH = 1 << 10        # blocks of a stack after a depth operator; entries of a mapping
+MAX_STEPS = 10 ** 9        # training steps (stages, ramps, intervals)
+MAX_SCALE = 1e3            # stds, noise, constants, scales of initialisations
+MAX_LINEAR_INDEX = 1 << 10  # Linear indices of an nn.Sequential
+
+LayerSelection = Union[Literal["all"], list[Int]]
 
 
 class OpParams(BaseModel):
     """Keys shared by every operator."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     op: str
     stack: str | None = Field(None, description='models with several stacks (T5): "encoder" or "decoder"; '
@@ -72,13 +98,13 @@ class WidenFFNParams(LayeredOpParams):
     """Add `size` hidden units to the feed-forward network of each chosen block."""
 
     op: Literal["widen_ffn"] = "widen_ffn"
-    size: int = Field(..., gt=0, description="number of hidden units to add per layer")
+    size: Int = Field(..., gt=0, le=MAX_UNITS, description="number of hidden units to add per layer")
     init: WidthInit = "zero_out"
     mode: Literal["parallel", "inplace"] = "parallel"
-    noise: float = Field(0.0, ge=0, description="relative noise added by net2net/copy_halve")
-    init_std: float | None = Field(None, gt=0, description="std of random incoming weights "
+    noise: Float = Field(0.0, ge=0, le=MAX_SCALE, description="relative noise added by net2net/copy_halve")
+    init_std: Float | None = Field(None, gt=0, le=MAX_SCALE, description="std of random incoming weights "
                                    "(default: the std of the existing incoming weights)")
-    value: float = Field(0.01, description="the weight used by init = constant")
+    value: Float = Field(0.01, ge=-MAX_SCALE, le=MAX_SCALE, description="the weight used by init = constant")
 
     @model_validator(mode="after")
     def _splitting_needs_inplace(self):
@@ -109,7 +135,7 @@ class WidenMLPParams(WidenFFNParams):
 # A Linear named for concat_linear / parallel_linear: on transformer blocks a role (see
 # ADAPTER_ROLES) or a dotted path inside the block ("mlp.c_fc"); on an nn.Sequential its index
 # among the Linears.
-ModuleNames = list[Union[int, str]]
+ModuleNames = list[Union[Annotated[Int, Field(le=MAX_LINEAR_INDEX)], str]]
 
 
 class LinearOpParams(LayeredOpParams):
@@ -156,8 +182,8 @@ class ConcatLinearParams(LinearOpParams):
     op: Literal["concat_linear"] = "concat_linear"
     modules: ModuleNames = Field(["up"], min_length=1, description='roles "up"/"gate" or their dotted paths '
                                  "(a transformer FFN), or Linear indices of an nn.Sequential (not the last)")
-    size: int = Field(..., gt=0, description="output features to add")
-    init_std: float | None = Field(None, gt=0, description="std of the expansion's weights "
+    size: Int = Field(..., gt=0, le=MAX_UNITS, description="output features to add")
+    init_std: Float | None = Field(None, gt=0, le=MAX_SCALE, description="std of the expansion's weights "
                                    "(default: that of the original weights)")
 
     # roles whose output a module of the block reads (the FFN's hidden units, read by down)
@@ -184,7 +210,7 @@ class ParallelLinearParams(LinearOpParams):
     modules: ModuleNames = Field(..., min_length=1, description="roles (q k v o up down gate) or dotted paths "
                                  "inside a block, or Linear indices of an nn.Sequential")
     init: Literal["zeros", "random"] = Field("zeros", description="zeros keeps the function")
-    std: float = Field(0.01, gt=0, description="std of D for init = random")
+    std: Float = Field(0.01, gt=0, le=MAX_SCALE, description="std of D for init = random")
 
     @model_validator(mode="after")
     def _std_only_for_random(self):
@@ -197,7 +223,19 @@ class ParallelLinearParams(LinearOpParams):
 # Adapter roles: names for the projections of a block, resolved through the family description
 # (fused-qkv families map q/k/v to their one fused projection).
 ADAPTER_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "down", "gate")
-ADAPTER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+# An adapter name is a PEFT adapter key (no '.': it would read as a module path) and may become a
+# file name (task-specific modules): a letter, then letters, digits, '_' or '-', at most 64.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+_ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
+
+
+def adapter_name_problem(value: object) -> str | None:
+    """Why `value` cannot name an adapter (a message with the fix), or None if it can."""
+    problem = name_problem(value)
+    if problem is None and not _ADAPTER_NAME.fullmatch(value):
+        problem = (f"{value!r} cannot name an adapter — use 1 to 64 letters, digits, '_' or '-', starting "
+                   "with a letter (it becomes a PEFT adapter key and a file name)")
+    return problem
 
 
 def _check_roles(roles: list[str]) -> list[str]:
@@ -214,7 +252,7 @@ class AddHeadsParams(LayeredOpParams):
     """Add `size` attention heads per chosen layer; their output projection starts at zero."""
 
     op: Literal["add_heads"] = "add_heads"
-    size: int = Field(..., gt=0, description="query heads to add per layer (a multiple of the GQA group size)")
+    size: Int = Field(..., gt=0, le=MAX_HEADS, description="query heads to add per layer (a multiple of the GQA group size)")
     init: Literal["zero_out", "random"] = "zero_out"
 
 
@@ -229,11 +267,11 @@ class WidenHiddenParams(OpParams):
     exact at expansion, a plain norm once the ramp is complete."""
 
     op: Literal["widen_hidden"] = "widen_hidden"
-    size: int = Field(..., gt=0, description="dimensions to add to d_model (duplicate: equal to d_model)")
+    size: Int = Field(..., gt=0, le=MAX_UNITS, description="dimensions to add to d_model (duplicate: equal to d_model)")
     init: Literal["duplicate", "zero", "masked"] = "duplicate"
-    init_std: float | None = Field(None, ge=0, description="zero/masked: std of the new input columns of "
+    init_std: Float | None = Field(None, ge=0, le=MAX_SCALE, description="zero/masked: std of the new input columns of "
                                    "modules reading the stream (default: the std of their weights; 0: zeros)")
-    ramp_steps: int = Field(1000, ge=1, description="masked: training steps over which the new dimensions "
+    ramp_steps: Int = Field(1000, ge=1, le=MAX_STEPS, description="masked: training steps over which the new dimensions "
                             "enter the norm statistics")
 
     @model_validator(mode="after")
@@ -251,8 +289,8 @@ class AdapterOpParams(LayeredOpParams):
     """Keys shared by the adapter operators (PEFT layers injected into the chosen projections)."""
 
     modules: list[str] = Field(..., min_length=1, description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
-    name: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN,
-                             description="adapter name (default: '<op>_stage<N>'); names task-specific modules")
+    name: str | None = Field(None, description="adapter name (default: '<op>_stage<N>'); names task-specific "
+                             "modules; letters, digits, '_', '-', starting with a letter")
     # the default name picked when the op is applied, so that every stack of a multi-stack model
     # (T5 encoder and decoder) joins the same adapter instead of getting a second, suffixed name
     _default_name: str | None = PrivateAttr(None)
@@ -261,6 +299,14 @@ class AdapterOpParams(LayeredOpParams):
     @classmethod
     def _known_roles(cls, v):
         return _check_roles(v)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        problem = None if v is None else adapter_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     def model_problems(self, family) -> list[tuple[str, str]]:
         """(field, message) for roles this model family lacks (e.g. `gate` on a non-gated MLP)."""
@@ -278,9 +324,9 @@ class LoRAParams(AdapterOpParams):
 
     op: Literal["lora"] = "lora"
     modules: list[str] = Field(["q", "v"], min_length=1, description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
-    r: int = Field(8, gt=0, description="rank")
-    alpha: float = Field(16, gt=0, description="scaling numerator: the update is scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
+    r: Int = Field(8, gt=0, le=MAX_RANK, description="rank")
+    alpha: Float = Field(16, gt=0, le=1e6, description="scaling numerator: the update is scaled by alpha / r")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
 
 
 class IA3Params(AdapterOpParams):
@@ -329,7 +375,7 @@ class SplitResidualParams(LayeredOpParams):
     projections scaled by 1/k): approximately the same function, k times deeper there."""
 
     op: Literal["split_residual"] = "split_residual"
-    k: int = Field(2, ge=2, description="copies per chosen block")
+    k: Int = Field(2, ge=2, le=64, description="copies per chosen block")
 
     def num_layers_after(self, num_layers: int) -> int:
         return num_layers + (self.k - 1) * len(self.layer_indices(num_layers))
@@ -341,17 +387,17 @@ LayerKind = Literal["real", "virtual"]
 class KeepEnds(BaseModel):
     """First and last blocks kept once, the middle ones stretched evenly to `depth` blocks."""
 
-    model_config = ConfigDict(extra="forbid")
-    depth: int = Field(..., ge=2, description="number of blocks after the mapping")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    depth: Int = Field(..., ge=2, le=MAX_DEPTH, description="number of blocks after the mapping")
 
 
 class DepthUpScaling(BaseModel):
     """SOLAR depth up-scaling: `copies` copies of the stack, `drop` blocks removed at every seam
     (the first copy loses its last `drop` blocks, the next its first `drop`, ...)."""
 
-    model_config = ConfigDict(extra="forbid")
-    copies: int = Field(2, ge=2, description="copies of the stack")
-    drop: int = Field(..., ge=0, description="blocks dropped on each side of every seam")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    copies: Int = Field(2, ge=2, le=16, description="copies of the stack")
+    drop: Int = Field(..., ge=0, le=MAX_DEPTH, description="blocks dropped on each side of every seam")
 
 
 class MapLayersParams(OpParams):
@@ -359,13 +405,13 @@ class MapLayersParams(OpParams):
     a virtual one (weight-tied to its source: one tensor, gradients from every use add up)."""
 
     op: Literal["map_layers"] = "map_layers"
-    mapping: list[int] | None = Field(None, min_length=1, description="target i = source block mapping[i]")
+    mapping: list[Int] | None = Field(None, min_length=1, max_length=MAX_DEPTH, description="target i = source block mapping[i]")
     keep_ends: KeepEnds | None = Field(None, description="helper: {depth = N}")
     dus: DepthUpScaling | None = Field(None, description="helper: {copies = 2, drop = 8} (SOLAR)")
     kinds: LayerKind | list[LayerKind] | None = Field(
         None, description='"real" | "virtual" per target, or one for all (default: a source\'s first '
                           'occurrence holds its own block, repeats are virtual — real when `scale` is set)')
-    scale: float | None = Field(None, gt=0, description="multiplies the attention output and FFN down "
+    scale: Float | None = Field(None, gt=0, le=MAX_SCALE, description="multiplies the attention output and FFN down "
                                 "projections of every repeat (e.g. 0.7071); repeats must then be real")
 
     source_field: ClassVar[str] = "mapping"
