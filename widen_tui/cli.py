@@ -64,12 +64,14 @@ def _print_json(data) -> None:
 
 
 def _load_plan_or_exit(path: Path, overrides: list[str], seed: int | None):
+    from rich.markup import escape
+
     from engine.plan import validate_file  # pydantic models: imported only when a verb needs them
 
     plan, problems = validate_file(path, overrides, seed)
     if problems:
-        for problem in problems:
-            err.print(f"[red]{path}[/red]: {problem}", highlight=False, soft_wrap=True)
+        for problem in problems:  # escaped: "[tasks.x]" / "[[stages]]" in a message are text, not markup
+            err.print(f"[red]{escape(str(path))}[/red]: {escape(str(problem))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     return plan
 
