@@ -20,3 +20,8 @@ class RunStateError(WidenError, RuntimeError):
 
 class UnsafeName(WidenError, ValueError):
     """A name from a plan or a run file that would become a path outside its directory."""
+
+
+class RunCreateError(WidenError):
+    """A run directory that could not be made (a full disk, a read-only runs root); nothing half
+    made is left behind."""

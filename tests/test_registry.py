@@ -162,9 +162,10 @@ def test_refresh_follows_the_run_dirs(root):
     assert records["c"]["state"] == "queued"
     assert records == {r["id"]: r for r in index.all()}
 
-    # Finished runs are trusted as indexed (their files no longer change): not re-read.
+    # A finished run is trusted as indexed while its status/results files stay as they were read;
+    # once its status.json says otherwise (it was resumed), it is re-read.
     set_status(RunDir(root / "b"), "running", pid=os.getpid())
-    assert index.refresh()[1]["state"] == "done"
+    assert index.refresh()[1]["state"] == "running"
 
     # A run dir that vanished drops its record.
     (root / "c" / "run.json").unlink()

@@ -286,8 +286,10 @@ def write_run(root: Path, run_id: str, events: list[dict], state: str = "done", 
     write_json_atomic(run.run_json, {"id": run_id, "name": name, "seed": 0, "plan_path": None,
                                      "created": "2025-01-01T00:00:00", "created_ts": 1000.0})
     run.events.write_text("".join(json.dumps(e) + "\n" for e in events))
+    # a live worker's heartbeat is fresh (an old one with a live pid is `stale`)
+    beat = time.time() if pid and state in ("queued", "running") else 1000.0 + len(events)
     write_json_atomic(run.status_json, {"state": state, "pid": pid, "host": socket.gethostname(),
-                                        "heartbeat": 1000.0 + len(events)})
+                                        "heartbeat": beat})
     if results is not None:
         write_json_atomic(run.results_json, results)
     return run

@@ -58,7 +58,9 @@ def make_run(root: Path, run_id: str, state: str = "done", *, name: str | None =
     run.path.mkdir(parents=True)
     run.run_json.write_text(json.dumps({"id": run_id, "name": name or run_id, "variant": variant,
                                         "plan_path": plan, "created": created, "seed": 0}))
-    status = {"state": state, "stage": stage, "step": step, "heartbeat": NOW}
+    # a live worker's heartbeat is fresh (an old one with a live pid is `stale`)
+    status = {"state": state, "stage": stage, "step": step,
+              "heartbeat": time.time() if state in ("queued", "running") else NOW}
     if pid is not None:
         status["pid"] = pid
     if error:

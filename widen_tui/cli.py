@@ -60,7 +60,25 @@ def _run_dir(ref: str) -> RunDir:
 
 
 def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+    """Strict JSON on stdout: a non-finite number (a diverged loss) is null, never `NaN`."""
+    from engine.rundir import dumps_json
+
+    sys.stdout.write(dumps_json(data, indent=1) + "\n")
+
+
+def _warn(message: str) -> None:
+    """One warning line on stderr (file contents are never read as markup)."""
+    err.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _warn_files(run: RunDir, reader=None) -> None:
+    """Say once what could not be read: unreadable run files, bad lines of events.jsonl."""
+    for problem in run.problems() + (reader.new_problems() if reader is not None else []):
+        _warn(f"{run.id}: {problem}")
+
+
+def _public(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "files"}  # the index's own bookkeeping
 
 
 def _load_plan_or_exit(path: Path, overrides: list[str], seed: int | None):
@@ -246,23 +264,34 @@ def _follow(run: RunDir, live: bool | None = None, show_results: bool = True) ->
     from widen_tui.progress import RunProgress
     from widen_tui.report import live_view, results_view
 
+    from engine.rundir import LIVE_STATES
+
     reader, progress = EventReader(run.events), RunProgress(run=run.id)
     live = console.is_terminal if live is None else live
     printer = None if live else _LinePrinter()
+    said_stale = False
 
-    def poll() -> bool:
+    def take() -> None:
         for event in reader.read_new():
             progress.update(event)
             if printer:
                 printer(event)
-        state = run.status()["state"]
-        if state not in ("queued", "running"):
-            for event in reader.read_new():  # the last events written before the status
-                progress.update(event)
-                if printer:
-                    printer(event)
+        for problem in reader.new_problems():
+            _warn(f"{run.id}: {problem} — skipped")
+
+    def poll() -> bool:
+        nonlocal said_stale
+        take()
+        status = run.status()
+        state = status["state"]
+        if state == "stale" and not said_stale:  # its process exists: it may go on (SIGCONT)
+            said_stale = True
+            _warn(f"{run.id} is stale: its worker (pid {status.get('pid')}) is stopped or has not written a "
+                  "heartbeat for a while — still watching; Ctrl-C stops watching")
+        if state not in LIVE_STATES:
+            take()  # the last events written before the status
             progress.state = state
-            progress.error = progress.error or run.status().get("error")
+            progress.error = progress.error or status.get("error")
             return True
         return False
 
@@ -283,18 +312,23 @@ def _follow(run: RunDir, live: bool | None = None, show_results: bool = True) ->
                   f"`widen cancel {run.id}`", highlight=False)
         return "running"
     results = run.results()
+    _warn_files(run)
     if results and show_results:
         console.print(results_view(results))
     elif results:
-        s = results.get("summary", {})
-        console.print(f"{progress.state}: final ppl "
-                      + " ".join(f"{t}={v:.2f}" for t, v in (s.get("final_ppl") or {}).items())
-                      + f" · trainable {s.get('trainable_share', 0) * 100:.1f}%", highlight=False)
+        from widen_tui.report import fmt_num
+
+        s = results.get("summary") if isinstance(results.get("summary"), dict) else {}
+        ppl = s.get("final_ppl") if isinstance(s.get("final_ppl"), dict) else {}
+        share = s.get("trainable_share")
+        console.print(f"{progress.state}: final ppl " + " ".join(f"{t}={fmt_num(v, 2)}" for t, v in ppl.items())
+                      + (f" · trainable {share * 100:.1f}%" if isinstance(share, (int, float)) else ""),
+                      highlight=False)
     if progress.state != "done":
         err.print(f"run {run.id} ended {progress.state}"
                   + (f": {progress.error}" if progress.error else "")
-                  + (f" — see `widen logs {run.id}`" if progress.state in ("failed", "lost") else ""),
-                  highlight=False)
+                  + (f" — see `widen logs {run.id}`" if progress.state in ("failed", "lost", "diverged") else ""),
+                  highlight=False, markup=False)
     return progress.state
 
 
@@ -318,7 +352,7 @@ class _LinePrinter:
 def watch(run_ref: str = typer.Argument("last", metavar="RUN")):
     """Live view of a run (rich; works over SSH). Ctrl-C stops watching, not the run."""
     state = _follow(_run_dir(run_ref))
-    if state in ("failed", "lost"):
+    if state in ("failed", "lost", "diverged"):
         raise typer.Exit(1)
 
 
@@ -330,27 +364,36 @@ def logs(
 ):
     """Print a run's events (and the worker's stderr if it failed)."""
     from engine.events import EventReader
+    from engine.rundir import LIVE_STATES, dumps_json
 
     run = _run_dir(run_ref)
     reader = EventReader(run.events)
 
     def dump():
         for event in reader.read_new():
-            console.print(json.dumps(event) if raw else describe_event(event), highlight=False, soft_wrap=True)
+            console.print(dumps_json(event) if raw else describe_event(event), highlight=False, soft_wrap=True,
+                          markup=False)
+        for problem in reader.new_problems():
+            _warn(f"{run.id}: {problem} — skipped")
 
     dump()
     try:
-        while follow and run.status()["state"] in ("queued", "running"):
+        while follow and run.status()["state"] in LIVE_STATES:
             time.sleep(0.5)
             dump()
     except KeyboardInterrupt:
         return
     dump()
     state = run.status()["state"]
-    if state in ("failed", "lost") and run.stderr.exists():
-        err.print(f"--- {run.stderr} (last lines) ---", highlight=False)
-        err.print("\n".join(run.stderr.read_text(errors="replace").splitlines()[-30:]), highlight=False,
-                  markup=False)
+    _warn_files(run)
+    if state in ("failed", "lost", "diverged") and run.stderr.is_file():
+        try:
+            tail = run.stderr.read_text(errors="replace").splitlines()[-30:]
+        except OSError as e:
+            _warn(f"{run.id}: {run.stderr.name} unreadable: {e.strerror or e}")
+            return
+        err.print(f"--- {run.stderr} (last lines) ---", highlight=False, markup=False)
+        err.print("\n".join(tail), highlight=False, markup=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +402,16 @@ def logs(
 
 @app.command()
 def runs(as_json: bool = typer.Option(False, "--json", help="print the records as a JSON list")):
-    """List the runs in the runs root (oldest first)."""
-    records = _index().refresh()
+    """List the runs in the runs root (oldest first). Works on a read-only runs root too."""
+    index = _index()
+    records = index.refresh()
+    if index.write_error:
+        _warn(f"{index.write_error} — listed from the run directories")
+    for record in records:
+        for problem in record.get("problems") or []:
+            _warn(f"{record['id']}: {problem}")
     if as_json:
-        _print_json(records)
+        _print_json([_public(r) for r in records])
         return
     if not records:
         console.print(f"no runs in {runs_root()} — try `widen demo`", highlight=False)
@@ -377,18 +426,20 @@ def show(run_ref: str = typer.Argument("last", metavar="RUN"),
          as_json: bool = typer.Option(False, "--json", help="print record, status and results as JSON")):
     """A run's record, status and results (perplexity matrix, forgetting, expansions)."""
     run = _run_dir(run_ref)
-    record = run.record()
-    _index().upsert(record)
+    record = _index().update_run(run)  # a read-only runs root: shown all the same
     status, results = run.status(), run.results()
+    _warn_files(run)
     if as_json:
-        _print_json({**record, "status": status, "results": results})
+        _print_json({**_public(record), "status": status, "results": results})
         return
+    from rich.text import Text
+
     from widen_tui.report import results_view, state_text
 
-    console.print(f"[bold]{run.id}[/bold] {record['name']} ", state_text(record["state"]),
-                  f" plan {record.get('plan')}", highlight=False)
+    console.print(Text(run.id, style="bold"), f" {record['name']} ", state_text(record["state"]),
+                  f" plan {record.get('plan')}", highlight=False, markup=False)
     if status.get("error"):
-        err.print(f"error: {status['error']}", highlight=False)
+        err.print(f"error: {status['error']}", highlight=False, markup=False)
     if results:
         console.print(results_view(results))
     else:
@@ -402,9 +453,14 @@ def _print_comparison(refs: list[str], as_json: bool = False) -> None:
     missing = [r.id for r in runs if not r.results()]
     if missing and len(missing) == len(runs):
         raise CLIError(f"no results yet for {', '.join(missing)} — wait for the runs to end (`widen watch`)")
-    from engine.events import read_all
+    from engine.events import EventReader
 
-    data = compare_runs([(r.info(), r.status(), r.results()) for r in runs], [read_all(r.events) for r in runs])
+    streams = []
+    for run in runs:
+        reader = EventReader(run.events)
+        streams.append(reader.read_new())
+        _warn_files(run, reader)
+    data = compare_runs([(r.info(), r.status(), r.results()) for r in runs], streams)
     if as_json:
         _print_json(data)
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from engine.events import latest_segment
 from engine.metrics import FORGETTING_DEFINITION, SIGN_CONVENTION
 
 # the per-run figures that are averaged over seeds (dotted: per-task dictionaries)
@@ -51,7 +52,12 @@ def _unit_health(report: dict) -> dict:
 
 def _curve(events: list[dict], axis: str) -> list[tuple[float, float]]:
     """(x, training loss) points of a run, x = cumulative tokens or FLOPs."""
-    return [(e[axis], e["loss"]) for e in events if e.get("type") == "step" and axis in e and "loss" in e]
+    return [(e[axis], e["loss"]) for e in latest_segment(events)
+            if e.get("type") == "step" and _finite(e.get(axis)) and _finite(e.get("loss"))]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def loss_at(curve: list[tuple[float, float]], x: float) -> float | None:

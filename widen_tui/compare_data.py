@@ -11,14 +11,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.events import read_all
+from engine.events import latest_segment, read_all
 from engine.rundir import RunDir
 from widen_tui import compare
 
 
 @dataclass
 class LoadedRun:
-    """One run as read from its directory."""
+    """One run as read from its directory. `events` keeps the latest segment only (a resumed
+    run's voided tail is dropped: ``engine.events.latest_segment``)."""
 
     id: str
     info: dict
@@ -26,6 +27,9 @@ class LoadedRun:
     results: dict | None
     events: list[dict] = field(default_factory=list)
     label: str = ""  # unique among the runs compared (legend, table, lineage)
+
+    def __post_init__(self):
+        self.events = latest_segment(self.events)
 
     @property
     def grew(self) -> bool:

@@ -20,6 +20,8 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from engine.events import latest_segment, voided_by
+
 X_AXES = {"steps": "global step", "tokens": "tokens seen", "flops": "training FLOPs (estimated)"}
 
 Point = tuple[float, float]
@@ -170,8 +172,9 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
 
 class CurveFolder:
     """Builds ``RunCurves`` from events fed as they arrive (``add``); ``curves()`` is the same as
-    ``curves_from_events`` over everything added so far. Later copies win: a resume re-emits the
-    steps after its checkpoint, and the stage-start expansions when it resumes before them."""
+    ``curves_from_events`` over everything added so far. A ``resume`` event drops what was logged
+    past its resume point (``engine.events.voided_by``: the latest segment only); later copies win,
+    and a resume that applies a stage's operators again keeps one set of them."""
 
     def __init__(self, label: str = ""):
         self.label = label
@@ -196,7 +199,11 @@ class CurveFolder:
         if kind == "start":
             self._segment += 1
             for i, n in enumerate(e.get("stage_steps") or []):
-                self._stage_steps.setdefault(i, int(n))
+                if isinstance(n, int) and not isinstance(n, bool):
+                    self._stage_steps.setdefault(i, n)
+        elif kind == "resume":
+            self._segment += 1
+            self._resume(e)
         elif kind == "stage" and isinstance(stage, int):
             if isinstance(e.get("steps"), int):
                 self._stage_steps[stage] = e["steps"]
@@ -221,6 +228,20 @@ class CurveFolder:
         else:
             return
         self.version += 1
+
+    def _resume(self, resume: dict) -> None:
+        """Drop the voided tail: steps, evals, growths, stage begins and operators past the point."""
+        for store in (self._steps, self._evals, self._growths):
+            for key in [k for k, e in store.items() if voided_by(e, resume)]:
+                del store[key]
+        for stage in [s for s, e in self._stage_begins.items() if voided_by(e, resume)]:
+            del self._stage_begins[stage]
+        for stage, (seg, ops) in list(self._stage_ops.items()):
+            kept = [e for e in ops if not voided_by(e, resume)]
+            if kept:
+                self._stage_ops[stage] = (seg, kept)
+            else:
+                del self._stage_ops[stage]
 
     def curves(self) -> RunCurves:
         run = RunCurves(self.label, dict(self._stage_steps), dict(self._stage_names))
@@ -276,7 +297,9 @@ def downsample(points: Sequence[Point], max_points: int) -> list[Point]:
 def matrix_from_events(events: Sequence[dict]) -> dict | None:
     """The evaluation matrix so far, from a run's events (before results.json exists): the
     initial evaluation, then the evaluations at each finished stage's end (step == its steps).
-    Besides rows/tasks/loss/ppl/bpb it has "trained": the task each row's stage trained."""
+    Besides rows/tasks/loss/ppl/bpb it has "trained": the task each row's stage trained.
+    Only the latest segment counts (a resumed run's voided stage ends are not finished)."""
+    events = latest_segment(events)
     c = curves_from_events("", events)
     ends = dict(c.stage_steps)
     finished = sorted({e["stage"] for e in events if e.get("type") == "stage" and e.get("phase") == "end"

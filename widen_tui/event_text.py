@@ -1,4 +1,8 @@
-"""One human line per event: `widen logs`, `widen watch` (piped) and the TUI's event log."""
+"""One human line per event: `widen logs`, `widen watch` (piped) and the TUI's event log.
+
+Events come from ``engine.events.EventReader``, which has checked their keys and types; a metric
+may still be null (a non-finite value, e.g. a diverged loss, is written as null): shown as "–".
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,42 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
+def _f(value, spec: str) -> str:
+    """`value` formatted with `spec`, or "–" when it is missing (null) or not a number."""
+    if value is None or isinstance(value, bool):
+        return "–"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def describe_event(e: dict) -> str:
     kind, stage = e.get("type"), e.get("stage")
     label = f"stage {stage + 1}" if isinstance(stage, int) and stage >= 0 else "initial"
     if kind == "start":
-        return f"start {e['run']} plan={e['plan']} device={e['device']} params={e['params']:,} " \
+        return f"start {e['run']} plan={e['plan']} device={e['device']} params={_f(e['params'], ',')} " \
                f"{'(resumed)' if e.get('resumed') else ''}"
+    if kind == "resume":
+        return f"resume from stage {e['stage'] + 1} step {e['step']} (global step {e['global_step']}): " \
+               "what was logged past it is void"
     if kind == "stage":
         return f"{label} {e['phase']}: {e['name']} on {e['task']} ({e['steps']} steps)"
     if kind == "step":
-        return f"{label} step {e['step']}: loss {e['loss']:.4f} lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s"
+        return f"{label} step {e['step']}: loss {_f(e['loss'], '.4f')} lr {_f(e['lr'], '.2e')} " \
+               f"{_f(e['tokens_per_s'], ',.0f')} tok/s"
     if kind == "eval":
-        return f"{label} step {e['step']}: eval {e['task']} loss {e['loss']:.4f} ppl {e['ppl']:.3f}"
+        return f"{label} step {e['step']}: eval {e['task']} loss {_f(e['loss'], '.4f')} ppl {_f(e['ppl'], '.3f')}"
     if kind == "expand" and e.get("trigger"):
-        return f"{label} step {e['step']}: growth {e['growth'] + 1} ({e['trigger']}) {e['op']}: " \
-               f"+{e['params_added']:,} params, max|Δlogits| {e['max_abs_logit_delta']:.2e}, loss " \
-               f"{e['loss_before']:.4f} -> {e['loss_after']:.4f}"
+        growth = e.get("growth")
+        return f"{label} step {e.get('step', '?')}: growth {growth + 1 if isinstance(growth, int) else '?'} " \
+               f"({e['trigger']}) {e['op']}: +{_f(e['params_added'], ',')} params, max|Δlogits| " \
+               f"{_f(e['max_abs_logit_delta'], '.2e')}, loss {_f(e['loss_before'], '.4f')} -> " \
+               f"{_f(e['loss_after'], '.4f')}"
     if kind == "expand":
-        return f"{label} expand {e['op']}: +{e['params_added']:,} params, max|Δlogits| " \
-               f"{e['max_abs_logit_delta']:.2e}, loss {e['loss_before']:.4f} -> {e['loss_after']:.4f}"
+        return f"{label} expand {e['op']}: +{_f(e['params_added'], ',')} params, max|Δlogits| " \
+               f"{_f(e['max_abs_logit_delta'], '.2e')}, loss {_f(e['loss_before'], '.4f')} -> " \
+               f"{_f(e['loss_after'], '.4f')}"
     if kind == "checkpoint":
         return f"{label} checkpoint ({e['reason']}) at step {e['step']}"
     if kind == "system":
@@ -40,6 +61,8 @@ def describe_event(e: dict) -> str:
     if kind == "sweep":
         best = e.get("best") or {}
         return f"sweep on {e['task']}: {e['rows'] - 1} mappings to depth {e['depth']}, best {best.get('mapping')} " \
-               f"ppl {_num(best.get('ppl'))} (unexpanded: {_num(e.get('reference_ppl'))}), prefix-sharing " \
-               f"speed-up {_num(e.get('speedup'))}x"
-    return json.dumps(e)
+               f"ppl {_f(best.get('ppl'), '.3g')} (unexpanded: {_f(e.get('reference_ppl'), '.3g')}), " \
+               f"prefix-sharing speed-up {_f(e.get('speedup'), '.3g')}x"
+    from engine.rundir import dumps_json
+
+    return dumps_json(e)

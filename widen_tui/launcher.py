@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from engine.plan import Plan
-from engine.rundir import RunDir, pid_alive, read_json, runs_root, write_json_atomic
+from engine.errors import RunCreateError
+from engine.rundir import (LIVE_STATES, RunDir, is_our_worker, process_create_time, read_json, runs_root,
+                           write_json_atomic)
 from widen_tui.registry import RunIndex
 
 
@@ -30,21 +32,31 @@ def new_run_id(name: str) -> str:
 def create_run(plan: Plan, plan_path: Path | str | None, root: Path | None = None,
                name: str | None = None, **info) -> RunDir:
     """Make the run directory (resolved plan + identity) and index it as `queued`. `info` adds
-    identity fields (variant, group, prefix_stages, after)."""
+    identity fields (variant, group, prefix_stages, after).
+
+    The directory is built whole as a hidden ``.new-<id>`` (listings skip it) and renamed into
+    place, so a full disk never leaves a half-made run; that failure is a ``RunCreateError``."""
     root = Path(root) if root else runs_root()
-    root.mkdir(parents=True, exist_ok=True)
     name = name or plan.name
     run = RunDir(root / new_run_id(name))
-    run.path.mkdir()
-    run.plan.write_text(plan.to_toml())
+    tmp = RunDir(root / f".new-{run.id}")
     now = time.time()
-    write_json_atomic(run.run_json, {
-        "id": run.id, "name": name, "plan_name": plan.name, "seed": plan.seed,
-        "plan_path": str(Path(plan_path).resolve()) if plan_path else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)), "created_ts": now,
-        **{k: v for k, v in info.items() if v is not None},
-    })
-    RunIndex(root).upsert(run.record())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.path.mkdir()
+        tmp.plan.write_text(plan.to_toml())
+        write_json_atomic(tmp.run_json, {
+            "id": run.id, "name": name, "plan_name": plan.name, "seed": plan.seed,
+            "plan_path": str(Path(plan_path).resolve()) if plan_path else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)), "created_ts": now,
+            **{k: v for k, v in info.items() if v is not None},
+        })
+        os.rename(tmp.path, run.path)
+        RunIndex(root).upsert(run.record())
+    except OSError as e:
+        shutil.rmtree(tmp.path, ignore_errors=True)
+        shutil.rmtree(run.path, ignore_errors=True)  # made, but it cannot be indexed: nothing can run
+        raise RunCreateError(f"cannot create the run: {e.strerror or e} — free space in {root}") from None
     return run
 
 
@@ -78,11 +90,15 @@ def start_worker(run: RunDir, resume: bool = False) -> int:
     with open(run.stderr, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, cwd=os.getcwd(), env=_worker_env())
-    # Note the pid at once, so a worker that dies before writing its own status shows as `lost`.
+    # Note the pid at once, so a worker that dies before writing its own status shows as `lost`;
+    # its create_time tells our worker from a process that gets the pid later.
     # The worker needs seconds to import torch; if it was quicker, its own status (same pid) stays.
     if (read_json(run.status_json) or {}).get("pid") != proc.pid:
         write_json_atomic(run.status_json, {"state": "queued", "pid": proc.pid, "host": socket.gethostname(),
+                                            "create_time": process_create_time(proc.pid),
                                             "heartbeat": time.time()})
+    if resume:  # the index still says how the run ended before: it is queued again
+        RunIndex(run.path.parent).update_run(run)
     return proc.pid
 
 
@@ -96,18 +112,24 @@ def _worker_env() -> dict:
 
 
 def cancel(run: RunDir) -> str:
-    """Ask a run to stop: it checkpoints and ends as `cancelled`. Returns what was done."""
+    """Ask a run to stop: it checkpoints and ends as `cancelled`. Returns what was done.
+
+    The request is the file ``cancel.request`` (seen by the worker on any host sharing the runs
+    root); SIGTERM goes only to a process that is the run's worker — same host, same pid and the
+    same start time as status.json records — never to whoever has the pid now."""
     status = run.status()
-    if status["state"] not in ("queued", "running"):
+    if status["state"] not in LIVE_STATES:
         return f"already {status['state']}"
-    run.cancel_request.touch()  # seen by the worker on any host sharing the runs root
+    run.cancel_request.touch()
     pid = status.get("pid")
-    if pid and pid_alive(pid):
+    if pid and is_our_worker(status):
         try:
             os.kill(int(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    return "cancel requested"
+        except (ProcessLookupError, PermissionError):
+            return "cancel requested (cancel.request written; the worker could not be signalled)"
+        return "cancel requested" + (" (the worker is stopped: it ends when it continues)"
+                                     if status["state"] == "stale" else "")
+    return "cancel requested (cancel.request written; no worker process of this run on this host to signal)"
 
 
 def resume(run: RunDir) -> int:
@@ -128,7 +150,7 @@ def delete_run(run: RunDir, index: RunIndex | None = None) -> None:
     index = index or RunIndex(run.path.parent)
     if run.path.exists():
         state = run.status()["state"]
-        if state in ("queued", "running"):
+        if state in LIVE_STATES:
             raise RuntimeError(f"run {run.id} is {state} — cancel it first, then delete it")
         shutil.rmtree(run.path)
     index.remove(run.id)

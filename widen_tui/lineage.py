@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from widen_tui.compare_data import LoadedRun
-from widen_tui.curves import RunCurves
+from engine.events import latest_segment
+from widen_tui.curves import RunCurves, is_number
 from widen_tui.report import fmt_num
 
 
@@ -84,10 +85,10 @@ def build_lineage(runs: list[LoadedRun]) -> list[LineageNode]:
 
 
 def train_steps(events: list[dict]) -> list[dict]:
-    """Step events by global step; a resumed run repeats steps after its checkpoint, the later
-    copy wins."""
-    by_step = {e["global_step"]: e for e in events
-               if e.get("type") == "step" and "global_step" in e and "loss" in e}
+    """Step events (with a finite loss) by global step, of the latest segment (what a resume
+    voided is dropped); where steps repeat, the later copy wins."""
+    by_step = {e["global_step"]: e for e in latest_segment(events)
+               if e.get("type") == "step" and is_number(e.get("global_step")) and is_number(e.get("loss"))}
     return [by_step[g] for g in sorted(by_step)]
 
 

@@ -1,13 +1,17 @@
 """A run's live state, folded from its events. Shared by `widen watch` and the TUI monitor.
 
 Feed it events as they arrive (``update``); it keeps the latest figures, the curves and the
-expansion reports, and estimates the ETA from the recent step rate.
+expansion reports, and estimates the ETA from the recent step rate. A ``resume`` event drops what
+the run logged past its resume point (``engine.events.voided_by``), so a resumed run's curves
+never rewind.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+from engine.events import voided_by
 
 
 @dataclass
@@ -35,6 +39,9 @@ class RunProgress:
     started: float | None = None
     last_t: float | None = None          # time of the latest event (a finished run's end)
     _rate: list[tuple[float, int]] = field(default_factory=list)  # (time, global step) samples
+    _evals: list[dict] = field(default_factory=list)       # every eval event of the latest segment
+    _segment: int = 0                                      # bumped by start and resume events
+    _expansion_segments: dict[int, int] = field(default_factory=dict)  # stage -> segment of its ops
 
     @property
     def total_steps(self) -> int:
@@ -50,9 +57,13 @@ class RunProgress:
             self.last_t = max(self.last_t or 0.0, float(event["t"]))
         if kind == "start":
             self.run, self.plan, self.device = event["run"], event["plan"], event["device"]
-            self.stage_steps = list(event.get("stage_steps", []))
+            self.stage_steps = [int(n) for n in event.get("stage_steps") or [] if isinstance(n, int)]
             self.started = self.started or event["t"]
             self.state = "running"
+            self.error = None
+            self._segment += 1
+        elif kind == "resume":
+            self._resume(event)
         elif kind == "stage" and event["phase"] == "begin":
             self.stage, self.stage_name, self.task = event["stage"], event["name"], event["task"]
             self.step = 0
@@ -62,21 +73,49 @@ class RunProgress:
         elif kind == "step":
             self.stage, self.step = event["stage"], event["step"]
             self.loss, self.lr, self.tokens_per_s = event["loss"], event["lr"], event["tokens_per_s"]
-            self.tokens = event["tokens"]
-            self.train_curve.append((event["global_step"], event["loss"]))
+            self.tokens = event["tokens"] or 0
+            if event["loss"] is not None:
+                self.train_curve.append((event["global_step"], event["loss"]))
             if not event.get("cached"):  # copied from a cached prefix: its times are not this run's pace
                 self._rate = (self._rate + [(event["t"], event["global_step"])])[-20:]
         elif kind == "eval":
             self.eval[event["task"]] = event
-            x = sum(self.stage_steps[: event["stage"]]) + event["step"] if event["stage"] >= 0 else 0
-            self.eval_curves.setdefault(event["task"], []).append((x, event["ppl"]))
+            self._evals.append(event)
+            if event["ppl"] is not None:
+                self.eval_curves.setdefault(event["task"], []).append((self._eval_x(event), event["ppl"]))
         elif kind == "expand":
+            if not event.get("trigger"):  # a resume that applies a stage's operators again: one set
+                seen = self._expansion_segments.get(event["stage"])
+                if seen is not None and seen != self._segment:
+                    self.expansions = [e for e in self.expansions
+                                       if e.get("trigger") or e.get("stage") != event["stage"]]
+                self._expansion_segments[event["stage"]] = self._segment
             self.expansions.append(event)
         elif kind == "system":
             self.system = event
         elif kind == "status":
             self.state = event["state"]
             self.error = event.get("error")
+
+    def _eval_x(self, event: dict) -> int:
+        return sum(self.stage_steps[: event["stage"]]) + event["step"] if event["stage"] >= 0 else 0
+
+    def _resume(self, resume: dict) -> None:
+        """Forget what the run logged past the resume point: it is done again from there."""
+        self._segment += 1
+        self.state, self.error = "running", None
+        g = resume["global_step"]
+        self.train_curve = [(x, y) for x, y in self.train_curve if x <= g]
+        self._evals = [e for e in self._evals if not voided_by(e, resume)]
+        self.eval, self.eval_curves = {}, {}
+        for e in self._evals:
+            self.eval[e["task"]] = e
+            if e["ppl"] is not None:
+                self.eval_curves.setdefault(e["task"], []).append((self._eval_x(e), e["ppl"]))
+        self.expansions = [e for e in self.expansions if not voided_by(e, resume)]
+        self.stage_bounds = [b for b in self.stage_bounds if b <= g]
+        self.stage, self.step = resume["stage"], resume["step"]
+        self._rate = []  # the pace before the resume is not this process's
 
     def seconds_per_step(self) -> float | None:
         """The recent pace, from the last step samples (None until there are two)."""

@@ -6,7 +6,9 @@ root (possibly over a shared filesystem), so:
 
 - every read-modify-write holds ``index.json.lock`` (a kernel ``flock``: a killed holder releases it);
 - TinyDB is opened inside the lock and closed after, never cached, so nobody writes from a stale copy;
-- the file is replaced atomically, so lock-free readers see the old index or the new one, never half.
+- the file is replaced atomically, so lock-free readers see the old index or the new one, never half;
+- listing works read-only: where the index cannot be written (a read-only or full runs root),
+  ``refresh()`` returns the records it read from the run dirs and leaves the file as it is.
 
 Imports nothing heavy: ``widen runs`` must start fast.
 """
@@ -26,7 +28,7 @@ from tinydb.storages import Storage
 from tinydb.table import Table
 
 from engine.errors import WidenError
-from engine.rundir import FINAL_STATES, RunDir, list_run_dirs, runs_root, write_json_atomic
+from engine.rundir import FINAL_STATES, RunDir, file_mode, list_run_dirs, runs_root, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ LOCK_TIMEOUT_S = 30.0
 
 class RunNotFound(WidenError, ValueError):
     """A run reference that names no run, or more than one."""
+
+
+class IndexWriteError(WidenError, OSError):
+    """The runs index cannot be written (a read-only or full runs root)."""
 
 
 class AtomicJSONStorage(Storage):
@@ -106,6 +112,7 @@ class RunIndex:
         self.path = self.root / INDEX_NAME
         self.lock_path = self.root / (INDEX_NAME + ".lock")
         self.lock_timeout = lock_timeout
+        self.write_error: str | None = None  # why the last refresh could not write the index
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -115,13 +122,22 @@ class RunIndex:
         lock: contextlib.AbstractContextManager = contextlib.nullcontext()
         if write:
             self.root.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(self.lock_path, timeout=self.lock_timeout)
+            # the umask's mode (not filelock's 0o644): a runs root shared by a group stays shared
+            lock = FileLock(self.lock_path, timeout=self.lock_timeout, mode=file_mode())
         with lock, _RunsDB(self.path, storage=AtomicJSONStorage) as db:
             yield db.table(db.default_table_name)
 
     @staticmethod
     def _docs(table: _RunsTable) -> dict[str, dict]:
         return {str(doc.doc_id): dict(doc) for doc in table}
+
+    def _read_docs(self) -> dict[str, dict]:
+        """The records as the file holds them, lock-free (never writes; empty when unreadable)."""
+        try:
+            with self._table(write=False) as table:
+                return self._docs(table)
+        except OSError:
+            return {}
 
     # -- reads (lock-free: the file is only ever replaced whole) -------------------------------
 
@@ -156,28 +172,60 @@ class RunIndex:
 
         Records of unfinished runs are re-read from their dirs (a dead worker shows as ``lost``);
         run dirs missing from the index are added; records whose dir is gone are dropped.
-        Finished runs are trusted as indexed: their files no longer change.
+        A finished run's record is trusted as long as its status.json and results.json are the
+        files it was read from (same mtime and size: one ``stat`` each); a run resumed since, or
+        rewritten by hand, is re-read.
+
+        Where the index cannot be written (read-only or full runs root), the records are read
+        from the run dirs all the same and returned; ``write_error`` says why nothing was saved.
         """
         if not self.root.is_dir():
             return []
-        with self._table(write=True) as table:
-            current = self._docs(table)
-            fresh = {}
-            for run in list_run_dirs(self.root):
-                old = current.get(run.id)
-                final = old is not None and old.get("state") in FINAL_STATES
-                fresh[run.id] = old if final else run.record()
-            if fresh != current:
-                table.put(fresh, replace_all=True)
+        self.write_error = None
+        try:
+            with self._table(write=True) as table:
+                current = self._docs(table)
+                fresh = self._fresh(current)
+                if fresh != current:
+                    table.put(fresh, replace_all=True)
+        except OSError as e:
+            self.write_error = f"cannot write the runs index {self.path}: {e.strerror or e}"
+            log.debug("%s", self.write_error)
+            fresh = self._fresh(self._read_docs())
         return sorted(fresh.values(), key=_order)
 
+    def _fresh(self, current: dict[str, dict]) -> dict[str, dict]:
+        fresh = {}
+        for run in list_run_dirs(self.root):
+            old = current.get(run.id)
+            trusted = (old is not None and old.get("state") in FINAL_STATES and old.get("files") is not None
+                       and old.get("files") == run.file_signature())
+            fresh[run.id] = old if trusted else run.record()
+        return fresh
+
     def rebuild(self) -> int:
-        """Replace the whole index with records read from the run dirs; returns how many."""
-        with self._table(write=True) as table:
-            records = {run.id: run.record() for run in list_run_dirs(self.root)}
-            table.put(records, replace_all=True)
-            self._sweep_temp_files()
+        """Replace the whole index with records read from the run dirs; returns how many.
+        Raises ``IndexWriteError`` (one line) when the index cannot be written."""
+        try:
+            with self._table(write=True) as table:
+                records = {run.id: run.record() for run in list_run_dirs(self.root)}
+                table.put(records, replace_all=True)
+                self._sweep_temp_files()
+        except OSError as e:
+            raise IndexWriteError(f"cannot write the runs index {self.path}: {e.strerror or e} — "
+                                  f"free space in {self.root} or make it writable") from None
         return len(records)
+
+    def update_run(self, run: RunDir) -> dict:
+        """Re-read one run's record from its directory and index it (after a resume, a cancel, or
+        anything else that changes a run): returns the record. A read-only or full runs root
+        leaves the index as it is (the next refresh reads the dir anyway)."""
+        record = run.record()
+        try:
+            self.upsert(record)
+        except OSError as e:
+            log.debug("cannot index %s: %s", run.id, e)
+        return record
 
     def _sweep_temp_files(self, min_age_s: float = 60.0) -> None:
         # A writer killed mid-write leaves its temp file behind. We hold the lock, so no live writer

@@ -13,11 +13,17 @@ from rich.text import Text
 from widen_tui.progress import RunProgress
 
 STATE_STYLE = {"done": "green", "running": "cyan", "queued": "yellow", "failed": "red",
-               "cancelled": "magenta", "lost": "red"}
+               "cancelled": "magenta", "lost": "red", "stale": "yellow", "diverged": "red"}
+# states that need attention (bold in tables)
+ALERT_STATES = ("failed", "lost", "stale", "diverged")
 
 
 def fmt_num(value, digits: int = 3) -> str:
     if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if value != value or value in (float("inf"), float("-inf")):
         return "–"
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) > 999):
         return f"{int(value):,}"
@@ -36,7 +42,15 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def state_text(state: str) -> Text:
-    return Text(state, style=STATE_STYLE.get(state, ""))
+    state = str(state)
+    return Text(state, style=STATE_STYLE.get(state, "") + (" bold" if state in ALERT_STATES else ""))
+
+
+def _fmt(value, spec: str) -> str:
+    """`value` formatted with `spec`; "–" when missing (null: a non-finite value) or not a number."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–"
+    return format(value, spec)
 
 
 def live_view(p: RunProgress) -> Panel:
@@ -52,17 +66,18 @@ def live_view(p: RunProgress) -> Panel:
     sysinfo = p.system
     if sysinfo:
         gpus = sysinfo.get("gpus") or []
-        gpu = "; ".join(f"GPU{g['index']} {g.get('mem_used_mb', 0):.0f}/{g.get('mem_total_mb', 0):.0f} MB "
-                        f"{g.get('util_percent', 0)}%" for g in gpus) or sysinfo.get("gpu_status", "no GPU")
+        gpu = "; ".join(f"GPU{g.get('index')} {_fmt(g.get('mem_used_mb'), '.0f')}/{_fmt(g.get('mem_total_mb'), '.0f')} "
+                        f"MB {g.get('util_percent', 0)}%" for g in gpus if isinstance(g, dict)) \
+            or sysinfo.get("gpu_status") or "no GPU"
         head.add_row("memory", f"RSS {fmt_num(sysinfo.get('rss_mb'))} MB", "gpu", gpu)
         if sysinfo.get("torch_peak_mb") is not None:
-            head.add_row("torch peak", f"{sysinfo['torch_peak_mb']:.0f} MB", "", "")
+            head.add_row("torch peak", f"{_fmt(sysinfo['torch_peak_mb'], '.0f')} MB", "", "")
     bar = ProgressBar(total=max(p.total_steps, 1), completed=p.global_step, width=50)
 
     evals = Table("task", "loss", "ppl", "bits/byte", "at", box=None, header_style="bold")
     for task, e in p.eval.items():
         at = "initial" if e["stage"] < 0 else f"stage {e['stage'] + 1} step {e['step']}"
-        evals.add_row(task, fmt_num(e["loss"]), fmt_num(e["ppl"]), fmt_num(e["bpb"]), at)
+        evals.add_row(task, fmt_num(e.get("loss")), fmt_num(e.get("ppl")), fmt_num(e.get("bpb")), at)
     parts = [head, bar, Text("")]
     if p.eval:
         parts.append(evals)
@@ -80,25 +95,32 @@ def expansions_table(reports: list[dict]) -> Table:
                 "new grad"):
         table.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
     for r in reports:
-        trainable = f"{fmt_num(r.get('trainable'))} ({100 * r.get('trainable_share', 0):.1f}%)" \
-            if r.get("trainable") is not None else "–"
-        table.add_row(str(r["stage"] + 1), r["op"], fmt_num(r["params_added"]), trainable,
-                      "yes" if r["exact"] else "no", f"{r['max_abs_logit_delta']:.2e}",
-                      f"{r['loss_before']:.4f}→{r['loss_after']:.4f}", fmt_num(r.get("new_grad_norm")))
+        if not isinstance(r, dict):
+            continue
+        share = r.get("trainable_share", 0)
+        trainable = "–"
+        if r.get("trainable") is not None:
+            trainable = fmt_num(r.get("trainable")) + (f" ({100 * share:.1f}%)" if _fmt(share, "") != "–" else "")
+        stage = r.get("stage")
+        table.add_row(str(stage + 1) if isinstance(stage, int) else "?", str(r.get("op")),
+                      fmt_num(r.get("params_added")), trainable,
+                      "yes" if r.get("exact") else "no", _fmt(r.get("max_abs_logit_delta"), ".2e"),
+                      f"{_fmt(r.get('loss_before'), '.4f')}→{_fmt(r.get('loss_after'), '.4f')}",
+                      fmt_num(r.get("new_grad_norm")))
     return table
 
 
 def _signed(value, digits: int = 4) -> str:
-    return "–" if value is None else f"{value:+.{digits}f}"
+    return _fmt(value, f"+.{digits}f")
 
 
 def results_view(results: dict) -> Group:
     """The end-of-run tables: the evaluation matrix (perplexity, bits per byte, generation scores)
     with forgetting, the continual-learning summary, parameters per stage, and expansions."""
-    m = results["matrix"]
-    tasks, rows = m["tasks"], m["rows"]
-    forgetting = results.get("forgetting", {})
-    by_bpb, by_ppl = forgetting.get("bpb", {}), forgetting.get("ppl", {})
+    m = results.get("matrix") if isinstance(results.get("matrix"), dict) else {}
+    tasks, rows = list(m.get("tasks") or []), list(m.get("rows") or [])
+    forgetting = results.get("forgetting") if isinstance(results.get("forgetting"), dict) else {}
+    by_bpb, by_ppl = forgetting.get("bpb") or {}, forgetting.get("ppl") or {}
     ppl = Table(title=f"perplexity per task after each stage · forgetting: "
                       f"{results.get('forgetting_definition', '')} · {results.get('sign_convention', '')}",
                 title_justify="left", header_style="bold")
@@ -108,11 +130,12 @@ def results_view(results: dict) -> Group:
     ppl.add_column("forgetting (ppl)", justify="right")
     ppl.add_column("forgetting (bits/byte)", justify="right")
     for j, task in enumerate(tasks):
-        f, fb = by_ppl.get(task), by_bpb.get(task)
-        ppl.add_row(task, *[fmt_num(row[j]) for row in m["ppl"]],
-                    f"{f['absolute']:+.3f}" if f else "–",
-                    f"{fb['absolute']:+.4f} ({100 * fb['relative']:+.1f}%)" if fb and fb.get("relative") is not None
-                    else (f"{fb['absolute']:+.4f}" if fb else "–"))
+        f, fb = by_ppl.get(task) or {}, by_bpb.get(task) or {}
+        relative = fb.get("relative")
+        ppl.add_row(str(task), *[fmt_num(_cell(row, j)) for row in m.get("ppl") or []],
+                    _signed(f.get("absolute"), 3),
+                    _signed(fb.get("absolute")) + (f" ({_fmt(100 * relative, '+.1f')}%)"
+                                                  if isinstance(relative, (int, float)) else ""))
     parts = [ppl]
     bpb = m.get("bpb")
     if bpb:
@@ -122,18 +145,18 @@ def results_view(results: dict) -> Group:
         for label in rows:
             table.add_column(label, justify="right")
         for j, task in enumerate(tasks):
-            table.add_row(task, *[fmt_num(row[j], 4) for row in bpb])
+            table.add_row(str(task), *[fmt_num(_cell(row, j), 4) for row in bpb])
         parts.append(table)
     for score in ("exact_match", "bleu"):
-        if m.get(score) and any(v is not None for row in m[score] for v in row):
+        if m.get(score) and any(_cell(row, j) is not None for row in m[score] for j in range(len(tasks))):
             table = Table(title=f"{score.replace('_', ' ')} per task after each stage (generation tasks)",
                           title_justify="left", header_style="bold")
             table.add_column("task")
             for label in rows:
                 table.add_column(label, justify="right")
             for j, task in enumerate(tasks):
-                if any(row[j] is not None for row in m[score]):
-                    table.add_row(task, *[fmt_num(row[j]) for row in m[score]])
+                if any(_cell(row, j) is not None for row in m[score]):
+                    table.add_row(str(task), *[fmt_num(_cell(row, j)) for row in m[score]])
             parts.append(table)
     c = results.get("continual") or {}
     if c:
@@ -144,12 +167,15 @@ def results_view(results: dict) -> Group:
     params = Table(title="parameters per stage", title_justify="left", header_style="bold")
     for col in ("stage", "task", "total", "trainable", "share"):
         params.add_column(col, justify="left" if col in ("stage", "task") else "right")
-    for s in results.get("stages", []):
-        params.add_row(s["name"], s["task"], fmt_num(s["total"]), fmt_num(s["trainable"]),
-                       f"{100 * s['trainable_share']:.2f}%")
+    for s in results.get("stages") or []:
+        if not isinstance(s, dict):
+            continue
+        share = s.get("trainable_share")
+        params.add_row(str(s.get("name")), str(s.get("task")), fmt_num(s.get("total")), fmt_num(s.get("trainable")),
+                       f"{_fmt(100 * share, '.2f')}%" if isinstance(share, (int, float)) else "–")
     parts.append(params)
-    summary = results.get("summary", {})
-    footer = Text(f"state {results['state']} · params added {fmt_num(summary.get('params_added'))} · "
+    summary = results.get("summary") if isinstance(results.get("summary"), dict) else {}
+    footer = Text(f"state {results.get('state')} · params added {fmt_num(summary.get('params_added'))} · "
                   f"growths {summary.get('growths', 0)} · tokens {fmt_num(summary.get('tokens'))} · "
                   f"{fmt_num(summary.get('tokens_per_s') and round(summary['tokens_per_s']))} tokens/s · "
                   f"wall {fmt_duration(summary.get('wall_s'))} · peak RSS {fmt_num(summary.get('peak_rss_mb'))} MB"
@@ -247,14 +273,21 @@ def runs_table(records: list[dict]) -> Table:
         table.add_column(col)
     now = time.time()
     for r in records:
-        ppl = r.get("summary", {}).get("final_ppl") or {}
+        summary = r.get("summary") if isinstance(r.get("summary"), dict) else {}
+        ppl = summary.get("final_ppl") if isinstance(summary.get("final_ppl"), dict) else {}
         created = r.get("created_ts") or _parse_time(r.get("created"))
-        table.add_row(r["id"], r.get("name", ""), state_text(r.get("state", "?")),
-                      "–" if r.get("stage") is None else str(r["stage"] + 1),
+        stage = r.get("stage")
+        table.add_row(str(r["id"]), str(r.get("name") or ""), state_text(r.get("state", "?")),
+                      str(stage + 1) if isinstance(stage, int) else "–",
                       "–" if r.get("step") is None else str(r["step"]),
-                      " ".join(f"{t}={v:.2f}" for t, v in ppl.items()) or "–",
+                      " ".join(f"{t}={_fmt(v, '.2f')}" for t, v in ppl.items()) or "–",
                       fmt_duration(now - created) if created else "–")
     return table
+
+
+def _cell(row, j: int):
+    """row[j] of a results matrix row, None when the row is short or not a list."""
+    return row[j] if isinstance(row, list) and j < len(row) else None
 
 
 def _parse_time(text: str | None) -> float | None:

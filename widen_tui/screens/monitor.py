@@ -31,7 +31,7 @@ from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, RichL
 from textual.worker import get_current_worker
 
 from engine.events import EventReader
-from engine.rundir import FINAL_STATES, RUNNING_STATES, RunDir
+from engine.rundir import FINAL_STATES, LIVE_STATES, RUNNING_STATES, RunDir
 from widen_tui.curves import X_AXES, CurveFolder, is_number, matrix_from_events
 from widen_tui.event_text import describe_event
 from widen_tui.progress import RunProgress
@@ -100,7 +100,7 @@ class LiveRun:
             except (KeyError, TypeError, IndexError):
                 pass  # an event from another version of the engine: show what can be shown
             self.curves.add([e])
-            if e.get("type") in ("eval", "stage"):
+            if e.get("type") in ("eval", "stage", "resume"):  # a resume voids rows past its point
                 self._matrix_events.append(e)
                 # rows appear when a stage begins (the initial evaluation) or ends: redraw then only
                 self.matrix_version += e.get("type") == "stage"
@@ -398,7 +398,10 @@ class MonitorScreen(Screen):
         if state == "lost":
             head.append(f"  the worker (pid {live.status.get('pid')}) is gone without a final status — "
                         f"`widen resume {self.run_id}`", style="red")
-        elif state == "failed" and (live.status.get("error") or p.error):
+        elif state == "stale":
+            head.append(f"  the worker (pid {live.status.get('pid')}) is stopped or has not written a "
+                        "heartbeat for a while", style="yellow")
+        elif state in ("failed", "diverged") and (live.status.get("error") or p.error):
             head.append(f"  {live.status.get('error') or p.error}", style="red")
         self.query_one("#headline", Static).update(head)
 
@@ -480,7 +483,7 @@ class MonitorScreen(Screen):
     # -- actions --------------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "cancel_run":
-            return True if self.live.state in RUNNING_STATES else None  # None: shown, greyed out
+            return True if self.live.state in LIVE_STATES else None  # None: shown, greyed out
         return True
 
     def action_back(self) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.events import EventReader
+from engine.events import EventReader, voided_by
 from engine.rundir import RunDir
 from widen_tui.registry import RunIndex
 
@@ -50,6 +50,7 @@ class _Live:
 
     reader: EventReader
     ppl: dict[str, float] = field(default_factory=dict)
+    evals: dict[str, dict] = field(default_factory=dict)  # task -> the eval event its ppl came from
     trainable_share: float | None = None
 
 
@@ -116,11 +117,16 @@ class RunRowsLoader:
             live = self._live[run_id] = _Live(EventReader(RunDir(self.root / run_id).events))
         for event in live.reader.read_new():
             kind = event.get("type")
-            if kind == "eval" and "task" in event and event.get("ppl") is not None:
+            if kind == "eval" and event.get("ppl") is not None:
                 live.ppl[event["task"]] = event["ppl"]
+                live.evals[event["task"]] = event
+            elif kind == "resume":  # evaluations past the resume point are void
+                for task in [t for t, e in live.evals.items() if voided_by(e, event)]:
+                    del live.evals[task], live.ppl[task]
             elif kind == "expand" and event.get("trainable_share") is not None:
                 live.trainable_share = event["trainable_share"]
-            elif kind == "stage" and event.get("params") and event.get("trainable") is not None:
+            elif kind == "stage" and isinstance(event.get("params"), (int, float)) and event["params"] \
+                    and isinstance(event.get("trainable"), (int, float)):
                 live.trainable_share = event["trainable"] / event["params"]
         return live
 

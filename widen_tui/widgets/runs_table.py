@@ -15,7 +15,7 @@ from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import DataTable
 
-from widen_tui.report import STATE_STYLE
+from widen_tui.report import ALERT_STATES, STATE_STYLE
 from widen_tui.widgets.run_rows import RunRow
 
 MARK = "●"
@@ -128,6 +128,6 @@ class RunsTable(DataTable):
 def _state_cell(state: str) -> Text:
     # Named ANSI colours plus bold for the states that need attention: readable in 16 colours.
     style = STATE_STYLE.get(state, "")
-    if state in ("failed", "lost"):
+    if state in ALERT_STATES:
         style += " bold"
     return Text(state, style=style)
