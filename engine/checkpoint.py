@@ -234,6 +234,7 @@ def save(directory: Path, model: torch.nn.Module, state: TrainerState,
          task_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint to `directory` atomically; on any error the partial copy is removed
     and a CheckpointError says why (the previous checkpoint, if any, stays)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file, save_model
 
     directory = Path(directory)
@@ -255,12 +256,13 @@ def save(directory: Path, model: torch.nn.Module, state: TrainerState,
             for task, tensors_of_task in task_tensors.items():
                 if tensors_of_task:
                     save_file(tensors_of_task, str(child_path(tmp / TASKS_DIR, task, ".safetensors")))
+        _follow_umask(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
             directory.rename(old)
         tmp.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports I/O errors as its own
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not directory.exists():
             old.rename(directory)  # the swap was interrupted: put the previous checkpoint back
@@ -270,10 +272,20 @@ def save(directory: Path, model: torch.nn.Module, state: TrainerState,
     return directory
 
 
+def _follow_umask(directory: Path) -> None:
+    """safetensors writes its files 0600; a shared runs root needs the modes the umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _disk_full(error: BaseException) -> bool:
     import errno
 
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
 
 
 def exists(directory: Path) -> bool:

@@ -45,6 +45,10 @@ from engine.system import SystemMonitor
 from engine.task_modules import TaskModules
 
 SYSTEM_SAMPLE_S = 5.0        # seconds between system samples
+# A training loss above this many times that of guessing uniformly (ln vocab) is divergence too:
+# no model that still learns gets there, and such a run goes on with finite garbage for a long
+# time before anything overflows (tiny-neo at lr 1e4: losses of 1e10 for 200 steps, never NaN).
+DIVERGED_LOSS_FACTOR = 20.0
 HEARTBEAT_S = 5.0
 
 
@@ -511,12 +515,13 @@ class Trainer:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads if p.grad is not None])
                 # One sync for both checks. With float16 loss scaling an inf gradient is routine
                 # (the scaler skips that step), so only the loss counts there.
-                self._check_finite(index, step, loss, None if self.scaler.is_enabled() else grad_norm)
+                self._check_finite(index, step, loss, None if self.scaler.is_enabled() else grad_norm,
+                                   logits.shape[-1])
                 self.scaler.step(optimizer)
                 self.scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             else:
-                self._check_finite(index, step, loss, None)
+                self._check_finite(index, step, loss, None, logits.shape[-1])
             scheduler.step()
             self.position.step = step + 1
             self.history.tokens += tokens_per_step
@@ -554,15 +559,22 @@ class Trainer:
         return optimizer, scheduler
 
     @staticmethod
-    def _check_finite(stage: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    def _check_finite(stage: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None,
+                      vocab: int) -> None:
+        """Raise Diverged on a non-finite loss or gradient norm, or an exploded loss."""
         values = loss.detach().float().reshape(1)
         if grad_norm is not None:
             values = torch.cat([values, grad_norm.detach().float().reshape(1).to(values.device)])
-        if not bool(torch.isfinite(values).all()):
-            loss_value = float(values[0])
-            what = (f"the loss is {loss_value}" if not math.isfinite(loss_value)
-                    else f"the gradient norm is {float(values[1])}")
-            raise Diverged(stage, step, what)
+        bound = DIVERGED_LOSS_FACTOR * math.log(max(vocab, 2))
+        if bool(torch.isfinite(values).all()) and float(values[0]) <= bound:  # one sync per step
+            return
+        loss_value = float(values[0])
+        if not math.isfinite(loss_value):
+            raise Diverged(stage, step, f"the loss is {loss_value}")
+        if loss_value > bound:
+            raise Diverged(stage, step, f"the loss is {loss_value:.3g}, above {DIVERGED_LOSS_FACTOR:g}·ln(vocab "
+                           f"{vocab}) = {bound:.1f}")
+        raise Diverged(stage, step, f"the gradient norm is {float(values[1])}")
 
     def _plateau_detector(self, stage) -> PlateauDetector | None:
         if stage.grow is None:

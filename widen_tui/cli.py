@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -233,15 +233,14 @@ def demo(
 
 
 @app.command()
-def resume(run_ref: str = typer.Argument(..., metavar="RUN")):
-    """Continue a cancelled, failed or lost run from its latest checkpoint."""
+def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN")],
+           set_: Annotated[list[str], typer.Option("--set", help="change a training setting first, e.g. "
+                                                   "train.lr=1e-4 after a divergence (repeatable)")] = []):
+    """Continue a cancelled, failed, diverged or lost run from its latest checkpoint."""
     from widen_tui.launcher import resume as resume_run
 
     run = _run_dir(run_ref)
-    try:
-        pid = resume_run(run)
-    except RuntimeError as e:
-        raise CLIError(str(e)) from None
+    pid = resume_run(run, set_)
     err.print(f"resumed {run.id} (pid {pid}) — `widen watch {run.id}`", highlight=False)
 
 

@@ -90,6 +90,7 @@ def start_worker(run: RunDir, resume: bool = False) -> int:
     with open(run.stderr, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, cwd=os.getcwd(), env=_worker_env())
+    _await_run_lock(proc, run)
     # Note the pid at once, so a worker that dies before writing its own status shows as `lost`;
     # its create_time tells our worker from a process that gets the pid later.
     # The worker needs seconds to import torch; if it was quicker, its own status (same pid) stays.
@@ -100,6 +101,27 @@ def start_worker(run: RunDir, resume: bool = False) -> int:
     if resume:  # the index still says how the run ended before: it is queued again
         RunIndex(run.path.parent).update_run(run)
     return proc.pid
+
+
+def _await_run_lock(proc: subprocess.Popen, run: RunDir, timeout_s: float = 30.0) -> None:
+    """Wait until the new worker holds the run's lock (it takes it before importing torch, in a
+    fraction of a second); a second worker on one run exits at once, which is refused here."""
+    from engine.errors import RunStateError
+    from engine.worker import BUSY_EXIT, OWNER_FILE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code == BUSY_EXIT:
+            raise RunStateError(f"run {run.id} already has a worker — `widen watch {run.id}`")
+        if code is not None:
+            return  # it ended on its own (its status says how)
+        try:
+            if (run.path / OWNER_FILE).read_text().strip() == str(proc.pid):
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
 
 
 def _worker_env() -> dict:
@@ -132,16 +154,45 @@ def cancel(run: RunDir) -> str:
     return "cancel requested (cancel.request written; no worker process of this run on this host to signal)"
 
 
-def resume(run: RunDir) -> int:
+# What a resume may change: settings the checkpoint does not depend on. The model, the tasks and
+# the stages' operators shape the checkpoint, so they stay as the run began.
+RESUMABLE_FIELDS = re.compile(r"^(train\.(lr|grad_clip|eval_interval|log_interval|checkpoint_interval)"
+                              r"|stages\.\d+\.lr)$")
+
+
+def resume(run: RunDir, overrides: list[str] | None = None) -> int:
+    """Start a worker that continues `run` from its latest checkpoint; `overrides` (`key=value`,
+    as `--set`) change what RESUMABLE_FIELDS allows, e.g. a lower `train.lr` after a divergence."""
+    from engine.errors import RunStateError
+
     status = run.status()
-    if status["state"] in ("queued", "running"):
-        raise RuntimeError(f"run {run.id} is still {status['state']} — nothing to resume")
-    if status["state"] == "done":
-        raise RuntimeError(f"run {run.id} is done — nothing to resume")
-    if not (run.checkpoints / "latest").exists():
-        raise RuntimeError(f"run {run.id} has no checkpoint — start it again with `widen run`")
+    state = status["state"]
+    if state in ("queued", "running", "stale"):
+        raise RunStateError(f"run {run.id} is still {state} — nothing to resume"
+                            + (" (cancel it first: `widen cancel`)" if state == "stale" else ""))
+    if state == "done":
+        raise RunStateError(f"run {run.id} is done — nothing to resume")
+    if not (run.checkpoints / "latest").exists() and state != "diverged":
+        raise RunStateError(f"run {run.id} has no checkpoint — start it again with `widen run`")
+    if overrides:
+        _apply_resume_overrides(run, overrides)
     run.cancel_request.unlink(missing_ok=True)
     return start_worker(run, resume=True)
+
+
+def _apply_resume_overrides(run: RunDir, overrides: list[str]) -> None:
+    """Rewrite the run's plan.toml with `overrides` (validated as a whole plan first)."""
+    from engine.plan import PlanError, Problem, apply_overrides, parse_override, plan_from_dict, read_toml
+
+    bad = [key for key, _ in map(parse_override, overrides) if not RESUMABLE_FIELDS.match(key)]
+    if bad:
+        raise PlanError([Problem(f"--set {key}", "a resume cannot change this (the checkpoint depends on "
+                                 "it) — allowed: train.lr, train.grad_clip, train.eval_interval, "
+                                 "train.log_interval, train.checkpoint_interval, stages.N.lr") for key in bad])
+    plan = plan_from_dict(apply_overrides(read_toml(run.plan), overrides))
+    tmp = run.plan.with_name(f".plan.toml.{os.getpid()}.tmp")
+    tmp.write_text(plan.to_toml())
+    os.replace(tmp, run.plan)
 
 
 def delete_run(run: RunDir, index: RunIndex | None = None) -> None:
