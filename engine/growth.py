@@ -176,7 +176,7 @@ class PlateauDetector:
 def growth_generator(seed: int, stage: int, growth: int) -> torch.Generator:
     """The generator the operators of growth number `growth` (0, 1, ...) of a stage draw from:
     the same in a run and its resume, and different from the stage's own operators'
-    (engine.train.op_generator draws from seed·1000 + stage)."""
+    (engine.build.op_generator draws from seed·1000 + stage)."""
     return torch.Generator().manual_seed((seed * 1000 + stage) * 1000 + 1_000_003 * (growth + 1))
 
 
