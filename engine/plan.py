@@ -282,8 +282,64 @@ _TYPE_FIXES = {
 }
 
 
+_TAG_PREFIXES = ("literal[", "list[", "function-", "dict[", "tuple[", "nullable[")
+_SCALAR_TAGS = ("str", "int", "float", "bool")
+
+
+def _is_tag(loc: tuple, i: int) -> bool:
+    """Whether loc[i] names a branch of a union (pydantic adds it), not a field or a key."""
+    part = loc[i]
+    if not isinstance(part, str):
+        return False
+    return part.startswith(_TAG_PREFIXES) or (part in _SCALAR_TAGS and i == len(loc) - 1)
+
+
+def _branch_text(err: dict) -> str:
+    kind = err["type"]
+    if kind == "literal_error":
+        return str(err.get("msg", "")).removeprefix("Input should be ")
+    return {"list_type": "a list", "string_type": "text", "int_type": "a whole number", "int_parsing": "a whole number",
+            "int_from_float": "a whole number", "float_type": "a number", "float_parsing": "a number",
+            "dict_type": "a table", "model_type": "a table", "bool_type": "true or false"}.get(
+        kind, str(err.get("msg", "")).removeprefix("Input should be "))
+
+
+def problems_from_pydantic(errors: list[dict], prefix: str = "", model: type[BaseModel] | None = None) -> list[Problem]:
+    """One Problem per field: the errors of a union's branches (a list or "all", a literal or a
+    list of globs, an index or a name) become one line — the branch the value got into when it
+    got past the type (a list whose item is wrong), else "must be A or B, got X"."""
+    groups: dict[tuple, list[dict]] = {}
+    order: list[tuple] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        tag = next((i for i in range(len(loc)) if _is_tag(loc, i)), None)
+        key = loc[:tag] if tag is not None else ("", *loc)
+        if key not in groups:
+            order.append(key)
+        groups.setdefault(key, []).append(err)
+    problems = []
+    for key in order:
+        group = groups[key]
+        tagged = [e for e in group if any(_is_tag(tuple(e["loc"]), i) for i in range(len(e["loc"])))]
+        if len(tagged) < 2:
+            problems += [_problem_from_pydantic(e, prefix, model) for e in group]
+            continue
+        deeper = [e for e in tagged if not _is_tag(tuple(e["loc"]), len(e["loc"]) - 1)]
+        own = [e for e in tagged if e["type"] == "value_error"]
+        chosen = deeper or own
+        if chosen:
+            problems += [p for p in (_problem_from_pydantic(e, prefix, model) for e in chosen) if p not in problems]
+            continue
+        path = ".".join(x for x in (prefix, _path(key)) if x)
+        texts = list(dict.fromkeys(_branch_text(e) for e in tagged))
+        fix = next((_TYPE_FIXES[e["type"]] for e in reversed(tagged) if e["type"] in _TYPE_FIXES),
+                   "see the README's plan format")
+        problems.append(Problem(path, f"must be {' or '.join(texts)}, got {shown(tagged[0].get('input'))} — {fix}"))
+    return problems
+
+
 def _problem_from_pydantic(err: dict, prefix: str = "", model: type[BaseModel] | None = None) -> Problem:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "list[", "function-"))))
+    loc = tuple(p for i, p in enumerate(err["loc"]) if not _is_tag(tuple(err["loc"]), i))
     path = ".".join(x for x in (prefix, _path(loc)) if x)
     kind = err["type"]
     given = shown(err.get("input"))
@@ -392,7 +448,7 @@ def _check_op(raw: dict, path: str) -> list[Problem]:
     try:
         OP_PARAMS[name].model_validate(raw)
     except ValidationError as e:
-        return [_problem_from_pydantic(err, path, OP_PARAMS[name]) for err in e.errors()]
+        return problems_from_pydantic(e.errors(), path, OP_PARAMS[name])
     return []
 
 
@@ -572,7 +628,7 @@ def plan_from_dict(raw: dict) -> Plan:
     try:
         plan = Plan.model_validate(raw)
     except ValidationError as e:
-        problems = [_problem_from_pydantic(err, model=Plan) for err in e.errors()] + problems
+        problems = problems_from_pydantic(e.errors(), model=Plan) + problems
         raise PlanError(problems) from None
     if problems:
         raise PlanError(problems)
@@ -641,8 +697,8 @@ def _seq_len_problems(raw: dict, arch, label: str) -> list[Problem]:
     """train.seq_len at most the model's positions, when its config has a limit."""
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     seq_len = train.get("seq_len", TrainSpec.model_fields["seq_len"].default)
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool):
-        return []
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 1 < seq_len <= MAX_SEQ_LEN:
+        return []  # the schema reports it
     config = getattr(arch, "config", None)
     for field in ("n_positions", "max_position_embeddings"):
         limit = getattr(config, field, None)

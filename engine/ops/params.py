@@ -85,7 +85,7 @@ class LayeredOpParams(OpParams):
         if isinstance(v, list):
             bad = [i for i in v if i < 0]
             if bad:
-                raise ValueError(f"layer indices must be >= 0, got {bad}")
+                raise ValueError(f"layer indices must be >= 0, got {bad} — blocks count from 0; use indices or \"all\"")
             if len(set(v)) != len(v):
                 raise ValueError(f"layer indices repeat: {v}")
         return v
