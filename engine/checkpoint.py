@@ -19,7 +19,6 @@ new one; a failed write (a full disk) removes its partial directory before it re
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +30,7 @@ import torch
 
 from engine.errors import WidenError
 from engine.names import child_path
+from engine.rundir import current_umask
 
 FORMAT_VERSION = 2          # 1 was a pickled trainer.pt, which is never loaded
 STATE_FILE = "trainer.json"
@@ -274,8 +274,7 @@ def save(directory: Path, model: torch.nn.Module, state: TrainerState,
 
 def _follow_umask(directory: Path) -> None:
     """safetensors writes its files 0600; a shared runs root needs the modes the umask gives."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [directory, *directory.rglob("*")]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
@@ -356,7 +355,3 @@ def remove_leftovers(checkpoints: Path) -> list[str]:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed.append(entry.name)
     return removed
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from engine import checkpoint as ckpt
+from engine.rundir import mkdtemp_shared
 
 ENTRY_FILES = (ckpt.WEIGHTS_FILE, ckpt.TENSORS_FILE, ckpt.STATE_FILE)
 
@@ -60,9 +60,8 @@ def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], met
     if lookup(runs_root, key):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    tmp = mkdtemp_shared(prefix=f".{key}.", dir=final.parent)
     try:
-        share_dir(tmp)
         _copy_checkpoint(checkpoint, tmp)
         with open(tmp / "events.jsonl", "w") as f:
             for event in events:
@@ -93,9 +92,3 @@ def restore(entry: Path, checkpoint: Path) -> tuple[list[dict], dict]:
         meta = {}
     return events, meta if isinstance(meta, dict) else {}
 
-
-def share_dir(path: Path) -> None:
-    """mkdtemp makes 0700 directories; a shared runs root needs the umask's mode instead."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)

@@ -38,9 +38,10 @@ from engine.expand import Freezer, StageGrowth, apply_stage, count_params
 from engine.growth import (PlateauDetector, carry_optimizer_state, combine_growth, continue_schedule, grow_model,
                            growth_generator)
 from engine.models import check_vocabulary, load_model
+from engine.names import child_path, name_problem
 from engine.plan import Plan, load_plan
 from engine.results import build_results
-from engine.rundir import RunDir, write_json_atomic
+from engine.rundir import RunDir, process_create_time, write_json_atomic
 from engine.system import SystemMonitor
 from engine.task_modules import TaskModules
 
@@ -66,23 +67,13 @@ class Diverged(WidenError):
                          f"continue with a lower learning rate: widen resume RUN --set train.lr=...")
 
 
-def process_create_time(pid: int | None = None) -> float | None:
-    """The start time of a process as psutil reports it: with the pid, its identity."""
-    try:
-        import psutil
-
-        return psutil.Process(pid or os.getpid()).create_time()
-    except Exception:  # psutil missing or the process gone: identity unknown
-        return None
-
-
 class StatusFile:
     """status.json: state, pid, host, heartbeat and progress. A thread keeps the heartbeat fresh
     while the main thread is busy (a long eval must not look like a dead worker)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = {"state": "running", "pid": os.getpid(), "create_time": process_create_time(),
+        self.data = {"state": "running", "pid": os.getpid(), "create_time": process_create_time(os.getpid()),
                      "host": socket.gethostname(), "started": time.time(), "heartbeat": time.time()}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -307,9 +298,9 @@ class Trainer:
         """Runs of one `widen run` (variants, seeds) go one after another: wait while the run
         before this one is queued or running (a cancel still works while waiting)."""
         before = self.info.get("after")
-        if not before or self.resume:
+        if not before or self.resume or name_problem(before):  # run.json is untrusted: a name, not a path
             return
-        previous = RunDir(self.run.path.parent / before)
+        previous = RunDir(child_path(self.run.path.parent, before))
         while previous.exists() and previous.status()["state"] in ("queued", "running"):
             if self.cancel_requested or self.run.cancel_request.exists():
                 raise Cancelled()
@@ -322,6 +313,8 @@ class Trainer:
     def _prefix(self) -> tuple[int, str] | None:
         """(shared stages, cache key) when this run is a variant with a shared prefix."""
         stages = self.info.get("prefix_stages") or 0
+        if not isinstance(stages, int) or not 0 <= stages <= len(self.plan.stages):
+            return None  # a damaged run.json: train the stages here rather than trust it
         return (stages, self.plan.prefix_key(stages)) if stages else None
 
     def restore_prefix(self) -> bool:
@@ -726,7 +719,7 @@ def _end(trainer: Trainer | None, run_dir: Path, state: str, message: str) -> No
             trainer.status.close(state=state, ended=time.time(), error=message)
             return
     status = {"state": state, "error": message, "ended": time.time(), "pid": os.getpid(),
-              "create_time": process_create_time(), "host": socket.gethostname()}
+              "create_time": process_create_time(os.getpid()), "host": socket.gethostname()}
     path = RunDir(run_dir).status_json
     try:
         write_json_atomic(path, status)
