@@ -181,6 +181,7 @@ class EventReader:
         self.problems: list[str] = []
         self.problem_count = 0    # all of them, also those past MAX_PROBLEMS
         self._taken = 0
+        self._counted = 0
         self.read_error: str | None = None
 
     def read_new(self) -> list[dict]:
@@ -214,18 +215,37 @@ class EventReader:
                 events.append(event)
         return events
 
+    def read_rest(self) -> list[dict]:
+        """``read_new()``, then the last line even without its newline — for a run that has ended
+        (nothing more will come): a torn last line is reported, not waited for."""
+        events = self.read_new()
+        if self._partial.strip():
+            self.lines += 1
+            event, problem = _parse_line(self._partial)
+            self._partial = b""
+            if problem:
+                self._problem(f"{self.path.name} line {self.lines}: {problem} (the last line, without a newline)")
+            else:
+                events.append(event)
+        return events
+
     def _problem(self, text: str) -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(text)
 
     def new_problems(self) -> list[str]:
-        """Problems not returned before (the last one says how many more were not kept)."""
+        """Problems not returned before (at most MAX_PROBLEMS are kept; ``new_problem_count``
+        counts them all)."""
         fresh = self.problems[self._taken:]
         self._taken = len(self.problems)
-        if fresh and self.problem_count > len(self.problems) and self._taken == MAX_PROBLEMS:
-            fresh.append(f"{self.path.name}: {self.problem_count - MAX_PROBLEMS} more bad lines skipped")
         return fresh
+
+    def new_problem_count(self) -> int:
+        """How many problems (kept or not) came since the last call."""
+        count = self.problem_count - self._counted
+        self._counted = self.problem_count
+        return count
 
 
 def _parse_line(line: bytes) -> tuple[dict | None, str | None]:
@@ -279,7 +299,7 @@ def voided_by(event: dict, resume: dict) -> bool:
     if not _is_int(stage):
         return False
     if resume.get("from_checkpoint") is False:
-        return stage >= 0 or kind != "eval"  # the initial evaluation is redone too
+        return True  # from the very start: the initial evaluation is redone too
     s, k = resume_point(resume)
     if kind == "expand" and not event.get("trigger"):
         return stage > s or (stage == s and k == 0 and resume.get("ops_applied") is False)

@@ -72,9 +72,23 @@ def _warn(message: str) -> None:
 
 
 def _warn_files(run: RunDir, reader=None) -> None:
-    """Say once what could not be read: unreadable run files, bad lines of events.jsonl."""
-    for problem in run.problems() + (reader.new_problems() if reader is not None else []):
+    """Say once what could not be read: unreadable run files (a line each), bad lines of
+    events.jsonl (one line for all that are new)."""
+    for problem in run.problems():
         _warn(f"{run.id}: {problem}")
+    if reader is not None:
+        _warn_events(run, reader)
+
+
+def _warn_events(run: RunDir, reader) -> None:
+    """The events.jsonl lines `reader` skipped since last asked, in one warning line."""
+    count, problems = reader.new_problem_count(), reader.new_problems()
+    if not count:
+        return
+    name = reader.path.name
+    shown = [p.removeprefix(f"{name} ") for p in problems[:5]]
+    more = count - len(shown)
+    _warn(f"{run.id}: {name}: skipped " + "; ".join(shown) + (f"; and {more} more" if more else ""))
 
 
 def _public(record: dict) -> dict:
@@ -270,25 +284,26 @@ def _follow(run: RunDir, live: bool | None = None, show_results: bool = True) ->
     printer = None if live else _LinePrinter()
     said_stale = False
 
-    def take() -> None:
-        for event in reader.read_new():
+    def take(final: bool = False) -> None:
+        for event in reader.read_rest() if final else reader.read_new():
             progress.update(event)
             if printer:
                 printer(event)
-        for problem in reader.new_problems():
-            _warn(f"{run.id}: {problem} — skipped")
 
     def poll() -> bool:
         nonlocal said_stale
         take()
         status = run.status()
+        if status["state"] in LIVE_STATES:
+            _warn_events(run, reader)  # bad lines: one warning per poll that found some
         state = status["state"]
         if state == "stale" and not said_stale:  # its process exists: it may go on (SIGCONT)
             said_stale = True
             _warn(f"{run.id} is stale: its worker (pid {status.get('pid')}) is stopped or has not written a "
                   "heartbeat for a while — still watching; Ctrl-C stops watching")
         if state not in LIVE_STATES:
-            take()  # the last events written before the status
+            take(final=True)  # the last events written before the status
+            _warn_events(run, reader)
             progress.state = state
             progress.error = progress.error or status.get("error")
             return True
@@ -344,7 +359,7 @@ class _LinePrinter:
                 return
             self.last_step_print = time.time()
         if line and e["type"] != "system":
-            console.print(line, highlight=False, soft_wrap=True)
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -368,22 +383,21 @@ def logs(
     run = _run_dir(run_ref)
     reader = EventReader(run.events)
 
-    def dump():
-        for event in reader.read_new():
+    def dump(final: bool = False):
+        for event in reader.read_rest() if final else reader.read_new():
             console.print(dumps_json(event) if raw else describe_event(event), highlight=False, soft_wrap=True,
                           markup=False)
-        for problem in reader.new_problems():
-            _warn(f"{run.id}: {problem} — skipped")
+        _warn_events(run, reader)
 
-    dump()
+    state = run.status()["state"]
     try:
-        while follow and run.status()["state"] in LIVE_STATES:
-            time.sleep(0.5)
+        while follow and state in LIVE_STATES:
             dump()
+            time.sleep(0.5)
+            state = run.status()["state"]
     except KeyboardInterrupt:
         return
-    dump()
-    state = run.status()["state"]
+    dump(final=state not in LIVE_STATES)
     _warn_files(run)
     if state in ("failed", "lost", "diverged") and run.stderr.is_file():
         try:
