@@ -156,12 +156,6 @@ class EventWriter:
         self._file.close()
 
 
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
 MAX_PROBLEMS = 20  # a reader keeps this many problem lines (and counts the rest)
 
 

@@ -133,7 +133,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), file_mode())
+            try:
+                os.fchmod(f.fileno(), file_mode())
+            except OSError:  # a filesystem without modes (some network or FUSE mounts): its own rule
+                pass
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -193,3 +193,40 @@ def test_create_run_builds_in_a_hidden_dir_that_listings_skip(tmp_path):
     (half / "run.json").write_text('{"id": "x"}')
     assert [r.id for r in list_run_dirs(root)] == [run.id]
     assert [r["id"] for r in RunIndex(root).refresh()] == [run.id]
+
+
+def test_a_group_is_created_whole_or_not_at_all(tmp_path, monkeypatch):
+    import widen_tui.launcher as launcher
+    from engine.plan import plan_from_dict
+
+    plan = plan_from_dict({"name": "tiny", "model": {"source": "builtin:tiny-neo"},
+                           "tasks": {"prose": {"source": "builtin:pydoc"}},
+                           "stages": [{"task": "prose", "steps": 1}],
+                           "variants": [{"name": "a", "stages": [{"task": "prose", "steps": 1}]},
+                                        {"name": "b", "stages": [{"task": "prose", "steps": 1}]}]})
+    real, made = launcher.create_run, []
+
+    def second_fails(*args, **kwargs):
+        if made:
+            raise RunCreateError("cannot create the run: No space left on device — free space in x")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(launcher, "create_run", second_fails)
+    root = tmp_path / "runs"
+    with pytest.raises(RunCreateError):
+        launcher.create_runs(plan, None, root=root)
+    assert len(made) == 1 and not made[0].path.exists()
+    assert list_run_dirs(root) == [] and RunIndex(root).all() == []
+
+
+def test_rebuild_removes_run_dirs_a_killed_launcher_left_half_made(tmp_path):
+    make_run(tmp_path, "r1")
+    old, young = tmp_path / ".new-old", tmp_path / ".new-young"
+    for half in (old, young):
+        half.mkdir()
+        (half / "plan.toml").write_text("")
+    long_ago = time.time() - 3600
+    os.utime(old, (long_ago, long_ago))
+    assert RunIndex(tmp_path).rebuild() == 1
+    assert not old.exists() and young.exists()  # a young one may be a launcher at work

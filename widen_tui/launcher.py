@@ -73,14 +73,23 @@ def create_runs(plan: Plan, plan_path: Path | str | None, seeds: list[int] | Non
         return [create_run(plan.model_copy(update={"seed": seeds[0]}), plan_path, root)]
     group = new_run_id(plan.name)
     runs: list[RunDir] = []
-    for seed in seeds:
-        for variant in variants:
-            resolved = plan.for_variant(variant) if variant else plan
-            resolved = resolved.model_copy(update={"seed": seed})
-            label = "-".join(str(x) for x in (plan.name, variant, f"s{seed}" if len(seeds) > 1 else None) if x)
-            runs.append(create_run(resolved, plan_path, root, name=label, group=group, variant=variant,
-                                   prefix_stages=len(plan.stages) if variant else None,
-                                   after=runs[-1].id if runs else None))
+    try:
+        for seed in seeds:
+            for variant in variants:
+                resolved = plan.for_variant(variant) if variant else plan
+                resolved = resolved.model_copy(update={"seed": seed})
+                label = "-".join(str(x) for x in (plan.name, variant, f"s{seed}" if len(seeds) > 1 else None) if x)
+                runs.append(create_run(resolved, plan_path, root, name=label, group=group, variant=variant,
+                                       prefix_stages=len(plan.stages) if variant else None,
+                                       after=runs[-1].id if runs else None))
+    except RunCreateError:  # all of the group or none: the runs made so far would wait for ever
+        for run in runs:
+            shutil.rmtree(run.path, ignore_errors=True)
+            try:
+                RunIndex(run.path.parent).remove(run.id)
+            except OSError:
+                pass
+        raise
     return runs
 
 

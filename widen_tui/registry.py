@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 LOCK_TIMEOUT_S = 30.0
+HALF_MADE_AGE_S = 600.0  # a `.new-<id>` run dir this old belongs to no live launcher: rebuild removes it
 
 
 class RunNotFound(WidenError, ValueError):
@@ -234,6 +236,11 @@ class RunIndex:
             with contextlib.suppress(OSError):
                 if time.time() - tmp.stat().st_mtime > min_age_s:
                     tmp.unlink()
+        # a launcher killed while it built a run dir (``.new-<id>``, renamed into place when whole)
+        for half in self.root.glob(".new-*"):
+            with contextlib.suppress(OSError):
+                if half.is_dir() and time.time() - half.stat().st_mtime > HALF_MADE_AGE_S:
+                    shutil.rmtree(half)
 
     # -- names ---------------------------------------------------------------------------------
 

@@ -196,10 +196,11 @@ class RunUpdate(Message):
     """What the follower read since its last message (posted from its thread)."""
 
     def __init__(self, events: list[dict], status: dict, results: dict | None, info: dict | None,
-                 now: float, first: bool):
+                 now: float, first: bool, problems: list[str] | None = None):
         super().__init__()
         self.events, self.status, self.results, self.info = events, status, results, info
         self.now, self.first = now, first
+        self.problems = problems or []  # unreadable run files, skipped lines of events.jsonl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,9 +303,13 @@ class MonitorScreen(Screen):
         last_post = 0.0
         results_seen = False
         first = True
+        said: set[str] = set()  # file problems already shown
         while not (worker.is_cancelled or self._stopping):
             events = reader.read_new()
             status = run.status()
+            problems = [f"warning: {p} — skipped" for p in reader.new_problems()]
+            problems += [f"warning: {p}" for p in run.problems() if p not in said]
+            said.update(run.problems())
             results = None
             final = status.get("state") in FINAL_STATES
             if final and not results_seen:
@@ -314,15 +319,16 @@ class MonitorScreen(Screen):
                 results_seen = False  # resumed: a new results.json will come
             now = self.clock()
             running = status.get("state") in RUNNING_STATES
-            if first or events or results or status != last_status or (running and now - last_post >= HEARTBEAT_S):
-                self.post_message(RunUpdate(events, status, results, info if first else None, now, first))
+            if first or events or results or problems or status != last_status \
+                    or (running and now - last_post >= HEARTBEAT_S):
+                self.post_message(RunUpdate(events, status, results, info if first else None, now, first, problems))
                 last_status, last_post, first = status, now, False
             if self._wake.wait(POLL_S if running or events else IDLE_POLL_S) and not self._stopping:
                 self._wake.clear()  # woken early (after a cancel): look now, then sleep as before
 
     def on_run_update(self, message: RunUpdate) -> None:
         before = self.live.state
-        lines = self.live.fold(message.events, message.status, message.results, message.info)
+        lines = self.live.fold(message.events, message.status, message.results, message.info) + message.problems
         if message.first:
             skipped = max(len(lines) - LOG_HISTORY_LINES, 0)
             if skipped:

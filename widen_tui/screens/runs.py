@@ -25,8 +25,8 @@ from widen_tui.widgets.confirm import ConfirmScreen
 from widen_tui.widgets.run_rows import RunRow, RunRowsLoader
 from widen_tui.widgets.runs_table import RunsTable
 
-CANCELLABLE = ("queued", "running")
-RESUMABLE = ("cancelled", "failed", "lost")
+CANCELLABLE = ("queued", "running", "stale")  # stale: its process exists (stopped or silent)
+RESUMABLE = ("cancelled", "failed", "lost", "diverged")
 FILTER_HINT = "/ filter by id, name, variant, plan, state · ctrl+p every command"
 
 
@@ -227,7 +227,7 @@ class RunsScreen(Screen):
         states = self._states(ids)
         live = [i for i in ids if states[i] in CANCELLABLE]
         if not live:
-            self.notify(_not_applicable(states, "cancelled", "only queued or running runs can be cancelled"),
+            self.notify(_not_applicable(states, "cancelled", "only queued, running or stale runs can be cancelled"),
                         severity="warning", markup=False)
             return
         skipped = len(ids) - len(live)
@@ -244,7 +244,7 @@ class RunsScreen(Screen):
         states = self._states(ids)
         resumable = [i for i in ids if states[i] in RESUMABLE]
         if not resumable:
-            self.notify(_not_applicable(states, "resumed", "only cancelled, failed or lost runs can be resumed"),
+            self.notify(_not_applicable(states, "resumed", "only cancelled, failed, diverged or lost runs can be resumed"),
                         severity="warning", markup=False)
             return
         self._act("resume", resumable)

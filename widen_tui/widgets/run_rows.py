@@ -105,8 +105,9 @@ class RunRowsLoader:
             variant or NO_VALUE,
             plan or NO_VALUE,
         )
+        problems = record.get("problems") or []  # unreadable run files
         detail = " · ".join(x for x in (run_id, f"error: {record['error']}" if record.get("error") else "",
-                                        f"plan {plan_path}" if plan_path else "") if x)
+                                        f"plan {plan_path}" if plan_path else "", *map(str, problems[:2])) if x)
         haystack = " ".join((run_id, name, variant, plan, state)).casefold()
         return RunRow(run_id, state, cells, detail, haystack)
 
