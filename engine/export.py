@@ -32,6 +32,7 @@ from engine.expand import count_params, probe
 from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
 from engine.ops.depth import compact_attention_types, untie
 from engine.plan import Plan
+from engine.rundir import dumps_json
 
 EXPORT_MANIFEST = "widen_export.json"
 ADAPTER_DIR = "adapter"
@@ -254,7 +255,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path | str,
                            "path": f"{ADAPTER_DIR}/{e['name']}"} for e in exports],
         "operators": [_op_summary(r) for r in reports or []],
     }
-    (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    (out_dir / EXPORT_MANIFEST).write_text(dumps_json(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -296,7 +297,7 @@ def verify_export(out_dir: Path | str, batch, reference: torch.Tensor) -> float:
     manifest = json.loads(manifest_path.read_text())
     manifest["parity"] = {"max_abs_logit_delta": delta, "probe_shape": list(batch[0].shape),
                           "against": "the in-widen model before materializing"}
-    manifest_path.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    manifest_path.write_text(dumps_json(manifest, indent=1) + "\n")
     return delta
 
 

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from engine import checkpoint as ckpt
-from engine.rundir import mkdtemp_shared
+from engine.rundir import dumps_json, mkdtemp_shared
 
 ENTRY_FILES = (ckpt.WEIGHTS_FILE, ckpt.TENSORS_FILE, ckpt.STATE_FILE)
 
@@ -65,8 +65,8 @@ def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], met
         _copy_checkpoint(checkpoint, tmp)
         with open(tmp / "events.jsonl", "w") as f:
             for event in events:
-                f.write(json.dumps(event) + "\n")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                f.write(dumps_json(event) + "\n")
+        (tmp / "meta.json").write_text(dumps_json(meta, indent=1))
         os.rename(tmp, final)
     except OSError:
         if not lookup(runs_root, key):

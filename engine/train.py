@@ -361,7 +361,7 @@ class Trainer:
             # Readers drop what an earlier segment logged past this point (engine.events).
             at = self.position if saved is not None else Position()
             self.emit("resume", stage=at.stage, step=at.step, global_step=self._global_step(at.stage, at.step),
-                      from_checkpoint=saved is not None)
+                      ops_applied=at.ops_applied, from_checkpoint=saved is not None)
         torch.manual_seed(plan.seed)
         if saved is not None:
             self._rebuild_to(self.position.stage, self.position.ops_applied, saved)

@@ -10,7 +10,6 @@ that class lives in `__main__`, not in an importable module).
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.errors import WidenError
+from engine.rundir import dumps_json
 
 sweep_app = typer.Typer(help="Score grown models without training.", no_args_is_help=True)
 
@@ -190,10 +190,10 @@ def to_json(result: dict) -> str:
     fields = []
     for key, value in result.items():
         if key == "rows":
-            rows = ",\n".join(f"  {json.dumps(row)}" for row in value)
+            rows = ",\n".join(f"  {dumps_json(row)}" for row in value)
             fields.append(f' "rows": [\n{rows}\n ]')
         else:
-            fields.append(f" {json.dumps(key)}: {json.dumps(value)}")
+            fields.append(f" {dumps_json(key)}: {dumps_json(value)}")
     return "{\n" + ",\n".join(fields) + "\n}"
 
 
