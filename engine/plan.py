@@ -1,8 +1,13 @@
 """The expansion plan: TOML schema, `--set` overrides, and checking with clear messages.
 
 ``load_plan`` parses and validates; every problem is reported as ``field.path: message — fix``
-in one ``PlanError``. ``check_plan`` adds the checks that need the model's config (layer indices),
-loaded without weights. No torch here: the CLI imports this module at start-up.
+in one ``PlanError``, one line each whatever the plan holds (values echoed are cut to ~60
+characters, control characters escaped). The schema bounds every number (no bools as numbers,
+no inf/nan) and the cross checks refuse names that would become unsafe file names.
+``check_model_fields`` adds what needs the model's config (layer indices, seq_len against the
+model's positions, the sweep's mappings), loaded without weights, and what the plan points at
+(task sources, tokenizers, the device: engine.plan_checks). No torch here: the CLI imports this
+module at start-up (the device check imports it only to ask about CUDA, and only when asked).
 """
 
 from __future__ import annotations
@@ -356,7 +361,12 @@ def _problem_from_pydantic(err: dict, prefix: str = "", model: type[BaseModel] |
         fix = f"use a value in {bounds}" if bounds else _TYPE_FIXES.get(kind, "use a smaller or larger value")
         return Problem(path, f"{message.replace('Input should be', 'must be')}, got {given} — {fix}")
     if kind == "literal_error":
-        return Problem(path, f"{message.replace('Input should be', 'must be')}, got {given}")
+        expected = str((err.get("ctx") or {}).get("expected", "")).replace("'", "").split(" or ")
+        options = [o.strip() for part in expected for o in part.split(",") if o.strip()]
+        value = err.get("input")
+        hint = difflib.get_close_matches(value[:100], options, n=1) if isinstance(value, str) else []
+        fix = f"did you mean '{hint[0]}'?" if hint else "use one of those"
+        return Problem(path, f"{message.replace('Input should be', 'must be')}, got {given} — {fix}")
     if kind == "value_error":
         return Problem(path, message.removeprefix("Value error, "))
     fix = _TYPE_FIXES.get(kind, "see the README's plan format")
@@ -849,4 +859,5 @@ def validate_file(path: Path | str, overrides: list[str] | None = None,
         plan = plan_from_dict(raw)
     except PlanError as e:
         problems = list(e.problems)
-    return (plan if not problems else None), problems + check_model_fields(raw)
+    problems += check_model_fields(raw)
+    return (plan if not problems else None), problems
