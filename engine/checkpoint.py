@@ -262,10 +262,12 @@ def save(directory: Path, model: torch.nn.Module, state: TrainerState,
             directory.rename(old)
         tmp.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports I/O errors as its own
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not directory.exists():
             old.rename(directory)  # the swap was interrupted: put the previous checkpoint back
+        if not isinstance(e, (OSError, RuntimeError, SafetensorError)):  # safetensors: its own I/O errors
+            raise
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0][:200]
         raise CheckpointError(f"checkpoint not written to {directory}: {reason}"
                               + (" — free disk space, then `widen resume`" if _disk_full(e) else "")) from e

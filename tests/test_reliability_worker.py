@@ -344,3 +344,33 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o664, path
     for name in ("status.json", "results.json", "run.json"):
         assert (run.path / name).stat().st_mode & 0o777 == 0o664, name
+
+
+# -- 2. names never become paths outside the run --------------------------------------------------
+
+
+def test_a_traversal_task_name_in_a_run_plan_writes_nothing_outside(tmp_path):
+    """plan check refuses the name (tests/test_plan_bounds.py); a plan.toml edited inside a run
+    dir skips that check, and the worker still writes nothing outside the run directory."""
+    root = tmp_path / "a" / "b" / "c" / "runs"
+    plan = load_plan(write_plan(tmp_path), ["stages.1.steps=1"])
+    run = create_run(plan, None, root=root)
+    evil = "../../../../../../x"
+    text = run.plan.read_text().replace('[tasks.prose]', f'[tasks."{evil}"]').replace('task = "prose"',
+                                                                                        f'task = "{evil}"')
+    run.plan.write_text(text.replace("task_modules = false", "") + "\ntask_modules = true\n"
+                        if "task_modules" not in text else text)
+    assert run_engine(run.path) == 1
+    status = run.status()
+    assert status["state"] == "failed" and len(status["error"].splitlines()) == 1
+    assert not list(tmp_path.rglob("x.safetensors")) and not Path("/x.safetensors").exists()
+
+
+def test_checkpoint_task_files_stay_inside_the_checkpoint(tmp_path):
+    from engine.errors import UnsafeName
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(UnsafeName):
+        checkpoint.save(tmp_path / "latest", model, checkpoint.TrainerState(),
+                        {"../../x": {"w": torch.zeros(1)}})
+    assert not (tmp_path.parent / "x.safetensors").exists() and not list(tmp_path.glob(".tmp-*"))
