@@ -14,6 +14,7 @@ import torch
 
 from engine import health as health_metrics
 from engine.arch.forward import forward_logits, loss_of
+from engine.errors import WidenError
 from engine.ops.registry import OpResult, apply_operator
 
 
@@ -68,6 +69,11 @@ class StageGrowth:
     reports: list[dict] = field(default_factory=list)
 
 
+class OperatorError(WidenError, ValueError):
+    """An operator that does not fit the model as it is at that point of the plan (found when it
+    is applied: some fits need the built model, not only its config)."""
+
+
 def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Generator,
                 measure: bool = True) -> StageGrowth:
     """Apply the stage's operators in order. With `measure`, each gets a report (no training)."""
@@ -79,7 +85,10 @@ def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Ge
         before = count_params(model)
         if measure:
             logits_before, loss_before = probe(model, inputs, targets)
-        result = apply_operator(view, params, generator)
+        try:
+            result = apply_operator(view, params, generator)
+        except ValueError as e:  # operators state what does not fit the model as a ValueError
+            raise OperatorError(f"stage {stage_index}: {params.op}: {str(e).splitlines()[0]}") from e
         for key, value in result.config_changes.items():
             setattr(model.config, key, value)
         growth.results.append(result)

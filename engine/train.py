@@ -61,10 +61,10 @@ class Diverged(WidenError):
     """A non-finite loss, gradient norm or weight: the run stops before anything non-finite is
     saved."""
 
-    def __init__(self, stage: int, step: int, what: str):
+    def __init__(self, stage: int, step: int, what: str, run_id: str = "RUN"):
         self.stage, self.step = stage, step
         super().__init__(f"diverged at stage {stage} step {step}: {what} — the last checkpoint is kept; "
-                         f"continue with a lower learning rate: widen resume RUN --set train.lr=...")
+                         f"continue with a lower learning rate: widen resume {run_id} --set train.lr=...")
 
 
 class StatusFile:
@@ -266,7 +266,7 @@ class Trainer:
         if not self.is_main:
             return
         if not checkpoint.finite_weights(self.model):
-            raise Diverged(self.position.stage, self.position.step, "the weights are not finite")
+            raise Diverged(self.position.stage, self.position.step, "the weights are not finite", self.run.id)
         state = TrainerState(
             position=self.position, history=self.history,
             optimizer=optimizer.state_dict() if optimizer else None,
@@ -551,8 +551,7 @@ class Trainer:
         self.history.wall_s += time.time() - stage_start
         return optimizer, scheduler
 
-    @staticmethod
-    def _check_finite(stage: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None,
+    def _check_finite(self, stage: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None,
                       vocab: int) -> None:
         """Raise Diverged on a non-finite loss or gradient norm, or an exploded loss."""
         values = loss.detach().float().reshape(1)
@@ -563,11 +562,11 @@ class Trainer:
             return
         loss_value = float(values[0])
         if not math.isfinite(loss_value):
-            raise Diverged(stage, step, f"the loss is {loss_value}")
+            raise Diverged(stage, step, f"the loss is {loss_value}", self.run.id)
         if loss_value > bound:
             raise Diverged(stage, step, f"the loss is {loss_value:.3g}, above {DIVERGED_LOSS_FACTOR:g}·ln(vocab "
-                           f"{vocab}) = {bound:.1f}")
-        raise Diverged(stage, step, f"the gradient norm is {float(values[1])}")
+                           f"{vocab}) = {bound:.1f}", self.run.id)
+        raise Diverged(stage, step, f"the gradient norm is {float(values[1])}", self.run.id)
 
     def _plateau_detector(self, stage) -> PlateauDetector | None:
         if stage.grow is None:
@@ -688,7 +687,8 @@ def run(run_dir: Path | str, resume: bool = False) -> int:
         _end(trainer, run_dir, "diverged", str(e))
         return 1
     except WidenError as e:
-        _end(trainer, run_dir, "failed", _where(trainer) + str(e).splitlines()[0])
+        message = str(e).splitlines()[0]
+        _end(trainer, run_dir, "failed", message if message.startswith("stage ") else _where(trainer) + message)
         return 1
     except Exception as e:
         traceback.print_exc()
