@@ -22,7 +22,11 @@ SHOWN = 60
 
 
 def _shown(value: str) -> str:
+    """A value as the message shows it: its repr, shortened. A path keeps its end (the file name
+    tells which one) and up to 200 characters, since the user has to find it."""
     text = repr(value)
+    if "/" in value or "\\" in value:
+        return text if len(text) <= 200 else "'…" + text[-198:]
     return text if len(text) <= SHOWN else text[:SHOWN - 1] + "…"
 
 

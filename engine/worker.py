@@ -47,11 +47,29 @@ def main(argv: list[str] | None = None) -> int:
         return BUSY_EXIT
     try:
         (run_dir / OWNER_FILE).write_text(str(os.getpid()))
-        from engine.train import run  # torch: only once the run is ours
-
+        try:
+            from engine.train import run  # torch: only once the run is ours
+        except Exception as e:  # a broken install: say so in status.json, not only in stderr.log
+            _record_start_failure(run_dir, e)
+            return 1
         return run(run_dir, resume=args.resume)
     finally:
         lock.release()
+
+
+def _record_start_failure(run_dir: Path, error: Exception) -> None:
+    import socket
+    import time
+    import traceback
+
+    from engine.rundir import process_create_time, write_json_atomic
+
+    traceback.print_exc()
+    message = str(error).splitlines()[0][:300] if str(error) else ""
+    write_json_atomic(run_dir / "status.json", {
+        "state": "failed", "error": f"the worker could not start: {error.__class__.__name__}: {message}",
+        "ended": time.time(), "pid": os.getpid(), "create_time": process_create_time(os.getpid()),
+        "host": socket.gethostname()})
 
 
 def _read_owner(run_dir: Path) -> str | None:

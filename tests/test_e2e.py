@@ -124,12 +124,26 @@ def test_killed_worker_shows_as_lost(tiny_plan, widen_home):
 
 
 def test_failure_is_one_clear_line(tiny_plan, widen_home, tmp_path):
+    """A missing task source is refused before any run starts (the check `widen run` makes)."""
     out = widen("run", str(tiny_plan), "--set", f"tasks.python.source={tmp_path}/absent-dir",
                 env_home=widen_home)
     assert out.returncode == 1
-    assert "absent-dir" in out.stderr and "Traceback" not in out.stderr + out.stdout
-    (record,) = json.loads(widen("runs", "--json", env_home=widen_home, check=True).stdout)
-    assert record["state"] == "failed" and "absent-dir" in record["error"]
+    assert f"{tmp_path}/absent-dir" in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert json.loads(widen("runs", "--json", env_home=widen_home, check=True).stdout) == []
+
+
+def test_a_data_failure_inside_the_worker_is_one_clear_line(tiny_plan, widen_home, tmp_path):
+    """What the check cannot see (here: the file vanishes after the check) fails the run in one line."""
+    source = tmp_path / "notes.txt"
+    source.write_text("some text " * 50)
+    out = widen("run", str(tiny_plan), "--detach", "--set", f"tasks.python.source=\"{source}\"",
+                env_home=widen_home, check=True)
+    source.unlink()
+    run = RunDir(widen_home / out.stdout.strip())
+    assert wait_for(run, ("failed", "done"), timeout=90) == "failed"
+    error = run.status()["error"]
+    assert "notes.txt" in error and len(error.splitlines()) == 1
 
 
 def test_local_model_directory_uses_the_hub_code_path(tiny_plan, widen_home, tmp_path):
