@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.builtins import TEXT_CORPORA
 from engine.errors import WidenError
 
 # Bump when the way documents, splits or streams are built changes: it invalidates every cache.
 FORMAT_VERSION = "1"
 
-BUILTIN_CORPORA = ("pydoc", "stdlib-python")
+BUILTIN_CORPORA = TEXT_CORPORA
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Files that may sit beside data files in a dataset directory (a cloned hub dataset repo)
 # without making it a directory of text documents.

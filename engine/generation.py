@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.builtins import GENERATION_CORPORA
 from engine.data import (DATA_SUFFIXES, DataError, FORMAT_VERSION as DATA_FORMAT_VERSION, _hash_int, _load_dataset,
                          _local_fingerprint, _stdlib_documents, is_held_out, split_documents,
                          write_dir_atomic)
@@ -43,7 +44,7 @@ FORMAT_VERSION = "1"
 
 IGNORE_INDEX = -100  # torch cross_entropy's ignore_index: prompt and padding targets
 MODEL_KINDS = ("causal_lm", "seq2seq")
-BUILTIN_GENERATION_CORPORA = ("docstring-code",)
+BUILTIN_GENERATION_CORPORA = GENERATION_CORPORA
 
 # A pair (prompt + continuation, in UTF-8 bytes = byte tokens) fits a 384-token context, and
 # the continuation is at most 256 bytes, so that a decode budget of a few hundred tokens can

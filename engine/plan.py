@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
+from engine import builtins
 from engine.errors import WidenError
 from engine.names import label_problem, name_problem
 from engine.ops.params import MAX_DEPTH, MAX_STEPS, OP_PARAMS, Float, Int, OpParams
@@ -54,7 +55,7 @@ class ModelSpec(Strict):
     revision: str | None = None
 
 
-GENERATION_SOURCES = ("builtin:docstring-code",)
+GENERATION_SOURCES = builtins.sources(builtins.GENERATION_CORPORA)
 
 
 class TaskSpec(Strict):

@@ -14,6 +14,8 @@ import functools
 import re
 from pathlib import Path
 
+from engine import builtins
+
 # Hub repository ids: "name" or "owner/name"; letters, digits, '-', '_', '.', at most 96 each.
 HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
 # Files a local tokenizer directory holds at least one of (engine.data digests the same prefixes).
@@ -31,12 +33,8 @@ def _shown(value: str) -> str:
 
 
 def builtin_corpora() -> dict[str, tuple[str, ...]]:
-    """Task kind -> the built-in corpora of that kind, from the modules that build them (the one
-    list of each: engine.data for text, engine.generation for prompt/continuation pairs)."""
-    from engine.data import BUILTIN_CORPORA
-    from engine.generation import BUILTIN_GENERATION_CORPORA
-
-    return {"text": tuple(BUILTIN_CORPORA), "generation": tuple(BUILTIN_GENERATION_CORPORA)}
+    """Task kind -> the built-in corpora of that kind (engine.builtins: the one list)."""
+    return {"text": builtins.TEXT_CORPORA, "generation": builtins.GENERATION_CORPORA}
 
 
 def builtin_task_sources() -> tuple[str, ...]:
