@@ -10,6 +10,7 @@ model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -188,3 +189,33 @@ def load_run_model(run_dir: Path | str, device: str = "cpu"):
     checkpoint.load_weights(model, latest, device)
     model.eval()
     return model, view, tokenizer, plan
+
+
+@dataclass
+class Prepared:
+    """Everything a run trains and evaluates with, before any stage: the model on its device, the
+    tokenizer, each task's data and fixed eval batches (on the device), and bytes per token of
+    each eval stream (a loss converts to bits per byte with it)."""
+
+    device: torch.device
+    tokenizer: object
+    model: torch.nn.Module
+    view: object
+    tasks: dict
+    eval_sets: dict[str, list]
+    bytes_per_token: dict[str, float]
+
+
+def prepare(plan: Plan, cache: Path) -> Prepared:
+    from engine.arch.forward import model_kind
+
+    device = pick_device(plan.train.device)
+    tokenizer, model, view = load_tokenizer_and_model(plan, "cpu")
+    kind = model_kind(model)
+    start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+    tasks = {name: load_plan_task(name, spec, tokenizer, cache, kind, start) for name, spec in plan.tasks.items()}
+    model.to(device)
+    eval_sets = {name: [batch_to(b, device) for b in task_eval_batches(data, plan.train)]
+                 for name, data in tasks.items()}
+    return Prepared(device, tokenizer, model, view, tasks, eval_sets,
+                    {n: d.eval_bytes / max(1, d.eval_tokens) for n, d in tasks.items()})

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (run_dir / OWNER_FILE).write_text(str(os.getpid()))
         try:
-            from engine.train import run  # torch: only once the run is ours
+            from engine.session import run  # torch: only once the run is ours
         except Exception as e:  # a broken install: say so in status.json, not only in stderr.log
             _record_start_failure(run_dir, e)
             return 1

@@ -194,7 +194,7 @@ def tiny(raw: dict) -> dict:
 
 
 def tiny_run(raw: dict, touched: tuple, root: Path) -> dict:
-    from engine import train
+    from engine import session
     from engine.rundir import RunDir
     from widen_tui.launcher import create_run
 
@@ -207,7 +207,7 @@ def tiny_run(raw: dict, touched: tuple, root: Path) -> dict:
     run = create_run(plan, None, root=root)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        code = train.run(run.path)
+        code = session.run(run.path)
     status = RunDir(run.path).status()
     state, error = status.get("state"), status.get("error")
     assert state in ("done", "failed", "diverged"), status

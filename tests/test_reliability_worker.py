@@ -22,7 +22,7 @@ from engine import checkpoint
 from engine.events import read_all
 from engine.plan import load_plan
 from engine.rundir import RunDir
-from engine.train import run as run_engine
+from engine.session import run as run_engine
 from widen_tui.launcher import create_run, create_runs
 
 pytestmark = pytest.mark.slow
@@ -310,7 +310,7 @@ def test_a_swap_killed_half_way_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_an_unexpected_engine_error_is_one_line_with_stage_and_step(tmp_path, monkeypatch, capsys):
-    import engine.train as train
+    import engine.train as train  # the loop calls its own task_train_batch
 
     root = tmp_path / "runs"
     run = create_run(load_plan(write_plan(tmp_path)), None, root=root)

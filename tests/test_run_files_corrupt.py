@@ -56,7 +56,7 @@ PLAN = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> tuple[Path, str, str]:
     """(runs root, the run to damage, a healthy twin): one finished run, trained once, and a copy."""
-    import engine.train
+    import engine.session
     from engine.plan import load_plan
     from widen_tui.launcher import create_run
     from widen_tui.registry import RunIndex
@@ -66,7 +66,7 @@ def made(tmp_path_factory) -> tuple[Path, str, str]:
     plan_path.write_text(PLAN)
     root = base / "runs"
     victim = create_run(load_plan(plan_path), plan_path, root, name="victim")
-    assert engine.train.run(victim.path) == 0
+    assert engine.session.run(victim.path) == 0
     victim.stderr.write_text("the worker's output\n")
     healthy = RunDir(root / (victim.id[:-4] + "beef"))
     shutil.copytree(victim.path, healthy.path)

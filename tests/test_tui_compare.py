@@ -159,7 +159,7 @@ def real_runs(tiny_plan, widen_home, tmp_path) -> list[str]:
     """A variant group (lora, ffn) whose second run starts from the cached shared stage, and a
     plain run of the tiny plan (prose, then widening + python)."""
     from engine.plan import load_plan
-    from engine.train import Trainer
+    from engine.session import run as run_worker
     from tests.test_variants import VARIANT_PLAN
     from widen_tui.launcher import create_run, create_runs
 
@@ -167,7 +167,7 @@ def real_runs(tiny_plan, widen_home, tmp_path) -> list[str]:
     variants.write_text(VARIANT_PLAN)
     runs = create_runs(load_plan(variants), variants) + [create_run(load_plan(tiny_plan), tiny_plan)]
     for run in runs:
-        Trainer(run.path).run_plan()
+        assert run_worker(run.path) == 0
     return [r.id for r in runs]
 
 

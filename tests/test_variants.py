@@ -135,12 +135,11 @@ def test_second_variant_starts_from_the_cached_prefix_and_matches_an_uncached_ru
     import shutil
 
     from engine.events import read_all
-    from engine.train import Trainer
+    from engine.session import run
     from widen_tui.launcher import create_runs
 
     first, second = create_runs(load_plan(variant_plan), variant_plan)
-    Trainer(first.path).run_plan()
-    Trainer(second.path).run_plan()
+    assert run(first.path) == 0 and run(second.path) == 0
     a, b = first.results(), second.results()
     assert not a["summary"]["prefix_cached"] and b["summary"]["prefix_cached"]
     assert a["matrix"]["loss"][:2] == b["matrix"]["loss"][:2]   # initial + shared stage rows, copied
@@ -154,7 +153,7 @@ def test_second_variant_starts_from_the_cached_prefix_and_matches_an_uncached_ru
     json_info = json.loads(alone.run_json.read_text())
     json_info.pop("after", None)
     alone.run_json.write_text(json.dumps(json_info))
-    Trainer(alone.path).run_plan()
+    assert run(alone.path) == 0
     c = alone.results()
     assert not c["summary"]["prefix_cached"]
     flat = [x for row in c["matrix"]["loss"] for x in row]

@@ -1,0 +1,44 @@
+"""Divergence: a step whose loss or gradient norm is not finite, or whose loss exploded.
+
+Such a run stops before anything non-finite is saved (checkpoints check their weights too), so
+its last checkpoint is a good one and ``widen resume RUN --set train.lr=...`` continues from it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.errors import WidenError
+
+# A training loss above this many times that of guessing uniformly (ln vocab) is divergence too:
+# no model that still learns gets there, and such a run goes on with finite garbage for a long
+# time before anything overflows (tiny-neo at lr 1e4: losses of 1e10 for 200 steps, never NaN).
+DIVERGED_LOSS_FACTOR = 20.0
+
+
+class Diverged(WidenError):
+    def __init__(self, stage: int, step: int, what: str, run_id: str = "RUN"):
+        self.stage, self.step = stage, step
+        super().__init__(f"diverged at stage {stage} step {step}: {what} — the last checkpoint is kept; "
+                         f"continue with a lower learning rate: widen resume {run_id} --set train.lr=...")
+
+
+def check_step(loss: torch.Tensor, grad_norm: torch.Tensor | None, vocab: int, stage: int, step: int,
+               run_id: str) -> None:
+    """Raise Diverged unless the loss (and the gradient norm, when given) is finite and the loss
+    at most DIVERGED_LOSS_FACTOR·ln(vocab). One device sync for all of it."""
+    values = loss.detach().float().reshape(1)
+    if grad_norm is not None:
+        values = torch.cat([values, grad_norm.detach().float().reshape(1).to(values.device)])
+    bound = DIVERGED_LOSS_FACTOR * math.log(max(vocab, 2))
+    if bool(torch.isfinite(values).all()) and float(values[0]) <= bound:
+        return
+    loss_value = float(values[0])
+    if not math.isfinite(loss_value):
+        raise Diverged(stage, step, f"the loss is {loss_value}", run_id)
+    if loss_value > bound:
+        raise Diverged(stage, step, f"the loss is {loss_value:.3g}, above {DIVERGED_LOSS_FACTOR:g}·ln(vocab "
+                       f"{vocab}) = {bound:.1f}", run_id)
+    raise Diverged(stage, step, f"the gradient norm is {float(values[1])}", run_id)
