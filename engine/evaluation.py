@@ -13,9 +13,10 @@ from engine.results import GENERATION_SCORES
 
 
 @torch.no_grad()
-def held_out(model, batches: list, autocast, bytes_per_token: float) -> dict:
+def held_out(model, batches: list, autocast, bytes_per_token: float, all_sum=None) -> dict:
     """Mean loss per target token over `batches` (-100 targets, a generation task's prompt, do
-    not count), its perplexity, and bits per byte (comparable across tokenizers)."""
+    not count), its perplexity, and bits per byte (comparable across tokenizers). `all_sum`
+    adds up (loss, tokens) over the ranks when each scored its share of the batches."""
     total, count = 0.0, 0
     for inputs, targets in batches:
         with autocast():
@@ -24,6 +25,8 @@ def held_out(model, batches: list, autocast, bytes_per_token: float) -> dict:
                                                  reduction="sum", ignore_index=-100)
         total += float(loss)
         count += int((targets != -100).sum())
+    if all_sum is not None:
+        total, count = all_sum([total, count])
     loss = total / max(1, count)
     return {"loss": loss, "ppl": metrics.perplexity(loss), "bpb": loss / math.log(2) / bytes_per_token}
 

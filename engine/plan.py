@@ -82,6 +82,14 @@ class TaskSpec(Strict):
         return "generation" if self.source in GENERATION_SOURCES else "text"
 
 
+class DistributedSpec(Strict):
+    """Train on several processes under torchrun: each takes its share of every global batch."""
+
+    strategy: Literal["ddp"] = Field("ddp", description="ddp: every process holds the whole model")
+    nproc: Int = Field(1, ge=1, le=1024, description="processes on this machine (one per GPU); train.batch_size "
+                       "is the global batch and must divide by it")
+
+
 class TrainSpec(Strict):
     batch_size: Int = Field(16, gt=0, le=MAX_BATCH_SIZE)
     seq_len: Int = Field(128, gt=1, le=MAX_SEQ_LEN, description="tokens per sequence (at most the model's positions)")
@@ -96,6 +104,11 @@ class TrainSpec(Strict):
     checkpoint_interval: Int = Field(0, ge=0, le=MAX_STEPS, description="steps between checkpoints (0: stage ends)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    distributed: DistributedSpec | None = Field(None, description="processes under torchrun (default: one)")
+
+    @property
+    def nproc(self) -> int:
+        return self.distributed.nproc if self.distributed else 1
 
 
 class ExpandSpec(BaseModel):
@@ -527,6 +540,17 @@ def read_toml(path: Path | str) -> dict:
         raise PlanError([Problem("", f"{path}: TOML syntax error: {e}")]) from None
 
 
+def _distributed_problems(train) -> list[Problem]:
+    """The global batch is split evenly over the processes (so the figures do not depend on N)."""
+    if not isinstance(train, dict) or not isinstance(train.get("distributed"), dict):
+        return []
+    nproc, batch = train["distributed"].get("nproc", 1), train.get("batch_size", 16)
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (nproc, batch)) and batch % nproc:
+        return [Problem("train.batch_size", f"{batch} does not divide over {nproc} processes "
+                        f"(train.distributed.nproc) — use a multiple of {nproc}")]
+    return []
+
+
 def _cross_check(raw: dict) -> list[Problem]:
     """Checks across fields (stage -> task, op -> its parameters), on the raw dict so that they
     run even when other fields are wrong: `plan check` reports every problem at once."""
@@ -535,6 +559,7 @@ def _cross_check(raw: dict) -> list[Problem]:
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
     problems += _name_problems(raw, tasks)
+    problems += _distributed_problems(raw.get("train"))
     problems += _check_stages(stages, "stages", tasks)
     names = []
     for v, variant in enumerate(variants):

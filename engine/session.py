@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine import checkpoint, prefix_cache
+from engine import checkpoint, distributed, prefix_cache
 from engine.divergence import Diverged
 from engine.errors import WidenError
 from engine.names import child_path, name_problem
@@ -30,17 +30,21 @@ def run(run_dir: Path | str, resume: bool = False) -> int:
     1 otherwise). Never raises: every ending is recorded in status.json (and events and results
     where they can still be written) as one line; unexpected errors add a traceback to stderr."""
     run = RunDir(run_dir)
-    checkpoint.remove_leftovers(run.checkpoints)  # the caller holds the run's lock
+    world = distributed.join()
     trainer, status = None, None
     try:
-        status = StatusFile(run.status_json)
-        wait_turn(run, status, resume)
-        trainer = Trainer(run.path, resume=resume, status=status)
+        if world.is_main:  # rank 0 alone touches the run's files (and holds the run's lock)
+            checkpoint.remove_leftovers(run.checkpoints)
+            status = StatusFile(run.status_json, world_size=world.size)
+        wait_turn(run, status, resume)  # every rank: none waits in a collective for longer than it allows
+        trainer = Trainer(run.path, resume=resume, status=status, world=world)
         prefix = None if resume else SharedPrefix.of(run, trainer.plan)
-        from_cache = prefix is not None and prefix.restore()
+        from_cache = prefix is not None and world.is_main and prefix.restore()
+        from_cache = world.broadcast_flag(from_cache)  # the others wait for rank 0's files
         if prefix is not None and not from_cache:
             trainer.on_stage_end.append(prefix.publish_after)
         trainer.run_plan(from_cache=from_cache)
+        distributed.leave(world)
         return 0
     except Cancelled:
         end(trainer, status, run, "cancelled", None)
@@ -71,6 +75,8 @@ def end(trainer: Trainer | None, status: StatusFile | None, run: RunDir, state: 
     """Record how the run ended wherever anything can still be written: stderr.log, then
     results/events/status; a full disk still gets the final status (written in place)."""
     extra = {"error": message} if message else {}
+    if trainer is not None and not trainer.is_main:
+        return  # rank 0 records the ending (and torchrun ends the other ranks with it)
     if message:
         try:
             print(f"widen: run {state}: {message}", file=sys.stderr, flush=True)
@@ -88,9 +94,10 @@ def end(trainer: Trainer | None, status: StatusFile | None, run: RunDir, state: 
         record_ending(run.status_json, {"state": state, **extra, "ended": time.time(), **identity()})
 
 
-def wait_turn(run: RunDir, status: StatusFile, resume: bool) -> None:
+def wait_turn(run: RunDir, status: StatusFile | None, resume: bool) -> None:
     """Runs of one `widen run` (variants, seeds) go one after another: wait while the run
-    before this one is queued or running (a cancel still works while waiting)."""
+    before this one is queued or running (a cancel still works while waiting). Only rank 0
+    has a `status` to write."""
     before = run.info().get("after")
     if not before or resume or name_problem(before):  # run.json is untrusted: a name, not a path
         return
@@ -98,9 +105,11 @@ def wait_turn(run: RunDir, status: StatusFile, resume: bool) -> None:
     while previous.exists() and previous.status()["state"] in ("queued", "running"):
         if run.cancel_request.exists():
             raise Cancelled()
-        status.write(state="queued", waiting_for=before)
+        if status:
+            status.write(state="queued", waiting_for=before)
         time.sleep(TURN_POLL_S)
-    status.write(state="running", waiting_for=None)
+    if status:
+        status.write(state="running", waiting_for=None)
 
 
 class SharedPrefix:

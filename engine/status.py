@@ -23,9 +23,10 @@ def identity() -> dict:
 
 
 class StatusFile:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, world_size: int = 1):
         self.path = path
-        self.data = {"state": "running", **identity(), "started": time.time(), "heartbeat": time.time()}
+        self.data = {"state": "running", **identity(), "world_size": world_size, "started": time.time(),
+                     "heartbeat": time.time()}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.write()

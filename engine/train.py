@@ -26,6 +26,7 @@ from engine import checkpoint
 from engine.arch.forward import batch_to, forward_logits, loss_of
 from engine.build import op_generator, prepare, probe_batch, replay_expansions, stage_seed, task_train_batch
 from engine.checkpoint import History, Position, TrainerState
+from engine.distributed import World
 from engine.divergence import Diverged, check_step
 from engine.evaluation import generation_scores, held_out
 from engine.events import EventWriter
@@ -48,12 +49,14 @@ class Cancelled(Exception):
 
 
 class Trainer:
-    def __init__(self, run_dir: Path, resume: bool = False, status: StatusFile | None = None):
+    def __init__(self, run_dir: Path, resume: bool = False, status: StatusFile | None = None,
+                 world: World | None = None):
         self.run = RunDir(run_dir)
         self.plan: Plan = load_plan(self.run.plan)
         self.info = self.run.info()
         self.resume = resume
-        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.world = world or World()
+        self.is_main = self.world.is_main
         self.status = status
         self.cancel_requested = False
         self.started = False         # set up, with a position in the plan
@@ -106,7 +109,8 @@ class Trainer:
         training_task = self.active_task
         self.activate(task)
         self.model.eval()
-        result = held_out(self.model, self.eval_sets[task], self.precision.autocast, self.bytes_per_token[task])
+        result = held_out(self.model, self.world.shard_list(self.eval_sets[task]), self.precision.autocast,
+                          self.bytes_per_token[task], self.world.all_sum if self.world.distributed else None)
         if score:
             result.update(generation_scores(self.model, self.tokenizer, self.tasks[task], self.plan.tasks[task],
                                             self.device, self.plan.train.seq_len))
@@ -176,7 +180,7 @@ class Trainer:
         saved = self._load_state() if (self.resume or from_cache) else None
         self.history.prefix_cached = self.history.prefix_cached or from_cache
         self.emit("start", run=self.run.id, plan=plan.name, seed=plan.seed, device=str(self.device),
-                  pid=os.getpid(), params=count_params(self.model), stages=len(plan.stages),
+                  pid=os.getpid(), world_size=self.world.size, params=count_params(self.model), stages=len(plan.stages),
                   resumed=saved is not None and not from_cache, prefix_cached=from_cache,
                   task_names=list(self.tasks), variant=self.info.get("variant"),
                   stage_steps=[s.steps for s in plan.stages], system=self.monitor.gpu_status)
@@ -275,8 +279,9 @@ class Trainer:
     # ------------------------------------------------------------------ the steps
     def train_steps(self, index, stage, optimizer, scheduler):
         """Train the stage's remaining steps (a growth swaps in a new optimizer and schedule)."""
-        train, data, scaler = self.plan.train, self.tasks[stage.task], self.precision.scaler
+        train, data, scaler, world = self.plan.train, self.tasks[stage.task], self.precision.scaler, self.world
         self.model.train()
+        trainee = world.wrap(self.model)  # DDP in a distributed run: its hooks average the gradients
         tokens_per_step = train.batch_size * train.seq_len
         window_start, window_tokens = time.time(), 0
         trainable, total_params = self.freezer.trainable(self.model), count_params(self.model)
@@ -285,12 +290,13 @@ class Trainer:
         stage_start = time.time()
         while self.position.step < stage.steps:
             step = self.position.step
-            if self.cancel_requested or self.run.cancel_request.exists():
+            if world.broadcast_flag(self.is_main and (self.cancel_requested or self.run.cancel_request.exists())):
                 self.save_checkpoint("cancel", optimizer, scheduler)
                 raise Cancelled()
-            inputs, targets = batch_to(task_train_batch(data, train, self.plan.seed, index, step), self.device)
+            batch = world.shard_rows(task_train_batch(data, train, self.plan.seed, index, step), train.batch_size)
+            inputs, targets = batch_to(batch, self.device)
             with self.precision.autocast():
-                logits = forward_logits(self.model, inputs)
+                logits = forward_logits(trainee, inputs)
             loss = loss_of(logits, targets)
             grad_norm = None
             if trainable:
@@ -301,7 +307,9 @@ class Trainer:
                     grad_norm = torch.nn.utils.clip_grad_norm_(grads, train.grad_clip)
                 else:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads if p.grad is not None])
-            # With float16 loss scaling an inf gradient is routine (the scaler skips that step).
+            # The global batch's loss (every rank decides alike). With float16 loss scaling an inf
+            # gradient is routine (the scaler skips that step).
+            loss = torch.tensor(world.all_sum([float(loss.detach())])[0] / world.size) if world.distributed else loss
             check_step(loss, None if scaler.is_enabled() else grad_norm, logits.shape[-1], index, step, self.run.id)
             if trainable:
                 scaler.step(optimizer)
@@ -331,6 +339,7 @@ class Trainer:
                 if grow_now and done < stage.steps:
                     optimizer, scheduler = self.grow(index, stage, optimizer, scheduler)
                     trainable, total_params = self.freezer.trainable(self.model), count_params(self.model)
+                    trainee = world.wrap(self.model)  # unwrap, grow, re-wrap
             if train.eval_interval and done % train.eval_interval == 0 and done < stage.steps:
                 for name in self.tasks:
                     self.emit("eval", stage=index, step=done, task=name, tokens=self.history.tokens,

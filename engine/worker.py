@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from filelock import FileLock, Timeout
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 holds the lock for the run
+        from engine.session import run
+
+        return run(run_dir, resume=args.resume)
     lock = FileLock(run_dir / LOCK_FILE, timeout=0)
     try:
         lock.acquire()

@@ -292,6 +292,21 @@ async def test_a_cleared_field_takes_the_default(tmp_path):
         assert "lr = " not in screen.result.toml.partition("[train]")[2].partition("[[stages]]")[0]
 
 
+async def test_processes_have_a_field_and_the_checker_knows_the_batch_must_divide(tmp_path):
+    plan = tmp_path / "quick.toml"
+    shutil.copy(EXPERIMENTS / "quickstart.toml", plan)
+    app = BuilderApp(tmp_path / "runs", plan)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settled(pilot)
+        await type_into(pilot, "f-train-distributed-nproc", "3")
+        screen = await settled(pilot)
+        assert screen.raw["train"]["distributed"] == {"nproc": 3}
+        assert "does not divide over 3 processes" in problems(screen)["train.batch_size"]
+        await type_into(pilot, "f-train-distributed-nproc", "2")
+        screen = await settled(pilot)
+        assert screen.result.problems == [] and "[train.distributed]" in screen.result.toml
+
+
 # ---------------------------------------------------------------------------------------------
 # ready plans round-trip
 

@@ -229,10 +229,13 @@ def run(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="one run per seed (and per variant), e.g. 0,1,2; "
                                         "`widen compare` reports mean ± std"),
     set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="train on N processes under torchrun "
+                                                 "(DDP; train.batch_size is the global batch)")] = None,
 ):
     """Run a plan in detached engine processes (and watch unless --detach). A plan with variants
     runs one after another, sharing its common stages, then prints the comparison."""
-    _launch(file, set_, seed, detach, _parse_seeds(seeds))
+    extra = [f"train.distributed.nproc={nproc}"] if nproc else []
+    _launch(file, [*set_, *extra], seed, detach, _parse_seeds(seeds))
 
 
 @app.command()
@@ -249,12 +252,14 @@ def demo(
 @app.command()
 def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN")],
            set_: Annotated[list[str], typer.Option("--set", help="change a training setting first, e.g. "
-                                                   "train.lr=1e-4 after a divergence (repeatable)")] = []):
+                                                   "train.lr=1e-4 after a divergence (repeatable)")] = [],
+           nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="continue on N processes "
+                                                        "(the checkpoint is whole: any N that divides the batch)")] = None):
     """Continue a cancelled, failed, diverged or lost run from its latest checkpoint."""
     from widen_tui.launcher import resume as resume_run
 
     run = _run_dir(run_ref)
-    pid = resume_run(run, set_)
+    pid = resume_run(run, [*set_, *([f"train.distributed.nproc={nproc}"] if nproc else [])])
     err.print(f"resumed {run.id} (pid {pid}) — `widen watch {run.id}`", highlight=False)
 
 

@@ -93,9 +93,28 @@ def create_runs(plan: Plan, plan_path: Path | str | None, seeds: list[int] | Non
     return runs
 
 
+def worker_command(run: RunDir, resume: bool = False) -> list[str]:
+    """`python -m engine.worker RUN_DIR`, under torchrun (`python -m torch.distributed.run`)
+    when the plan asks for several processes."""
+    worker = ["-m", "engine.worker", str(run.path)] + (["--resume"] if resume else [])
+    try:
+        from engine.plan import load_plan
+
+        nproc = load_plan(run.plan).train.nproc
+    except ValueError:  # a broken plan: one worker, which reports it
+        nproc = 1
+    if nproc <= 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
+
+
 def start_worker(run: RunDir, resume: bool = False) -> int:
-    """Spawn `python -m engine.worker RUN_DIR` detached; returns its pid."""
-    args = [sys.executable, "-m", "engine.worker", str(run.path)] + (["--resume"] if resume else [])
+    """Spawn the run's worker detached (engine.worker, or torchrun over N of them); returns its pid."""
+    from engine.errors import RunStateError
+
+    if _lock_held(run):
+        raise RunStateError(f"run {run.id} already has a worker — `widen watch {run.id}`")
+    args = worker_command(run, resume)
     with open(run.stderr, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, cwd=os.getcwd(), env=_worker_env())
@@ -103,7 +122,8 @@ def start_worker(run: RunDir, resume: bool = False) -> int:
     # Note the pid at once, so a worker that dies before writing its own status shows as `lost`;
     # its create_time tells our worker from a process that gets the pid later.
     # The worker needs seconds to import torch; if it was quicker, its own status (same pid) stays.
-    if (read_json(run.status_json) or {}).get("pid") != proc.pid:
+    written = (read_json(run.status_json) or {}).get("pid")
+    if written != proc.pid and not (isinstance(written, int) and _parent(written) == proc.pid):
         write_json_atomic(run.status_json, {"state": "queued", "pid": proc.pid, "host": socket.gethostname(),
                                             "create_time": process_create_time(proc.pid),
                                             "heartbeat": time.time()})
@@ -124,13 +144,40 @@ def _await_run_lock(proc: subprocess.Popen, run: RunDir, timeout_s: float = 30.0
         if code == BUSY_EXIT:
             raise RunStateError(f"run {run.id} already has a worker — `widen watch {run.id}`")
         if code is not None:
+            if code != 0 and _lock_held(run):  # torchrun reports its rank 0's refusal as a failure
+                raise RunStateError(f"run {run.id} already has a worker — `widen watch {run.id}`")
             return  # it ended on its own (its status says how)
         try:
-            if (run.path / OWNER_FILE).read_text().strip() == str(proc.pid):
-                return
-        except OSError:
-            pass
+            owner = int((run.path / OWNER_FILE).read_text().strip() or 0)
+        except (OSError, ValueError):
+            owner = 0
+        if owner == proc.pid or (owner and _parent(owner) == proc.pid):  # torchrun's rank 0: its child
+            return
         time.sleep(0.02)
+
+
+def _parent(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+
+
+def _lock_held(run: RunDir) -> bool:
+    """Whether a worker holds the run's lock now (a try that gives it back at once)."""
+    from filelock import FileLock, Timeout
+
+    from engine.worker import LOCK_FILE
+
+    lock = FileLock(run.path / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def _worker_env() -> dict:
@@ -166,7 +213,7 @@ def cancel(run: RunDir) -> str:
 # What a resume may change: settings the checkpoint does not depend on. The model, the tasks and
 # the stages' operators shape the checkpoint, so they stay as the run began.
 RESUMABLE_FIELDS = re.compile(r"^(train\.(lr|grad_clip|eval_interval|log_interval|checkpoint_interval)"
-                              r"|stages\.\d+\.lr)$")
+                              r"|train\.distributed\.nproc|stages\.\d+\.lr)$")
 
 
 def resume(run: RunDir, overrides: list[str] | None = None) -> int:
@@ -197,7 +244,8 @@ def _apply_resume_overrides(run: RunDir, overrides: list[str]) -> None:
     if bad:
         raise PlanError([Problem(f"--set {key}", "a resume cannot change this (the checkpoint depends on "
                                  "it) — allowed: train.lr, train.grad_clip, train.eval_interval, "
-                                 "train.log_interval, train.checkpoint_interval, stages.N.lr") for key in bad])
+                                 "train.log_interval, train.checkpoint_interval, train.distributed.nproc, "
+                                 "stages.N.lr") for key in bad])
     plan = plan_from_dict(apply_overrides(read_toml(run.plan), overrides))
     tmp = run.plan.with_name(f".plan.toml.{os.getpid()}.tmp")
     tmp.write_text(plan.to_toml())

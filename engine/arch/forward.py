@@ -21,8 +21,13 @@ import torch
 MODEL_KINDS = ("causal_lm", "seq2seq", "mlp")
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def model_kind(model: torch.nn.Module) -> str:
-    config = getattr(model, "config", None)
+    config = getattr(unwrap(model), "config", None)
     if config is None:
         return "mlp"
     from engine.arch.families import family_for
@@ -53,7 +58,7 @@ def forward_logits(model: torch.nn.Module, inputs) -> torch.Tensor:
 def _padding_mask(model, ids: torch.Tensor) -> torch.Tensor | None:
     """The encoder must not attend to right padding (decoder padding needs no mask: it only
     follows the real tokens, and its targets are ignored)."""
-    pad = getattr(model.config, "pad_token_id", None)
+    pad = getattr(unwrap(model).config, "pad_token_id", None)
     return None if pad is None else (ids != pad).long()
 
 

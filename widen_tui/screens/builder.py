@@ -32,7 +32,7 @@ from textual.widgets import Collapsible, Footer, Label, Select, Static, TabbedCo
 
 from engine.models import ModelLoadError
 from engine.ops.preview import PlanPreview, base_shape, preview_plan
-from engine.plan import ModelSpec, Plan, PlanError, Problem, SweepSpec, TrainSpec
+from engine.plan import DistributedSpec, ModelSpec, Plan, PlanError, Problem, SweepSpec, TrainSpec
 from widen_tui.plan_draft import (TOKENIZERS, UNSET, blank_plan, check_draft, check_model, check_schema, dotted,
                                   experiment_files, get_at, known_sources, load_draft, new_stage, new_task_name,
                                   new_variant, quiet_hub_logs, rename_task, set_at, stage_refs, to_toml, widget_id)
@@ -49,6 +49,12 @@ from widen_tui.widgets.stage_editor import StageEditor
 from widen_tui.widgets.task_editor import TaskEditor, TaskRenamed
 
 CHECK_DELAY = 0.3  # seconds of quiet typing before the plan is checked again
+
+
+def _table(raw, key: str) -> dict | None:
+    """raw[key] when raw is a table holding a table there (the builder edits possibly broken plans)."""
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -246,6 +252,9 @@ class BuilderScreen(Screen):
             *[TaskEditor(name, spec, self.task_suggester) for name, spec in tasks.items()],
             Static("training", classes="section-title", markup=False),
             SchemaForm(TrainSpec, ("train",), raw.get("train")),
+            Static("processes (DDP under torchrun; the batch above is the global one)", classes="section-title",
+                   markup=False),
+            SchemaForm(DistributedSpec, ("train", "distributed"), _table(raw.get("train"), "distributed")),
         ]
         if isinstance(raw.get("sweep"), dict):
             widgets += [Static("mapping sweep (after the last stage)", classes="section-title", markup=False),

@@ -1,0 +1,167 @@
+"""DDP under torchrun, 2 CPU processes on gloo: the same figures as one process with the same
+global batch, a stage's expansion and a plateau growth applied alike on every rank (unwrap,
+grow, re-wrap), the run's files written by rank 0 alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ROOT, widen
+from engine.events import read_all
+from engine.plan import load_plan
+from engine.rundir import RunDir
+from engine.session import run as run_worker
+from widen_tui.launcher import create_run
+
+pytestmark = pytest.mark.slow
+
+PLAN = textwrap.dedent("""
+    name = "ddp"
+    seed = 3
+    [model]
+    source = "builtin:tiny-neo"
+    [tasks.prose]
+    source = "builtin:pydoc"
+    max_docs = 30
+    [tasks.python]
+    source = "builtin:stdlib-python"
+    max_docs = 30
+    [train]
+    batch_size = 4
+    seq_len = 32
+    lr = 3e-3
+    eval_interval = 10
+    eval_batches = 3
+    log_interval = 1
+    device = "cpu"
+    [[stages]]
+    task = "prose"
+    steps = 8
+    [[stages]]
+    task = "python"
+    steps = 30
+    freeze = "base"
+    [[stages.expand]]
+    op = "widen_ffn"
+    layers = "all"
+    size = 16
+    [stages.grow]
+    patience = 1
+    threshold = 0.5
+    check_interval = 2
+    warmup_checks = 1
+    cooldown = 0
+    max_growths = 1
+    [[stages.grow.expand]]
+    op = "widen_ffn"
+    size = 16
+    init = "net2net"
+    mode = "inplace"
+""")
+
+
+def wait_done(run: RunDir, timeout: float = 180) -> str:
+    deadline = time.time() + timeout
+    while (state := run.status()["state"]) in ("queued", "running"):
+        assert time.time() < deadline, run.stderr.read_text()[-2000:]
+        time.sleep(0.2)
+    return state
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(one process, two processes under torchrun) of the same plan."""
+    home = tmp_path_factory.mktemp("ddp")
+    plan_path = home / "plan.toml"
+    plan_path.write_text(PLAN)
+    root = home / "runs"
+    single = create_run(load_plan(plan_path), plan_path, root)
+    assert run_worker(single.path) == 0
+    out = widen("run", str(plan_path), "--nproc", "2", "--detach", env_home=root, check=True)
+    double = RunDir(root / out.stdout.strip())
+    assert wait_done(double) == "done", double.status()
+    return single, double
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    single, double = runs
+    losses = [[(e["stage"], e["step"], e["loss"]) for e in read_all(r.events) if e["type"] == "step"]
+              for r in runs]
+    assert len(losses[0]) == len(losses[1]) == 38
+    assert [x[:2] for x in losses[0]] == [x[:2] for x in losses[1]]
+    rel = [abs(a[2] - b[2]) / abs(a[2]) for a, b in zip(*losses)]
+    assert rel[0] <= 1e-4 and max(rel) <= 1e-3, rel
+    # evaluation is sharded by batch and its sums all-reduced: the same matrix
+    for a, b in zip(single.results()["matrix"]["loss"], double.results()["matrix"]["loss"]):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_expansions_and_growth_happen_alike_and_stay_exact(runs):
+    single, double = runs
+    expands = [[e for e in read_all(r.events) if e["type"] == "expand"] for r in runs]
+    assert [(e["op"], e.get("trigger"), e["params_added"]) for e in expands[0]] == \
+           [(e["op"], e.get("trigger"), e["params_added"]) for e in expands[1]]
+    assert any(e.get("trigger") == "plateau" for e in expands[1])
+    assert max(e["max_abs_logit_delta"] for e in expands[1]) <= 1e-4
+
+
+def test_rank_0_alone_writes_the_run(runs):
+    _, double = runs
+    events = read_all(double.events)
+    starts = [e for e in events if e["type"] == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2
+    assert sum(e["type"] == "status" for e in events) == 1
+    steps = [(e["stage"], e["step"]) for e in events if e["type"] == "step"]
+    assert len(steps) == len(set(steps))
+    assert json.loads(double.status_json.read_text())["world_size"] == 2
+
+
+def test_a_batch_that_does_not_divide_is_refused_at_check_time(tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    out = widen("plan", "check", str(plan), "--set", "train.distributed.nproc=3", env_home=tmp_path / "runs")
+    assert out.returncode == 1 and "train.batch_size" in out.stderr and "3 processes" in out.stderr
+
+
+def test_cancel_reaches_every_rank_and_resume_continues(tmp_path):
+    root = tmp_path / "runs"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    out = widen("run", str(plan), "--nproc", "2", "--detach", "--set", "stages.1.steps=2000",
+                "--set", "train.eval_interval=0", env_home=root, check=True)
+    run = RunDir(root / out.stdout.strip())
+    deadline = time.time() + 120
+    while not any(e["type"] == "step" and e["stage"] == 1 for e in read_all(run.events)):
+        assert time.time() < deadline and run.status()["state"] in ("queued", "running"), run.stderr.read_text()[-2000:]
+        time.sleep(0.2)
+    widen("cancel", run.id, env_home=root, check=True)
+    assert wait_done(run, 60) == "cancelled", run.status()
+    deadline = time.time() + 30
+    while psutil_children_of_run(run):  # every rank exits (the status is written just before)
+        assert time.time() < deadline, psutil_children_of_run(run)
+        time.sleep(0.2)
+    widen("resume", run.id, "--nproc", "1", env_home=root, check=True)  # a whole checkpoint: any N
+    deadline = time.time() + 60
+    while not any(e["type"] == "resume" for e in read_all(run.events)):
+        assert time.time() < deadline, run.stderr.read_text()[-2000:]
+        time.sleep(0.2)
+    widen("cancel", run.id, env_home=root, check=True)
+    assert wait_done(run, 60) == "cancelled"
+
+
+def psutil_children_of_run(run: RunDir) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if "engine.worker" in cmdline and str(run.path) in cmdline:
+            found.append(proc)
+    return found
