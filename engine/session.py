@@ -14,6 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from engine import checkpoint, distributed, prefix_cache
 from engine.divergence import Diverged
 from engine.errors import WidenError
@@ -58,10 +60,28 @@ def run(run_dir: Path | str, resume: bool = False) -> int:
         return 1
     except Exception as e:
         traceback.print_exc()
+        if world.distributed and collective_failed(e):
+            end(trainer, status, run, "failed", f"{where(trainer)}{lost_peer(world)} — `widen resume {run.id}` "
+                                                f"continues from the last checkpoint")
+            return 1
         detail = str(e).splitlines()[0][:300] if str(e) else ""
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno == errno.ENOSPC else detail
         end(trainer, status, run, "failed", f"{where(trainer)}{e.__class__.__name__}: {reason}")
         return 1
+
+
+def collective_failed(error: Exception) -> bool:
+    """A collective that failed because a peer went away (gloo reports it as a RuntimeError)."""
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and any(k in str(error) for k in ("gloo", "NCCL", "Connection reset")))
+
+
+def lost_peer(world: distributed.World) -> str:
+    """Which rank a failed collective lost, as far as this rank can tell (torchrun's report in
+    stderr.log names it for sure)."""
+    others = [r for r in range(world.size) if r != world.rank]
+    who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
+    return f"{who} of the run's {world.size} processes is gone (a collective failed; torchrun's report in stderr.log)"
 
 
 def where(trainer: Trainer | None) -> str:

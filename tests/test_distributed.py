@@ -165,3 +165,30 @@ def psutil_children_of_run(run: RunDir) -> list:
         if "engine.worker" in cmdline and str(run.path) in cmdline:
             found.append(proc)
     return found
+
+
+def test_kill_9_of_one_rank_fails_the_run_naming_it_and_resume_finishes_like_a_straight_run(runs, tmp_path):
+    single, _ = runs
+    root = tmp_path / "runs"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    out = widen("run", str(plan), "--nproc", "2", "--detach", "--set", "train.checkpoint_interval=4",
+                env_home=root, check=True)
+    run = RunDir(root / out.stdout.strip())
+    deadline = time.time() + 120
+    while not any(e["type"] == "checkpoint" and e["stage"] == 1 for e in read_all(run.events)):
+        assert time.time() < deadline and run.status()["state"] in ("queued", "running"), run.stderr.read_text()[-2000:]
+        time.sleep(0.05)
+    (rank1,) = [p for p in psutil_children_of_run(run) if p.environ().get("RANK") == "1"]
+    rank1.kill()
+    assert wait_done(run, 90) == "failed"
+    error = run.status()["error"]
+    assert "rank 1" in error and "widen resume" in error and len(error.splitlines()) == 1
+    deadline = time.time() + 30
+    while psutil_children_of_run(run):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    widen("resume", run.id, env_home=root, check=True)
+    assert wait_done(run) == "done", run.status()
+    for a, b in zip(single.results()["matrix"]["loss"], run.results()["matrix"]["loss"]):
+        assert b == pytest.approx(a, rel=1e-4)
