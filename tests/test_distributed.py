@@ -5,15 +5,12 @@ grow, re-wrap), the run's files written by rank 0 alone."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 
-from conftest import ROOT, widen
+from conftest import widen
 from engine.events import read_all
 from engine.plan import load_plan
 from engine.rundir import RunDir
