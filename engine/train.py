@@ -337,9 +337,11 @@ class Trainer:
                 check_losses = []
                 self.plateau_state = plateau.state_dict()
                 if grow_now and done < stage.steps:
+                    started = time.perf_counter()
                     optimizer, scheduler = self.grow(index, stage, optimizer, scheduler)
                     trainable, total_params = self.freezer.trainable(self.model), count_params(self.model)
                     trainee = world.wrap(self.model)  # unwrap, grow, re-wrap
+                    self.history.growths[-1]["seconds"] = time.perf_counter() - started
             if train.eval_interval and done % train.eval_interval == 0 and done < stage.steps:
                 for name in self.tasks:
                     self.emit("eval", stage=index, step=done, task=name, tokens=self.history.tokens,
