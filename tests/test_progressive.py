@@ -104,4 +104,5 @@ def test_resume_after_a_growth_is_exact(grow_plan, widen_home):
     assert b["state"] == "done" and b["summary"]["growths"] == 2
     assert a["matrix"] == b["matrix"]
     assert step_losses(straight)[-1] == pytest.approx(step_losses(interrupted)[-1], abs=1e-6)
-    assert a["growths"] == b["growths"]
+    timeless = lambda growths: [{k: v for k, v in g.items() if k != "seconds"} for g in growths]  # noqa: E731
+    assert timeless(a["growths"]) == timeless(b["growths"])
