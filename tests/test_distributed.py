@@ -189,3 +189,19 @@ def test_kill_9_of_one_rank_fails_the_run_naming_it_and_resume_finishes_like_a_s
     assert wait_done(run) == "done", run.status()
     for a, b in zip(single.results()["matrix"]["loss"], run.results()["matrix"]["loss"]):
         assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_watch_shows_the_world_size(runs):
+    from rich.console import Console
+
+    from widen_tui.progress import RunProgress
+    from widen_tui.report import live_view
+
+    _, double = runs
+    progress = RunProgress()
+    for event in read_all(double.events):
+        progress.update(event)
+    assert progress.world_size == 2
+    console = Console(width=120, record=True)
+    console.print(live_view(progress))
+    assert "cpu × 2 processes" in console.export_text()

@@ -19,6 +19,7 @@ class RunProgress:
     run: str = ""
     plan: str = ""
     device: str = ""
+    world_size: int = 1            # processes under torchrun
     state: str = "queued"
     error: str | None = None
     stage: int = 0
@@ -57,6 +58,8 @@ class RunProgress:
             self.last_t = max(self.last_t or 0.0, float(event["t"]))
         if kind == "start":
             self.run, self.plan, self.device = event["run"], event["plan"], event["device"]
+            world = event.get("world_size")
+            self.world_size = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
             self.stage_steps = [int(n) for n in event.get("stage_steps") or [] if isinstance(n, int)]
             self.started = self.started or event["t"]
             self.state = "running"

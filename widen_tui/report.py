@@ -56,7 +56,8 @@ def _fmt(value, spec: str) -> str:
 def live_view(p: RunProgress) -> Panel:
     """What `widen watch` shows: stage, step, loss, evals, speed, memory, ETA."""
     head = Table.grid(padding=(0, 2))
-    head.add_row("state", state_text(p.state), "device", p.device or "–")
+    device = (p.device or "–") + (f" × {p.world_size} processes" if p.world_size > 1 else "")
+    head.add_row("state", state_text(p.state), "device", device)
     stage_total = p.stage_steps[p.stage] if p.stage < len(p.stage_steps) else 0
     head.add_row("stage", f"{p.stage + 1}/{len(p.stage_steps) or '?'} {p.stage_name} ({p.task})",
                  "step", f"{p.step}/{stage_total}")

@@ -400,7 +400,7 @@ class MonitorScreen(Screen):
         head.append("  ")
         head.append(f" {state} ", style=f"bold reverse {STATE_STYLE.get(state, '')}")
         if p.device:
-            head.append(f"  device {p.device}")
+            head.append(f"  device {p.device}" + (f" × {p.world_size} processes" if p.world_size > 1 else ""))
         if state == "lost":
             head.append(f"  the worker (pid {live.status.get('pid')}) is gone without a final status — "
                         f"`widen resume {self.run_id}`", style="red")
