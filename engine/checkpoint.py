@@ -174,6 +174,13 @@ def _join(doc: Any, tensors: dict[str, torch.Tensor]) -> TrainerState:
                               f"{FORMAT_VERSION}")
     state = TrainerState(position=_dataclass_from(Position, doc.get("position"), "position"),
                          history=_dataclass_from(History, doc.get("history"), "history"))
+    position = state.position
+    if min(position.stage, position.step, position.growths) < 0:
+        raise CheckpointError(f"{STATE_FILE}: position has a negative count")
+    for growth in state.history.growths:  # replayed to rebuild the model: their keys must be there
+        if not (isinstance(growth, dict) and all(isinstance(growth.get(k), int) and not isinstance(growth.get(k), bool)
+                                                 and growth[k] >= 0 for k in ("stage", "growth", "step"))):
+            raise CheckpointError(f"{STATE_FILE}: history.growths has a malformed entry")
     for name in ("scheduler", "plateau", "task_modules"):
         value = doc.get(name)
         if value is not None and not isinstance(value, dict):

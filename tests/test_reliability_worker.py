@@ -374,3 +374,21 @@ def test_checkpoint_task_files_stay_inside_the_checkpoint(tmp_path):
         checkpoint.save(tmp_path / "latest", model, checkpoint.TrainerState(),
                         {"../../x": {"w": torch.zeros(1)}})
     assert not (tmp_path.parent / "x.safetensors").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda doc: doc["position"].update(stage=-1),
+    lambda doc: doc["history"]["growths"].append({"stage": "0"}),
+    lambda doc: doc["history"].update(matrix="rows"),
+    lambda doc: doc.update(optimizer={"state": {"x": {}}, "param_groups": []}),
+    lambda doc: doc.update(format=1),
+    lambda doc: doc["rng"].pop("numpy"),
+])
+def test_a_damaged_trainer_json_is_one_checkpoint_error(tmp_path, damage):
+    run = finished_run(tmp_path, tmp_path / "runs")
+    path = run.checkpoints / "latest" / "trainer.json"
+    doc = json.loads(path.read_text())
+    damage(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        checkpoint.load_state(run.checkpoints / "latest")
