@@ -160,6 +160,15 @@ class PlateauDetector:
 
     _STATE = ("checks", "best", "num_bad", "cooldown_counter", "growths")
 
+    @classmethod
+    def for_stage(cls, grow, state: dict | None = None) -> "PlateauDetector":
+        """The detector of a stage's `[stages.grow]` settings, continuing from a saved `state`."""
+        detector = cls(patience=grow.patience, threshold=grow.threshold, mode=grow.mode, cooldown=grow.cooldown,
+                       warmup_checks=grow.warmup_checks, max_growths=grow.max_growths)
+        if state:
+            detector.load_state_dict(state)
+        return detector
+
     def state_dict(self) -> dict:
         """Counters and best value (settings come from the plan); plain Python numbers."""
         return {key: getattr(self, key) for key in self._STATE}

@@ -355,6 +355,13 @@ def _row(mapping, loss_sum: float, tokens: int, reference: bool = False) -> dict
     return {"mapping": mapping, "ppl": perplexity(loss), "loss": loss, "reference": reference}
 
 
+def sweep_trained(model: nn.Module, view, spec, batches) -> dict:
+    """A plan's `[sweep]` after its stages: its mappings (given, or generated from depth,
+    keep_ends and limit) scored on `batches` of its task."""
+    mappings = spec.mappings or default_mappings(view.num_layers, spec.depth, spec.keep_ends, spec.limit)
+    return {**mapping_sweep(model, batches, mappings), "task": spec.task, "depth": spec.depth}
+
+
 def mapping_sweep(model: nn.Module, batches, mappings: list[list[int]], measure_naive: bool = True) -> dict:
     """Score each mapping (target layer i = source layer mapping[i]) on `batches` — a list of
     (inputs, targets) tensors [B, T] — by mean token cross-entropy and its perplexity, with no

@@ -7,12 +7,16 @@ On a machine without a GPU or an NVIDIA driver every GPU field is empty and `gpu
 from __future__ import annotations
 
 import os
+import time
 
 import psutil
 
 
 class SystemMonitor:
-    def __init__(self):
+    def __init__(self, interval_s: float = 5.0):
+        self.interval_s = interval_s   # between the samples `due` asks for
+        self.last_sample = 0.0
+        self.peak_rss_mb = 0.0         # over every sample taken
         self.process = psutil.Process(os.getpid())
         self.process.cpu_percent(None)  # prime: the first call always returns 0
         self._nvml = None
@@ -52,9 +56,16 @@ class SystemMonitor:
                 out.append({"index": index, "error": _short(e)})
         return out
 
+    def due(self) -> bool:
+        """Whether `interval_s` has passed since the last sample."""
+        return time.time() - self.last_sample >= self.interval_s
+
     def sample(self) -> dict:
+        self.last_sample = time.time()
+        rss_mb = round(self.process.memory_info().rss / 2**20, 1)
+        self.peak_rss_mb = max(self.peak_rss_mb, rss_mb)
         return {
-            "rss_mb": round(self.process.memory_info().rss / 2**20, 1),
+            "rss_mb": rss_mb,
             "cpu_percent": self.process.cpu_percent(None),
             "gpus": self.gpus(),
             "gpu_status": self.gpu_status,

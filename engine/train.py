@@ -66,8 +66,7 @@ class Trainer:
     def setup(self):
         plan = self.plan
         self.events = EventWriter(self.run.events) if self.is_main else None
-        self.monitor = SystemMonitor()
-        self._last_system, self._peak_rss_mb = 0.0, 0.0
+        self.monitor = SystemMonitor(SYSTEM_SAMPLE_S)
         prepared = prepare(plan, self.run.path.parent / ".cache")
         self.device, self.tokenizer, self.model, self.view = (prepared.device, prepared.tokenizer,
                                                               prepared.model, prepared.view)
@@ -285,7 +284,7 @@ class Trainer:
         tokens_per_step = train.batch_size * train.seq_len
         window_start, window_tokens = time.time(), 0
         trainable, total_params = self.freezer.trainable(self.model), count_params(self.model)
-        plateau = self._plateau_detector(stage)
+        plateau = PlateauDetector.for_stage(stage.grow, self.plateau_state) if stage.grow else None
         check_losses: list[float] = []
         stage_start = time.time()
         while self.position.step < stage.steps:
@@ -352,16 +351,6 @@ class Trainer:
             self._maybe_system_sample()
         self.history.wall_s += time.time() - stage_start
 
-    def _plateau_detector(self, stage) -> PlateauDetector | None:
-        if stage.grow is None:
-            return None
-        g = stage.grow
-        detector = PlateauDetector(patience=g.patience, threshold=g.threshold, mode=g.mode,
-                                   cooldown=g.cooldown, warmup_checks=g.warmup_checks, max_growths=g.max_growths)
-        if self.plateau_state:
-            detector.load_state_dict(self.plateau_state)
-        return detector
-
     def grow(self, index: int, stage, optimizer, scheduler):
         """Grow the model in place mid-stage: apply the stage's growth operators (measured on the
         probe batch), let the new parameters join a new optimizer that carries the old
@@ -387,13 +376,9 @@ class Trainer:
         return new_optimizer, new_scheduler
 
     def _maybe_system_sample(self, force: bool = False, quiet: bool = False):
-        now = time.time()
-        if force or now - self._last_system >= SYSTEM_SAMPLE_S:
-            self._last_system = now
-            sample = self.monitor.sample()
-            self._peak_rss_mb = max(self._peak_rss_mb, sample.get("rss_mb") or 0.0)
+        if force or self.monitor.due():
             try:
-                self.emit("system", **sample)
+                self.emit("system", **self.monitor.sample())
             except OSError:
                 if not quiet:
                     raise
@@ -401,15 +386,12 @@ class Trainer:
     # ------------------------------------------------------------------ after the stages
     def run_sweep(self):
         """Score the plan's layer mappings of the trained model, without training."""
-        from engine.sweep import default_mappings, mapping_sweep
+        from engine.sweep import sweep_trained
 
         spec = self.plan.sweep
         self.activate(None)
         self.model.eval()
-        mappings = spec.mappings or default_mappings(self.view.num_layers, spec.depth, spec.keep_ends, spec.limit)
-        result = mapping_sweep(self.model, self.eval_sets[spec.task], mappings)
-        result.update(task=spec.task, depth=spec.depth)
-        self.sweep_result = result
+        self.sweep_result = result = sweep_trained(self.model, self.view, spec, self.eval_sets[spec.task])
         best = next((r for r in result["rows"] if not r["reference"]), None)
         reference = next((r for r in result["rows"] if r["reference"]), None)
         self.emit("sweep", task=spec.task, depth=spec.depth, rows=len(result["rows"]), best=best,
@@ -417,11 +399,10 @@ class Trainer:
 
     def results(self, state: str) -> dict:
         sample = self.monitor.sample()
-        self._peak_rss_mb = max(self._peak_rss_mb, sample.get("rss_mb") or 0.0)
         identity = {"run": self.run.id, "plan": self.plan.name, "state": state, "seed": self.plan.seed,
                     "variant": self.info.get("variant"), "group": self.info.get("group")}
         return build_results(identity, list(self.tasks), asdict(self.history), count_params(self.model),
-                             {"peak_rss_mb": self._peak_rss_mb, "torch_peak_mb": sample.get("torch_peak_mb")},
+                             {"peak_rss_mb": self.monitor.peak_rss_mb, "torch_peak_mb": sample.get("torch_peak_mb")},
                              getattr(self, "sweep_result", None))
 
     def finish(self, state: str, error: str | None = None):
