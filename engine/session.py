@@ -49,24 +49,25 @@ def run(run_dir: Path | str, resume: bool = False) -> int:
         distributed.leave(world)
         return 0
     except Cancelled:
-        end(trainer, status, run, "cancelled", None)
+        end(world, trainer, status, run, "cancelled", None)
         return 0
     except Diverged as e:
-        end(trainer, status, run, "diverged", str(e))
+        end(world, trainer, status, run, "diverged", str(e))
         return 1
     except WidenError as e:
         message = str(e).splitlines()[0]
-        end(trainer, status, run, "failed", message if message.startswith("stage ") else where(trainer) + message)
+        end(world, trainer, status, run, "failed",
+            message if message.startswith("stage ") else where(trainer) + message)
         return 1
     except Exception as e:
         traceback.print_exc()
         if world.distributed and collective_failed(e):
-            end(trainer, status, run, "failed", f"{where(trainer)}{lost_peer(world)} — `widen resume {run.id}` "
-                                                f"continues from the last checkpoint")
+            end(world, trainer, status, run, "failed",
+                f"{where(trainer)}{lost_peer(world)} — `widen resume {run.id}` continues from the last checkpoint")
             return 1
         detail = str(e).splitlines()[0][:300] if str(e) else ""
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno == errno.ENOSPC else detail
-        end(trainer, status, run, "failed", f"{where(trainer)}{e.__class__.__name__}: {reason}")
+        end(world, trainer, status, run, "failed", f"{where(trainer)}{e.__class__.__name__}: {reason}")
         return 1
 
 
@@ -91,11 +92,12 @@ def where(trainer: Trainer | None) -> str:
     return f"stage {trainer.position.stage} step {trainer.position.step}: "
 
 
-def end(trainer: Trainer | None, status: StatusFile | None, run: RunDir, state: str, message: str | None) -> None:
+def end(world: distributed.World, trainer: Trainer | None, status: StatusFile | None, run: RunDir, state: str,
+        message: str | None) -> None:
     """Record how the run ended wherever anything can still be written: stderr.log, then
     results/events/status; a full disk still gets the final status (written in place)."""
     extra = {"error": message} if message else {}
-    if trainer is not None and not trainer.is_main:
+    if not world.is_main:
         return  # rank 0 records the ending (and torchrun ends the other ranks with it)
     if message:
         try:
