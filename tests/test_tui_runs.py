@@ -120,7 +120,7 @@ async def wait_until(pilot, condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the screen")
+            raise AssertionError(f"timed out waiting for the screen, which shows:\n{screen_text(pilot.app)}")
         await pilot.pause(0.02)
 
 
@@ -180,7 +180,8 @@ async def test_lists_every_run_with_state_stage_metrics_and_age(tmp_path):
         assert cell(table, failed, "stage") == "1/2" and cell(table, failed, "step") == "17"
         assert cell(table, done, "age") == "2h00m" and cell(table, lost, "age") == "30m"
         assert cell(table, failed, "variant") == "lora" and cell(table, failed, "plan") == "compare_strategies"
-        await wait_until(pilot, lambda: "Quit" in screen_text(app))  # the footer has been painted
+        # the footer and every row have been painted (under load the first frames may lag the table)
+        await wait_until(pilot, lambda: all(w in screen_text(app) for w in ("Quit", "running", "lost", "failed")))
         text = screen_text(app)  # at 80 columns the main columns and the footer's keys are on screen
         for word in ("state", "name", "stage", "ppl", "lost", "running", "quickstart", "Open", "Mark",
                      "Compare", "Cancel", "Resume", "Delete", "Sweep", "Quit"):
@@ -426,5 +427,8 @@ def test_runs_screen_snapshot(tmp_path, snap_compare):
         await loaded(pilot)
         table_of(pilot.app.screen).move_cursor(row=1, animate=False)  # the failed run: its error below
         await pilot.pause()
+        # every row and the failed run's error painted (under load the first frames may lag the table)
+        await wait_until(pilot, lambda: all(w in screen_text(pilot.app) for w in ("running", "lost",
+                                                                                  "CUDA out of memory")))
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
