@@ -62,18 +62,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _record_start_failure(run_dir: Path, error: Exception) -> None:
-    import socket
     import time
     import traceback
 
-    from engine.rundir import process_create_time, write_json_atomic
+    from engine.status import identity, record_ending
 
     traceback.print_exc()
     message = str(error).splitlines()[0][:300] if str(error) else ""
-    write_json_atomic(run_dir / "status.json", {
+    record_ending(run_dir / "status.json", {
         "state": "failed", "error": f"the worker could not start: {error.__class__.__name__}: {message}",
-        "ended": time.time(), "pid": os.getpid(), "create_time": process_create_time(os.getpid()),
-        "host": socket.gethostname()})
+        "ended": time.time(), **identity()})
 
 
 def _read_owner(run_dir: Path) -> str | None:

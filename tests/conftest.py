@@ -80,6 +80,23 @@ def widen(*args: str, env_home: Path, timeout: float = 120, check: bool = False)
     return proc
 
 
+ENDED = ("done", "failed", "cancelled", "diverged", "lost")
+
+
+def wait_for(run, states: tuple[str, ...] = ENDED, timeout: float = 150, poll: float = 0.1) -> str:
+    """Wait until a run's effective state is one of `states`; returns it."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = run.status()["state"]
+        if state in states:
+            return state
+        time.sleep(poll)
+    raise AssertionError(f"run {run.id} still {run.status()} after {timeout}s; "
+                         f"stderr: {run.stderr.read_text()[-1500:] if run.stderr.exists() else ''}")
+
+
 def run_until_cancelled(trainer, should_cancel) -> None:
     """Run `trainer` (an engine.train.Trainer) until an emitted event makes
     `should_cancel(kind, fields)` true, then end it as a cancel does (checkpoint, `cancelled`)."""

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import widen
+from conftest import wait_for, widen
 from engine.events import read_all
 from engine.plan import load_plan
 from engine.rundir import RunDir
@@ -64,14 +64,6 @@ PLAN = textwrap.dedent("""
 """)
 
 
-def wait_done(run: RunDir, timeout: float = 180) -> str:
-    deadline = time.time() + timeout
-    while (state := run.status()["state"]) in ("queued", "running"):
-        assert time.time() < deadline, run.stderr.read_text()[-2000:]
-        time.sleep(0.2)
-    return state
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(one process, two processes under torchrun) of the same plan."""
@@ -83,7 +75,7 @@ def runs(tmp_path_factory):
     assert run_worker(single.path) == 0
     out = widen("run", str(plan_path), "--nproc", "2", "--detach", env_home=root, check=True)
     double = RunDir(root / out.stdout.strip())
-    assert wait_done(double) == "done", double.status()
+    assert wait_for(double, timeout=180) == "done", double.status()
     return single, double
 
 
@@ -139,7 +131,7 @@ def test_cancel_reaches_every_rank_and_resume_continues(tmp_path):
         assert time.time() < deadline and run.status()["state"] in ("queued", "running"), run.stderr.read_text()[-2000:]
         time.sleep(0.2)
     widen("cancel", run.id, env_home=root, check=True)
-    assert wait_done(run, 60) == "cancelled", run.status()
+    assert wait_for(run, timeout=60) == "cancelled", run.status()
     deadline = time.time() + 30
     while psutil_children_of_run(run):  # every rank exits (the status is written just before)
         assert time.time() < deadline, psutil_children_of_run(run)
@@ -150,7 +142,7 @@ def test_cancel_reaches_every_rank_and_resume_continues(tmp_path):
         assert time.time() < deadline, run.stderr.read_text()[-2000:]
         time.sleep(0.2)
     widen("cancel", run.id, env_home=root, check=True)
-    assert wait_done(run, 60) == "cancelled"
+    assert wait_for(run, timeout=60) == "cancelled"
 
 
 def psutil_children_of_run(run: RunDir) -> list:
@@ -178,7 +170,7 @@ def test_kill_9_of_one_rank_fails_the_run_naming_it_and_resume_finishes_like_a_s
         time.sleep(0.05)
     (rank1,) = [p for p in psutil_children_of_run(run) if p.environ().get("RANK") == "1"]
     rank1.kill()
-    assert wait_done(run, 90) == "failed"
+    assert wait_for(run, timeout=90) == "failed"
     error = run.status()["error"]
     assert "rank 1" in error and "widen resume" in error and len(error.splitlines()) == 1
     deadline = time.time() + 30
@@ -186,7 +178,7 @@ def test_kill_9_of_one_rank_fails_the_run_naming_it_and_resume_finishes_like_a_s
         assert time.time() < deadline
         time.sleep(0.2)
     widen("resume", run.id, env_home=root, check=True)
-    assert wait_done(run) == "done", run.status()
+    assert wait_for(run, timeout=180) == "done", run.status()
     for a, b in zip(single.results()["matrix"]["loss"], run.results()["matrix"]["loss"]):
         assert b == pytest.approx(a, rel=1e-4)
 

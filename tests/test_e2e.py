@@ -13,21 +13,12 @@ from engine.events import read_all, validate_event
 from engine.plan import load_plan
 from engine.rundir import RunDir
 from engine.train import Trainer
-from tests.conftest import run_until_cancelled, widen
+from tests.conftest import run_until_cancelled, wait_for, widen
 from widen_tui.launcher import create_run
 
 pytestmark = pytest.mark.slow
 
 
-def wait_for(run: RunDir, states: tuple[str, ...], timeout: float = 150) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = run.status()["state"]
-        if state in states:
-            return state
-        time.sleep(0.3)
-    raise AssertionError(f"run {run.id} still {run.status()} after {timeout}s; "
-                         f"stderr: {run.stderr.read_text()[-1500:] if run.stderr.exists() else ''}")
 
 
 def test_detached_run_through_the_cli(tiny_plan, widen_home):

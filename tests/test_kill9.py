@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import widen
+from conftest import wait_for, widen
 from engine.events import read_all
 from engine.rundir import RunDir
 
@@ -17,14 +17,6 @@ pytestmark = pytest.mark.slow
 
 SETTINGS = ["--set", "stages.0.steps=12", "--set", "stages.1.steps=12", "--set", "train.checkpoint_interval=1",
             "--set", "train.eval_interval=0"]
-
-
-def wait_state(run: RunDir, states: tuple[str, ...], timeout: float = 120) -> str:
-    deadline = time.time() + timeout
-    while (state := run.status()["state"]) not in states:
-        assert time.time() < deadline, f"{run.id}: still {state}; {run.stderr.read_text()[-1200:]}"
-        time.sleep(0.05)
-    return state
 
 
 def start(tiny_plan, home) -> RunDir:
@@ -41,7 +33,7 @@ def straight(tmp_path_factory) -> RunDir:
     plan = home / "tiny.toml"
     plan.write_text(TINY_PLAN)
     run = start(plan, home / "runs")
-    assert wait_state(run, ("done", "failed")) == "done"
+    assert wait_for(run, ("done", "failed")) == "done"
     return run
 
 
@@ -53,10 +45,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_plan, widen_home, 
         assert time.time() < deadline and killed.status()["state"] in ("queued", "running")
         time.sleep(0.01)
     os.kill(int(killed.status()["pid"]), signal.SIGKILL)  # mid-step or mid-save: whatever it was doing
-    assert wait_state(killed, ("lost",), timeout=20) == "lost"
+    assert wait_for(killed, ("lost",), timeout=20) == "lost"
 
     widen("resume", killed.id, env_home=widen_home, check=True)
-    assert wait_state(killed, ("done", "failed")) == "done", killed.status()
+    assert wait_for(killed, ("done", "failed")) == "done", killed.status()
     assert killed.results()["matrix"] == straight.results()["matrix"]
     assert sorted(p.name for p in killed.checkpoints.iterdir()) == ["latest"]
     resume = [e for e in read_all(killed.events) if e["type"] == "resume"]

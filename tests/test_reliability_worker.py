@@ -11,15 +11,14 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, widen
+from conftest import ROOT, wait_for, widen
 from engine import checkpoint
-from engine.events import read_all
+from engine.events import latest_segment, read_all
 from engine.plan import load_plan
 from engine.rundir import RunDir
 from engine.session import run as run_engine
@@ -124,9 +123,7 @@ def test_a_planted_pickle_never_runs_on_resume_export_or_a_cached_variant(tmp_pa
             run.status_json.write_text(json.dumps({**status, "state": "cancelled"}))
         proc = widen(*verb, env_home=root)
         if verb[0] == "resume":  # the worker starts, fails on the damaged checkpoint, says so
-            deadline = time.time() + 60
-            while run.status()["state"] in ("queued", "running") and time.time() < deadline:
-                time.sleep(0.2)
+            wait_for(run, timeout=60)
             status = run.status()
             assert status["state"] == "failed" and "damaged" in status["error"], status
             assert len(status["error"].splitlines()) == 1
@@ -175,10 +172,7 @@ def test_divergence_ends_diverged_keeps_the_last_good_checkpoint_and_resumes_wit
     # resume with a lower learning rate: continues from stage 1 and finishes
     proc = widen("resume", run.id, "--set", "train.lr=1e-3", env_home=root)
     assert proc.returncode == 0, proc.stderr
-    deadline = time.time() + 90
-    while run.status()["state"] in ("queued", "running") and time.time() < deadline:
-        time.sleep(0.2)
-    assert run.status()["state"] == "done", run.status()
+    assert wait_for(run, timeout=90) == "done", run.status()
     assert load_plan(run.plan).train.lr == 1e-3
     resumed = [e for e in read_all(run.events) if e["type"] == "resume"]
     assert resumed and (resumed[-1]["stage"], resumed[-1]["step"]) == (1, 0)
@@ -273,11 +267,10 @@ def test_two_resumes_at_once_start_one_worker(tmp_path):
     assert len(refused[0].strip().splitlines()) == 1 and "Traceback" not in refused[0]
     assert "already has a worker" in refused[0] or "still" in refused[0]
     widen("cancel", run.id, env_home=root)
-    deadline = time.time() + 60
-    while run.status()["state"] in ("queued", "running") and time.time() < deadline:
-        time.sleep(0.2)
-    steps = [(e["stage"], e["step"]) for e in read_all(run.events) if e["type"] == "step"]
-    assert len(steps) == len(set(steps)) or any(e["type"] == "resume" for e in read_all(run.events))
+    wait_for(run, timeout=60)
+    # one worker trained after the resume: no step twice in the segment it wrote
+    steps = [(e["stage"], e["step"]) for e in latest_segment(read_all(run.events)) if e["type"] == "step"]
+    assert len(steps) == len(set(steps))
     resumes = [e for e in read_all(run.events) if e["type"] == "resume"]
     assert len(resumes) == 1
 

@@ -6,7 +6,7 @@ import pytest
 
 from engine.rundir import RunDir
 from tests.conftest import widen
-from tests.test_e2e import wait_for
+from tests.conftest import wait_for
 from tests.test_tui_runs import wait_until
 from widen_tui.app import WidenApp
 from widen_tui.screens.runs import RunsScreen
