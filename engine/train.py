@@ -4,9 +4,10 @@ Read it top to bottom: ``run_plan`` evaluates the initial model, then ``run_stag
 stage: apply its operators (measured), freeze, train its steps (``train_steps``: one batch, one
 step, growth on a plateau, periodic evals and checkpoints), evaluate every task, checkpoint.
 
-Written for one process today and for ``torchrun`` tomorrow: only rank 0 writes files, and the
-batches are a pure function of (seed, stage, step), so a resume (or another rank) gets exactly
-the batch it would have had. Around the loop: ``engine.build`` makes the model and data,
+The same loop runs in one process or on every rank under ``torchrun`` (``engine.distributed``:
+DDP, each rank its rows of the global batch): only rank 0 writes files, and the batches are a
+pure function of (seed, stage, step), so a resume (or another rank) gets exactly the batch it
+would have had. Around the loop: ``engine.build`` makes the model and data,
 ``engine.checkpoint`` saves typed state without pickle, ``engine.divergence`` stops a run before
 anything non-finite is saved, ``engine.session`` runs it all in the worker (queue, prefix cache,
 how a run ended).
