@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,17 @@ class TaskSpec(Strict):
 class DistributedSpec(Strict):
     """Train on several processes under torchrun: each takes its share of every global batch."""
 
-    strategy: Literal["ddp"] = Field("ddp", description="ddp: every process holds the whole model")
-    nproc: Int = Field(1, ge=1, le=1024, description="processes on this machine (one per GPU); train.batch_size "
-                       "is the global batch and must divide by it")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: every process holds the whole model; fsdp: "
+                                             "FSDP2 fully_shard, each process holds a shard of every block")
+    nproc: Int = Field(1, ge=1, le=1024, description="processes per machine (one per GPU); train.batch_size "
+                       "is the global batch and must divide by nproc × nnodes")
+    nnodes: Int = Field(1, ge=1, le=1024, description="machines; above 1 every machine runs `widen join RUN`")
+    rdzv_endpoint: str | None = Field(None, max_length=255, description="host:port of the c10d rendezvous "
+                                      "(needed when nnodes > 1; any free port on the first machine)")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
 
 
 class TrainSpec(Strict):
@@ -98,17 +107,32 @@ class TrainSpec(Strict):
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: Int = Field(0, ge=0, le=MAX_STEPS)
     grad_clip: Float = Field(1.0, ge=0, description="0 disables clipping")
+    grad_accum: Int = Field(1, ge=1, le=1024, description="micro-batches per step: each process's share of "
+                            "the global batch is split into this many (same figures, less memory)")
     eval_interval: Int = Field(50, ge=0, le=MAX_STEPS, description="steps between evaluations (0: stage ends only)")
     eval_batches: Int = Field(4, gt=0, le=MAX_EVAL_BATCHES)
     log_interval: Int = Field(10, gt=0, le=MAX_STEPS)
     checkpoint_interval: Int = Field(0, ge=0, le=MAX_STEPS, description="steps between checkpoints (0: stage ends)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="sdpa: PyTorch's fused attention where the "
+                                                "family supports it (else eager); eager: the reference kernels")
+    checkpointing: StrictBool = Field(False, description="activation checkpointing of every block (less memory, "
+                                "one more forward)")
+    compile: StrictBool = Field(False, description="torch.compile the model (compiled again after a growth)")
     distributed: DistributedSpec | None = Field(None, description="processes under torchrun (default: one)")
 
     @property
     def nproc(self) -> int:
         return self.distributed.nproc if self.distributed else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.distributed.world_size if self.distributed else 1
+
+    @property
+    def strategy(self) -> str | None:
+        return self.distributed.strategy if self.distributed else None
 
 
 class ExpandSpec(BaseModel):
@@ -541,14 +565,29 @@ def read_toml(path: Path | str) -> dict:
 
 
 def _distributed_problems(train) -> list[Problem]:
-    """The global batch is split evenly over the processes (so the figures do not depend on N)."""
-    if not isinstance(train, dict) or not isinstance(train.get("distributed"), dict):
+    """The global batch is split evenly over the processes and, on each, over the micro-batches
+    (so the figures do not depend on how the run is launched)."""
+    if not isinstance(train, dict):
         return []
-    nproc, batch = train["distributed"].get("nproc", 1), train.get("batch_size", 16)
-    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (nproc, batch)) and batch % nproc:
-        return [Problem("train.batch_size", f"{batch} does not divide over {nproc} processes "
-                        f"(train.distributed.nproc) — use a multiple of {nproc}")]
-    return []
+    spec = train.get("distributed") if isinstance(train.get("distributed"), dict) else {}
+    counts = {"nproc": spec.get("nproc", 1), "nnodes": spec.get("nnodes", 1),
+              "grad_accum": train.get("grad_accum", 1), "batch": train.get("batch_size", 16)}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in counts.values()):
+        return []
+    problems = []
+    parts = counts["nproc"] * counts["nnodes"] * counts["grad_accum"]
+    if counts["batch"] % parts:
+        problems.append(Problem("train.batch_size", f"{counts['batch']} does not divide into {parts} equal parts "
+                                f"(train.distributed.nproc {counts['nproc']} × nnodes {counts['nnodes']} × "
+                                f"train.grad_accum {counts['grad_accum']}) — use a multiple of {parts}"))
+    if counts["nnodes"] > 1 and not spec.get("rdzv_endpoint"):
+        problems.append(Problem("train.distributed.rdzv_endpoint", "several machines meet at a rendezvous — "
+                                "set it to host:port on the first machine (`--rdzv-endpoint HOST:PORT`)"))
+    endpoint = spec.get("rdzv_endpoint")
+    if isinstance(endpoint, str) and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", endpoint):
+        problems.append(Problem("train.distributed.rdzv_endpoint", f"{endpoint!r} is not host:port — e.g. "
+                                "10.0.0.1:29500"))
+    return problems
 
 
 def _cross_check(raw: dict) -> list[Problem]:
