@@ -56,7 +56,7 @@ def load_tokenizer_and_model(plan: Plan, device: str | torch.device = "cpu"):
     from engine.models import check_vocabulary, load_model
 
     tokenizer = load_tokenizer(plan.model.tokenizer)
-    model, view = load_model(plan.model, plan.seed)
+    model, view = load_model(plan.model, plan.seed, attention=plan.train.attention)
     check_vocabulary(model, tokenizer)
     return tokenizer, model.to(device), view
 

@@ -97,9 +97,27 @@ def load_architecture(spec) -> ArchView:
         raise ModelLoadError(str(e)) from None
 
 
-def load_model(spec, seed: int):
+def choose_attention(auto, config, requested: str = "sdpa") -> tuple[str, str | None]:
+    """(implementation, why sdpa was not used or None). sdpa where the family's model class has
+    transformers' sdpa path, else eager with a one-line reason the engine logs: never a silent switch."""
+    if requested == "eager":
+        return "eager", None
+    try:
+        model_class = auto._model_mapping[type(config)]
+    except (KeyError, AttributeError):  # a class Auto does not map: load_model tries sdpa and falls back
+        return "sdpa", None
+    if not getattr(model_class, "_supports_sdpa", False):
+        return "eager", (f"train.attention: \"sdpa\" asked, but transformers' {model_class.__name__} has no sdpa "
+                         f"kernel — eager used (train.attention = \"eager\" asks for it)")
+    return "sdpa", None
+
+
+def load_model(spec, seed: int, attention: str = "sdpa"):
     """Build (built-in) or load (hub name or local directory: the same call) the model with the
-    Auto class of its family's kind (causal LM, or seq2seq for T5); returns (model, ArchView)."""
+    Auto class of its family's kind (causal LM, or seq2seq for T5); returns (model, ArchView).
+
+    `attention` is train.attention: "sdpa" uses PyTorch's fused attention where the family has it,
+    else eager; `model.attention_fallback` then holds the one-line reason (None when as asked)."""
     import torch
     import transformers
 
@@ -112,12 +130,24 @@ def load_model(spec, seed: int):
     except UnsupportedArchitecture as e:
         raise ModelLoadError(str(e)) from None
     auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq" else transformers.AutoModelForCausalLM
-    if spec.source.startswith("builtin:"):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = auto.from_config(config, attn_implementation="eager")
-    else:
-        model = auto.from_pretrained(spec.source, revision=spec.revision)
+    implementation, fallback = choose_attention(auto, config, attention)
+
+    def build(implementation: str):
+        if spec.source.startswith("builtin:"):
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                return auto.from_config(config, attn_implementation=implementation)
+        return auto.from_pretrained(spec.source, revision=spec.revision, attn_implementation=implementation)
+
+    try:
+        model = build(implementation)
+    except ValueError as e:  # transformers refuses sdpa for this class: say so, use eager
+        if implementation != "sdpa" or "attention" not in str(e):
+            raise
+        fallback = (f"train.attention: \"sdpa\" refused by transformers ({str(e).splitlines()[0][:100]}) — "
+                    f"eager used (train.attention = \"eager\" asks for it)")
+        model = build("eager")
+    model.attention_fallback = fallback
     return model, ArchView(model.config, model)
 
 
