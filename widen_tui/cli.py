@@ -194,6 +194,7 @@ def _launch(file: Path, set_: list[str], seed: int | None, detach: bool, seeds: 
     plan = _load_plan_or_exit(file, set_, seed)
     runs = create_runs(plan, file, seeds)
     pids = [start_worker(run) for run in runs]
+    _say_how_to_join(runs[0])
     if detach:
         for run in runs:
             console.print(run.id, highlight=False)
@@ -221,6 +222,31 @@ def _launch(file: Path, set_: list[str], seed: int | None, detach: bool, seeds: 
         raise typer.Exit(1)
 
 
+def _distributed_overrides(nproc: int | None, nnodes: int | None, rdzv_endpoint: str | None) -> list[str]:
+    """--nproc / --nnodes / --rdzv-endpoint as `--set` overrides (the endpoint quoted: a TOML string)."""
+    extra = [f"train.distributed.nproc={nproc}"] if nproc else []
+    extra += [f"train.distributed.nnodes={nnodes}"] if nnodes else []
+    extra += [f"train.distributed.rdzv_endpoint={json.dumps(rdzv_endpoint)}"] if rdzv_endpoint else []
+    return extra
+
+
+def _say_how_to_join(run: RunDir, resume: bool = False) -> None:
+    """A multi-node run waits for its other machines: say what to run on each."""
+    from widen_tui.launcher import join_lines, nnodes
+
+    machines = nnodes(run)
+    if machines <= 1:
+        return
+    join, torchrun = join_lines(run, resume)
+    err.print(f"run {run.id} waits for {machines - 1} more machine{'s' * (machines > 2)}: on each (sharing the "
+              f"runs directory), run\n  {join}\nor the same torchrun line (the run directory as that machine "
+              f"mounts it):\n  {torchrun}", highlight=False, markup=False, soft_wrap=True)
+
+
+NNODES_HELP = "train on N machines (each runs `widen join RUN`; needs --rdzv-endpoint)"
+RDZV_HELP = "host:port of the c10d rendezvous, a free port on the first machine (e.g. node0:29500)"
+
+
 @app.command()
 def run(
     file: Path = typer.Argument(..., help="plan TOML file"),
@@ -231,11 +257,14 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="train on N processes under torchrun "
                                                  "(DDP; train.batch_size is the global batch)")] = None,
+    nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help=NNODES_HELP)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", metavar="HOST:PORT",
+                                                         help=RDZV_HELP)] = None,
 ):
     """Run a plan in detached engine processes (and watch unless --detach). A plan with variants
-    runs one after another, sharing its common stages, then prints the comparison."""
-    extra = [f"train.distributed.nproc={nproc}"] if nproc else []
-    _launch(file, [*set_, *extra], seed, detach, _parse_seeds(seeds))
+    runs one after another, sharing its common stages, then prints the comparison. On several
+    machines (--nnodes), it prints the `widen join RUN` to run on each of the others."""
+    _launch(file, [*set_, *_distributed_overrides(nproc, nnodes, rdzv_endpoint)], seed, detach, _parse_seeds(seeds))
 
 
 @app.command()
@@ -254,13 +283,40 @@ def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN")],
            set_: Annotated[list[str], typer.Option("--set", help="change a training setting first, e.g. "
                                                    "train.lr=1e-4 after a divergence (repeatable)")] = [],
            nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="continue on N processes "
-                                                        "(the checkpoint is whole: any N that divides the batch)")] = None):
-    """Continue a cancelled, failed, diverged or lost run from its latest checkpoint."""
+                                                        "(the checkpoint is whole: any N that divides the batch)")] = None,
+           nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help=NNODES_HELP)] = None,
+           rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", metavar="HOST:PORT",
+                                                                help=RDZV_HELP)] = None):
+    """Continue a cancelled, failed, diverged or lost run from its latest checkpoint (on as many
+    processes and machines as the options say: the checkpoint is whole)."""
     from widen_tui.launcher import resume as resume_run
 
     run = _run_dir(run_ref)
-    pid = resume_run(run, [*set_, *([f"train.distributed.nproc={nproc}"] if nproc else [])])
+    pid = resume_run(run, [*set_, *_distributed_overrides(nproc, nnodes, rdzv_endpoint)])
     err.print(f"resumed {run.id} (pid {pid}) — `widen watch {run.id}`", highlight=False)
+    _say_how_to_join(run, resume=True)
+
+
+@app.command()
+def join(run_ref: Annotated[str, typer.Argument(metavar="RUN")],
+         detach: Annotated[bool, typer.Option("--detach", "-d", help="print the log's path and return at once")]
+         = False):
+    """Take part in a run on several machines: on each machine but the first (which ran `widen run`
+    or `widen resume`), with the runs directory shared, start its torchrun on the run (continuing
+    from the checkpoint when the run was resumed). Rank 0, on whichever machine it lands, writes
+    the run; this writes only its own log, RUN_DIR/stderr-HOST-PID.log. Watches the run unless
+    --detach."""
+    from widen_tui.launcher import join as join_run
+
+    run = _run_dir(run_ref)
+    pid, log = join_run(run)
+    err.print(f"joined {run.id} (torchrun pid {pid}); its output goes to {log}", highlight=False, markup=False,
+              soft_wrap=True)
+    if detach:
+        console.print(str(log), highlight=False, markup=False, soft_wrap=True)
+        return
+    if _follow(run) != "done":
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -363,7 +419,7 @@ class _LinePrinter:
             if time.time() - self.last_step_print < 5:
                 return
             self.last_step_print = time.time()
-        if line and e["type"] != "system":
+        if line and e["type"] not in ("system", "ranks"):  # samples, not progress: the live view shows them
             console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 

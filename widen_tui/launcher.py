@@ -2,6 +2,11 @@
 
 Workers run detached (their own session, output to the run's stderr.log), so closing the CLI or
 the TUI, or losing the SSH connection, never stops a run.
+
+A run on several machines (``train.distributed.nnodes`` > 1) starts one torchrun agent per
+machine; they meet at the plan's c10d rendezvous (``rdzv_endpoint``, the run id as rendezvous id).
+``start_worker`` starts the first machine's; ``join`` starts another machine's on the same run
+directory (a shared runs root), and writes nothing of the run but its own log.
 """
 
 from __future__ import annotations
@@ -69,6 +74,13 @@ def create_runs(plan: Plan, plan_path: Path | str | None, seeds: list[int] | Non
     prefix cache; they still run detached, whoever started them."""
     seeds = seeds or [plan.seed]
     variants = [v.name for v in plan.variants] or [None]
+    nnodes = plan.train.distributed.nnodes if plan.train.distributed else 1
+    if nnodes > 1 and (len(seeds) > 1 or variants != [None]):
+        # each run of a group would wait for its own `widen join` on every machine, and the first
+        # machine's torchrun of the first run hosts the rendezvous store the later ones lean on
+        raise RunCreateError(f"a plan on several machines (train.distributed.nnodes {nnodes}) runs as one run: "
+                             "drop its variants and --seeds, and start each variant or seed by itself "
+                             "(--set / --seed)")
     if len(seeds) == 1 and variants == [None]:
         return [create_run(plan.model_copy(update={"seed": seeds[0]}), plan_path, root)]
     group = new_run_id(plan.name)
@@ -95,17 +107,42 @@ def create_runs(plan: Plan, plan_path: Path | str | None, seeds: list[int] | Non
 
 def worker_command(run: RunDir, resume: bool = False) -> list[str]:
     """`python -m engine.worker RUN_DIR`, under torchrun (`python -m torch.distributed.run`)
-    when the plan asks for several processes."""
+    when the plan asks for several processes: `--standalone` on one machine, the plan's c10d
+    rendezvous (the run id as its id) on several. Every machine of a run runs the same command."""
     worker = ["-m", "engine.worker", str(run.path)] + (["--resume"] if resume else [])
-    try:
-        from engine.plan import load_plan
-
-        nproc = load_plan(run.plan).train.nproc
-    except ValueError:  # a broken plan: one worker, which reports it
-        nproc = 1
+    spec = _distributed(run)
+    nproc, nnodes = (spec.nproc, spec.nnodes) if spec else (1, 1)
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes > 1 and spec.rdzv_endpoint:  # plan check requires the endpoint; without one: a single machine
+        return [*torchrun, f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={spec.rdzv_endpoint}", f"--rdzv-id={run.id}", *worker]
     if nproc <= 1:
         return [sys.executable, *worker]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
+    return [*torchrun, "--standalone", f"--nproc_per_node={nproc}", *worker]
+
+
+def _distributed(run: RunDir):
+    """The run's ``train.distributed`` (None for one process, or a broken plan: the worker reports it)."""
+    from engine.plan import load_plan
+
+    try:
+        return load_plan(run.plan).train.distributed
+    except ValueError:
+        return None
+
+
+def nnodes(run: RunDir) -> int:
+    """How many machines the run's plan trains on."""
+    spec = _distributed(run)
+    return spec.nnodes if spec else 1
+
+
+def join_lines(run: RunDir, resume: bool = False) -> list[str]:
+    """What to run on every other machine of a multi-node run: `widen join RUN`, and the raw
+    torchrun line it amounts to (the run directory as this machine sees it)."""
+    import shlex
+
+    return [f"widen join {run.id}", shlex.join(["python", *worker_command(run, resume)[1:]])]
 
 
 def start_worker(run: RunDir, resume: bool = False) -> int:
@@ -118,18 +155,74 @@ def start_worker(run: RunDir, resume: bool = False) -> int:
     with open(run.stderr, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, cwd=os.getcwd(), env=_worker_env())
-    _await_run_lock(proc, run)
-    # Note the pid at once, so a worker that dies before writing its own status shows as `lost`;
-    # its create_time tells our worker from a process that gets the pid later.
-    # The worker needs seconds to import torch; if it was quicker, its own status (same pid) stays.
-    written = (read_json(run.status_json) or {}).get("pid")
-    if written != proc.pid and not (isinstance(written, int) and _parent(written) == proc.pid):
-        write_json_atomic(run.status_json, {"state": "queued", "pid": proc.pid, "host": socket.gethostname(),
-                                            "create_time": process_create_time(proc.pid),
-                                            "heartbeat": time.time()})
+    spec = _distributed(run)
+    if spec and spec.nnodes > 1 and spec.rdzv_endpoint:
+        _note_rendezvous(run, proc.pid, spec, resume)
+    else:
+        _await_run_lock(proc, run)
+        # Note the pid at once, so a worker that dies before writing its own status shows as `lost`;
+        # its create_time tells our worker from a process that gets the pid later.
+        # The worker needs seconds to import torch; if it was quicker, its own status (same pid) stays.
+        written = (read_json(run.status_json) or {}).get("pid")
+        if written != proc.pid and not (isinstance(written, int) and _parent(written) == proc.pid):
+            write_json_atomic(run.status_json, {"state": "queued", "pid": proc.pid, "host": socket.gethostname(),
+                                                "create_time": process_create_time(proc.pid),
+                                                "heartbeat": time.time()})
     if resume:  # the index still says how the run ended before: it is queued again
         RunIndex(run.path.parent).update_run(run)
     return proc.pid
+
+
+# torchrun's agents wait this long (c10d's default join_timeout) for every machine to join
+RENDEZVOUS_WAIT_S = 600.0
+
+
+def _note_rendezvous(run: RunDir, pid: int, spec, resume: bool) -> None:
+    """The queued status of a multi-node run: no rank starts (nor takes the run's lock) until
+    every machine has joined, so nothing is awaited here. `widen join` reads `rendezvous` and
+    `resume` from it (the worker's own status, once rank 0 runs, has neither). No process beats
+    while the agents wait: the heartbeat is set to when torchrun gives up waiting, so the run reads
+    as queued, not stale or lost, until then."""
+    write_json_atomic(run.status_json, {
+        "state": "queued", "pid": pid, "host": socket.gethostname(), "create_time": process_create_time(pid),
+        "heartbeat": time.time() + RENDEZVOUS_WAIT_S, "rendezvous": spec.rdzv_endpoint,
+        "nnodes": spec.nnodes, "resume": resume})
+
+
+def join(run: RunDir) -> tuple[int, Path]:
+    """Start this machine's torchrun agent for a multi-node run another machine started
+    (`widen run` / `widen resume`), on the same run directory: the command `start_worker` ran
+    there, `--resume` as it was. It takes no lock and writes neither status nor index (rank 0
+    does, wherever it lands); its output goes to ``stderr-<host>-<pid>.log`` in the run directory.
+    Returns (the agent's pid, that log)."""
+    from engine.errors import RunStateError
+
+    spec = _distributed(run)
+    if not spec or spec.nnodes <= 1:
+        raise RunStateError(f"run {run.id} trains on one machine (train.distributed.nnodes is 1) — nothing to "
+                            "join; start a run on several with `widen run PLAN --nnodes N --rdzv-endpoint HOST:PORT`")
+    recorded = read_json(run.status_json) or {}  # as written, not the effective state: see _note_rendezvous
+    state = recorded.get("state")
+    if state == "done":
+        raise RunStateError(f"run {run.id} is done — nothing to join")
+    if state in ("failed", "cancelled", "diverged"):
+        raise RunStateError(f"run {run.id} is {state} — `widen resume {run.id}` on the first machine, then "
+                            f"`widen join {run.id}` here")
+    if state != "queued" or not recorded.get("rendezvous"):
+        raise RunStateError(f"run {run.id} is {state or 'not started'} and not waiting for machines to join — "
+                            f"nothing to join (`widen watch {run.id}`)")
+    resume = recorded.get("resume") is True
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()).strip(".-")[:64] or "host"
+    log_path = run.path / f".stderr-{host}-{os.getpid()}.log.new"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(worker_command(run, resume), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, cwd=os.getcwd(), env=_worker_env())
+    named = run.path / f"stderr-{host}-{proc.pid}.log"  # the agent's pid: the process to look for
+    try:
+        os.rename(log_path, named)  # the agent keeps writing to the file it has open
+    except OSError:
+        named = log_path
+    return proc.pid, named
 
 
 def _await_run_lock(proc: subprocess.Popen, run: RunDir, timeout_s: float = 30.0) -> None:
@@ -199,6 +292,8 @@ def cancel(run: RunDir) -> str:
     if status["state"] not in LIVE_STATES:
         return f"already {status['state']}"
     run.cancel_request.touch()
+    if status.get("rendezvous") and status["state"] in ("queued", "stale"):
+        return _cancel_waiting(run, status)
     pid = status.get("pid")
     if pid and is_our_worker(status):
         try:
@@ -210,10 +305,26 @@ def cancel(run: RunDir) -> str:
     return "cancel requested (cancel.request written; no worker process of this run on this host to signal)"
 
 
+def _cancel_waiting(run: RunDir, status: dict) -> str:
+    """A multi-node run whose machines have not all joined: no rank exists to see the request and
+    record the ending, so stop this machine's agent and record `cancelled` here. (Were the ranks
+    starting just now, rank 0 sees cancel.request at its first step and ends it so itself.)"""
+    if is_our_worker(status):
+        try:
+            os.kill(int(status["pid"]), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError, TypeError, ValueError):
+            pass
+    recorded = read_json(run.status_json) or {}
+    write_json_atomic(run.status_json, {**recorded, "state": "cancelled", "ended": time.time()})
+    return ("cancelled before every machine had joined (a `widen join` already started elsewhere gives up "
+            f"after {RENDEZVOUS_WAIT_S:.0f} s of waiting)")
+
+
 # What a resume may change: settings the checkpoint does not depend on. The model, the tasks and
 # the stages' operators shape the checkpoint, so they stay as the run began.
+# The checkpoint is whole (gathered on rank 0, also under FSDP), so the processes may change too.
 RESUMABLE_FIELDS = re.compile(r"^(train\.(lr|grad_clip|eval_interval|log_interval|checkpoint_interval)"
-                              r"|train\.distributed\.nproc|stages\.\d+\.lr)$")
+                              r"|train\.distributed\.(nproc|nnodes|rdzv_endpoint|strategy)|stages\.\d+\.lr)$")
 
 
 def resume(run: RunDir, overrides: list[str] | None = None) -> int:
@@ -245,7 +356,8 @@ def _apply_resume_overrides(run: RunDir, overrides: list[str]) -> None:
         raise PlanError([Problem(f"--set {key}", "a resume cannot change this (the checkpoint depends on "
                                  "it) — allowed: train.lr, train.grad_clip, train.eval_interval, "
                                  "train.log_interval, train.checkpoint_interval, train.distributed.nproc, "
-                                 "stages.N.lr") for key in bad])
+                                 "train.distributed.nnodes, train.distributed.rdzv_endpoint, "
+                                 "train.distributed.strategy, stages.N.lr") for key in bad])
     plan = plan_from_dict(apply_overrides(read_toml(run.plan), overrides))
     tmp = run.plan.with_name(f".plan.toml.{os.getpid()}.tmp")
     tmp.write_text(plan.to_toml())
