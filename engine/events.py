@@ -36,6 +36,8 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "status": ("state",),                                           # + error when failed / diverged
     "sweep": ("task", "depth", "rows", "best"),                     # a mapping sweep after the stages
     "resume": ("stage", "step", "global_step"),                     # a resumed run continues from here
+    # a distributed run, at each logged step: every rank's memory, one object per rank (RANK_FIELDS)
+    "ranks": ("stage", "step", "global_step", "ranks"),
 }
 COMMON = ("type", "t")
 
@@ -53,7 +55,11 @@ TYPES: dict[str, str] = {
     "loss_after": "num?", "max_pairwise_cosine": "num?", "max_twin_cosine": "num?",
     "rss_mb": "num?", "cpu_percent": "num?", "gpus": "list", "gpu_status": "str?", "torch_peak_mb": "num?",
     "depth": "int", "rows": "int", "best": "dict?", "growth": "int?", "stage_steps": "list?",
+    "ranks": "list",
 }
+# What each object of a ``ranks`` event holds (rank is required; host is None when not gathered,
+# gpu_mem_mb None without a GPU).
+RANK_FIELDS: dict[str, str] = {"rank": "int", "host": "str?", "rss_mb": "num?", "gpu_mem_mb": "num?"}
 # per event type, where a key means something else
 _TYPE_OVERRIDES: dict[str, dict[str, str]] = {
     "start": {"plan": "str", "seed": "int?", "pid": "int?"},
@@ -101,7 +107,28 @@ def _type_problems(kind: str, event: dict) -> list[str]:
             wrong.append(f"{key} is {_what(value)}, not {_NAMES[expected.rstrip('?')]}")
     if kind == "system" and not wrong and not all(isinstance(g, dict) for g in event["gpus"]):
         wrong.append("gpus holds something other than objects")
+    if kind == "ranks" and not wrong:
+        wrong += _rank_problems(event["ranks"])
     return [f"{kind} event: {', '.join(wrong)}"] if wrong else []
+
+
+def _rank_problems(ranks: list) -> list[str]:
+    """Every item an object with an integer rank >= 0, each rank once, its fields of their types."""
+    if not ranks:
+        return ["ranks is empty"]
+    seen = set()
+    for i, item in enumerate(ranks):
+        if not isinstance(item, dict):
+            return [f"ranks[{i}] is {_what(item)}, not an object"]
+        if "rank" not in item:
+            return [f"ranks[{i}] lacks rank"]
+        for key, expected in RANK_FIELDS.items():
+            if key in item and not _type_ok(item[key], expected):
+                return [f"ranks[{i}].{key} is {_what(item[key])}, not {_NAMES[expected.rstrip('?')]}"]
+        if item["rank"] < 0 or item["rank"] in seen:
+            return [f"ranks[{i}].rank {item['rank']} is {'negative' if item['rank'] < 0 else 'repeated'}"]
+        seen.add(item["rank"])
+    return []
 
 
 _NAMES = {"int": "an integer", "num": "a number", "str": "a string", "list": "a list", "dict": "an object"}

@@ -1,4 +1,5 @@
-"""System samples: GPU memory/utilisation per device (NVML), torch peak memory, process RSS/CPU.
+"""System samples: GPU memory/utilisation per device (NVML), torch peak memory, process RSS/CPU;
+and ``rank_memory``, one process's own figures, which a distributed run gathers from every rank.
 
 On a machine without a GPU or an NVIDIA driver every GPU field is empty and `gpu_status` says
 "no GPU" with the reason; nothing here raises.
@@ -7,6 +8,7 @@ On a machine without a GPU or an NVIDIA driver every GPU field is empty and `gpu
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import psutil
@@ -71,6 +73,65 @@ class SystemMonitor:
             "gpu_status": self.gpu_status,
             "torch_peak_mb": torch_peak_mb(),
         }
+
+
+# What rank_memory returns, in order (a list of floats: what an all-gather carries).
+RANK_MEMORY_FIELDS = ("rss_mb", "gpu_mem_mb")
+NO_VALUE = -1.0  # gpu_mem_mb without a GPU (or NVML) for this rank
+
+_PROCESS: psutil.Process | None = None
+# NVML, once: {"nvml": the module or None} and CUDA index -> NVML handle (None: NVML cannot see it)
+_NVML_CACHE: dict = {}
+
+
+def rank_memory(device) -> list[float]:
+    """``[rss_mb, gpu_mem_mb]`` of this process: its resident memory, and the memory NVML reports
+    used on its own GPU (`device`, a torch.device; NO_VALUE on the CPU or without NVML). Cheap
+    enough for every logged step: one /proc read and, on a GPU, one NVML query."""
+    global _PROCESS
+    if _PROCESS is None or _PROCESS.pid != os.getpid():  # a forked child is another process
+        _PROCESS = psutil.Process(os.getpid())
+    rss_mb = round(_PROCESS.memory_info().rss / 2**20, 1)
+    return [rss_mb, _gpu_mem_mb(device)]
+
+
+def _gpu_mem_mb(device) -> float:
+    if getattr(device, "type", None) != "cuda":
+        return NO_VALUE
+    torch = sys.modules.get("torch")
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = _nvml_handle(torch, index)
+        if handle is None:
+            return NO_VALUE
+        return round(_NVML_CACHE["nvml"].nvmlDeviceGetMemoryInfo(handle).used / 2**20, 1)
+    except Exception:  # a driver hiccup must never stop training: no figure this time
+        return NO_VALUE
+
+
+def _nvml_handle(torch, index: int):
+    """The NVML handle of CUDA device `index`. Found by PCI bus id, not by index: CUDA numbers
+    the devices CUDA_VISIBLE_DEVICES lets it see (rank 3's cuda:0 may be NVML's GPU 3)."""
+    if index in _NVML_CACHE:
+        return _NVML_CACHE[index]
+    if "nvml" not in _NVML_CACHE:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML_CACHE["nvml"] = pynvml
+        except Exception:
+            _NVML_CACHE["nvml"] = None
+    nvml, handle = _NVML_CACHE["nvml"], None
+    if nvml is not None:
+        try:
+            props = torch.cuda.get_device_properties(index)
+            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            handle = nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+        except Exception:
+            handle = None
+    _NVML_CACHE[index] = handle
+    return handle
 
 
 def torch_peak_mb() -> float | None:
