@@ -237,7 +237,24 @@ def _json_default(value):
     return str(value)
 
 
-def save(directory: Path, model: torch.nn.Module, state: TrainerState,
+class WholeWeights:
+    """A state dict of whole tensors (an FSDP run's, gathered) in the one shape safetensors'
+    ``save_model`` reads, so tied entries are written once, as for a plain model."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def parameters(self):
+        return iter(self.tensors.values())
+
+    def buffers(self):
+        return iter(())
+
+
+def save(directory: Path, model: torch.nn.Module | WholeWeights, state: TrainerState,
          task_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint to `directory` atomically; on any error the partial copy is removed
     and a CheckpointError says why (the previous checkpoint, if any, stays)."""
@@ -300,9 +317,10 @@ def exists(directory: Path) -> bool:
     return (Path(directory) / WEIGHTS_FILE).exists()
 
 
-def load_state(directory: Path) -> TrainerState | None:
-    """The trainer state of the checkpoint in `directory` (None when it has only weights, or none).
-    Never unpickles: a pickled trainer.pt of older widen versions is refused, not loaded."""
+def load_state(directory: Path, stages: int | None = None) -> TrainerState | None:
+    """The trainer state of the checkpoint in `directory` (None when it has only weights, or none),
+    at most at stage `stages` (the plan's count) if given. Never unpickles: a pickled trainer.pt
+    of older widen versions is refused, not loaded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -324,9 +342,32 @@ def load_state(directory: Path) -> TrainerState | None:
         raise CheckpointError(f"{directory / TENSORS_FILE}: unreadable ({str(e).splitlines()[0][:120]}) — "
                               f"the checkpoint is damaged; start the run again") from None
     try:
-        return _join(doc, tensors)
+        state = _join(doc, tensors)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e} — the checkpoint is damaged; start the run again") from None
+    if stages is not None and state.position.stage > stages:
+        raise CheckpointError(f"checkpoint: stage {state.position.stage} is beyond the plan's {stages} stages — "
+                              f"the run directory is damaged")
+    return state
+
+
+def restore_training(saved: TrainerState, optimizer, scheduler, scaler, lr: float, load_optimizer_state) -> None:
+    """Continue training where `saved` stopped: the optimizer moments (through
+    `load_optimizer_state`, which cuts them to an FSDP run's shards), the schedule at `lr` (a
+    resume may lower it), the loss scaler and the random generators."""
+    from engine.optim import set_learning_rate
+
+    try:
+        load_optimizer_state(optimizer, saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler or {})
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint: the optimizer state does not fit the rebuilt "
+                              f"model ({str(e).splitlines()[0][:120]})") from None
+    set_learning_rate(optimizer, scheduler, lr)
+    if saved.scaler:
+        scaler.load_state_dict(saved.scaler)
+    if saved.rng is not None:
+        restore_rng(saved.rng)
 
 
 def load_weights(model: torch.nn.Module, directory: Path, device: str | torch.device = "cpu") -> None:
@@ -342,7 +383,7 @@ def load_weights(model: torch.nn.Module, directory: Path, device: str | torch.de
                               f"({str(e).splitlines()[0][:160]})") from None
 
 
-def finite_weights(model: torch.nn.Module) -> bool:
+def finite_weights(model: torch.nn.Module | WholeWeights) -> bool:
     """Whether every parameter and buffer is finite (a diverged model is never saved)."""
     with torch.no_grad():
         return all(bool(torch.isfinite(t).all()) for t in list(model.parameters()) + list(model.buffers())

@@ -73,9 +73,26 @@ class World:
 
         return cut(batch)
 
-    def shard_list(self, items: list) -> list:
-        """Rank r's items r, r+N, r+2N, ... (evaluation batches)."""
-        return items[self.rank::self.size] if self.distributed else items
+    def shard_list(self, items: list, lockstep: bool = False) -> tuple[list, int]:
+        """Rank r's items r, r+N, r+2N, ... (evaluation batches), and how many of them count.
+        `lockstep` (FSDP: every forward is a collective): every rank gets as many items, the
+        ranks short of one repeat their first item, which does not count."""
+        if not self.distributed:
+            return items, len(items)
+        mine = items[self.rank::self.size]
+        counted = len(mine)
+        if lockstep:
+            mine = mine + [items[0]] * (-(-len(items) // self.size) - counted)
+        return mine, counted
+
+    def all_gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values` (the same length on each), in rank order."""
+        if not self.distributed:
+            return [list(values)]
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._wire())
+        rows = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(rows, tensor)
+        return [row.tolist() for row in rows]
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module to train through: DDP over `model` (parameters shared, not copied) in a

@@ -124,11 +124,23 @@ class Freezer:
     def __init__(self):
         self._hooks = []
         self.masked: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}   # id -> entries that train, of each masked tensor
+        self.hooked = True                   # False: masks applied by `mask_gradients` (FSDP)
 
-    def apply(self, model, policy, growth: StageGrowth) -> None:
+    def _mask(self, p, mask: torch.Tensor, count: int | None = None) -> None:
+        self.masked[id(p)] = mask
+        self._counts[id(p)] = int(mask.sum()) if count is None else count
+        if self.hooked:
+            self._hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+
+    def _reset(self) -> None:
         for handle in self._hooks:
             handle.remove()
-        self._hooks, self.masked = [], {}
+        self._hooks, self.masked, self._counts = [], {}, {}
+
+    def apply(self, model, policy, growth: StageGrowth) -> None:
+        self._reset()
+        self.hooked = True
         if policy == "none":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -140,16 +152,37 @@ class Freezer:
                     p.requires_grad_(True)
                 for p, mask in result.grown:
                     p.requires_grad_(True)
-                    self.masked[id(p)] = mask
-                    self._hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+                    self._mask(p, mask)
         else:  # a list of globs naming what to freeze
             for name, p in model.named_parameters():
                 p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in policy))
+
+    def masks_by_name(self, model) -> dict[str, tuple[torch.Tensor, int]]:
+        return {name: (self.masked[id(p)], self._counts[id(p)]) for name, p in model.named_parameters()
+                if id(p) in self.masked}
+
+    def remask(self, model, masks: dict[str, tuple[torch.Tensor, int]], cut) -> None:
+        """After sharding (new parameter objects, whose gradients FSDP assigns rather than
+        accumulates, so hooks would not see them): `cut` each mask as its parameter is, and mask
+        the gradients in `mask_gradients`. requires_grad carries over the sharding."""
+        self._reset()
+        self.hooked = False
+        for name, p in model.named_parameters():
+            if name in masks:
+                mask, count = masks[name]
+                self._mask(p, cut(mask, p), count)
+
+    def mask_gradients(self, model) -> None:
+        if self.hooked:
+            return
+        for p in model.parameters():
+            mask = self.masked.get(id(p))
+            if mask is not None and p.grad is not None:
+                p.grad.mul_(mask.to(p.grad.dtype))
 
     def trainable(self, model) -> int:
         total = 0
         for p in model.parameters():
             if p.requires_grad:
-                mask = self.masked.get(id(p))
-                total += int(mask.sum()) if mask is not None else p.numel()
+                total += self._counts[id(p)] if id(p) in self.masked else p.numel()
         return total

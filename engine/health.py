@@ -88,3 +88,16 @@ def max_twin_cosine(groups: list[NewUnits]) -> float | None:
 
 def similarity_report(groups: list[NewUnits]) -> dict:
     return {"max_pairwise_cosine": max_pairwise_cosine(groups), "max_twin_cosine": max_twin_cosine(groups)}
+
+
+def after_training(expansions: list[dict], growth, index: int) -> list[tuple[dict, dict]]:
+    """After stage `index` trained: do its new units still differ from each other and their
+    sources? Adds ``after_training`` to each of the stage's expansion reports that has units;
+    returns (report, figures) for each."""
+    reports = [r for r in expansions if r["stage"] == index]
+    out = []
+    for report, result in zip(reports, growth.results):
+        if result.units:
+            report["after_training"] = similarity_report(result.units)
+            out.append((report, report["after_training"]))
+    return out

@@ -8,6 +8,9 @@ expansion report (stage operators and automatic growths), and a summary with cos
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
+
 from engine import metrics
 
 GENERATION_SCORES = ("exact_match", "bleu")
@@ -66,3 +69,30 @@ def build_results(identity: dict, tasks: list[str], history: dict, params: int, 
     if sweep:
         out["sweep"] = sweep
     return out
+
+
+def write_ending(trainer, state: str, error: str | None = None) -> None:
+    """A trainer's ending (engine.train.Trainer, rank 0): results.json (once set up), a status
+    event, status.json. Each write is tried on its own, so a full disk loses as little as it can."""
+    from engine.expand import count_params
+    from engine.rundir import write_json_atomic
+
+    extra = {"error": error} if error else {}
+    if trainer.started:
+        trainer._maybe_system_sample(force=True, quiet=True)
+        sample = trainer.monitor.sample()
+        identity = {"run": trainer.run.id, "plan": trainer.plan.name, "state": state, "seed": trainer.plan.seed,
+                    "variant": trainer.info.get("variant"), "group": trainer.info.get("group")}
+        memory = {"peak_rss_mb": trainer.monitor.peak_rss_mb, "torch_peak_mb": sample.get("torch_peak_mb")}
+        document = build_results(identity, list(trainer.tasks), asdict(trainer.history), count_params(trainer.model),
+                                 memory, getattr(trainer, "sweep_result", None))
+        try:
+            write_json_atomic(trainer.run.results_json, {**document, **extra})
+        except OSError:
+            pass
+        try:
+            trainer.emit("status", state=state, **extra)
+        except OSError:
+            pass
+    trainer.status.close(state=state, ended=time.time(), **extra)
+    trainer.run.cancel_request.unlink(missing_ok=True)

@@ -434,3 +434,17 @@ def mapping_sweep(model: nn.Module, batches, mappings: list[list[int]], measure_
         "naive_max_loss_diff": naive_diff if measure_naive else None,
         "replay_check": replay_check,
     }
+
+
+def sweep_after_training(trainer) -> dict:
+    """A run's `[sweep]` (engine.train.Trainer, its stages done): score the plan's layer mappings
+    of the trained model, without training; emits a `sweep` event, returns the result."""
+    spec = trainer.plan.sweep
+    trainer.m.activate(None)
+    trainer.model.eval()
+    result = sweep_trained(trainer.model, trainer.m.view, spec, trainer.eval_sets[spec.task])
+    best = next((r for r in result["rows"] if not r["reference"]), None)
+    reference = next((r for r in result["rows"] if r["reference"]), None)
+    trainer.emit("sweep", task=spec.task, depth=spec.depth, rows=len(result["rows"]), best=best,
+                 reference_ppl=reference and reference["ppl"], speedup=result.get("speedup"))
+    return result

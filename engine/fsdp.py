@@ -1,0 +1,90 @@
+"""FSDP2 for the loop (``strategy = "fsdp"``): shard a plain model with ``fully_shard``, gather
+its weights and optimizer state whole again.
+
+Every block whose parameters are its own becomes one FSDP unit, and the root holds the rest
+(embeddings, the head, final norms). A block that shares a parameter with another block — a
+virtual (weight-tied) layer of a stacking mapping — is not a unit of its own: it stays in the
+root's unit, whose parameters are gathered for the whole forward, so the tie holds (that part of
+the model is then gathered at once rather than block by block).
+
+Growth never edits sharded tensors: the loop gathers the weights (``full_state_dict``) and the
+optimizer state (``full_optimizer_state``) whole on every rank, rebuilds the plain model, grows it
+as a single process would, shards it again, and scatters the carried state back
+(``load_optimizer_state``). A checkpoint is the same whole state, written by rank 0 — the same
+files as a single process writes, so a resume may change the strategy and the number of processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def _own_blocks(model, view) -> list[torch.nn.Module]:
+    """The blocks whose parameters appear in no other block (tied blocks stay in the root unit)."""
+    try:
+        blocks = list(view.blocks())
+    except (RuntimeError, AttributeError):  # a model without a block stack: one unit, the root
+        return []
+    users: dict[int, int] = {}
+    for block in blocks:
+        for p in {id(p) for p in block.parameters()}:
+            users[p] = users.get(p, 0) + 1
+    return [block for block in blocks if all(users[id(p)] == 1 for p in block.parameters())]
+
+
+def shard(model, view) -> None:
+    """FSDP2 over `model`, in place: its own blocks one unit each, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _own_blocks(model, view):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def whole(value, memo: dict):
+    """A DTensor's full value (gathered once per tensor: tied entries stay one tensor)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if id(value) not in memo:
+        memo[id(value)] = value.full_tensor() if isinstance(value, DTensor) else value
+    return memo[id(value)]
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with whole tensors, on every rank (a collective: every rank calls it)."""
+    memo: dict = {}
+    return {name: whole(value, memo) for name, value in model.state_dict(keep_vars=True).items()}
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with whole tensors (a collective): the format a single process saves."""
+    state = optimizer.state_dict()
+    memo: dict = {}
+    state["state"] = {key: {k: whole(v, memo) for k, v in entry.items()} for key, entry in state["state"].items()}
+    return state
+
+
+def shard_like(tensor: torch.Tensor, param) -> torch.Tensor:
+    """`tensor` (whole, the same on every rank) cut as the sharded `param` is; plain params: as is."""
+    if not isinstance(param, DTensor):
+        return tensor
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load a whole-tensor optimizer state (`full_optimizer_state`, or a checkpoint's) into the
+    optimizer of the sharded model: every moment is cut as its parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    cut = {}
+    for key, entry in state["state"].items():
+        param = params[int(key)]
+        cut[key] = {k: shard_like(v, param) if isinstance(v, torch.Tensor) and v.shape == param.shape else v
+                    for k, v in entry.items()}
+    optimizer.load_state_dict({**state, "state": cut})
