@@ -6,8 +6,6 @@ may still be null (a non-finite value, e.g. a diverged loss, is written as null)
 
 from __future__ import annotations
 
-import json
-
 
 def _num(value) -> str:
     return "–" if value is None else f"{value:.3g}"
@@ -53,6 +51,11 @@ def describe_event(e: dict) -> str:
         return f"{label} checkpoint ({e['reason']}) at step {e['step']}"
     if kind == "system":
         return f"system rss {e['rss_mb']} MB cpu {e['cpu_percent']}% {e['gpu_status']}"
+    if kind == "ranks":
+        from widen_tui.report import rank_lines
+
+        return f"{label} step {e['step']}: memory per rank: " + "; ".join(
+            " ".join(line.split()) for line in rank_lines(e["ranks"]))
     if kind == "status":
         return f"status {e['state']}" + (f": {e['error']}" if e.get("error") else "")
     if kind == "health":

@@ -37,6 +37,8 @@ class RunProgress:
     stage_bounds: list[int] = field(default_factory=list)        # global steps where stages begin
     expansions: list[dict] = field(default_factory=list)
     system: dict = field(default_factory=dict)
+    ranks: list[dict] = field(default_factory=list)     # the latest `ranks` event's rows, by rank
+    ranks_at: tuple[int, int] | None = None            # (stage, step) they were measured at
     started: float | None = None
     last_t: float | None = None          # time of the latest event (a finished run's end)
     _rate: list[tuple[float, int]] = field(default_factory=list)  # (time, global step) samples
@@ -62,6 +64,7 @@ class RunProgress:
             self.world_size = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
             self.stage_steps = [int(n) for n in event.get("stage_steps") or [] if isinstance(n, int)]
             self.started = self.started or event["t"]
+            self.ranks, self.ranks_at = [], None  # a resume may run on another number of processes
             self.state = "running"
             self.error = None
             self._segment += 1
@@ -96,6 +99,9 @@ class RunProgress:
             self.expansions.append(event)
         elif kind == "system":
             self.system = event
+        elif kind == "ranks":
+            self.ranks = sorted(event["ranks"], key=lambda r: r["rank"])
+            self.ranks_at = (event["stage"], event["step"])
         elif kind == "status":
             self.state = event["state"]
             self.error = event.get("error")
@@ -107,6 +113,7 @@ class RunProgress:
         """Forget what the run logged past the resume point: it is done again from there."""
         self._segment += 1
         self.state, self.error = "running", None
+        self.ranks, self.ranks_at = [], None
         g = resume["global_step"]
         self.train_curve = [(x, y) for x, y in self.train_curve if x <= g]
         self._evals = [e for e in self._evals if not voided_by(e, resume)]

@@ -53,6 +53,54 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+# a big world shows this many ranks, then one line for the rest
+MAX_RANK_ROWS = 16
+
+
+def _is_num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def fmt_mb(mb) -> str:
+    """A memory size: "812 MB", "10.2 GB"; "–" when there is none."""
+    if not _is_num(mb) or mb < 0:
+        return "–"
+    return f"{mb:.0f} MB" if mb < 1024 else f"{mb / 1024:.1f} GB"
+
+
+def rank_rows(ranks: list[dict]) -> list[tuple[str, str, str | None]]:
+    """(label, rss, gpu) per rank of a `ranks` event: "rank 0" (with its host when the run
+    gathered hostnames), its RSS, its GPU's memory — None for every rank of a run on CPUs, "–"
+    for one rank that has no figure."""
+    gpus = any(_is_num(r.get("gpu_mem_mb")) for r in ranks)
+    rows = []
+    for r in ranks:
+        host = r.get("host")
+        label = f"rank {r.get('rank')}" + (f" ({host})" if isinstance(host, str) and host else "")
+        rows.append((label, fmt_mb(r.get("rss_mb")), fmt_mb(r.get("gpu_mem_mb")) if gpus else None))
+    return rows
+
+
+def rank_overflow(ranks: list[dict], shown: int = MAX_RANK_ROWS) -> str | None:
+    """The line for the ranks past the first `shown`: how many, and the most memory among them."""
+    rest = ranks[shown:]
+    if not rest:
+        return None
+    peaks = [f"{name} up to {fmt_mb(max(values))}" for name, key in (("rss", "rss_mb"), ("gpu", "gpu_mem_mb"))
+             if (values := [r[key] for r in rest if _is_num(r.get(key))])]
+    return f"… {len(rest)} more ranks" + (f": {', '.join(peaks)}" if peaks else "")
+
+
+def rank_lines(ranks: list[dict], shown: int = MAX_RANK_ROWS) -> list[str]:
+    """One aligned line per rank: `rank 0  rss 812 MB  gpu 10.2 GB` (no gpu on CPUs)."""
+    rows = rank_rows(ranks[:shown])
+    width = max((len(label) for label, _, _ in rows), default=0)
+    lines = [f"{label:<{width}}  rss {rss:>7}" + (f"  gpu {gpu:>7}" if gpu is not None else "")
+             for label, rss, gpu in rows]
+    more = rank_overflow(ranks, shown)
+    return lines + ([more] if more else [])
+
+
 def live_view(p: RunProgress) -> Panel:
     """What `widen watch` shows: stage, step, loss, evals, speed, memory, ETA."""
     head = Table.grid(padding=(0, 2))
@@ -73,6 +121,10 @@ def live_view(p: RunProgress) -> Panel:
         head.add_row("memory", f"RSS {fmt_num(sysinfo.get('rss_mb'))} MB", "gpu", gpu)
         if sysinfo.get("torch_peak_mb") is not None:
             head.add_row("torch peak", f"{_fmt(sysinfo['torch_peak_mb'], '.0f')} MB", "", "")
+    for label, rss, gpu in rank_rows(p.ranks[:MAX_RANK_ROWS]):  # a distributed run: each process's own
+        head.add_row(label, f"rss {rss}", "" if gpu is None else "gpu", gpu or "")
+    if rank_overflow(p.ranks):
+        head.add_row("", rank_overflow(p.ranks), "", "")
     bar = ProgressBar(total=max(p.total_steps, 1), completed=p.global_step, width=50)
 
     evals = Table("task", "loss", "ppl", "bits/byte", "at", box=None, header_style="bold")

@@ -35,7 +35,7 @@ from engine.rundir import FINAL_STATES, LIVE_STATES, RUNNING_STATES, RunDir
 from widen_tui.curves import X_AXES, CurveFolder, is_number, matrix_from_events
 from widen_tui.event_text import describe_event
 from widen_tui.progress import RunProgress
-from widen_tui.report import STATE_STYLE, fmt_duration, fmt_num
+from widen_tui.report import STATE_STYLE, fmt_duration, fmt_num, rank_overflow, rank_rows
 from widen_tui.widgets.binding_commands import BindingCommands
 from widen_tui.widgets.confirm import ConfirmScreen
 from widen_tui.widgets.loss_chart import LossChart
@@ -47,6 +47,7 @@ REDRAW_MIN_S = 0.5      # at most two redraws a second, however fast events arri
 CHART_COST_SHARE = 0.05  # a long history redraws the chart less often: at most ~5% of a core on it
 LOG_HISTORY_LINES = 400  # the log shows the tail of a long history (`widen logs` has it all)
 STEP_LOG_EVERY_S = 5.0  # step lines in the log: one per this much run time (and each stage's last)
+RANK_ROWS = 32          # the System tab lists this many ranks, then one line for the rest
 
 FORGETTING_NOTE = ("bits per byte per task after each stage (lower = better) · forgetting = final − best "
                    "earlier value since the task was trained: positive = worse retention")
@@ -111,8 +112,8 @@ class LiveRun:
 
     def _log_line(self, e: dict) -> str | None:
         kind = e.get("type")
-        if kind == "system":
-            return None  # the System tab shows it
+        if kind in ("system", "ranks"):
+            return None  # the System tab shows them
         if kind == "step":
             t = e.get("t") or 0.0
             last_of_stage = (isinstance(e.get("stage"), int) and e["stage"] < len(self.progress.stage_steps)
@@ -243,7 +244,7 @@ class MonitorScreen(Screen):
         self._last_chart = 0.0
         self._redraw_timer = None
         self._pending_log: list[str] = []
-        self._drawn = {"chart": None, "matrix": None, "expansions": None, "system": None}
+        self._drawn = {"chart": None, "matrix": None, "expansions": None, "system": None, "ranks": None}
 
     @property
     def run(self) -> RunDir:
@@ -278,6 +279,7 @@ class MonitorScreen(Screen):
                              "Δlogits and losses measured on a fixed probe batch", classes="note")
             with TabPane("System", id="system"):
                 yield Static(id="system-panel")
+                yield Static(id="ranks-panel")  # shown for a run on several processes
             with TabPane("Log", id="log"):
                 yield RichLog(id="event-log", max_lines=2000, wrap=False, markup=False, highlight=False)
         yield Footer()
@@ -381,6 +383,13 @@ class MonitorScreen(Screen):
         if system is not self._drawn["system"]:
             self._drawn["system"] = system
             self.query_one("#system-panel", Static).update(system_view(system, live.progress))
+        ranks = live.progress.ranks
+        if ranks is not self._drawn["ranks"]:
+            self._drawn["ranks"] = ranks
+            panel = self.query_one("#ranks-panel", Static)
+            panel.set_class(bool(ranks), "-has-ranks")
+            if ranks:
+                panel.update(ranks_view(live.progress))
         if self._pending_log:
             log = self.query_one("#event-log", RichLog)
             for line in self._pending_log:
@@ -607,4 +616,21 @@ def system_view(system: dict, p: RunProgress) -> Table | Text:
     when = system.get("t")
     if is_number(when) and p.started:
         table.add_row("sampled", f"+{fmt_duration(when - p.started)} into the run")
+    return table
+
+
+def ranks_view(p: RunProgress) -> Table:
+    """The System tab's part for a run on several processes: each rank's own RSS and GPU memory,
+    as the latest `ranks` event measured them (the rows above are rank 0's process and machine)."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    at = f" · stage {p.ranks_at[0] + 1} step {p.ranks_at[1]}" if p.ranks_at else ""
+    table.add_row(Text(f"{p.world_size} processes{at}", style="bold"), "RSS", "GPU memory")
+    for label, rss, gpu in rank_rows(p.ranks[:RANK_ROWS]):
+        table.add_row(f"  {label}", rss, "no GPU" if gpu is None else gpu)
+    more = rank_overflow(p.ranks, RANK_ROWS)
+    if more:
+        table.add_row(Text(f"  {more}", style="dim"), "", "")
     return table
