@@ -1,4 +1,4 @@
-"""Training speed on 1 and N processes (DDP under torchrun), and what a growth costs.
+"""Training speed on 1 and N processes (DDP and FSDP2 under torchrun), and what a growth costs.
 
     .venv/bin/python benchmarks/distributed.py [--nproc 2] [--steps 60] [--batch 8] [--seq 64]
 
@@ -9,7 +9,8 @@ the losses), and under `python -m torch.distributed.run --nproc_per_node N`, wit
 global batch. Prints
 tokens/s of the training steps (median over the logged windows) with the ratio against one
 process, the largest step-loss difference between the two (they should train alike), and the
-seconds a plateau growth took: grow, carry the optimizer state, re-wrap in DDP.
+seconds a plateau growth took: grow, carry the optimizer state, re-wrap in DDP (FSDP: gather the
+weights and moments whole, rebuild, grow, re-shard, scatter the moments).
 On CPU the processes share the cores, so N processes are not N times faster; on N GPUs they are
 meant to be.
 """
@@ -74,9 +75,9 @@ mode = "inplace"
 """
 
 
-def one_run(root: Path, plan_path: Path, nproc: int, threads: int = 1) -> RunDir:
-    run = create_run(load_plan(plan_path, [f"train.distributed.nproc={nproc}"] if nproc > 1 else []), plan_path,
-                     root)
+def one_run(root: Path, plan_path: Path, nproc: int, threads: int = 1, strategy: str = "ddp") -> RunDir:
+    overrides = [f"train.distributed.nproc={nproc}", f"train.distributed.strategy={strategy}"] if nproc > 1 else []
+    run = create_run(load_plan(plan_path, overrides), plan_path, root)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # torchrun's default for each rank: 1
     subprocess.run(worker_command(run), cwd=ROOT, check=True, capture_output=True, env=env)
     return run
@@ -103,11 +104,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = Path(tmp) / "plan.toml"
         plan_path.write_text(textwrap.dedent(PLAN.format(batch=args.batch, seq=args.seq, steps=args.steps)))
-        configs = {"1": (1, 1), "1, 2 threads": (1, 2), str(args.nproc): (args.nproc, 1)}
-        results = {name: figures(one_run(Path(tmp) / "runs", plan_path, n, threads))
-                   for name, (n, threads) in configs.items()}
+        configs = {"1": (1, 1, "ddp"), "1, 2 threads": (1, 2, "ddp"), f"{args.nproc} ddp": (args.nproc, 1, "ddp"),
+                   f"{args.nproc} fsdp": (args.nproc, 1, "fsdp")}
+        results = {name: figures(one_run(Path(tmp) / "runs", plan_path, n, threads, strategy))
+                   for name, (n, threads, strategy) in configs.items()}
     base = results["1"]
-    table = Table(title=f"DDP under torchrun: global batch {args.batch}×{args.seq} tokens, "
+    table = Table(title=f"DDP and FSDP2 under torchrun: global batch {args.batch}×{args.seq} tokens, "
                         f"{2 * args.steps} steps with a widening and a plateau growth")
     for column in ("processes", "state", "tokens/s", "vs 1 process", "rel Δloss ≤ step 40", "rel Δloss, all",
                    "growth at step", "growth (s)"):

@@ -75,6 +75,16 @@ class History:
     growths: list[dict] = field(default_factory=list)         # {"stage", "growth", "step", ...}
     prefix_cached: bool = False
 
+    def add_row(self, label: str, row: dict) -> None:
+        """One row of the evaluation matrix: every task, after `label` ("initial", "after S")."""
+        self.matrix.append(row)
+        self.row_labels.append(label)
+
+    def add_stage(self, index: int, label: str, task: str, total: int, trainable: int) -> None:
+        self.trained_at.setdefault(task, index)
+        self.stage_params.append({"stage": index, "name": label, "task": task, "total": total,
+                                  "trainable": trainable, "trainable_share": trainable / total})
+
 
 @dataclass
 class TrainerState:

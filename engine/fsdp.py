@@ -53,7 +53,10 @@ def whole(value, memo: dict):
     if not isinstance(value, torch.Tensor):
         return value
     if id(value) not in memo:
-        memo[id(value)] = value.full_tensor() if isinstance(value, DTensor) else value
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if full.untyped_storage().nbytes() != full.numel() * full.element_size():
+            full = full.clone()  # an uneven shard's gather is a view into a padded buffer: own storage
+        memo[id(value)] = full
     return memo[id(value)]
 
 

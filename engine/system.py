@@ -147,3 +147,11 @@ def torch_peak_mb() -> float | None:
 def _short(error: Exception) -> str:
     text = str(error) or error.__class__.__name__
     return text.splitlines()[0][:120]
+
+
+def rank_rows(world, device) -> list[dict]:
+    """Every rank's `rank_memory`, gathered (a collective: every rank calls it), as the rows of
+    a `ranks` event."""
+    rows = world.all_gather(rank_memory(device))
+    return [{"rank": r, "host": None, "rss_mb": rss, "gpu_mem_mb": gpu if gpu >= 0 else None}
+            for r, (rss, gpu) in enumerate(rows)]

@@ -1,17 +1,14 @@
-"""The training loop: stages, expansion, freezing, evaluation, growth, checkpoints.
+"""The training loop. Read it top to bottom: ``run_plan`` evaluates the initial model, then
+``run_stage`` for each stage: apply its operators (measured), freeze, train its steps
+(``train_steps``: one batch, one step, growth on a plateau, periodic evals and checkpoints),
+evaluate every task, checkpoint.
 
-Read it top to bottom: ``run_plan`` evaluates the initial model, then ``run_stage`` for each
-stage: apply its operators (measured), freeze, train its steps (``train_steps``: one batch, one
-step, growth on a plateau, periodic evals and checkpoints), evaluate every task, checkpoint.
-
-The same loop runs in one process or on every rank under ``torchrun`` (``engine.distributed``):
-each rank trains its rows of the global batch, only rank 0 writes files, and the batches are a
-pure function of (seed, stage, step), so a resume (or another rank) gets exactly the batch it
-would have had. ``engine.trained_model`` holds the model and where its parameters live (whole,
-DDP, or FSDP-sharded, gathered whole for every change of shape). Around the loop:
-``engine.build`` makes the model and data, ``engine.checkpoint`` saves typed state without
-pickle, ``engine.divergence`` stops a run before anything non-finite is saved,
-``engine.session`` runs it all in the worker (queue, prefix cache, how a run ended).
+The same loop runs in one process or on every rank under ``torchrun``: each rank trains its rows
+of the global batch (a pure function of seed, stage and step), only rank 0 writes files.
+``engine.trained_model`` holds the model and where its parameters live (whole, DDP, or FSDP
+shards, gathered whole for every change of shape); ``engine.build`` makes model and data,
+``engine.checkpoint`` saves typed state without pickle, ``engine.session`` runs it all in the
+worker (queue, prefix cache, how a run ended).
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ from engine.optim import Precision
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir
 from engine.status import StatusFile
-from engine.system import SystemMonitor, rank_memory
+from engine.system import SystemMonitor, rank_rows
 from engine.trained_model import TrainedModel
 
 SYSTEM_SAMPLE_S = 5.0        # seconds between system samples
@@ -51,13 +48,10 @@ class Trainer:
                  world: World | None = None):
         self.run = RunDir(run_dir)
         self.plan: Plan = load_plan(self.run.plan)
-        self.info = self.run.info()
-        self.resume = resume
+        self.info, self.resume, self.status = self.run.info(), resume, status
         self.world = world or World()
         self.is_main = self.world.is_main
-        self.status = status
-        self.cancel_requested = False
-        self.started = False         # set up, with a position in the plan
+        self.cancel_requested, self.started = False, False   # started: set up, with a position in the plan
         self.on_stage_end: list[Callable[["Trainer", int], None]] = []   # after each stage's checkpoint
 
     def setup(self):
@@ -149,8 +143,7 @@ class Trainer:
             self.emit("resume", stage=at.stage, step=at.step, global_step=self._global_step(at.stage, at.step),
                       ops_applied=at.ops_applied, from_checkpoint=saved is not None)
         if not self.position.initial_done:
-            self.history.matrix.append(self.evaluate_all(stage=-1, step=0))
-            self.history.row_labels.append("initial")
+            self.history.add_row("initial", self.evaluate_all(stage=-1, step=0))
             self.position.initial_done = True
         start_stage = self.position.stage
         for index in range(start_stage, len(plan.stages)):
@@ -188,11 +181,8 @@ class Trainer:
         total, trainable = count_params(self.model), self.m.freezer.trainable(self.model)
         for report, units in health.after_training(self.history.expansions, self.m.growth, index):
             self.emit("health", stage=index, op=report["op"], **units)
-        self.history.matrix.append(self.evaluate_all(stage=index, step=stage.steps))
-        self.history.row_labels.append(f"after {label}")
-        self.history.trained_at.setdefault(stage.task, index)
-        self.history.stage_params.append({"stage": index, "name": label, "task": stage.task, "total": total,
-                                          "trainable": trainable, "trainable_share": trainable / total})
+        self.history.add_row(f"after {label}", self.evaluate_all(stage=index, step=stage.steps))
+        self.history.add_stage(index, label, stage.task, total, trainable)
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="end",
                   params=total, trainable=trainable)
         self.position.stage, self.position.step, self.position.ops_applied = index + 1, 0, False
@@ -248,7 +238,9 @@ class Trainer:
                           loss=float(loss), lr=scheduler.get_last_lr()[0],
                           tokens_per_s=window_tokens / max(elapsed, 1e-9),
                           tokens=self.history.tokens, flops=self.history.flops, params=total_params)
-                self._log_ranks(index, done)
+                if world.distributed:  # each rank's memory
+                    self.emit("ranks", stage=index, step=done, global_step=self._global_step(index, done),
+                              ranks=rank_rows(world, self.device))
                 window_start, window_tokens = time.time(), 0
                 if self.status:
                     self.status.write(step=done)
@@ -289,14 +281,6 @@ class Trainer:
         new_optimizer, new_scheduler = self.m.shard(new_optimizer, new_scheduler)
         self.history.growths[-1]["seconds"] = time.perf_counter() - started
         return new_optimizer, new_scheduler
-
-    def _log_ranks(self, index: int, step: int) -> None:
-        """Each rank's memory (RSS, GPU from NVML), gathered at the logged steps."""
-        if self.world.distributed:
-            rows = self.world.all_gather(rank_memory(self.device))
-            self.emit("ranks", stage=index, step=step, global_step=self._global_step(index, step),
-                      ranks=[{"rank": r, "host": None, "rss_mb": rss, "gpu_mem_mb": gpu if gpu >= 0 else None}
-                             for r, (rss, gpu) in enumerate(rows)])
 
     def _maybe_system_sample(self, force: bool = False, quiet: bool = False):
         if force or self.monitor.due():

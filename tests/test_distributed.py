@@ -1,6 +1,7 @@
-"""DDP under torchrun, 2 CPU processes on gloo: the same figures as one process with the same
-global batch, a stage's expansion and a plateau growth applied alike on every rank (unwrap,
-grow, re-wrap), the run's files written by rank 0 alone."""
+"""DDP and FSDP2 under torchrun, 2 CPU processes on gloo: the same figures as one process with
+the same global batch, a stage's expansion and a plateau growth applied alike on every rank (DDP:
+unwrap, grow, re-wrap; FSDP: gather whole, grow, re-shard), the run's files written by rank 0
+alone, kill -9 of a rank then resume ending as a straight run does."""
 
 from __future__ import annotations
 
@@ -64,16 +65,29 @@ PLAN = textwrap.dedent("""
 """)
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(one process, two processes under torchrun) of the same plan."""
-    home = tmp_path_factory.mktemp("ddp")
+def single(tmp_path_factory):
+    """The plan in one process (the strategy means nothing there)."""
+    home = tmp_path_factory.mktemp("single")
+    plan_path = home / "plan.toml"
+    plan_path.write_text(PLAN)
+    run = create_run(load_plan(plan_path), plan_path, home / "runs")
+    assert run_worker(run.path) == 0
+    return run
+
+
+@pytest.fixture(scope="module", params=STRATEGIES)
+def runs(request, single, tmp_path_factory):
+    """(one process, two processes under torchrun with the strategy) of the same plan."""
+    home = tmp_path_factory.mktemp(request.param)
     plan_path = home / "plan.toml"
     plan_path.write_text(PLAN)
     root = home / "runs"
-    single = create_run(load_plan(plan_path), plan_path, root)
-    assert run_worker(single.path) == 0
-    out = widen("run", str(plan_path), "--nproc", "2", "--detach", env_home=root, check=True)
+    out = widen("run", str(plan_path), "--nproc", "2", "--detach", "--set",
+                f"train.distributed.strategy={request.param}", env_home=root, check=True)
     double = RunDir(root / out.stdout.strip())
     assert wait_for(double, timeout=180) == "done", double.status()
     return single, double
@@ -106,6 +120,7 @@ def test_rank_0_alone_writes_the_run(runs):
     events = read_all(double.events)
     starts = [e for e in events if e["type"] == "start"]
     assert len(starts) == 1 and starts[0]["world_size"] == 2
+    assert starts[0]["strategy"] == load_plan(double.plan).train.strategy
     assert sum(e["type"] == "status" for e in events) == 1
     steps = [(e["stage"], e["step"]) for e in events if e["type"] == "step"]
     assert len(steps) == len(set(steps))
@@ -119,12 +134,14 @@ def test_a_batch_that_does_not_divide_is_refused_at_check_time(tmp_path):
     assert out.returncode == 1 and "train.batch_size" in out.stderr and "nproc 3" in out.stderr
 
 
-def test_cancel_reaches_every_rank_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cancel_reaches_every_rank_and_resume_continues(tmp_path, strategy):
     root = tmp_path / "runs"
     plan = tmp_path / "plan.toml"
     plan.write_text(PLAN)
     out = widen("run", str(plan), "--nproc", "2", "--detach", "--set", "stages.1.steps=2000",
-                "--set", "train.eval_interval=0", env_home=root, check=True)
+                "--set", "train.eval_interval=0", "--set", f"train.distributed.strategy={strategy}",
+                env_home=root, check=True)
     run = RunDir(root / out.stdout.strip())
     deadline = time.time() + 120
     while not any(e["type"] == "step" and e["stage"] == 1 for e in read_all(run.events)):
@@ -136,7 +153,8 @@ def test_cancel_reaches_every_rank_and_resume_continues(tmp_path):
     while psutil_children_of_run(run):  # every rank exits (the status is written just before)
         assert time.time() < deadline, psutil_children_of_run(run)
         time.sleep(0.2)
-    widen("resume", run.id, "--nproc", "1", env_home=root, check=True)  # a whole checkpoint: any N
+    # a whole checkpoint (FSDP's gathered on rank 0): any N, either strategy
+    widen("resume", run.id, "--nproc", "1", env_home=root, check=True)
     deadline = time.time() + 60
     while not any(e["type"] == "resume" for e in read_all(run.events)):
         assert time.time() < deadline, run.stderr.read_text()[-2000:]
@@ -157,12 +175,12 @@ def psutil_children_of_run(run: RunDir) -> list:
 
 
 def test_kill_9_of_one_rank_fails_the_run_naming_it_and_resume_finishes_like_a_straight_run(runs, tmp_path):
-    single, _ = runs
+    single, double = runs
     root = tmp_path / "runs"
     plan = tmp_path / "plan.toml"
     plan.write_text(PLAN)
-    out = widen("run", str(plan), "--nproc", "2", "--detach", "--set", "train.checkpoint_interval=4",
-                env_home=root, check=True)
+    out = widen("run", str(plan), "--nproc", "2", "--detach", "--set", "train.checkpoint_interval=4", "--set",
+                f"train.distributed.strategy={load_plan(double.plan).train.strategy}", env_home=root, check=True)
     run = RunDir(root / out.stdout.strip())
     deadline = time.time() + 120
     while not any(e["type"] == "checkpoint" and e["stage"] == 1 for e in read_all(run.events)):
