@@ -13,11 +13,12 @@ import time
 
 import pytest
 
-from conftest import TINY_PLAN, wait_for, widen
+from conftest import TINY_PLAN, run_until_cancelled, wait_for, widen
 from engine.events import read_all
 from engine.plan import PlanError, load_plan
 from engine.rundir import RunDir
 from engine.session import run as run_worker
+from engine.train import Trainer
 from widen_tui import launcher
 from widen_tui.launcher import create_run, worker_command
 
@@ -66,6 +67,11 @@ def test_two_machines_train_like_one_process(two_machines):
     assert rel[0] <= 1e-4 and max(rel) <= 1e-3, rel
     for a, b in zip(single.results()["matrix"]["loss"], double.results()["matrix"]["loss"]):
         assert b == pytest.approx(a, rel=1e-4)
+    # each logged step, every rank's memory, gathered over both machines
+    ranks = [e for e in read_all(double.events) if e["type"] == "ranks"]
+    assert ranks and not [e for e in read_all(single.events) if e["type"] == "ranks"]
+    assert all([r["rank"] for r in e["ranks"]] == [0, 1] for e in ranks)
+    assert all(r["rss_mb"] > 0 and r["gpu_mem_mb"] is None for e in ranks for r in e["ranks"])
     print(f"two-machine run: {took:.1f} s from `widen run` to done")
 
 
@@ -79,6 +85,28 @@ def test_join_writes_only_its_own_log_and_a_done_run_is_not_joined(two_machines)
     refused = widen("join", double.id, env_home=double.path.parent)
     assert refused.returncode == 1 and f"run {double.id} is done — nothing to join" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_two_machines_finishes_like_a_straight_run(two_machines, tmp_path, tiny_plan):
+    """Cancelled on one process, resumed on two machines: `widen join` continues from the
+    checkpoint too (it reads from the status that the run was started as a resume)."""
+    single = two_machines[0]
+    root = tmp_path / "runs"
+    run = create_run(load_plan(tiny_plan), tiny_plan, root)
+    run_until_cancelled(Trainer(run.path), lambda kind, e: kind == "step" and e["stage"] == 1 and e["step"] == 2)
+    assert run.status()["state"] == "cancelled"
+    out = widen("resume", run.id, "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", env_home=root,
+                check=True)
+    assert f"widen join {run.id}" in out.stderr and f"{run.path} --resume" in out.stderr
+    assert run.status()["resume"] is True
+    widen("join", run.id, "--detach", env_home=root, check=True)
+    assert wait_for(run, timeout=120) == "done", run.status()
+    events = read_all(run.events)
+    assert [e["world_size"] for e in events if e["type"] == "start"][-1] == 2
+    assert any(e["type"] == "resume" for e in events)
+    for a, b in zip(single.results()["matrix"]["loss"], run.results()["matrix"]["loss"]):
+        assert b == pytest.approx(a, rel=1e-4)
 
 
 def test_the_command_on_several_machines(tmp_path, tiny_plan):
