@@ -49,15 +49,17 @@ def is_sharded(model) -> bool:
 
 
 def whole(value, memo: dict):
-    """A DTensor's full value (gathered once per tensor: tied entries stay one tensor)."""
+    """A DTensor's full value, gathered once per tensor (tied entries stay one tensor). The memo
+    keeps each tensor it has seen alive: a freed tensor's id could be reused by another, which
+    would then be skipped on one rank only and leave the ranks' collectives out of step."""
     if not isinstance(value, torch.Tensor):
         return value
     if id(value) not in memo:
         full = value.full_tensor() if isinstance(value, DTensor) else value
         if full.untyped_storage().nbytes() != full.numel() * full.element_size():
             full = full.clone()  # an uneven shard's gather is a view into a padded buffer: own storage
-        memo[id(value)] = full
-    return memo[id(value)]
+        memo[id(value)] = (value, full)
+    return memo[id(value)][1]
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

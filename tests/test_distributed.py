@@ -215,3 +215,22 @@ def test_watch_shows_the_world_size(runs):
     console = Console(width=120, record=True)
     console.print(live_view(progress))
     assert "cpu × 2 processes" in console.export_text()
+
+
+def test_task_modules_and_a_lora_train_alike_under_fsdp(tmp_path):
+    """Per-task parallel FFN paths and a LoRA adapter switched on and off over a sharded model,
+    with evaluations and checkpoints mid-stage (taken from the shards): the same matrix."""
+    from test_task_modules_run import PLAN as TASK_PLAN
+
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(TASK_PLAN.replace("eval_interval = 0", "eval_interval = 2\ncheckpoint_interval = 3"))
+    root = tmp_path / "runs"
+    single = create_run(load_plan(plan_path), plan_path, root)
+    assert run_worker(single.path) == 0
+    out = widen("run", str(plan_path), "--nproc", "2", "--detach", "--set", "train.distributed.strategy=fsdp",
+                env_home=root, check=True)
+    sharded = RunDir(root / out.stdout.strip())
+    assert wait_for(sharded, timeout=180) == "done", sharded.status()
+    assert sum(e["type"] == "checkpoint" and e["reason"] == "interval" for e in read_all(sharded.events)) >= 3
+    for a, b in zip(single.results()["matrix"]["loss"], sharded.results()["matrix"]["loss"]):
+        assert b == pytest.approx(a, rel=1e-4)

@@ -292,7 +292,7 @@ async def test_a_cleared_field_takes_the_default(tmp_path):
         assert "lr = " not in screen.result.toml.partition("[train]")[2].partition("[[stages]]")[0]
 
 
-async def test_processes_have_a_field_and_the_checker_knows_the_batch_must_divide(tmp_path):
+async def test_processes_and_strategy_have_fields_and_the_checker_knows_the_batch_must_divide(tmp_path):
     plan = tmp_path / "quick.toml"
     shutil.copy(EXPERIMENTS / "quickstart.toml", plan)
     app = BuilderApp(tmp_path / "runs", plan)
@@ -301,10 +301,16 @@ async def test_processes_have_a_field_and_the_checker_knows_the_batch_must_divid
         await type_into(pilot, "f-train-distributed-nproc", "3")
         screen = await settled(pilot)
         assert screen.raw["train"]["distributed"] == {"nproc": 3}
-        assert "does not divide over 3 processes" in problems(screen)["train.batch_size"]
+        assert "does not divide into 3 equal parts" in problems(screen)["train.batch_size"]
         await type_into(pilot, "f-train-distributed-nproc", "2")
         screen = await settled(pilot)
         assert screen.result.problems == [] and "[train.distributed]" in screen.result.toml
+        screen.query_one("#f-train-distributed-strategy").focus()
+        await pilot.pause()
+        await pilot.press("enter", "down", "down", "enter")  # the strategy select: (default) -> ddp -> fsdp
+        screen = await settled(pilot)
+        assert screen.raw["train"]["distributed"] == {"nproc": 2, "strategy": "fsdp"}
+        assert screen.result.problems == [] and 'strategy = "fsdp"' in screen.result.toml
 
 
 # ---------------------------------------------------------------------------------------------
