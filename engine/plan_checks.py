@@ -183,6 +183,16 @@ def device_problems(train: dict) -> list[tuple[str, str]]:
     return []
 
 
+def speed_problems(raw: dict) -> list[tuple[str, str]]:
+    """Speed settings the model cannot take: activation checkpointing needs transformer blocks
+    (the built-in MLP has none)."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    source = raw.get("model", {}).get("source") if isinstance(raw.get("model"), dict) else None
+    if train.get("checkpointing") is True and isinstance(source, str) and source.startswith("builtin:mlp"):
+        return [("train.checkpointing", f"{source} has no blocks to checkpoint — set train.checkpointing = false")]
+    return []
+
+
 def environment_problems(raw: dict) -> list[tuple[str, str]]:
     """Task sources, tokenizers and the device of a raw plan dict (model sources: see
     ``model_source_problems``, called before the model's config is loaded)."""
@@ -202,4 +212,4 @@ def environment_problems(raw: dict) -> list[tuple[str, str]]:
         found += device_problems(raw["train"])
     elif "train" not in raw:
         found += device_problems({})
-    return found
+    return found + speed_problems(raw)

@@ -251,3 +251,11 @@ def test_cpu_plan_check_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_activation_checkpointing_of_the_mlp_is_refused_at_check_time():
+    raw = {"model": {"source": "builtin:mlp"}, "train": {"checkpointing": True}}
+    assert plan_checks.speed_problems(raw) == [
+        ("train.checkpointing", "builtin:mlp has no blocks to checkpoint — set train.checkpointing = false")]
+    assert plan_checks.speed_problems({**raw, "model": {"source": "builtin:tiny-neo"}}) == []
+    assert plan_checks.speed_problems({**raw, "train": {"checkpointing": False}}) == []
