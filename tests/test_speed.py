@@ -224,3 +224,33 @@ def test_a_reduced_precision_step_trains(tmp_path, dtype, device):
     precision.scaler.update()
     assert torch.isfinite(loss) and all(p.grad.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+# -- growth stays exact under sdpa ----------------------------------------------------------------
+# tests/tiny_models builds eager models for the operator tests; the engine now gives sdpa to the
+# families that have it, so the exact operators are checked on sdpa models too
+
+SDPA_TYPES = ["gpt2", "gpt_neox", "llama", "t5"]
+
+
+@pytest.mark.parametrize("op", [dict(op="widen_ffn", size=8), dict(op="add_heads", size=2),
+                                dict(op="insert_identity"), dict(op="widen_hidden", size=16)],
+                         ids=lambda spec: spec["op"])
+@pytest.mark.parametrize("model_type", SDPA_TYPES)
+def test_exact_operators_stay_exact_under_sdpa(model_type, op):
+    from engine.expand import apply_stage
+    from engine.plan import ExpandSpec
+
+    if op["op"] == "widen_hidden" and model_type == "t5":
+        pytest.skip("widen_hidden grows decoder-only models")
+    config = _tiny_config(model_type)
+    torch.manual_seed(0)
+    model = _auto(config).from_config(config, attn_implementation="sdpa").eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randint(0, tiny_models.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    growth = apply_stage(model, ArchView(model.config, model), 0, [ExpandSpec(**op)], (x, torch.roll(x, -1, 1)),
+                         torch.Generator().manual_seed(0))
+    assert speed.attention_of(model) == "sdpa"
+    report = growth.reports[0]
+    assert report["exact"] and report["max_abs_logit_delta"] <= 1e-4, report
