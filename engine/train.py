@@ -134,9 +134,9 @@ class Trainer:
         self.history.prefix_cached = self.history.prefix_cached or from_cache
         self.emit("start", run=self.run.id, plan=plan.name, seed=plan.seed, device=str(self.device),
                   pid=os.getpid(), world_size=self.world.size, strategy=plan.train.strategy,
-                  attention=speed.attention_of(self.model), params=params,
-                  stages=len(plan.stages), resumed=saved is not None and not from_cache, prefix_cached=from_cache,
-                  task_names=list(self.tasks), variant=self.info.get("variant"),
+                  attention=speed.attention_of(self.model), params=params, stages=len(plan.stages),
+                  attention_note=getattr(self.model, "attention_fallback", None), task_names=list(self.tasks),
+                  resumed=saved is not None and not from_cache, prefix_cached=from_cache, variant=self.info.get("variant"),
                   stage_steps=[s.steps for s in plan.stages], system=self.monitor.gpu_status)
         if self.resume:  # readers drop what an earlier segment logged past this point (engine.events)
             at = self.position
