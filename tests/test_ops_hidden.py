@@ -96,7 +96,7 @@ def test_duplicate_doubles_d_model_exactly(family, layers, heads, head_dim, tied
     assert embedding_of(model, view).shape == (VOCAB, 2 * hidden)
     # a tied head stays the embedding's own tensor; the final norm was halved for it
     assert (model.lm_head.weight is embedding_of(model, view)) == tied
-    assert ("final norm's gain and bias halved" in report["note"]) == tied
+    assert ("tied LM head stays tied: the final norm's gain and bias x 1/2" in report["note"]) == tied
     # generation with a KV cache after growing: the same greedy tokens
     assert torch.equal(greedy(model, prompt), before)
     assert report["new_grad_norm"] > 0  # the copies receive gradient
@@ -178,7 +178,7 @@ def test_zero_route_is_reported_and_measured(family, layers, heads, head_dim, ne
 
     assert not report["exact"]
     assert 0 < report["max_abs_logit_delta"] < float("inf")
-    norm = "RMSNorm" if family == "llama" else "LayerNorm"
+    norm = "RMSNorm" if view.family.norm_kind == "rmsnorm" else "LayerNorm"
     assert norm in report["note"] and view.family.final_norm.rpartition(".")[2] in report["note"]
     assert view.hidden_size == hidden + size
     # new stream dimensions start at zero wherever the stream is written
@@ -187,7 +187,7 @@ def test_zero_route_is_reported_and_measured(family, layers, heads, head_dim, ne
     down = getattr(get_submodule(block, view.family.ffn.module), view.family.ffn.down)
     down_rows = down.weight[:, hidden:] if view.family.ffn.conv1d else down.weight[hidden:]
     assert down_rows.abs().max() == 0
-    if family == "llama":
+    if not view.family.attention.width_follows_hidden:
         assert view.num_heads == heads  # head_dim is stated in the config: the heads stay
     else:
         assert view.num_heads == heads + size // head_dim
@@ -210,7 +210,13 @@ def test_zero_route_is_exact_where_no_norm_reads_the_new_dimensions():
 
 
 def test_zero_route_init_std_zero_gives_zero_input_columns():
-    model, view = build("llama", 1, 2, 4, 16, 0)
+    from transformers import MistralConfig
+
+    torch.manual_seed(0)  # Mistral: a config that takes any hidden size beside its stated head_dim
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=4, intermediate_size=16, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    view = ArchView(model.config, model)
     widen(model, view, size=3, init="zero", init_std=0)
     mlp = model.model.layers[0].mlp
     assert mlp.up_proj.weight[:, 8:].abs().max() == 0 and mlp.gate_proj.weight[:, 8:].abs().max() == 0
@@ -282,7 +288,7 @@ def test_export_materializes_a_stock_model(family):
 
 def test_bad_sizes_get_one_clear_error():
     model, view = build("gpt2", 1, 2, 4, 16, 0)
-    with pytest.raises(ValueError, match=r"size: init = \"duplicate\" doubles d_model.*size = 8"):
+    with pytest.raises(ValueError, match=r"size: init = \"duplicate\" makes whole copies of d_model.*size = 8"):
         widen(model, view, size=4, init="duplicate")
     with pytest.raises(ValueError, match=r"size: gpt2 derives head_dim.*multiple of head_dim 4"):
         widen(model, view, size=6, init="zero")

@@ -59,12 +59,15 @@ hidden size first, or merge them (export) before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy as copy_module
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from engine.arch import get_submodule
+from engine.health import NewUnits
 from engine.ops.params import WidenHiddenParams
 from engine.ops.registry import OpResult, operator
 
@@ -115,51 +118,91 @@ class MaskedNorm(nn.Module):
 class Axis:
     """How one width grows: the stream, the query heads' width, the key/value heads' width.
 
-    `duplicate` turns the old entries into [old, old]; `added` appends entries, filled with
-    zeros or random values where a module writes this axis (`write_fill`) and where one reads it
-    (`read_fill`)."""
+    The old entries become `copies` copies of themselves, then `added` entries are appended:
+    where a module writes this axis they hold `write_fill` ("zero", "random", or "mean": the
+    mean of the old entries, so a padded stream stays at its own mean), where one reads it
+    `read_fill` ("zero" or "random")."""
 
     old: int
-    duplicate: bool = False
+    copies: int = 1
     added: int = 0
-    write_fill: str = "zero"   # "zero" | "random": appended output rows
-    read_fill: str = "zero"    # "zero" | "random": appended input columns
+    write_fill: str = "zero"
+    read_fill: str = "zero"
 
     @property
     def new(self) -> int:
-        return 2 * self.old if self.duplicate else self.old + self.added
+        return self.copies * self.old + self.added
 
     def scaled(self, factor: int) -> "Axis":
         """The same growth over `factor` interleaved entries per unit (NeoX's fused per-head qkv
         rows hold q, k and v of each head)."""
-        return Axis(self.old * factor, self.duplicate, self.added * factor, self.write_fill, self.read_fill)
+        return Axis(self.old * factor, self.copies, self.added * factor, self.write_fill, self.read_fill)
 
     def new_mask(self) -> torch.Tensor:
         return torch.arange(self.new) >= self.old
 
 
-def _extend(t: torch.Tensor, dim: int, axis: Axis, halve: bool, fill: str, std: float,
-            gen: torch.Generator) -> torch.Tensor:
-    """`t` grown along `dim`: duplicated as [t, t] ([t/2, t/2] when `halve`: weights reading a
-    duplicated input), or with `axis.added` zero or random entries appended."""
-    if axis.duplicate:
-        part = t / 2 if halve else t
-        return torch.cat([part, part], dim)
-    if not axis.added:
-        return t
+@dataclass(frozen=True)
+class Symmetry:
+    """How the copies of a duplicated axis are read: shares of each weight summing to 1, plus
+    noise summing to 0 over the copies. Both keep sum_c W_c x = W x for equal copies x."""
+
+    kind: str = "none"   # "none" | "split" | "noise"
+    scale: float = 0.0
+
+    def shares(self, copies: int) -> list[float]:
+        if self.kind != "split":
+            return [1 / copies] * copies
+        spread = torch.linspace(-1, 1, copies).tolist()  # sums to 0, so the shares sum to 1
+        return [(1 + self.scale * t) / copies for t in spread]
+
+    def parts(self, t: torch.Tensor, copies: int, gen: torch.Generator) -> list[torch.Tensor]:
+        """The `copies` input blocks of a weight `t` that reads a duplicated input."""
+        parts = [t * share if copies > 1 else t for share in self.shares(copies)]
+        if self.kind == "noise" and copies > 1:
+            noise = torch.randn((copies, *t.shape), generator=gen) * (self.scale * float(t.float().std()) / copies)
+            noise -= noise.mean(0, keepdim=True)  # paired: it cancels over the copies
+            parts = [part + n.to(t) for part, n in zip(parts, noise)]
+        return parts
+
+
+def _appended(t: torch.Tensor, dim: int, count: int, fill: str, std: float, gen: torch.Generator) -> torch.Tensor:
     shape = list(t.shape)
-    shape[dim] = axis.added
-    added = torch.randn(shape, generator=gen) * std if fill == "random" else torch.zeros(shape)
-    return torch.cat([t, added.to(t)], dim)
+    shape[dim] = count
+    if fill == "mean":
+        return t.float().mean(dim, keepdim=True).expand(shape).to(t)
+    if fill == "random":
+        return (torch.randn(shape, generator=gen) * std).to(t)
+    return torch.zeros(shape).to(t)
+
+
+def _written(t: torch.Tensor, dim: int, axis: Axis, std: float, gen: torch.Generator) -> torch.Tensor:
+    """`t` (outputs along `dim`) writing a grown axis: copies repeated, then the added entries."""
+    parts = [t] * axis.copies
+    if axis.added:
+        parts.append(_appended(t, dim, axis.added, axis.write_fill, std, gen))
+    return torch.cat(parts, dim)
+
+
+def _read(t: torch.Tensor, dim: int, axis: Axis, std: float, gen: torch.Generator,
+          symmetry: Symmetry) -> torch.Tensor:
+    """`t` (inputs along `dim`) reading a grown axis: its share of each copy, then the added
+    entries (which read zeros or a norm's zero output: any value keeps the function)."""
+    moved = t.movedim(dim, 0)
+    parts = symmetry.parts(moved, axis.copies, gen)
+    if axis.added:
+        parts.append(_appended(moved, 0, axis.added, axis.read_fill, std, gen))
+    return torch.cat(parts, 0).movedim(0, dim)
 
 
 class _Grower:
     """Grows Parameters in place of the old ones, each exactly once (tied and virtual modules
     share the grown tensor), and records the new-entry masks."""
 
-    def __init__(self, gen: torch.Generator, read_std: float | None):
+    def __init__(self, gen: torch.Generator, read_std: float | None, symmetry: Symmetry = Symmetry()):
         self.gen = gen
         self.read_std = read_std
+        self.symmetry = symmetry
         self.grown: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._done: dict[int, nn.Parameter] = {}
 
@@ -174,36 +217,38 @@ class _Grower:
             self.grown.append((new, mask.to(new.device)))
         setattr(module, name, self._done[id(old)])
 
-    def values(self, module: nn.Module, name: str, axis: Axis, fill_value: float = 0.0) -> None:
+    def values(self, module: nn.Module, name: str, axis: Axis, copy=None, pad=0.0) -> None:
         """A tensor holding stream values along its last dim (embeddings, norm gains/biases):
-        duplicated as is, or extended with `fill_value`."""
+        `copy(t)` (default t) repeated, then the added entries: `pad` ("mean" or a number)."""
         def build(t):
-            if axis.duplicate:
-                grown = torch.cat([t, t], -1)
-            else:
-                grown = torch.cat([t, torch.full((*t.shape[:-1], axis.added), fill_value).to(t)], -1)
+            parts = [copy(t) if copy else t] * axis.copies
+            if axis.added:
+                fill = (t.float().mean(-1, keepdim=True) if pad == "mean"
+                        else torch.full((*t.shape[:-1], 1), float(pad)))
+                parts.append(fill.expand(*t.shape[:-1], axis.added).to(t))
+            grown = torch.cat(parts, -1)
             return grown, axis.new_mask().to(t.device).expand_as(grown).clone()
         self._replace(module, name, build)
 
     def linear(self, module: nn.Module, rows: list[Axis], cols: Axis, conv1d: bool) -> None:
         """A Linear (or GPT-2 Conv1D) whose output is the concatenation of `rows` segments (one,
-        or [q | k | v] for a fused projection) and whose input is `cols`."""
+        or [q | k | v] for a fused projection) and whose input is `cols`. Columns grow first, so
+        a "mean" row is the mean of the grown rows."""
         def build(w):
             w = w.T if conv1d else w                     # Linear layout [out, in]
-            write_std, read_std = float(w.float().std()), self.read_std
-            if read_std is None:
-                read_std = float(w.float().std())
+            write_std = float(w.float().std())
+            read_std = write_std if self.read_std is None else self.read_std
+            w = _read(w, 1, cols, read_std, self.gen, self.symmetry)
             segments = w.split([axis.old for axis in rows])
-            w = torch.cat([_extend(seg, 0, axis, False, axis.write_fill, write_std, self.gen)
-                           for seg, axis in zip(segments, rows)])
-            w = _extend(w, 1, cols, True, cols.read_fill, read_std, self.gen)
+            w = torch.cat([_written(seg, 0, axis, write_std, self.gen) for seg, axis in zip(segments, rows)])
             row_mask = torch.cat([axis.new_mask() for axis in rows])
             mask = (row_mask[:, None] | cols.new_mask()[None, :]).to(w.device)
             return (w.T, mask.T) if conv1d else (w, mask)
 
         def build_bias(b):
             segments = b.split([axis.old for axis in rows])
-            grown = torch.cat([_extend(seg, 0, axis, False, "zero", 0.0, self.gen)
+            grown = torch.cat([_written(seg, 0, replace(axis, write_fill="mean" if axis.write_fill == "mean"
+                                                        else "zero"), 0.0, self.gen)
                                for seg, axis in zip(segments, rows)])
             return grown, torch.cat([axis.new_mask() for axis in rows]).to(b.device)
 
@@ -227,6 +272,12 @@ class _Growth:
     kv_heads: int
     head_dim: int
 
+    @property
+    def variance_scale(self) -> float:
+        """s = k d / d': the padded stream's variance (LayerNorm) or mean square (RMSNorm) is s
+        times the old one (the copies repeat it, the pads add nothing about the mean / zero)."""
+        return self.stream.copies * self.stream.old / self.stream.new
+
 
 def _head_dim(view) -> int:
     layout = view.family.attention
@@ -239,34 +290,58 @@ def _head_dim(view) -> int:
 
 def _plan_growth(view, params: WidenHiddenParams) -> _Growth:
     """The axes of this growth, or one ValueError naming the field and the fix."""
+    if params.init in ("duplicate", "lossless"):
+        return _plan_exact(view, params)
     hidden, heads, kv_heads = view.hidden_size, view.num_heads, view.num_kv_heads
     head_dim = _head_dim(view)
-    if params.init == "duplicate":
-        if params.size != hidden:
-            raise ValueError(f"size: init = \"duplicate\" doubles d_model, so size must equal the hidden "
-                             f"size {hidden} (got {params.size}) — set size = {hidden}, or use init = "
-                             "\"zero\" or \"masked\" for other sizes")
-        return _Growth(Axis(hidden, duplicate=True), Axis(heads * head_dim, duplicate=True),
-                       Axis(kv_heads * head_dim, duplicate=True), 2 * heads, 2 * kv_heads, head_dim)
-
     read_fill = "zero" if params.init_std == 0 else "random"
     stream = Axis(hidden, added=params.size, write_fill="zero", read_fill=read_fill)
     if not view.family.attention.width_follows_hidden:  # head_dim is stated: the heads stay
         return _Growth(stream, Axis(heads * head_dim), Axis(kv_heads * head_dim), heads, kv_heads, head_dim)
-    # heads x head_dim = hidden size here: the new dimensions must form whole new heads
-    group = heads // kv_heads
-    if params.size % (head_dim * group):
-        unit = head_dim * group
-        what = f"head_dim {head_dim}" if group == 1 else f"head_dim {head_dim} x the GQA group size {group}"
-        raise ValueError(f"size: {view.family.name} derives head_dim from the hidden size ({hidden} = {heads} "
-                         f"heads x {head_dim}), so the new dimensions must form whole heads — size must be "
-                         f"a multiple of {what} (e.g. {unit} or {2 * unit}), got {params.size}")
-    new_heads = params.size // head_dim
-    new_kv = new_heads // group
+    new_heads, new_kv = _whole_heads(view, params.size, head_dim, "size must be a multiple of")
     return _Growth(stream,
                    Axis(heads * head_dim, added=params.size, write_fill="random", read_fill="zero"),
                    Axis(kv_heads * head_dim, added=new_kv * head_dim, write_fill="random", read_fill="zero"),
                    heads + new_heads, kv_heads + new_kv, head_dim)
+
+
+def _whole_heads(view, extra: int, head_dim: int, what: str) -> tuple[int, int]:
+    """(new heads, new key/value heads) formed by `extra` stream dimensions, where head_dim
+    derives from the hidden size (a larger head_dim would change every head's attention scale
+    and rotary frequencies); one ValueError when they do not form whole groups of heads."""
+    heads, kv_heads = view.num_heads, view.num_kv_heads
+    group = heads // kv_heads
+    unit = head_dim * group
+    if extra % unit:
+        of = f"head_dim {head_dim}" if group == 1 else f"head_dim {head_dim} x the GQA group size {group}"
+        raise ValueError(f"size: {view.family.name} derives head_dim from the hidden size ({view.hidden_size} = "
+                         f"{heads} heads x {head_dim}), so the new dimensions must form whole heads — {what} "
+                         f"{of} (e.g. {unit} or {2 * unit}), got {extra}")
+    return extra // head_dim, extra // head_dim // group
+
+
+def _plan_exact(view, params: WidenHiddenParams) -> _Growth:
+    """duplicate / lossless: k = d'// d copies of the stream (heads repeated k times, head_dim
+    kept) and r = d' mod d pads (new heads where head_dim derives from the hidden size)."""
+    hidden, heads, kv_heads = view.hidden_size, view.num_heads, view.num_kv_heads
+    head_dim = _head_dim(view)
+    copies, pads = divmod(hidden + params.size, hidden)
+    if params.init == "duplicate" and pads:
+        below = (copies - 1) * hidden
+        sizes = " or ".join(str(s) for s in (below, below + hidden) if s > 0)
+        raise ValueError(f"size: init = \"duplicate\" makes whole copies of d_model, so size must be a multiple "
+                         f"of the hidden size {hidden} (got {params.size}) — set size = {sizes}, or use init = "
+                         "\"lossless\" for other sizes")
+    norm_pad = "mean" if view.family.norm_kind == "layernorm" else "zero"
+    read_fill = "zero" if params.init_std == 0 else "random"
+    stream = Axis(hidden, copies, pads, write_fill=norm_pad, read_fill=read_fill)
+    new_heads = new_kv = 0
+    if pads and view.family.attention.width_follows_hidden:
+        new_heads, new_kv = _whole_heads(view, pads, head_dim,
+                                         f"size beyond {copies - 1} x {hidden} must be a multiple of")
+    q = Axis(heads * head_dim, copies, new_heads * head_dim, write_fill="random", read_fill="zero")
+    kv = Axis(kv_heads * head_dim, copies, new_kv * head_dim, write_fill="random", read_fill="zero")
+    return _Growth(stream, q, kv, copies * heads + new_heads, copies * kv_heads + new_kv, head_dim)
 
 
 def _require_plain_model(model: nn.Module) -> None:
@@ -298,14 +373,60 @@ def _modules_at(root: nn.Module, dotted: str):
     return [(m, attr) for m in modules if hasattr(m, attr)]
 
 
-def _grow_norm(grower: _Grower, norm: nn.Module, stream: Axis, norm_kind: str) -> None:
-    gain = getattr(norm, "weight", None)
-    # see the module docstring: LayerNorm's new gain is 0, RMSNorm's the mean gain
-    new_gain = float(gain.detach().float().mean()) if norm_kind == "rmsnorm" and gain is not None else 0.0
-    grower.values(norm, "weight", stream, fill_value=new_gain)
-    grower.values(norm, "bias", stream)
+# config fields and module attributes holding a norm's epsilon, as the families spell them
+EPS_FIELDS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_epsilon", "norm_eps")
+EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
+
+
+def _eps_field(view) -> str | None:
+    """The config field of the norms' epsilon: a per-family fact `norm_eps_field` if the family
+    states one, else the first of EPS_FIELDS the config has."""
+    stated = getattr(view.family, "norm_eps_field", None)
+    return stated or next((f for f in EPS_FIELDS if getattr(view.config, f, None) is not None), None)
+
+
+def _gain_offset(family) -> float:
+    """Norms whose weight stores gamma - offset (Gemma: output x (1 + weight)) say so with the
+    family fact `norm_offset`; the gains are scaled as gamma = weight + offset."""
+    return float(getattr(family, "norm_offset", 0.0) or 0.0)
+
+
+def _grow_norm(grower: _Grower, norm: nn.Module, growth: _Growth, family, exact: bool,
+               out_scale: float = 1.0) -> None:
+    """Exact routes: the copies' gamma x sqrt(s) (their statistics are s times the old ones,
+    epsilon too: see _scale_eps) and x `out_scale`; the pads' beta 0, so they normalise to 0.
+    zero/masked: see the module docstring."""
+    stream, gain = growth.stream, getattr(norm, "weight", None)
+    offset = _gain_offset(family)
+    if exact:
+        factor = math.sqrt(growth.variance_scale) * out_scale
+        if factor == 1:
+            copy = None  # keep the tensor bit for bit (duplicate, untied)
+        else:
+            def copy(t):  # gamma = weight + offset scaled, stored back as weight
+                return ((t.double() + offset) * factor - offset).to(t)
+        # the pads read 0 after the norm whatever their gain; a typical gain lets them learn
+        pad = float((gain.detach().double() + offset).mean() * factor - offset) if gain is not None else 0.0
+        grower.values(norm, "weight", stream, copy=copy, pad=pad)
+        grower.values(norm, "bias", stream, copy=(lambda t: t * out_scale) if out_scale != 1 else None)
+    else:
+        # LayerNorm's new gain is 0, RMSNorm's the mean gain (module docstring)
+        pad = float(gain.detach().float().mean()) if family.norm_kind == "rmsnorm" and gain is not None else 0.0
+        grower.values(norm, "weight", stream, pad=pad)
+        grower.values(norm, "bias", stream)
     if hasattr(norm, "normalized_shape"):
         norm.normalized_shape = (stream.new,)
+
+
+def _scale_eps(norm: nn.Module, scale: float, done: set[int]) -> None:
+    """epsilon x s, once per module (virtual blocks may hold the same norm)."""
+    if scale == 1 or id(norm) in done:
+        return
+    done.add(id(norm))
+    for attr in EPS_ATTRS:
+        if isinstance(getattr(norm, attr, None), float):
+            setattr(norm, attr, getattr(norm, attr) * scale)
+            return
 
 
 def _grow_attention(grower: _Grower, attn: nn.Module, layout, growth: _Growth) -> None:
@@ -348,74 +469,200 @@ def _wrap_masked(root: nn.Module, path: str, stream: Axis, kind: str, ramp_steps
     setattr(parent, attr, MaskedNorm(getattr(parent, attr), stream.old, kind, ramp_steps))
 
 
-def _note(view, params: WidenHiddenParams, growth: _Growth, tied: bool) -> str:
-    family, hidden = view.family, growth.stream.old
+def _note(view, params: WidenHiddenParams, growth: _Growth, tied: bool, untied: bool) -> str:
+    family, hidden, stream = view.family, growth.stream.old, growth.stream
     heads = (f"heads {view.num_heads} -> {growth.heads}" + (f", key/value heads {view.num_kv_heads} -> "
              f"{growth.kv_heads}" if view.num_kv_heads != view.num_heads else "") + f", head_dim {growth.head_dim}"
              if growth.heads != view.num_heads else f"heads unchanged ({growth.heads} x {growth.head_dim})")
-    if params.init == "duplicate":
-        stats = ("LayerNorm's mean and variance of [x, x] equal those of x" if family.norm_kind == "layernorm"
-                 else "RMSNorm's root mean square of [x, x] equals that of x")
-        head = ("tied LM head: the final norm's gain and bias halved" if tied
-                else "LM head columns [W/2, W/2]")
-        return f"exact: d_model {hidden} -> {growth.stream.new} by duplication [x, x] ({stats}); {heads}; {head}"
+    if params.init in ("duplicate", "lossless"):
+        layer = family.norm_kind == "layernorm"
+        stream_text = f"{stream.copies} copies of x" + (
+            f" and {stream.added} pads holding {'its mean' if layer else 'zeros'}" if stream.added else "")
+        s = growth.variance_scale
+        stats = ("the norms see the same statistics" if s == 1 else
+                 f"{'variance' if layer else 'mean square'} x s = {s:.4g}, so norm gains x sqrt(s) and epsilon x s")
+        head = ("the tied LM head stays tied: the final norm's gain and bias x 1/"
+                f"{stream.copies}" if tied and stream.copies > 1 else
+                "the LM head untied (the final norm has no gain to take 1/k): columns W/k" if untied else
+                "LM head columns W/k per copy" if stream.copies > 1 else "LM head columns kept")
+        twins = {"none": "the copies stay twins (set symmetry = \"split\" or \"noise\" to break it)",
+                 "split": f"readers split unequally ({params.symmetry_scale:g} spread)",
+                 "noise": f"readers carry paired noise that cancels ({params.symmetry_scale:g})"}[params.symmetry]
+        return (f"exact: d_model {hidden} -> {stream.new} as {stream_text} ({stats}); {heads}; {head}; {twins}; "
+                "exports as is")
     norms = ", ".join([*family.norms, family.final_norm.rpartition(".")[2]])
     if params.init == "masked":
-        return (f"exact at expansion: d_model {hidden} -> {growth.stream.new}, new dimensions start at zero and "
+        return (f"exact at expansion: d_model {hidden} -> {stream.new}, new dimensions start at zero and "
                 f"every norm ({norms}) takes its statistics over the old {hidden} only, the new ones entering "
                 f"over {params.ramp_steps} training steps (MSG); {heads}")
     if family.norm_kind == "rmsnorm":
         why = "RMSNorm's mean square now averages over the zero new dimensions too, scaling every norm's output"
     else:
         why = "LayerNorm's mean and variance now run over the zero new dimensions too, shifting and scaling every norm's output"
-    return (f"not exact: {why} ({norms}: {hidden} -> {growth.stream.new} dims); {heads}; new dimensions "
-            "start at zero; init = \"masked\" is the exact route for this size")
+    return (f"not exact: {why} ({norms}: {hidden} -> {stream.new} dims); {heads}; new dimensions "
+            "start at zero; init = \"lossless\" is the exact route for this size")
+
+
+def config_problem(config, changes: dict) -> str | None:
+    """What transformers would refuse when saving or loading the config with `changes` (its
+    own validation, e.g. LlamaConfig: hidden_size a multiple of the head count), in one line."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    trial = copy_module.deepcopy(config)
+    for key, value in changes.items():
+        setattr(trial, key, value)
+    try:
+        trial.validate()
+    except Exception as e:  # transformers wraps the validator's ValueError
+        return str(e.__cause__ or e).strip().splitlines()[0]
+    return None
+
+
+def _config_changes(view, growth: _Growth, eps_field: str | None) -> dict:
+    family, layout = view.family, view.family.attention
+    changes = {family.hidden_size_field: growth.stream.new, layout.num_heads_field: growth.heads}
+    if layout.num_kv_heads_field:
+        changes[layout.num_kv_heads_field] = growth.kv_heads
+    if not layout.width_follows_hidden:
+        changes[layout.head_dim_field] = growth.head_dim
+    if getattr(view.config, family.ffn_size_field, None) is None:
+        changes[family.ffn_size_field] = view.ffn_size  # it would follow the new hidden size otherwise
+    if eps_field and growth.variance_scale != 1:
+        changes[eps_field] = float(getattr(view.config, eps_field)) * growth.variance_scale
+    return changes
+
+
+def _check_fits(view, params: WidenHiddenParams) -> tuple[_Growth, dict]:
+    """The growth and its config changes, or one ValueError before any tensor changes."""
+    growth = _plan_growth(view, params)
+    exact = params.init in ("duplicate", "lossless")
+    eps_field = _eps_field(view) if exact else None
+    if exact and growth.variance_scale != 1 and eps_field is None:
+        raise ValueError(f"init: {view.family.name} configs have no norm epsilon field the operator knows "
+                         f"({', '.join(EPS_FIELDS)}), so the scaled epsilon of init = \"lossless\" could not be "
+                         "exported — use init = \"duplicate\" (a multiple of d_model)")
+    if exact and growth.variance_scale != 1 and getattr(view.family.attention, "qk_norms", ()):
+        raise ValueError(f"init: {view.family.name}'s q/k norms take their epsilon from the same config field "
+                         f"({eps_field}) as the stream's norms, which init = \"lossless\" scales by s "
+                         f"= {growth.variance_scale:.4g} — use init = \"duplicate\" (a multiple of d_model, s = 1)")
+    changes = _config_changes(view, growth, eps_field)
+    problem = config_problem(view.config, changes)
+    if problem:
+        fits = _sizes_that_fit(view, params)
+        hint = f"use size = {' or '.join(map(str, fits))}" if fits else "use another size"
+        raise ValueError(f"size: a {view.config.model_type} config cannot describe d_model {growth.stream.new} "
+                         f"with {growth.heads} heads (transformers: \"{problem}\") — {hint}")
+    return growth, changes
+
+
+def _sizes_that_fit(view, params: WidenHiddenParams, wanted: int = 2) -> list[int]:
+    """The first sizes near the asked one that this route and the config accept."""
+    fits, hidden = [], view.hidden_size
+    step = hidden if params.init == "duplicate" else 1
+    for size in range(step, 4 * hidden + 1, step):
+        if len(fits) == wanted:
+            break
+        try:
+            trial = params.model_copy(update={"size": size})
+            growth = _plan_growth(view, trial)
+            eps = _eps_field(view) if params.init in ("duplicate", "lossless") else None
+            if config_problem(view.config, _config_changes(view, growth, eps)) is None:
+                fits.append(size)
+        except ValueError:
+            continue
+    return fits
+
+
+def _stream_units(view, growth: _Growth) -> list[NewUnits]:
+    """The new stream dimensions of each block as new units for the health figures: incoming
+    weights = the FFN down projection's rows that write them, outgoing = the FFN up projection's
+    columns that read them. Copies name their source dimension (twins until symmetry breaks);
+    pads have none."""
+    stream, layout, units, seen = growth.stream, view.family.ffn, [], set()
+    copies = torch.arange(stream.old, stream.copies * stream.old)
+    pads = torch.arange(stream.copies * stream.old, stream.new)
+    for block in view.blocks():
+        mlp = get_submodule(block, layout.module)
+        down, up = getattr(mlp, layout.down).weight, getattr(mlp, layout.up).weight
+        if id(down) in seen:  # a virtual block: the same tensors
+            continue
+        seen.add(id(down))
+        if len(copies):
+            units.append(NewUnits(up=down, down=up, rows=copies, conv1d=layout.conv1d, sources=copies % stream.old))
+        if len(pads):
+            units.append(NewUnits(up=down, down=up, rows=pads, conv1d=layout.conv1d))
+    return units
+
+
+def _refuse_family(view, model) -> None:
+    """One line for the models this operator does not grow, naming family and reason."""
+    family = getattr(view, "family", None)
+    if family is not None and family.kind == "causal_lm" and not family.stacks:
+        if callable(getattr(view, "check_applies", None)):
+            view.check_applies("widen_hidden")  # the family's own refusal (ArchFamily.refused_ops)
+        return
+    from engine.arch.families import FAMILIES
+
+    supported = ", ".join(f.name for f in FAMILIES if f.kind == "causal_lm" and not f.stacks
+                          and "widen_hidden" not in getattr(f, "refused_ops", {}))
+    name = family.name if family else type(model).__name__
+    why = {"seq2seq": "an encoder-decoder: its two stacks, the cross-attention and the shared embedding would "
+                      "have to grow together, and its tied head's d_model^-0.5 scale changes with d_model",
+           "mlp": "a plain MLP has no residual stream (use widen_mlp)"}.get(getattr(family, "kind", None),
+                                                                         "it has no residual stream described")
+    raise ValueError(f"widen_hidden grows decoder-only language models ({supported}); {name} is not supported: "
+                     f"{why}")
 
 
 @operator("widen_hidden")
 def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpResult:
-    model, family = view.model, getattr(view, "family", None)
-    if family is None or family.kind != "causal_lm" or family.stacks:
-        from engine.arch.families import FAMILIES
-
-        supported = ", ".join(f.name for f in FAMILIES if f.kind == "causal_lm" and not f.stacks)
-        name = family.name if family else type(model).__name__
-        raise ValueError(f"widen_hidden grows decoder-only language models ({supported}); {name} is not "
-                         "supported yet")
+    model = view.model
+    _refuse_family(view, model)
+    family = view.family
     _require_plain_model(model)
-    growth = _plan_growth(view, params)
+    growth, changes = _check_fits(view, params)
+    exact = params.init in ("duplicate", "lossless")
     stream = growth.stream
-    grower = _Grower(gen, params.init_std)
+    grower = _Grower(gen, params.init_std, Symmetry(params.symmetry, params.symmetry_scale))
 
     embedding = get_submodule(model, family.embeddings)
     lm_head = get_submodule(model, family.lm_head)
+    final_norm = get_submodule(model, family.final_norm)
     tied = lm_head.weight is embedding.weight
+    untied = False
+    if tied and stream.copies > 1 and getattr(final_norm, "weight", None) is None:
+        # a tied head reads k equal copies: k x the logits, and no final gain can take 1/k
+        lm_head.weight = nn.Parameter(embedding.weight.detach().clone())
+        tied, untied = False, True
+        changes["tie_word_embeddings"] = False
+    pad = "mean" if stream.write_fill == "mean" else 0.0
     for path in filter(None, (family.embeddings, family.position_embeddings)):
         module = get_submodule(model, path)
-        grower.values(module, "weight", stream)
+        grower.values(module, "weight", stream, pad=pad)
         module.embedding_dim = stream.new
 
     seen: set[int] = set()
+    scaled_eps: set[int] = set()
     for block in view.blocks():
         if id(block) in seen:
             continue
         seen.add(id(block))
         for norm in family.norms:
-            _grow_norm(grower, get_submodule(block, norm), stream, family.norm_kind)
+            _grow_norm(grower, get_submodule(block, norm), growth, family, exact)
+            if exact:
+                _scale_eps(get_submodule(block, norm), growth.variance_scale, scaled_eps)
             if params.init == "masked":
                 _wrap_masked(block, norm, stream, family.norm_kind, params.ramp_steps)
         _grow_attention(grower, get_submodule(block, family.attention.module), family.attention, growth)
         _grow_ffn(grower, get_submodule(block, family.ffn.module), family.ffn, stream)
 
-    final_norm = get_submodule(model, family.final_norm)
-    _grow_norm(grower, final_norm, stream, family.norm_kind)
-    if tied and stream.duplicate:
-        # the head is the embedding [E, E]: logits = E·y1 + E·y2 = 2 E·y for y1 = y2 = y; halving
-        # the final norm's output (gain and bias) gives E·y back
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                if getattr(final_norm, name, None) is not None:
-                    getattr(final_norm, name).mul_(0.5)
+    if exact:
+        # tied: logits = E* y* sum over the k copies, k x E y; 1/k on the final norm's output gives E y
+        _grow_norm(grower, final_norm, growth, family, True, out_scale=1 / stream.copies if tied else 1.0)
+        _scale_eps(final_norm, growth.variance_scale, scaled_eps)
+    else:
+        _grow_norm(grower, final_norm, growth, family, False)
     if params.init == "masked":
         _wrap_masked(model, family.final_norm, stream, family.norm_kind, params.ramp_steps)
     # tied: the embedding's grown tensor (shared through the grower); untied: columns grown
@@ -424,14 +671,6 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
     for path in family.hidden_size_attrs:  # sizes modules cached at construction
         for module, attr in _modules_at(model, path):
             setattr(module, attr, stream.new)
-
-    layout = family.attention
-    changes = {family.hidden_size_field: stream.new, layout.num_heads_field: growth.heads}
-    if layout.num_kv_heads_field:
-        changes[layout.num_kv_heads_field] = growth.kv_heads
-    if not layout.width_follows_hidden:
-        changes[layout.head_dim_field] = growth.head_dim
-    if getattr(view.config, family.ffn_size_field, None) is None:
-        changes[family.ffn_size_field] = view.ffn_size  # it would follow the new hidden size otherwise
-    return OpResult(grown=grower.grown, exact=params.init in ("duplicate", "masked"),
-                    note=_note(view, params, growth, tied), config_changes=changes)
+    return OpResult(grown=grower.grown, exact=params.init != "zero",
+                    note=_note(view, params, growth, tied, untied), config_changes=changes,
+                    units=_stream_units(view, growth) if exact else [])

@@ -259,29 +259,47 @@ class AddHeadsParams(LayeredOpParams):
 class WidenHiddenParams(OpParams):
     """Grow d_model (the residual stream) of the whole model by `size` dimensions.
 
-    init = "duplicate": size must equal d_model; every stream tensor is doubled as [x, x] (exact).
+    init = "duplicate": size a multiple of d_model, (k - 1) x d_model; the stream becomes k copies
+    of itself, heads repeat k times (HyperCloning; exact).
+    init = "lossless": any other size that keeps whole heads; k copies and the rest padded with
+    the stream's mean (LayerNorm) or zeros (RMSNorm), norm gains x sqrt(s) and epsilon x s for
+    s = k d / d' (LEMON; exact, exports as is).
     init = "zero": any size that keeps whole heads; new dimensions start at zero, but norm
     statistics now include them (not exact: measured and reported).
     init = "masked": as zero, but every norm takes its statistics over the old dimensions only,
     the new ones weighted by a ramp rising from 0 to 1 over `ramp_steps` training steps (MSG):
-    exact at expansion, a plain norm once the ramp is complete."""
+    exact at expansion, a plain norm once the ramp is complete.
+    symmetry (duplicate, lossless): how the copies stop being twins — "split": readers take
+    unequal shares (1 + scale t_c) / k of each weight, t_c spread over [-1, 1]; "noise": readers
+    get paired noise of std scale x (weight std / k) that sums to zero over the copies. Both exact."""
 
     op: Literal["widen_hidden"] = "widen_hidden"
-    size: Int = Field(..., gt=0, le=MAX_UNITS, description="dimensions to add to d_model (duplicate: equal to d_model)")
-    init: Literal["duplicate", "zero", "masked"] = "duplicate"
-    init_std: Float | None = Field(None, ge=0, le=MAX_SCALE, description="zero/masked: std of the new input columns of "
-                                   "modules reading the stream (default: the std of their weights; 0: zeros)")
+    size: Int = Field(..., gt=0, le=MAX_UNITS, description="dimensions to add to d_model (duplicate: a multiple "
+                      "of d_model)")
+    init: Literal["duplicate", "lossless", "zero", "masked"] = "duplicate"
+    init_std: Float | None = Field(None, ge=0, le=MAX_SCALE, description="lossless/zero/masked: std of the new input "
+                                   "columns of modules reading the stream (default: the std of their weights; 0: zeros)")
     ramp_steps: Int = Field(1000, ge=1, le=MAX_STEPS, description="masked: training steps over which the new dimensions "
                             "enter the norm statistics")
+    symmetry: Literal["none", "split", "noise"] = Field("none", description="duplicate/lossless: how the copies of "
+                                                        "the stream stop being twins (split: unequal reader shares; "
+                                                        "noise: paired reader noise that cancels)")
+    symmetry_scale: Float = Field(0.2, gt=0, lt=1, description="split: shares (1 +- scale)/k at the ends; noise: "
+                                  "std relative to the weight's std / k")
 
     @model_validator(mode="after")
     def _settings_of_other_inits(self):
         if self.init == "duplicate" and self.init_std is not None:
-            raise ValueError('init_std sets the new input columns of init = "zero" or "masked"; '
+            raise ValueError('init_std sets the new input columns of init = "lossless", "zero" or "masked"; '
                              'init = "duplicate" copies every weight — remove init_std')
         if self.init != "masked" and "ramp_steps" in self.model_fields_set:
             raise ValueError(f'ramp_steps belongs to init = "masked" (got init = "{self.init}") — remove '
                              'it or set init = "masked"')
+        if self.init in ("zero", "masked") and self.symmetry != "none":
+            raise ValueError(f'symmetry breaks the copies of init = "duplicate" or "lossless"; init = "{self.init}" '
+                             'makes none — remove symmetry')
+        if self.symmetry == "none" and "symmetry_scale" in self.model_fields_set:
+            raise ValueError('symmetry_scale belongs to symmetry = "split" or "noise" — remove it or set symmetry')
         return self
 
 
