@@ -81,12 +81,14 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=STRATEGIES)
 def runs(request, single, tmp_path_factory):
-    """(one process, two processes under torchrun with the strategy) of the same plan."""
+    """(one process, two processes under torchrun with the strategy, each rank's rows in two
+    micro-batches) of the same plan."""
     home = tmp_path_factory.mktemp(request.param)
     plan_path = home / "plan.toml"
     plan_path.write_text(PLAN)
     root = home / "runs"
-    out = widen("run", str(plan_path), "--nproc", "2", "--detach", "--set",
+    # two micro-batches per rank: DDP's no_sync / FSDP's deferred reduce-scatter, then one exchange
+    out = widen("run", str(plan_path), "--nproc", "2", "--detach", "--set", "train.grad_accum=2", "--set",
                 f"train.distributed.strategy={request.param}", env_home=root, check=True)
     double = RunDir(root / out.stdout.strip())
     assert wait_for(double, timeout=180) == "done", double.status()

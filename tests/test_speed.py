@@ -254,3 +254,50 @@ def test_exact_operators_stay_exact_under_sdpa(model_type, op):
     assert speed.attention_of(model) == "sdpa"
     report = growth.reports[0]
     assert report["exact"] and report["max_abs_logit_delta"] <= 1e-4, report
+
+
+def test_gradient_accumulation_trains_like_the_whole_batch_in_the_loop(tmp_path):
+    """grad_accum = 4 in a real run: each step's batch in 4 micro-batches, the gradients summed,
+    one optimizer step — the same step losses as the whole batch at once (up to rounding), and
+    a widening with checkpointing on still exact."""
+    from engine.events import read_all
+    from engine.plan import load_plan
+    from engine.train import Trainer
+    from widen_tui.launcher import create_run
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text("""
+name = "accum"
+seed = 2
+[model]
+source = "builtin:tiny-neo"
+[tasks.prose]
+source = "builtin:pydoc"
+max_docs = 20
+[train]
+batch_size = 8
+seq_len = 32
+eval_batches = 1
+eval_interval = 0
+log_interval = 1
+device = "cpu"
+[[stages]]
+task = "prose"
+steps = 3
+[[stages]]
+task = "prose"
+steps = 3
+[[stages.expand]]
+op = "widen_ffn"
+size = 16
+""")
+    losses = {}
+    for accum, checkpointing in ((1, "false"), (4, "true")):
+        run = create_run(load_plan(plan, [f"train.grad_accum={accum}", f"train.checkpointing={checkpointing}"]),
+                         plan, tmp_path / "runs")
+        Trainer(run.path).run_plan()
+        events = read_all(run.events)
+        losses[accum] = [e["loss"] for e in events if e["type"] == "step"]
+        assert max(e["max_abs_logit_delta"] for e in events if e["type"] == "expand") <= 1e-4
+    assert len(losses[1]) == len(losses[4]) == 6
+    assert max(abs(a - b) / a for a, b in zip(losses[1], losses[4])) <= 1e-5, losses
