@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from engine.arch import ArchView, UnsupportedArchitecture
+from engine.arch import ArchView, UnsupportedArchitecture, module_tree_differences
+from engine.arch.families import FAMILY_OVERRIDE_ATTR
 from engine.errors import WidenError
 
 # A tiny model in the layout of TinyStories-33M (GPT-Neo, alternating global/local attention),
@@ -72,9 +73,9 @@ def load_config(spec):
     source = spec.source
     if source.startswith("builtin:"):
         fields = builtin_fields(source)
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return _with_family(AutoConfig.for_model(fields.pop("model_type"), **fields), spec)
     try:
-        return AutoConfig.from_pretrained(source, revision=spec.revision)
+        return _with_family(AutoConfig.from_pretrained(source, revision=spec.revision), spec)
     except (OSError, ValueError) as e:
         where = "local directory" if Path(source).exists() else "hub name"
         reason = str(e).strip().splitlines()[0][:160]
@@ -82,19 +83,53 @@ def load_config(spec):
                              f"builtin:tiny-neo, a local model directory, or a hub name (needs the network)") from None
 
 
+def _with_family(config, spec):
+    """The config, naming the plan's `[model] family` when it has one (engine.arch.families.family_of
+    reads it; saved with the config, so checkpoints and exports keep it)."""
+    if getattr(spec, "family", None):
+        setattr(config, FAMILY_OVERRIDE_ATTR, spec.family)
+    return config
+
+
+def check_module_tree(model, view: ArchView) -> None:
+    """A model described by a family it named ([model] family) must have that family's module tree:
+    one error naming what differs."""
+    if not getattr(model.config, FAMILY_OVERRIDE_ATTR, None):
+        return
+    differences = module_tree_differences(view.family, model)
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise ModelLoadError(f"{model.config.model_type} models do not have the {view.family.name} module tree: "
+                             f"{shown} — name the family whose tree this is, or leave family out", field="family")
+
+
+def _check_tree_from_config(config, view: ArchView) -> None:
+    """The module-tree check without weights: the model built on the meta device (no memory)."""
+    import torch
+    import transformers
+
+    auto = transformers.AutoModelForSeq2SeqLM if view.family.kind == "seq2seq" else transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    check_module_tree(model, view)
+
+
 def load_architecture(spec) -> ArchView:
     """The architecture view from the config alone. Built-in models need no transformers (so
     `widen plan check` / `widen run --detach` stay fast); others load the config with AutoConfig."""
     if spec.source.removeprefix("builtin:") in BUILTIN_MLPS:
         return ArchView.of(build_builtin_mlp(spec.source.removeprefix("builtin:"), 0))
-    if spec.source.startswith("builtin:"):
+    if spec.source.startswith("builtin:") and not getattr(spec, "family", None):
         config = SimpleNamespace(**builtin_fields(spec.source))
     else:
         config = load_config(spec)
     try:
-        return ArchView(config)
+        view = ArchView(config)
     except UnsupportedArchitecture as e:
         raise ModelLoadError(str(e)) from None
+    if getattr(spec, "family", None):
+        _check_tree_from_config(config, view)
+    return view
 
 
 def choose_attention(auto, config, requested: str = "sdpa") -> tuple[str, str | None]:
@@ -137,7 +172,9 @@ def load_model(spec, seed: int, attention: str = "sdpa"):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 return auto.from_config(config, attn_implementation=implementation)
-        return auto.from_pretrained(spec.source, revision=spec.revision, attn_implementation=implementation)
+        # the config loaded above: it carries the plan's [model] family, if any
+        return auto.from_pretrained(spec.source, config=config, revision=spec.revision,
+                                    attn_implementation=implementation)
 
     try:
         model = build(implementation)
@@ -148,7 +185,9 @@ def load_model(spec, seed: int, attention: str = "sdpa"):
                     f"eager used (train.attention = \"eager\" asks for it)")
         model = build("eager")
     model.attention_fallback = fallback
-    return model, ArchView(model.config, model)
+    view = ArchView(model.config, model)
+    check_module_tree(model, view)
+    return model, view
 
 
 def check_vocabulary(model, tokenizer) -> None:

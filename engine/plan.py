@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from engine import builtins
 from engine.errors import WidenError
@@ -54,6 +54,18 @@ class ModelSpec(Strict):
     source: str = Field("builtin:tiny-neo", description="builtin:<name>, a hub name or a local directory")
     tokenizer: str = Field("bytes", description='"bytes" or a tokenizer hub name / directory')
     revision: str | None = None
+    family: str | None = Field(None, description="the family description to use for a model type widen does not "
+                               "list (its module tree is checked against it), e.g. \"llama\"")
+
+    @field_validator("family")
+    @classmethod
+    def _listed_family(cls, v):
+        from engine.arch.families import FAMILIES
+
+        names = [f.name for f in FAMILIES if f.kind != "mlp"]
+        if v is not None and v not in names:
+            raise ValueError(f"no family '{v}' — families: {', '.join(names)}")
+        return v
 
 
 GENERATION_SOURCES = builtins.sources(builtins.GENERATION_CORPORA)

@@ -1,42 +1,60 @@
-"""Tiny random models of every supported family, built from configs (no downloads)."""
+"""Tiny random models of every supported family, built from configs (no downloads).
+
+The family list and each family's config fields come from the family table
+(engine.arch.families): adding a family there adds it to every test that takes these lists."""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoConfig, GPTNeoXConfig, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.arch import ArchView
+from engine.arch.families import FAMILIES, family_named
 
+# every decoder-only family; an operator's tests take FAMILIES_FOR(op): those it applies to
+ALL_DECODER_FAMILIES = [f.name for f in FAMILIES if f.kind == "causal_lm"]
+# the families the older operator tests (tests/test_ops_*.py) were written for: some of their
+# expectations branch on the family's name (test_ops_hidden: "llama" means RMSNorm) rather than on
+# the entry's facts; once they read the entry, this becomes ALL_DECODER_FAMILIES
 DECODER_FAMILIES = ["gpt_neo", "gpt2", "gpt_neox", "llama"]
+
+
+def families_for(op: str) -> list[str]:
+    """The decoder families `op` applies to (the others refuse it in one line)."""
+    return [name for name in ALL_DECODER_FAMILIES if family_named(name).refusal(op) is None]
+
 
 VOCAB = 61
 
 
 def tiny_config(family: str, layers: int, heads: int, head_dim: int, ffn: int):
-    hidden = heads * head_dim
-    if family == "gpt_neo":
-        return GPTNeoConfig(vocab_size=VOCAB, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                            attention_types=[[["global", "local"], layers // 2]] if layers % 2 == 0
-                            else [[["global"], layers]], window_size=8, intermediate_size=ffn,
-                            max_position_embeddings=64)
-    if family == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn,
-                          n_positions=64)
-    if family == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                             num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64)
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=1 if heads % 2 else heads // 2 or 1,
-                       intermediate_size=ffn, max_position_embeddings=64)
+    """A config of `family` with these sizes: the sizes go to the fields the family entry names,
+    then the entry's own tiny_config fields (callables get the depth)."""
+    entry = family_named(family)
+    att = entry.attention
+    fields = {"vocab_size": VOCAB, entry.hidden_size_field: heads * head_dim, entry.num_layers_field: layers,
+              att.num_heads_field: heads, entry.ffn_size_field: ffn, entry.positions_field: 64}
+    if att.num_kv_heads_field:  # grouped-query attention where the family has it
+        fields[att.num_kv_heads_field] = 1 if heads % 2 else heads // 2 or 1
+    if not att.width_follows_hidden:
+        fields[att.head_dim_field] = head_dim
+    for key, value in entry.tiny_config.items():
+        fields[key] = value(layers) if callable(value) else value
+    return AutoConfig.for_model(entry.hf_model_type or entry.model_types[0], **fields)
 
 
 def build(family, layers, heads, head_dim, ffn, seed):
     torch.manual_seed(seed)
     config = tiny_config(family, layers, heads, head_dim, ffn)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    for p in model.parameters():  # random (not default-init) weights so zero paths would show
-        torch.nn.init.normal_(p, std=0.2)
+    randomize(model)
     return model, ArchView(model.config, model)
+
+
+def randomize(model) -> None:
+    """Random (not default-init) weights so zero paths would show."""
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
 
 
 def token_batch(seed: int = 0, rows: int = 2, length: int = 12):

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from engine.arch.families import (FAMILIES, ArchFamily, AttentionLayout, FFNLayout, UnsupportedArchitecture,
-                                  family_for)
+                                  family_for, family_of)
 
-__all__ = ["ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for"]
+__all__ = ["ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for",
+           "family_of", "module_tree_differences"]
 
 
 def get_submodule(root, dotted: str):
@@ -44,7 +45,7 @@ class ArchView:
     def __init__(self, config, model=None, stack: str | None = None):
         self.config = config
         self.model = model
-        family = family_for(getattr(config, "model_type", type(config).__name__))
+        family = family_of(config)
         self.base_family = family
         if family.gated_ffn is not None and getattr(config, family.gated_ffn_flag, False):
             family = replace(family, ffn=family.gated_ffn)
@@ -95,6 +96,12 @@ class ArchView:
                 setattr(own, key, value)
             setattr(own, self.base_family.num_layers_field, len(get_submodule(self.model, layout.blocks)))
 
+    def check_applies(self, op: str) -> None:
+        """Raise the family's one-line refusal if `op` does not apply to it (ArchFamily.refused_ops)."""
+        message = self.base_family.refusal(op)
+        if message:
+            raise ValueError(message)
+
     # -- facts from the config ---------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -143,4 +150,55 @@ class ArchView:
         field = self.family.attention.num_kv_heads_field
         value = getattr(self.config, field, None) if field else None
         return int(value) if value else self.num_heads
+
+
+
+# -- does a model have the module tree its family describes? ([model] family = "...") -------------
+
+def _described_leaves(family: ArchFamily) -> list[str]:
+    """Paths inside a block that the description names (projections, norms, activation)."""
+    att, ffn = family.attention, family.ffn
+    names = [att.out, att.q, att.k, att.v, att.qkv, *att.qk_norms]
+    leaves = [f"{att.module}.{n}" for n in names if n]
+    leaves += [f"{ffn.module}.{n}" for n in (ffn.up, ffn.down, ffn.gate, ffn.act) if n]
+    return leaves + list(family.norms) + list(family.post_norms)
+
+
+def module_tree_differences(family: ArchFamily, model) -> list[str]:
+    """What differs between `model` and the module tree `family` describes, each in a few words
+    (empty when it matches): a missing path, a norm without the gain the family's norm kind has,
+    or a parametrised module of a block that the description does not know (its operators would
+    ignore it, e.g. the q_norm of a Qwen3 described as Llama)."""
+    import torch
+
+    problems = []
+    for path in (family.blocks, family.embeddings, family.final_norm, family.lm_head, family.position_embeddings):
+        if path and _missing(model, path):
+            problems.append(f"no {path}")
+    if problems:
+        return problems
+    blocks = get_submodule(model, family.blocks)
+    if len(blocks) != int(getattr(model.config, family.num_layers_field, -1)):
+        problems.append(f"{family.blocks} has {len(blocks)} blocks but config.{family.num_layers_field} is "
+                        f"{getattr(model.config, family.num_layers_field, None)}")
+    block = blocks[0]
+    leaves = _described_leaves(family)
+    problems += [f"no {family.blocks}.0.{leaf}" for leaf in leaves if _missing(block, leaf)]
+    for path in [*family.norms, *family.post_norms, *(f"{family.attention.module}.{n}" for n in family.attention.qk_norms)]:
+        gain = None if _missing(block, path) else getattr(get_submodule(block, path), "weight", None)
+        if not _missing(block, path) and not isinstance(gain, torch.nn.Parameter):
+            problems.append(f"{family.blocks}.0.{path} has no gain (a {family.norm_kind} has one)")
+    unknown = [name for name, module in block.named_modules()
+               if module._parameters and not any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)]
+    problems += [f"{family.blocks}.0.{name} ({type(get_submodule(block, name)).__name__}) is not in the "
+                 f"{family.name} description" for name in unknown]
+    return problems
+
+
+def _missing(root, dotted: str) -> bool:
+    try:
+        get_submodule(root, dotted)
+    except AttributeError:
+        return True
+    return False
 

@@ -6,7 +6,7 @@ entry here (like mergekit's architecture JSONs or PEFT's target-module tables).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.errors import WidenError
 
@@ -21,6 +21,9 @@ class FFNLayout:
     act: str                      # activation attribute of the MLP module
     gate: str | None = None       # gated MLPs (Llama): act(gate(x)) * up(x)
     conv1d: bool = False          # GPT-2's Conv1D stores weights transposed ([in, out])
+    # gate and up fused in one projection, rows [gate | up] (Phi-3 gate_up_proj): `up` and `gate`
+    # name the same module, and widening grows both halves
+    gate_up_fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class AttentionLayout:
     # heads x head_dim must equal the hidden size (head_dim is derived from it); False where the
     # config states head_dim on its own (Llama), so d_model can grow without touching the heads
     width_follows_hidden: bool = True
+    # RMSNorms of the queries and keys, inside the attention module (Qwen3, OLMo-2, Gemma 3):
+    # per head (weight [head_dim], shared by the heads) or over the whole projection (OLMo-2:
+    # weight [heads x head_dim], one mean square over all heads together)
+    qk_norms: tuple[str, ...] = ()
+    qk_norm_per_head: bool = True
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,47 @@ class ArchFamily:
     # those that may sit between two layers — elementwise, so a hidden layer can grow through them
     layer_types: tuple[str, ...] = ()
     elementwise_types: tuple[str, ...] = ()
+    # -- facts other code used to keep in per-model_type tables (or took from llama's rules) ----
+    # which projections carry a bias: group (qkv, o, ffn) -> a constant or (config flag, default);
+    # `biases_by_type` overrides them for one of model_types (Qwen2's q/k/v biases)
+    biases: dict = field(default_factory=dict)
+    biases_by_type: dict = field(default_factory=dict)
+    tied_by_default: bool = False          # tie_word_embeddings when the config leaves it out
+    positions_field: str = "max_position_embeddings"  # the config's context length
+    norm_params: int | None = None         # parameters per norm and unit; None: from norm_kind
+    # an RMSNorm gain stored with an offset: the scale is offset + weight (Gemma: 1 + w), so a
+    # zero scale is weight = -offset
+    norm_offset: float = 0.0
+    # norms applied to a sub-layer's output before the residual add (OLMo-2, Gemma 2/3): a
+    # block's contribution is scaled through their gains, since the norm undoes any scaling of
+    # the projections before it
+    post_norms: tuple[str, ...] = ()
+    # the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that follows d_model
+    embedding_scale: str | None = None     # None | "sqrt_hidden"
+    logit_softcap_fields: tuple[str, ...] = ()  # tanh soft-capping of logits (Gemma 2)
+    # operators that do not apply to this family: op -> the reason, said in one line
+    refused_ops: dict = field(default_factory=dict)
+    # config fields a tiny random model of this family needs besides its sizes (tests/tiny_models.py)
+    tiny_config: dict = field(default_factory=dict)
+    hf_model_type: str | None = None       # the model_type a tiny model is built as (default model_types[0])
+
+    def refusal(self, op: str) -> str | None:
+        """The one-line refusal of `op` on this family, or None when it applies."""
+        reason = self.refused_ops.get(op)
+        return None if reason is None else f"op: {op} does not apply to {self.name} models — {reason}"
+
+    def has_bias(self, group: str, config) -> bool:
+        """Whether this family's `group` projections (qkv, o, ffn) carry a bias under `config`."""
+        model_type = getattr(config, "model_type", None)
+        rule = {**self.biases, **self.biases_by_type.get(model_type, {})}[group]
+        if isinstance(rule, tuple):
+            flag, default = rule
+            value = getattr(config, flag, default)
+            return default if value is None else bool(value)
+        return rule
+
+    def params_per_norm_unit(self) -> int:
+        return self.norm_params or {"layernorm": 2, "rmsnorm": 1}[self.norm_kind]
 
 
 FAMILIES: tuple[ArchFamily, ...] = (
@@ -124,6 +173,10 @@ FAMILIES: tuple[ArchFamily, ...] = (
         per_layer_fields=("attention_layers",),
         position_embeddings="transformer.wpe",
         hidden_size_attrs=("transformer.embed_dim", "transformer.h.*.attn.attention.embed_dim"),
+        biases={"qkv": False, "o": True, "ffn": True}, tied_by_default=True,
+        # even depths alternate global/local attention like TinyStories-33M
+        tiny_config={"window_size": 8, "attention_types": lambda layers: [[["global", "local"], layers // 2]]
+                     if layers % 2 == 0 else [[["global"], layers]]},
     ),
     ArchFamily(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h",
@@ -135,6 +188,7 @@ FAMILIES: tuple[ArchFamily, ...] = (
         hidden_size_field="n_embd",
         position_embeddings="transformer.wpe",
         hidden_size_attrs=("transformer.embed_dim", "transformer.h.*.attn.embed_dim"),
+        biases={"qkv": True, "o": True, "ffn": True}, tied_by_default=True, positions_field="n_positions",
     ),
     ArchFamily(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
@@ -143,17 +197,83 @@ FAMILIES: tuple[ArchFamily, ...] = (
         norms=("input_layernorm", "post_attention_layernorm"), final_norm="gpt_neox.final_layer_norm",
         embeddings="gpt_neox.embed_in",
         num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
+        biases={"qkv": ("attention_bias", True), "o": ("attention_bias", True), "ffn": True},
     ),
-    ArchFamily(
-        name="llama", model_types=("llama", "mistral", "qwen2"), blocks="model.layers",
-        ffn=FFNLayout(module="mlp", up="up_proj", down="down_proj", act="act_fn", gate="gate_proj"),
-        attention=AttentionLayout(module="self_attn", out="o_proj", q="q_proj", k="k_proj", v="v_proj",
-                                  num_kv_heads_field="num_key_value_heads", width_follows_hidden=False),
-        norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm",
-        embeddings="model.embed_tokens",
-        num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
-        norm_kind="rmsnorm", hidden_size_attrs=("model.layers.*.hidden_size", "model.layers.*.mlp.hidden_size"),
-    ),
+
+)
+
+
+# The Llama layout and the families that keep it with a few changes (each change is a field).
+_LLAMA_FFN = FFNLayout(module="mlp", up="up_proj", down="down_proj", act="act_fn", gate="gate_proj")
+_LLAMA_ATTENTION = AttentionLayout(module="self_attn", out="o_proj", q="q_proj", k="k_proj", v="v_proj",
+                                   num_kv_heads_field="num_key_value_heads", width_follows_hidden=False)
+_LLAMA = ArchFamily(
+    name="llama", model_types=("llama", "mistral", "qwen2"), blocks="model.layers",
+    ffn=_LLAMA_FFN, attention=_LLAMA_ATTENTION,
+    norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm",
+    embeddings="model.embed_tokens",
+    num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
+    norm_kind="rmsnorm", hidden_size_attrs=("model.layers.*.hidden_size", "model.layers.*.mlp.hidden_size"),
+    biases={"qkv": ("attention_bias", False), "o": ("attention_bias", False), "ffn": ("mlp_bias", False)},
+    biases_by_type={"mistral": {"qkv": False, "o": False, "ffn": False},
+                    "qwen2": {"qkv": True, "o": False, "ffn": False}},
+)
+_NO_BIASES = {"qkv": ("attention_bias", False), "o": ("attention_bias", False), "ffn": False}
+# a tiny model must not name token ids outside its vocabulary (these configs default to 32000+)
+_TINY_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_GEMMA = dict(
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    norm_offset=1.0, embedding_scale="sqrt_hidden", tied_by_default=True, biases=_NO_BIASES,
+    refused_ops={"widen_hidden": "widen_hidden (engine.ops.hidden) does not yet follow Gemma's sqrt(d) embedding "
+                                 "scale and (1 + w) norm gains"},
+    biases_by_type={}, per_layer_fields=("layer_types",),
+)
+_OLMO2_QK = ("OLMo-2's q_norm and k_norm normalise all heads together (one RMSNorm over the whole projection), "
+             "so new heads would rescale the existing ones")
+_PHI3_GATE_UP = ("Phi-3's gate_up_proj holds [gate | up] halves split at its midpoint, so appended features "
+                 "would move the split — widen_ffn grows both halves")
+_HIDDEN = "widen_hidden (engine.ops.hidden) does not yet handle "
+_PHI3_QKV = ("Phi-3 fuses q, k and v in qkv_proj and its attention module caches the key/value head count; "
+             "add_heads grows separate q/k/v projections only")
+
+FAMILIES = FAMILIES + (
+    _LLAMA,
+    # Qwen3: Llama with an RMSNorm of each head's queries and keys (weight [head_dim])
+    replace(_LLAMA, name="qwen3", model_types=("qwen3",), biases_by_type={}, biases=_NO_BIASES,
+            attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm")), tiny_config=_TINY_IDS),
+    # OLMo-2: norms after attention and FFN (before the residual add), none before; q/k norms
+    # over the whole projection
+    replace(_LLAMA, name="olmo2", model_types=("olmo2",), biases_by_type={}, biases=_NO_BIASES,
+            attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm"), qk_norm_per_head=False),
+            norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+            post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+            refused_ops={"add_heads": _OLMO2_QK,
+                         "widen_hidden": _HIDDEN + "OLMo-2's post-norms and whole-projection q/k norms"},
+            tiny_config=_TINY_IDS),
+    # Phi-3: fused qkv_proj ([q | k | v], k and v sized by the key/value heads) and gate_up_proj
+    # ([gate | up]); head_dim derived from the hidden size
+    replace(_LLAMA, name="phi3", model_types=("phi3",), biases_by_type={},
+            biases={"qkv": False, "o": False, "ffn": False},
+            ffn=FFNLayout(module="mlp", up="gate_up_proj", down="down_proj", act="activation_fn",
+                          gate="gate_up_proj", gate_up_fused=True),
+            attention=AttentionLayout(module="self_attn", out="o_proj", qkv="qkv_proj",
+                                      num_kv_heads_field="num_key_value_heads"),
+            refused_ops={"add_heads": _PHI3_QKV, "concat_linear": _PHI3_GATE_UP,
+                         "widen_hidden": _HIDDEN + "Phi-3's fused qkv_proj and gate_up_proj"},
+            tiny_config=_TINY_IDS),
+    # Gemma 2: RMSNorm gains stored as w in (1 + w), embeddings scaled by sqrt(d), a norm before
+    # and after attention and FFN, tanh soft-capping of attention and final logits, sliding-window
+    # and global attention alternating per layer (config.layer_types)
+    replace(_LLAMA, name="gemma2", model_types=("gemma2",), **_GEMMA,
+            logit_softcap_fields=("final_logit_softcapping", "attn_logit_softcapping"),
+            tiny_config={**_TINY_IDS, "sliding_window": 4, "query_pre_attn_scalar": 4}),
+    # Gemma 3 (text): Gemma 2's layout with per-head q/k norms instead of attention soft-capping
+    replace(_LLAMA, name="gemma3", model_types=("gemma3_text",), **_GEMMA,
+            attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm")),
+            logit_softcap_fields=("final_logit_softcapping", "attn_logit_softcapping"),
+            tiny_config={**_TINY_IDS, "sliding_window": 4, "query_pre_attn_scalar": 4,
+                         "sliding_window_pattern": 2}),
 )
 
 
@@ -171,6 +291,7 @@ FAMILIES = FAMILIES + (
         attention=_T5_ATTENTION,
         norms=("layer.0.layer_norm", "layer.1.layer_norm"), final_norm="encoder.final_layer_norm",
         embeddings="shared", num_layers_field="num_layers", ffn_size_field="d_ff", hidden_size_field="d_model",
+        biases={"qkv": False, "o": False, "ffn": False}, tied_by_default=True, norm_params=1,
         stacks=(
             StackLayout(name="encoder", blocks="encoder.block", num_layers_field="num_layers",
                         ffn_module="layer.1.DenseReluDense", config_copy="encoder.config"),
@@ -199,13 +320,37 @@ def ffn_layouts() -> list[FFNLayout]:
     return [layout for f in FAMILIES for layout in (f.ffn, f.gated_ffn) if layout is not None]
 
 
+# A config attribute naming the family to use instead of the model type's ([model] family in a
+# plan): set by engine.models when the model is loaded, saved with the config, so a checkpoint
+# or an export reloaded by widen keeps it (plain transformers ignores it).
+FAMILY_OVERRIDE_ATTR = "widen_family"
+
+
+def family_named(name: str) -> ArchFamily:
+    for family in FAMILIES:
+        if family.name == name and family.kind != "mlp":
+            return family
+    names = ", ".join(f.name for f in FAMILIES if f.kind != "mlp")
+    raise UnsupportedArchitecture(f"model.family: no family '{name}' — families: {names}")
+
+
+def family_of(config) -> ArchFamily:
+    """The family describing a config: the one it names (FAMILY_OVERRIDE_ATTR), else its model type's."""
+    named = getattr(config, FAMILY_OVERRIDE_ATTR, None)
+    if named:
+        return family_named(named)
+    return family_for(getattr(config, "model_type", type(config).__name__))
+
+
 def family_for(model_type: str) -> ArchFamily:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
     # model types a config can name (the nn.Sequential entry has no config to name it)
     supported = ", ".join(t for f in FAMILIES if f.kind != "mlp" for t in f.model_types)
-    raise UnsupportedArchitecture(f"model type '{model_type}' is not supported — supported: {supported}")
+    raise UnsupportedArchitecture(f"model type '{model_type}' is not supported — supported: {supported}; a model "
+                                  "with the module tree of one of these families can name it: [model] family = "
+                                  "\"llama\" (checked against the model)")
 
 
 class UnsupportedArchitecture(WidenError, ValueError):

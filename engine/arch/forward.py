@@ -30,9 +30,9 @@ def model_kind(model: torch.nn.Module) -> str:
     config = getattr(unwrap(model), "config", None)
     if config is None:
         return "mlp"
-    from engine.arch.families import family_for
+    from engine.arch.families import family_of
 
-    return family_for(getattr(config, "model_type", "")).kind
+    return family_of(config).kind
 
 
 IGNORE_INDEX = -100  # targets never scored: prompt tokens and padding of generation tasks

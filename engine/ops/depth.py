@@ -3,6 +3,7 @@
 - insert_identity  after each chosen block, a copy of it whose attention output projection and
                    FFN down projection (weights and biases) are zero: an exact identity in a
                    pre-norm residual block (LLaMA Pro, Net2DeeperNet). Only the copies are new.
+                   Families with post-norms (OLMo-2, Gemma) zero those norms' gains instead.
 - split_residual   each chosen block becomes k copies, each adding F(x)/k (the two output
                    projections scaled by 1/k): x + F(x) ~ k small steps. Not exact; measured.
 - map_layers       target block i = source block mapping[i], e.g. [0, 1, 1, 1, 2, 2, 2, 3], with
@@ -84,7 +85,14 @@ def _scale_outputs(view, block: nn.Module, factor: float) -> None:
     """Multiply the block's residual contributions by `factor`: the output projections' weights
     and biases; under PEFT adapters, the innermost base layer and the LoRA B matrices of every
     adapter layer around it (adapters of later stages wrap earlier ones: LoRA inside IA3 must be
-    scaled too; IA3 multiplies what it wraps, so scaling inside it suffices)."""
+    scaled too; IA3 multiplies what it wraps, so scaling inside it suffices).
+
+    Families whose sub-layer outputs pass a norm before the residual add (OLMo-2, Gemma 2/3:
+    ``post_norms``) scale through those norms' gains instead: the norm would undo a scaled
+    projection, and a zero gain (with the projections kept) still lets the block learn."""
+    if view.family.post_norms:
+        _scale_post_norms(view, block, factor)
+        return
     for module in _output_projections(view, block):
         chain = [module]  # the projection and every layer it wraps (PEFT keeps it as base_layer)
         while isinstance(getattr(chain[-1], "base_layer", None), nn.Module):
@@ -100,6 +108,16 @@ def _scale_outputs(view, block: nn.Module, factor: float) -> None:
         for p in tensors:
             if p is not None:
                 p.mul_(factor)
+
+
+@torch.no_grad()
+def _scale_post_norms(view, block: nn.Module, factor: float) -> None:
+    """Scale the gain of every post-norm by `factor`; a gain stored with an offset (Gemma's
+    1 + w) scales the sum, so factor 0 gives weight = -offset."""
+    offset = view.family.norm_offset
+    for path in view.family.post_norms:
+        weight = get_submodule(block, path).weight
+        weight.copy_((weight.float() + offset) * factor - offset)
 
 
 def _shared_ids(blocks, skip: int | None = None) -> set[int]:
@@ -250,7 +268,11 @@ def insert_identity(view, params: InsertIdentityParams, gen: torch.Generator) ->
     changes = _install(view, new_blocks, sources)
     return OpResult(new_params=[p for b in added for p in b.parameters()], exact=True,
                     config_changes=changes,
-                    note=f"{len(added)} identity blocks inserted (zero output projections): {n} -> {len(new_blocks)}")
+                    note=f"{len(added)} identity blocks inserted ({_zeroed(view)}): {n} -> {len(new_blocks)}")
+
+
+def _zeroed(view) -> str:
+    return "zero post-norm gains" if view.family.post_norms else "zero output projections"
 
 
 @operator("split_residual")

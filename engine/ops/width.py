@@ -87,11 +87,36 @@ class FFNWithNewUnits(nn.Module):
         if getattr(down, "bias", None) is not None or getattr(self.down, "bias", None) is not None:
             bias = bias_of(down, old_w.shape[0]).to(old_w.device) + bias_of(self.down, old_w.shape[0]).to(old_w.device)
         wide_down = _make_linear(torch.cat([old_w, new_w.to(old_w.device)], dim=1), bias, down, layout.conv1d)
-        setattr(base, layout.up, grow_in(up, self.up))
-        if gate is not None:
-            setattr(base, layout.gate, grow_in(gate, self.gate))
+        if layout.gate_up_fused:  # [gate | up] in one module: each half grows by the new units
+            old_gate, old_up = _split_fused(up)
+            wide_gate, wide_up = grow_in(old_gate, self.gate), grow_in(old_up, self.up)
+            setattr(base, layout.up, _fuse(wide_gate, wide_up, up))
+        else:
+            setattr(base, layout.up, grow_in(up, self.up))
+            if gate is not None:
+                setattr(base, layout.gate, grow_in(gate, self.gate))
         setattr(base, layout.down, wide_down)
         return base
+
+
+def _split_fused(module: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The gate and up halves of a fused [gate | up] Linear, as two plain Linears (copies)."""
+    weight = module.weight.detach()
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    halves = []
+    for i, w in enumerate(weight.chunk(2)):
+        b = bias.chunk(2)[i] if bias is not None else None
+        halves.append(_make_linear(w.float(), b.float() if b is not None else None, module, conv1d=False))
+    return halves[0], halves[1]
+
+
+def _fuse(gate: nn.Module, up: nn.Module, like: nn.Module) -> nn.Module:
+    """One [gate | up] Linear from two halves (the layout Phi-3's MLP chunks at its midpoint)."""
+    weight = torch.cat([gate.weight.detach().float(), up.weight.detach().float()])
+    bias = None
+    if getattr(gate, "bias", None) is not None:
+        bias = torch.cat([gate.bias.detach().float(), up.bias.detach().float()])
+    return _make_linear(weight, bias, like, conv1d=False)
 
 
 def _layout_of(mlp: nn.Module):
@@ -247,6 +272,9 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
         inner = _innermost(mlp)  # the original FFN, even if it was widened in parallel before
         up, down = getattr(inner, layout.up), getattr(inner, layout.down)
         gate = getattr(inner, layout.gate) if layout.gate else None
+        fused = up if layout.gate_up_fused else None
+        if fused is not None:  # grow the gate and up halves as two projections, fuse them again
+            gate, up = _split_fused(fused)
         up_w = _linear_weight(up, layout.conv1d)
         down_w = _linear_weight(down, layout.conv1d)
         gate_w = _linear_weight(gate, layout.conv1d) if gate is not None else None
@@ -270,9 +298,11 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
         # in place: wider matrices; the mask marks the new entries
         wide = grow_units_inplace(up, down, gate, layout.conv1d, params.size,
                                   (new_up, new_b, new_gate, new_down, old_down, source))
+        if fused is not None:
+            wide = _fused_pair(wide, fused, up_w.shape[0], params.size)
         setattr(inner, layout.up, wide.up)
         setattr(inner, layout.down, wide.down)
-        if gate is not None:
+        if gate is not None and fused is None:
             setattr(inner, layout.gate, wide.gate)
         result.grown.extend(wide.grown)
         result.units.append(wide.units)
@@ -286,6 +316,32 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
     return result
 
 
+def _fused_pair(wide: WiderPair, like: nn.Module, units: int, size: int) -> WiderPair:
+    """`wide` (grown gate and up halves) with the halves fused again as [gate | up]; the masks and
+    splits of the halves become those of the fused tensor (its rows: gate units, then up units)."""
+    fused = _fuse(wide.gate, wide.up, like)
+    halves = {id(wide.gate.weight), id(wide.up.weight), id(getattr(wide.up, "bias", None)),
+              id(getattr(wide.gate, "bias", None))}
+    half_mask = torch.arange(units + size) >= units
+    row_mask = torch.cat([half_mask, half_mask])
+    grown = [(fused.weight, _mask_like(fused.weight, row_mask, rows=True))]
+    if fused.bias is not None:
+        grown.append((fused.bias, row_mask.to(fused.bias.device)))
+    grown += [(p, m) for p, m in wide.grown if id(p) not in halves]
+    splits = [s for s in wide.splits if id(s.param) not in halves]
+    incoming = [s for s in wide.splits if s.param is wide.up.weight]
+    if incoming:  # the up half's split, for both halves; up rows are old rows offset by `units`
+        half = incoming[0]
+        splits.append(Split(fused.weight, 0, torch.cat([half.source, half.source + units]),
+                            half.divisor.repeat(2), half.grad_scale.repeat(2)))
+        if fused.bias is not None:
+            splits.append(Split(fused.bias, 0, torch.cat([half.source, half.source + units]),
+                                half.divisor.repeat(2), half.grad_scale.repeat(2)))
+    # health reads a unit's incoming row at its index: the gate half's rows match down's columns
+    units_record = NewUnits(up=fused.weight, down=wide.down.weight, rows=wide.units.rows, sources=wide.units.sources)
+    return WiderPair(fused, wide.down, None, grown, units_record, splits)
+
+
 def _innermost(mlp: nn.Module) -> nn.Module:
     while isinstance(mlp, FFNWithNewUnits):
         mlp = mlp.base
@@ -294,7 +350,8 @@ def _innermost(mlp: nn.Module) -> nn.Module:
 
 def _inner_ffn_size(view, layer: int, layout) -> int:
     up = getattr(_innermost(view.ffn(layer)), layout.up)
-    return int(_linear_weight(up, layout.conv1d).shape[0])
+    rows = int(_linear_weight(up, layout.conv1d).shape[0])
+    return rows // 2 if layout.gate_up_fused else rows  # [gate | up]: half the rows are units
 
 
 def _mask_like(weight: torch.Tensor, unit_mask: torch.Tensor, rows: bool) -> torch.Tensor:
