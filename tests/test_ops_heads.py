@@ -26,6 +26,13 @@ def test_zero_out_heads_keep_logits(family, layers, heads, head_dim, extra, seed
     group = view.num_heads // view.num_kv_heads
     size = extra * group
     chosen = "all" if all_layers else [0]
+    if family == "llama" and all_layers and view.hidden_size % (view.num_heads + size):
+        # LlamaConfig wants hidden_size to be a multiple of the head count: refused before any change
+        with pytest.raises(ValueError, match=r"cannot describe .* heads .* would not export — use size = "):
+            apply_stage(model, view, 0, [ExpandSpec(op="add_heads", layers=chosen, size=size)], batch(seed),
+                        torch.Generator().manual_seed(seed))
+        assert view.num_heads == heads and model.config.num_attention_heads == heads
+        return
     growth = apply_stage(model, view, 0, [ExpandSpec(op="add_heads", layers=chosen, size=size)], batch(seed),
                          torch.Generator().manual_seed(seed))
     report = growth.reports[0]
@@ -45,7 +52,7 @@ def test_zero_out_heads_keep_logits(family, layers, heads, head_dim, extra, seed
 
 def test_random_heads_are_reported_inexact():
     model, view = build("llama", 2, 4, 4, 16, 0)
-    growth = apply_stage(model, view, 0, [ExpandSpec(op="add_heads", size=2, init="random")], batch(),
+    growth = apply_stage(model, view, 0, [ExpandSpec(op="add_heads", size=4, init="random")], batch(),
                          torch.Generator().manual_seed(0))
     assert not growth.reports[0]["exact"] and growth.reports[0]["max_abs_logit_delta"] > 0
 
@@ -58,9 +65,9 @@ def test_gqa_group_size_is_enforced():
 
 def test_llama_config_follows_and_only_new_heads_train():
     model, view = build("llama", 2, 4, 4, 16, 0)
-    growth = apply_stage(model, view, 0, [ExpandSpec(op="add_heads", size=2)], batch(),
+    growth = apply_stage(model, view, 0, [ExpandSpec(op="add_heads", size=4)], batch(),
                          torch.Generator().manual_seed(0))
-    assert model.config.num_attention_heads == 6 and model.config.num_key_value_heads == 3
+    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 4
     assert model.config.head_dim == 4
     freezer = Freezer()
     freezer.apply(model, "base", growth)
@@ -72,3 +79,36 @@ def test_llama_config_follows_and_only_new_heads_train():
     o = model.model.layers[0].self_attn.o_proj.weight
     assert torch.equal(o[:, :16], before["model.layers.0.self_attn.o_proj.weight"][:, :16])
     assert o[:, 16:].abs().sum() > 0  # the zero columns learned
+
+
+def test_llama_heads_the_config_cannot_describe_are_refused_up_front():
+    """LlamaConfig refuses hidden_size 16 over 6 heads even with head_dim stated: add_heads says
+    so in one line, with sizes that fit, before changing anything."""
+    model, view = build("llama", 2, 4, 4, 16, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"add_heads: size: a llama config cannot describe 4 \+ 2 = 6 heads over "
+                                         r"hidden size 16 .*would not export — use size = 4 or 12$"):
+        apply_stage(model, view, 0, [ExpandSpec(op="add_heads", size=2)], batch(), torch.Generator())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert model.config.num_attention_heads == 4
+
+
+def test_llama_heads_export_and_reload(tmp_path):
+    """The issue's case, at a size the config describes: export, plain from_pretrained, same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.arch.forward import forward_logits
+    from engine.data import ByteTokenizer
+    from engine.export import export_model
+
+    model, view = build("llama", 2, 4, 4, 16, 0)
+    apply_stage(model, view, 0, [ExpandSpec(op="add_heads", size=4, init="random")], batch(),
+                torch.Generator().manual_seed(0))
+    x = batch(1)[0]
+    with torch.no_grad():
+        expected = forward_logits(model, x)
+    export_model(model, ByteTokenizer(), tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert (reloaded.config.num_attention_heads, reloaded.config.head_dim) == (8, 4)
+    with torch.no_grad():
+        assert float((forward_logits(reloaded, x) - expected).abs().max()) <= 1e-4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.ops.hidden import config_problem
 from engine.ops.params import AddHeadsParams
 from engine.ops.registry import OpResult, operator
 from engine.ops.width import _linear_weight, _make_linear, _mask_like
@@ -25,6 +26,8 @@ def _grow_rows(weight: torch.Tensor, new_rows: int, std: float, gen) -> tuple[to
 
 @operator("add_heads")
 def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
+    if callable(getattr(view, "check_applies", None)):
+        view.check_applies("add_heads")  # the family's own refusal (ArchFamily.refused_ops)
     layout = view.family.attention
     heads, kv_heads = view.num_heads, view.num_kv_heads
     head_dim = getattr(view.config, layout.head_dim_field, None) or view.hidden_size // heads
@@ -41,6 +44,10 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
     if layout.per_head_embedding and layers != list(range(view.num_layers)):
         raise ValueError(f"layers: {view.family.name} blocks share a per-head {layout.per_head_embedding} "
                          "across the stack, so heads are added to every block — use layers = \"all\"")
+    describable = (layers == list(range(view.num_layers)) and hasattr(view.config, layout.head_dim_field)
+                   and not view.base_family.stacks)
+    if describable:  # refuse now what transformers would refuse at export, after the training
+        _check_config(view, heads, kv_heads, head_dim, group, params.size)
     for layer in layers:
         attn = view.attention(layer)
         out = getattr(attn, layout.out)
@@ -93,16 +100,36 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
             mask = torch.arange(grown.shape[1]) >= grown.shape[1] - params.size
             result.grown.append((table.weight, _mask_like(table.weight, mask, rows=False)))
 
-    if layers == list(range(view.num_layers)) and hasattr(view.config, layout.head_dim_field) \
-            and not view.base_family.stacks:
+    if describable:
         # head_dim is explicit, so a config with more heads still describes these blocks
-        result.config_changes = {layout.num_heads_field: heads + params.size, layout.head_dim_field: head_dim}
-        if layout.num_kv_heads_field:
-            result.config_changes[layout.num_kv_heads_field] = kv_heads + new_kv
+        result.config_changes = _head_changes(layout, heads, kv_heads, head_dim, group, params.size)
     else:
         result.note = ("the config keeps the original head count (this family derives head_dim from "
                        "it, or not every layer grew): the live model is right, export is not possible")
     return result
+
+
+def _head_changes(layout, heads: int, kv_heads: int, head_dim: int, group: int, size: int) -> dict:
+    changes = {layout.num_heads_field: heads + size, layout.head_dim_field: head_dim}
+    if layout.num_kv_heads_field:
+        changes[layout.num_kv_heads_field] = kv_heads + size // group
+    return changes
+
+
+def _check_config(view, heads: int, kv_heads: int, head_dim: int, group: int, size: int) -> None:
+    """One ValueError when the grown config would not save or load (LlamaConfig wants
+    hidden_size to be a multiple of the head count even with head_dim stated), naming sizes
+    that fit."""
+    layout = view.family.attention
+    problem = config_problem(view.config, _head_changes(layout, heads, kv_heads, head_dim, group, size))
+    if problem is None:
+        return
+    fits = [s for s in range(group, 8 * heads + 1, group)
+            if config_problem(view.config, _head_changes(layout, heads, kv_heads, head_dim, group, s)) is None][:2]
+    hint = f"use size = {' or '.join(map(str, fits))}" if fits else "use a family whose config states head_dim"
+    raise ValueError(f"size: a {view.config.model_type} config cannot describe {heads} + {size} = {heads + size} "
+                     f"heads over hidden size {view.hidden_size} (transformers: \"{problem}\"), so the grown "
+                     f"model would not export — {hint}")
 
 
 def _grow_fused(w, b, order: str, heads: int, head_dim: int, size: int, std: float, gen):
