@@ -154,6 +154,18 @@ def _check_attention_widths(view: ArchView) -> None:
                               "grown can); export the plan without add_heads")
 
 
+def _check_config_saves(config) -> None:
+    """transformers validates a config when saving it (LlamaConfig: hidden_size a multiple of the
+    head count): say so in one line before writing anything. The operators refuse such growths
+    up front; this catches a model grown some other way."""
+    from engine.ops.hidden import config_problem
+
+    problem = config_problem(config, {})
+    if problem:
+        raise ExportError(f"the grown model's config would not load in transformers ({problem}) — export the "
+                          "plan with sizes its config can describe")
+
+
 def update_config(model: nn.Module, view: ArchView) -> dict:
     """Make the config describe the model's blocks — every stack (T5: encoder and decoder): FFN
     width (one for all blocks), depths, per-layer fields. Returns the fields it set."""
@@ -234,6 +246,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path | str,
         exports = adapter_exports(model)
     model = materialize(model, keep_adapters=keep_adapters)
     view = ArchView(model.config, model)
+    _check_config_saves(model.config)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save(out_dir)
