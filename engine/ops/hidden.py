@@ -2,22 +2,42 @@
 
 Every tensor that touches the stream changes shape: the token (and position) embeddings and
 every norm write or carry stream values; q/k/v, the FFN's up/gate and the LM head read it; the
-attention output and the FFN's down projection write it. Three routes:
+attention output and the FFN's down projection write it. Four routes:
 
-duplicate (size = d_model; exact)
-    The stream x becomes [x, x]. Embeddings become [E, E]; norm gains and biases [g, g], [b, b]
-    (the mean and variance of [x, x] are those of x, and so is the root mean square, so a norm of
-    [x, x] is [norm(x), norm(x)]); a module reading the stream gets input columns [W/2, W/2]
-    (W/2·x + W/2·x = W·x); a module writing it gets its output rows duplicated ([W; W], bias
-    [b; b]). Attention heads are duplicated as a block: heads [h_0..h_n-1, h_0..h_n-1] with
-    head_dim unchanged, so the attention's inner width doubles like the stream and follows the
-    same rules (q/k/v rows duplicated, output projection [[Wo/2, Wo/2], [Wo/2, Wo/2]]); each head
-    appears twice and each copy adds half of its output. Key/value heads double the same way, so
-    with grouped-query attention query copy h_n+i uses key/value copy (n+i)/g = m + i/g: the copy
-    of the group it used before. Rotary embeddings depend on head_dim only, which is unchanged.
-    LM head: untied, its columns become [H/2, H/2]; tied to the embedding [E, E], it would double
-    every logit, so the final norm's gain and bias are halved (as in Staged Training).
-    Halving a float is exact, so only summation order differs: max |Δlogits| ~ 1e-7 in float32.
+duplicate (size = (k - 1) x d_model; exact; HyperCloning, Samragh et al. 2024)
+    The stream x becomes k copies [x, ..., x]. Embeddings become [E, ..., E]; norm gains and
+    biases repeat (the mean and variance of the copies are those of x, and so is the root mean
+    square); a module reading the stream gets W/k per copy (sum W/k x = W x); a module writing it
+    gets its output rows repeated. Heads repeat as a block, head_dim unchanged: heads
+    [h_0..h_n-1] k times, so the attention's inner width grows like the stream and follows the
+    same rules (q/k/v rows repeated, the output projection reads Wo/k per head copy). Key/value
+    heads repeat the same way, so with grouped-query attention query copy c n + i uses key/value
+    copy c m + i/g: the copy of the group it used before. Rotary embeddings depend on head_dim
+    only. LM head: untied, W/k per copy; tied to the embedding, it would multiply every logit by
+    k, so the final norm's gain and bias take 1/k (a final norm without a gain: the head is
+    untied, and the note says so). Only summation order differs: max |Δlogits| ~ 1e-7 (float32).
+
+lossless (any other size that keeps whole heads; exact; LEMON, Wang et al. 2023)
+    k = d' // d copies and r = d' mod d pads: x* = [x (k copies), p 1_r]. LayerNorm: p = mean(x),
+    kept there by writers whose pad rows are the mean of their rows ("average" rows), so mean(x*)
+    = mean(x) and Var(x*) = s Var(x) with s = k d / d'. RMSNorm: p = 0 (zero rows), ms(x*) =
+    s ms(x). Either way gamma* = sqrt(s) gamma and epsilon* = s epsilon (one config field, the
+    same s for every norm) give norm(x) on the copies, and beta* = 0 gives 0 on the pads; readers
+    read the pads through new random columns (`init_std`), which see zeros: the function is
+    unchanged and the writers' pad rows get gradient. Where head_dim derives from the hidden size
+    the pads form new heads (random q/k/v rows, zero output columns).
+    Norm weights stored as gamma - offset (Gemma: 1 + w; the family fact `norm_offset`) are
+    scaled as gamma. Families with q/k norms are refused for s != 1: their epsilon is the same
+    config field and must stay epsilon.
+
+symmetry (duplicate, lossless): copies are twins and, with equal gradients, stay twins.
+    "split": readers take unequal shares (1 + scale t_c)/k, t_c spread over [-1, 1]; "noise":
+    readers get paired noise that sums to zero over the copies. Both exact at expansion; the
+    health figures (OpResult.units: FFN-down rows and FFN-up columns of each new stream
+    dimension) show the new units are no twins.
+
+Config: a config transformers would refuse (LlamaConfig: hidden size a multiple of the head
+count) is refused before any tensor changes, naming sizes that fit.
 
 zero (any size that keeps whole heads; not exact)
     New stream dimensions start at zero: zero columns in the embeddings, zero output rows in
@@ -47,9 +67,9 @@ masked (any size that keeps whole heads; exact at expansion; Masked Structural G
 What is "new" (OpResult.grown masks; freeze = "base" trains only these entries): an entry is new
 when it lies in the grown part of any grown axis — beyond the old width of the stream, of the
 heads, or of the key/value heads. For the zero route these are exactly the added entries. For
-duplicate, the new entries are the copy: the second half of every doubled axis; the original
-block (top-left, holding W or W/2) is frozen under freeze = "base" although halving changed its
-values, so the model learns through the copy while the original stays as it was grown.
+duplicate and lossless, the new entries are the copies beyond the first and the pads; the
+original block (top-left, holding W or W/k) is frozen under freeze = "base" although the shares
+changed its values, so the model learns through the copies while the original stays as grown.
 
 Models holding virtual (weight-tied) blocks stay tied: each Parameter grows once and every
 module holding it gets the grown one; a tied LM head stays the embedding's own tensor.
