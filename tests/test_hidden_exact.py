@@ -293,3 +293,20 @@ def test_families_refusing_it_say_why_in_one_line(name):
     with pytest.raises(ValueError, match=rf"widen_hidden does not apply to {name} models — .+") as caught:
         widen(model, view, size=view.hidden_size, init="duplicate")
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", [n for n in GROWN if n in ("gpt2", "llama")])
+def test_epsilon_is_scaled_where_it_matters(tmp_path, name):
+    """With a large epsilon (1.0, as large as the variances here) an unscaled epsilon would show
+    at once; s x epsilon keeps the logits, and the export states it."""
+    model, view = build(name, 2, 2, 4)
+    field = _eps_field(view)
+    setattr(model.config, field, 1.0)
+    for module in model.modules():
+        for attr in ("eps", "variance_epsilon"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 1.0)
+    old = facts(view)
+    _, report = widen(model, view, size=4, init="lossless")  # 8 -> 12, s = 2/3
+    check_grown(model, view, report, tmp_path, old, 1, 4)
+    assert getattr(model.config, field) == pytest.approx(2 / 3)
