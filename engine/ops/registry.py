@@ -88,6 +88,7 @@ def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResu
     stack modules keep follow the changes."""
     operator_fn = load_operators()[params.op]
     _check_model_kind(view, params)
+    view.check_applies(params.op)  # the family's own refusals (ArchFamily.refused_ops), one line each
     stacks = view.stacks(params.stack)
     if len(stacks) == 1 and getattr(stacks[0], "stack", None) is None:  # one stack of blocks
         return operator_fn(stacks[0], params, generator)
