@@ -919,6 +919,9 @@ def _check_one_op(spec, where: str, depths: dict, arch) -> list[Problem]:
     model_problems = getattr(params, "model_problems", None)
     for field, message in (model_problems(arch.family) if model_problems else []):
         problems.append(Problem(f"{where}.{field}", message))
+    refusal = arch.base_family.refusal(spec["op"]) if hasattr(arch.base_family, "refusal") else None
+    if refusal:  # the family's own (ArchFamily.refused_ops): said before any work is done
+        problems.append(Problem(f"{where}.op", refusal))
     return problems
 
 

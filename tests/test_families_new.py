@@ -167,3 +167,16 @@ def test_a_family_whose_tree_differs_is_refused_with_what_differs(tmp_path):
 def test_an_unknown_family_name_is_a_plan_problem():
     with pytest.raises(ValueError, match="no family 'lama' — families: gpt_neo"):
         ModelSpec(source="x", family="lama")
+
+
+@pytest.mark.parametrize("family, op", [(f, op) for f, op in REFUSED if op == "add_heads"])
+def test_plan_check_says_a_refusal_before_any_work(family, op, tiny_plan, tmp_path):
+    """The family's refusal is a plan-check problem on the op's field, before the run starts."""
+    from engine.plan import apply_overrides, check_model_fields, read_toml
+
+    source = tmp_path / family
+    _build(family, vocab=259).save_pretrained(source)
+    raw = apply_overrides(read_toml(tiny_plan), [f"model.source={source}", "stages.1.expand.0.op=add_heads",
+                                                 "stages.1.expand.0.size=2"])
+    problems = {p.path: p.message for p in check_model_fields(raw)}
+    assert problems.get("stages.1.expand.0.op") == family_named(family).refusal(op), problems
