@@ -135,7 +135,8 @@ def _ffn_width(view: ArchView, layer: int) -> int:
     if up is None or getattr(up, "weight", None) is None:
         raise ExportError(f"layer {layer}: the FFN ({type(mlp).__name__}) has no '{layout.up}' weight "
                           "after materializing — an operator left a module without materialize()")
-    return int(up.weight.shape[1] if layout.conv1d else up.weight.shape[0])
+    rows = int(up.weight.shape[1] if layout.conv1d else up.weight.shape[0])
+    return rows // 2 if layout.gate_up_fused else rows  # Phi-3's gate_up_proj holds gate and up: 2 x F rows
 
 
 def _check_attention_widths(view: ArchView) -> None:
