@@ -177,3 +177,16 @@ def test_plan_check_says_a_refusal_before_any_work(family, op, tiny_plan, tmp_pa
                                                  "stages.1.expand.0.size=2"])
     problems = {p.path: p.message for p in check_model_fields(raw)}
     assert problems.get("stages.1.expand.0.op") == family_named(family).refusal(op), problems
+
+
+def test_every_family_names_the_config_field_of_its_norms_epsilon():
+    """d_model growth scales it (init = "lossless"): the fact lives in the family entry, and the
+    field exists in each of its model types' configs."""
+    from engine.arch.families import FAMILIES
+
+    for family in FAMILIES:
+        if family.kind == "mlp":
+            continue
+        for model_type in family.model_types:
+            config = AutoConfig.for_model(model_type)
+            assert isinstance(getattr(config, family.norm_eps_field, None), float), (family.name, model_type)

@@ -126,6 +126,7 @@ class ArchFamily:
     # an RMSNorm gain stored with an offset: the scale is offset + weight (Gemma: 1 + w), so a
     # zero scale is weight = -offset
     norm_offset: float = 0.0
+    norm_eps_field: str | None = None      # the config field of every norm's epsilon (d_model growth scales it)
     # norms applied to a sub-layer's output before the residual add (OLMo-2, Gemma 2/3): a
     # block's contribution is scaled through their gains, since the norm undoes any scaling of
     # the projections before it
@@ -173,7 +174,7 @@ FAMILIES: tuple[ArchFamily, ...] = (
         per_layer_fields=("attention_layers",),
         position_embeddings="transformer.wpe",
         hidden_size_attrs=("transformer.embed_dim", "transformer.h.*.attn.attention.embed_dim"),
-        biases={"qkv": False, "o": True, "ffn": True}, tied_by_default=True,
+        biases={"qkv": False, "o": True, "ffn": True}, tied_by_default=True, norm_eps_field="layer_norm_epsilon",
         # even depths alternate global/local attention like TinyStories-33M
         tiny_config={"window_size": 8, "attention_types": lambda layers: [[["global", "local"], layers // 2]]
                      if layers % 2 == 0 else [[["global"], layers]]},
@@ -189,6 +190,7 @@ FAMILIES: tuple[ArchFamily, ...] = (
         position_embeddings="transformer.wpe",
         hidden_size_attrs=("transformer.embed_dim", "transformer.h.*.attn.embed_dim"),
         biases={"qkv": True, "o": True, "ffn": True}, tied_by_default=True, positions_field="n_positions",
+        norm_eps_field="layer_norm_epsilon",
     ),
     ArchFamily(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
@@ -198,6 +200,7 @@ FAMILIES: tuple[ArchFamily, ...] = (
         embeddings="gpt_neox.embed_in",
         num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
         biases={"qkv": ("attention_bias", True), "o": ("attention_bias", True), "ffn": True},
+        norm_eps_field="layer_norm_eps",
     ),
 
 )
@@ -214,6 +217,7 @@ _LLAMA = ArchFamily(
     embeddings="model.embed_tokens",
     num_layers_field="num_hidden_layers", ffn_size_field="intermediate_size",
     norm_kind="rmsnorm", hidden_size_attrs=("model.layers.*.hidden_size", "model.layers.*.mlp.hidden_size"),
+    norm_eps_field="rms_norm_eps",
     biases={"qkv": ("attention_bias", False), "o": ("attention_bias", False), "ffn": ("mlp_bias", False)},
     biases_by_type={"mistral": {"qkv": False, "o": False, "ffn": False},
                     "qwen2": {"qkv": True, "o": False, "ffn": False}},
@@ -292,6 +296,7 @@ FAMILIES = FAMILIES + (
         norms=("layer.0.layer_norm", "layer.1.layer_norm"), final_norm="encoder.final_layer_norm",
         embeddings="shared", num_layers_field="num_layers", ffn_size_field="d_ff", hidden_size_field="d_model",
         biases={"qkv": False, "o": False, "ffn": False}, tied_by_default=True, norm_params=1,
+        norm_eps_field="layer_norm_epsilon",
         stacks=(
             StackLayout(name="encoder", blocks="encoder.block", num_layers_field="num_layers",
                         ffn_module="layer.1.DenseReluDense", config_copy="encoder.config"),

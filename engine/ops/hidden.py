@@ -393,16 +393,13 @@ def _modules_at(root: nn.Module, dotted: str):
     return [(m, attr) for m in modules if hasattr(m, attr)]
 
 
-# config fields and module attributes holding a norm's epsilon, as the families spell them
-EPS_FIELDS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_epsilon", "norm_eps")
+# module attributes holding a norm's epsilon, as the families' norm classes spell them
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 
 
 def _eps_field(view) -> str | None:
-    """The config field of the norms' epsilon: a per-family fact `norm_eps_field` if the family
-    states one, else the first of EPS_FIELDS the config has."""
-    stated = getattr(view.family, "norm_eps_field", None)
-    return stated or next((f for f in EPS_FIELDS if getattr(view.config, f, None) is not None), None)
+    """The config field of the norms' epsilon: the family's `norm_eps_field` (one fact, one place)."""
+    return view.family.norm_eps_field
 
 
 def _gain_offset(family) -> float:
@@ -559,9 +556,9 @@ def _check_fits(view, params: WidenHiddenParams) -> tuple[_Growth, dict]:
     exact = params.init in ("duplicate", "lossless")
     eps_field = _eps_field(view) if exact else None
     if exact and growth.variance_scale != 1 and eps_field is None:
-        raise ValueError(f"init: {view.family.name} configs have no norm epsilon field the operator knows "
-                         f"({', '.join(EPS_FIELDS)}), so the scaled epsilon of init = \"lossless\" could not be "
-                         "exported — use init = \"duplicate\" (a multiple of d_model)")
+        raise ValueError(f"init: the {view.family.name} family states no norm epsilon field (norm_eps_field), so "
+                         "the scaled epsilon of init = \"lossless\" could not be exported — use init = "
+                         "\"duplicate\" (a multiple of d_model)")
     if exact and growth.variance_scale != 1 and getattr(view.family.attention, "qk_norms", ()):
         raise ValueError(f"init: {view.family.name}'s q/k norms take their epsilon from the same config field "
                          f"({eps_field}) as the stream's norms, which init = \"lossless\" scales by s "
