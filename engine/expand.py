@@ -129,6 +129,8 @@ class Freezer:
 
     def _mask(self, p, mask: torch.Tensor, count: int | None = None) -> None:
         self.masked[id(p)] = mask
+        if count is None and mask.is_meta:  # a mask without values (the preview, on meta): no count
+            count = 0
         self._counts[id(p)] = int(mask.sum()) if count is None else count
         if self.hooked:
             self._hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))

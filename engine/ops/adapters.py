@@ -41,6 +41,7 @@ from torch import nn
 from engine.arch import get_submodule
 from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams
 from engine.ops.registry import OpResult, operator
+from engine.ops.width import shapes_only
 
 __all__ = ["lora", "ia3", "role_module_names", "adapter_names", "set_active_adapters", "adapter_state_dict",
            "load_adapter_state", "merge_adapters", "materialize_adapter_layer", "adapter_layers", "plain_module_path"]
@@ -254,7 +255,8 @@ def lora(view, params: LoRAParams, gen: torch.Generator) -> OpResult:
             layer = get_submodule(view.model, target)
             a = layer.lora_A[name].weight
             bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) as PEFT and nn.Linear
-            a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) * bound)
+            with shapes_only(a):  # a meta adapter (the preview) draws nothing
+                a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) * bound)
             layer.lora_B[name].weight.zero_()
     result.note = "; ".join(x for x in (f"adapter '{name}' on {len(targets)} modules", result.note) if x)
     return result

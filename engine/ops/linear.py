@@ -37,7 +37,8 @@ from engine.health import NewUnits
 from engine.ops.params import (ADAPTER_ROLES, ConcatLinearParams, LinearOpParams, ParallelLinearParams,
                                WidenMLPParams, concat_consumer_message)
 from engine.ops.registry import OpResult, operator
-from engine.ops.width import _linear_weight, _make_linear, _new_unit_weights, grow_units_inplace, preserving_init
+from engine.ops.width import (_linear_weight, _make_linear, _new_unit_weights, grow_units_inplace, preserving_init,
+                              shapes_only, value_std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,15 +342,18 @@ def concat_linear(view, params: ConcatLinearParams, gen: torch.Generator) -> OpR
         for slot in producers:
             base = slot.get()
             weight, bias = linear_tensors(base)
-            std = params.init_std or float(weight.float().std())
-            new_weight = torch.randn(params.size, weight.shape[1], generator=gen) * std
-            new_bias = torch.zeros(params.size) if bias is not None else None
+            std = params.init_std or value_std(weight)
+            with shapes_only(weight):
+                new_weight = torch.randn(params.size, weight.shape[1], generator=gen) * std
+                new_bias = torch.zeros(params.size) if bias is not None else None
             expansion = _make_linear(new_weight, new_bias, innermost(base), conv1d=False)
             slot.put(ConcatLinear(base, expansion))
             expansions.append(expansion)
             result.new_params.extend(expansion.parameters())
         base = consumer.get()
-        reader = _new_columns(torch.zeros(linear_tensors(base)[0].shape[0], params.size), innermost(base))
+        weight = linear_tensors(base)[0]
+        with shapes_only(weight):
+            reader = _new_columns(torch.zeros(weight.shape[0], params.size), innermost(base))
         consumer.put(WiderInputLinear(base, reader))
         result.new_params.append(reader)
         result.units.append(NewUnits(up=expansions[0].weight, down=reader, rows=torch.arange(params.size)))
@@ -363,8 +367,10 @@ def parallel_linear(view, params: ParallelLinearParams, gen: torch.Generator) ->
     result = OpResult(exact=params.init == "zeros")
     for slot in _targets(view, params):
         base = slot.get()
-        shape = linear_tensors(base)[0].shape
-        values = torch.zeros(shape) if params.init == "zeros" else torch.randn(shape, generator=gen) * params.std
+        weight = linear_tensors(base)[0]
+        with shapes_only(weight):
+            values = torch.zeros(weight.shape) if params.init == "zeros" else \
+                torch.randn(weight.shape, generator=gen) * params.std
         delta = _new_columns(values, innermost(base))
         slot.put(ParallelLinear(base, delta))
         result.new_params.append(delta)

@@ -18,6 +18,7 @@ learn (the on-the-fly-expansion note's failure modes):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -147,10 +148,15 @@ def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Te
 
     All tensors are in Linear layout: up/gate [units, hidden], down [hidden, units].
     """
+    with shapes_only(up_w):
+        return _unit_weights(params, up_w, up_b, down_w, gate_w, gen)
+
+
+def _unit_weights(params, up_w, up_b, down_w, gate_w, gen):
     size, units, hidden = params.size, up_w.shape[0], up_w.shape[1]
     out = down_w.shape[0]  # = hidden in a transformer FFN; an MLP layer may map elsewhere
-    std_in = params.init_std or float(up_w.float().std())
-    std_out = float(down_w.float().std())
+    std_in = params.init_std or value_std(up_w)
+    std_out = value_std(down_w)
 
     def randn(*shape, std):
         return torch.randn(*shape, generator=gen) * std
@@ -174,10 +180,11 @@ def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Te
         if params.init == "copy_halve":
             if size > units:
                 raise ValueError(f"copy_halve copies each unit once: size {size} > {units} units")
-            source = torch.randperm(units, generator=gen)[:size]
+            source = torch.randperm(units, generator=gen, device="cpu")[:size]
         else:
-            source = torch.randint(0, units, (size,), generator=gen)
-        copies = torch.bincount(source, minlength=units).float() + 1  # each unit's total count
+            source = torch.randint(0, units, (size,), generator=gen, device="cpu")
+        # each unit's total count (indices stay on the CPU: a meta bincount has no size)
+        copies = (torch.bincount(source, minlength=units).float() + 1).to(up_w.device)
         new_up = up_w.float()[source].clone()
         if params.noise:
             new_up += randn(size, hidden, std=params.noise * std_in)
@@ -239,10 +246,10 @@ def grow_units_inplace(up: nn.Module, down: nn.Module, gate: nn.Module | None, c
     row_mask = torch.arange(units + size) >= units
     grown = [(wide_up.weight, _mask_like(wide_up.weight, row_mask, rows=not conv1d))]
     if up_b is not None:
-        grown.append((wide_up.bias, row_mask.to(wide_up.bias.device)))
+        grown.append((wide_up.bias, mask_on(row_mask, wide_up.bias)))
     grown.append((wide_down.weight, _mask_like(wide_down.weight, row_mask, rows=conv1d)))
     if wide_down.bias is not None:
-        grown.append((wide_down.bias, torch.zeros_like(wide_down.bias, dtype=torch.bool)))
+        grown.append((wide_down.bias, mask_on(torch.zeros(wide_down.bias.shape, dtype=torch.bool), wide_down.bias)))
     wide_gate = None
     if gate is not None:
         wide_gate = _make_linear(torch.cat([_linear_weight(gate, conv1d).float(), new_gate]), None, gate, conv1d)
@@ -326,7 +333,7 @@ def _fused_pair(wide: WiderPair, like: nn.Module, units: int, size: int) -> Wide
     row_mask = torch.cat([half_mask, half_mask])
     grown = [(fused.weight, _mask_like(fused.weight, row_mask, rows=True))]
     if fused.bias is not None:
-        grown.append((fused.bias, row_mask.to(fused.bias.device)))
+        grown.append((fused.bias, mask_on(row_mask, fused.bias)))
     grown += [(p, m) for p, m in wide.grown if id(p) not in halves]
     splits = [s for s in wide.splits if id(s.param) not in halves]
     incoming = [s for s in wide.splits if s.param is wide.up.weight]
@@ -356,5 +363,26 @@ def _inner_ffn_size(view, layer: int, layout) -> int:
 
 def _mask_like(weight: torch.Tensor, unit_mask: torch.Tensor, rows: bool) -> torch.Tensor:
     """Broadcast a per-unit mask over a weight whose units lie along rows (or columns)."""
+    if weight.is_meta:  # the preview counts the new entries: a CPU view, no storage of the weight's size
+        return (unit_mask[:, None] if rows else unit_mask[None, :]).cpu().expand(weight.shape)
     unit_mask = unit_mask.to(weight.device)
     return (unit_mask[:, None] if rows else unit_mask[None, :]).expand_as(weight).clone()
+
+
+# -- meta tensors (engine.ops.preview runs the operators on weights without storage) -------------
+
+
+def value_std(t: torch.Tensor) -> float:
+    """The std of a tensor's values; a meta tensor has none, and only shapes matter there: 1."""
+    return 1.0 if t.is_meta else float(t.float().std())
+
+
+def shapes_only(like: torch.Tensor):
+    """New tensors made in this context live on the meta device when `like` does (draws from a
+    CPU generator included), so a preview of a 7B model allocates nothing; otherwise a no-op."""
+    return torch.device("meta") if like.is_meta else contextlib.nullcontext()
+
+
+def mask_on(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A new-entry mask on `t`'s device; a meta `t` keeps it on the CPU, where it can be counted."""
+    return mask.cpu() if t.is_meta else mask.to(t.device)

@@ -5,8 +5,8 @@ The screen holds the plan as a raw dict (what the file says, no defaults added) 
 place that changes it: widgets say what the user did with ``Edited`` messages. Every change
 schedules (debounced) the plan checker's checks in thread workers — ``widen plan check`` on the
 in-memory dict, its schema part at once and its model part (a hub model's config may take a
-while to load) one at a time — and the parameter preview (``engine.ops.preview``, from the
-config alone). Results come back to the screen, which hands them down: messages beside each
+while to load) one at a time — and the parameter preview (the plan's operators on a model built
+on the meta device, in the helper process ``engine.preview_worker``: this process stays torch-free). Results come back to the screen, which hands them down: messages beside each
 field, depths to the layer toggles and mapping grids. The UI never waits for them.
 
 Tabs: Plan (name, model, tasks, training), Stages (one stage at a time: its settings, operators,
@@ -16,12 +16,9 @@ growth; variants' stages too), Check (every problem, the parameter table), TOML 
 from __future__ import annotations
 
 import copy
-import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -30,9 +27,9 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Collapsible, Footer, Label, Select, Static, TabbedContent, TabPane
 
-from engine.models import ModelLoadError
-from engine.ops.preview import PlanPreview, base_shape, preview_plan
+from engine.ops.preview import PlanPreview
 from engine.plan import DistributedSpec, ModelSpec, Plan, PlanError, Problem, SweepSpec, TrainSpec
+from widen_tui.preview_client import shared_client
 from widen_tui.plan_draft import (TOKENIZERS, UNSET, blank_plan, check_draft, check_model, check_schema, dotted,
                                   experiment_files, get_at, known_sources, load_draft, new_stage, new_task_name,
                                   new_variant, quiet_hub_logs, rename_task, set_at, stage_refs, to_toml, widget_id)
@@ -84,41 +81,14 @@ class CheckResult:
     model_pending: bool = False  # the model check has not caught up with the latest edit yet
 
 
-FAILED_LOAD_TTL = 60.0  # seconds a config that failed to load is not tried again (offline hub names)
-_failed_loads: dict[tuple, tuple[float, Exception]] = {}
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_shape(source: str, tokenizer: str, revision: str | None):
-    """A model's base shape, loaded once per session (a hub config may take seconds)."""
-    return base_shape(ModelSpec(source=source, tokenizer=tokenizer, revision=revision))
-
-
-def _load_shape(spec: ModelSpec):
-    """The base shape of a model (a fresh copy to grow); a recent failure is raised again at once,
-    so a plan naming an unreachable hub model does not wait for the hub's retries on every edit."""
-    key = (spec.source, spec.tokenizer, spec.revision)
-    failed = _failed_loads.get(key)
-    if failed and time.monotonic() - failed[0] < FAILED_LOAD_TTL:
-        raise failed[1]
-    try:
-        return _cached_shape(*key).clone()
-    except ModelLoadError as e:
-        _failed_loads[key] = (time.monotonic(), e)
-        raise
-
-
-def model_checks(raw: dict) -> tuple[list[Problem], PlanPreview]:
-    """The config-dependent checks and the preview. When the plan's model cannot load, that is
-    the one problem (the checker would only wait for the same failure again)."""
-    try:
-        spec = ModelSpec.model_validate(raw.get("model") or {})
-        _load_shape(spec)
-    except ValidationError:
-        pass  # the schema check names it
-    except ModelLoadError as e:
-        return [Problem(f"model.{e.field}", str(e))], PlanPreview(None, error=str(e))
-    return check_model(raw), preview_plan(raw, load_shape=_load_shape)
+def model_checks(raw: dict) -> tuple[list[Problem], PlanPreview | None]:
+    """The config-dependent checks and the preview (from the preview helper, which loads the
+    config once per session; None: a newer request superseded this one). When the plan's model
+    cannot load, that is the one problem (the checker would only wait for the same failure again)."""
+    preview = shared_client().preview(raw)
+    if preview is not None and preview.error_field:
+        return [Problem(f"model.{preview.error_field}", preview.error)], preview
+    return check_model(raw), preview
 
 
 def _key_path(text: str) -> tuple:
@@ -402,6 +372,8 @@ class BuilderScreen(Screen):
         quiet_hub_logs()
         try:
             problems, preview = model_checks(raw)
+            if preview is None:  # superseded in the helper by another screen's request: keep what is shown
+                preview = self.model.preview if self.model else None
         except Exception as e:  # noqa: BLE001 - the builder keeps going on any plan
             problems, preview = [Problem("model", f"the model checks failed: {e}")], PlanPreview(None, error=str(e))
         self._deliver(self._model_checked, ModelResult(generation, problems, preview))

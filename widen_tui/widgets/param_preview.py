@@ -1,7 +1,8 @@
 """The live parameter preview: per stage (and per operator) parameters added, trainable, share.
 
-Figures come from ``engine.ops.preview`` (the config alone, no weights); the builder hands a
-fresh ``PlanPreview`` after every check.
+Figures come from ``engine.ops.preview`` (the plan's operators run on a model without storage, in
+the preview helper process); the builder hands a fresh ``PlanPreview`` after every check. "?"
+marks what the preview could not count; the operator's row says why.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def percent(share: float | None) -> str:
 
 def stage_line(stage: StagePreview) -> str:
     """One line for the status bar."""
-    trainable = "trainable: globs" if stage.trainable is None else \
+    trainable = f"trainable ? ({stage.note})" if stage.trainable is None else \
         f"trainable {count(stage.trainable)} ({percent(stage.share)})"
     missing = f" · {stage.uncounted} op{'s' * (stage.uncounted > 1)} not counted" if stage.uncounted else ""
     return (f"{stage.label}{f' [{stage.variant}]' if stage.variant else ''}: {added(stage)}"
@@ -56,7 +57,7 @@ class ParamPreview(DataTable):
         self.add_row("base model", "", "", "", "", count(preview.base_total), key="base")
         for stage in preview.stages:
             self.add_row(Text(stage.label, style="bold"), Text(stage.variant or "shared"), added(stage),
-                         "globs" if stage.trainable is None else count(stage.trainable), percent(stage.share),
+                         count(stage.trainable), percent(stage.share),
                          count(stage.total_after), key=stage.path)
             for op in stage.ops:
                 depth = ", ".join(f"{k + ' ' if k else ''}{v}" for k, v in op.depth.items())
