@@ -229,8 +229,6 @@ _GEMMA = dict(
     norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     norm_offset=1.0, embedding_scale="sqrt_hidden", tied_by_default=True, biases=_NO_BIASES,
-    refused_ops={"widen_hidden": "widen_hidden (engine.ops.hidden) does not yet follow Gemma's sqrt(d) embedding "
-                                 "scale and (1 + w) norm gains"},
     biases_by_type={}, per_layer_fields=("layer_types",),
 )
 _OLMO2_QK = ("OLMo-2's q_norm and k_norm normalise all heads together (one RMSNorm over the whole projection), "

@@ -612,6 +612,24 @@ def _stream_units(view, growth: _Growth) -> list[NewUnits]:
     return units
 
 
+def _follow_embedding_scale(family, embedding: nn.Module, stream: Axis) -> float:
+    """Gemma multiplies the embedding's output by sqrt(d_model), a factor a grown model (and its
+    export, rebuilt from the config) takes from the new d_model: scale the grown embedding by
+    c = sqrt(d / d') so its output is unchanged, and give the module its new factor. Returns c
+    (1 for families without the scale)."""
+    if family.embedding_scale != "sqrt_hidden":
+        return 1.0
+    factor = math.sqrt(stream.old / stream.new)
+    with torch.no_grad():
+        embedding.weight.mul_(factor)  # the pads are zero (RMSNorm stream): they stay zero
+    new_scale = math.sqrt(stream.new)
+    if hasattr(embedding, "embed_scale"):
+        embedding.embed_scale.fill_(new_scale)
+    if hasattr(embedding, "scalar_embed_scale"):
+        embedding.scalar_embed_scale = new_scale
+    return factor
+
+
 def _refuse_family(view, model) -> None:
     """One line for the models this operator does not grow, naming family and reason."""
     family = getattr(view, "family", None)
@@ -658,6 +676,7 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
         module = get_submodule(model, path)
         grower.values(module, "weight", stream, pad=pad)
         module.embedding_dim = stream.new
+    embed_factor = _follow_embedding_scale(family, embedding, stream)
 
     seen: set[int] = set()
     scaled_eps: set[int] = set()
@@ -676,7 +695,9 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
 
     if exact:
         # tied: logits = E* y* sum over the k copies, k x E y; 1/k on the final norm's output gives E y
-        _grow_norm(grower, final_norm, growth, family, True, out_scale=1 / stream.copies if tied else 1.0)
+        # (and 1/c where the embedding was scaled by c for a sqrt(d) embedding scale)
+        _grow_norm(grower, final_norm, growth, family, True,
+                   out_scale=1 / (stream.copies * embed_factor) if tied else 1.0)
         _scale_eps(final_norm, growth.variance_scale, scaled_eps)
     else:
         _grow_norm(grower, final_norm, growth, family, False)
