@@ -250,8 +250,7 @@ FAMILIES = FAMILIES + (
             attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm"), qk_norm_per_head=False),
             norms=("post_attention_layernorm", "post_feedforward_layernorm"),
             post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-            refused_ops={"add_heads": _OLMO2_QK,
-                         "widen_hidden": _HIDDEN + "OLMo-2's post-norms and whole-projection q/k norms"},
+            refused_ops={"add_heads": _OLMO2_QK},
             tiny_config=_TINY_IDS),
     # Phi-3: fused qkv_proj ([q | k | v], k and v sized by the key/value heads) and gate_up_proj
     # ([gate | up]); head_dim derived from the hidden size

@@ -89,7 +89,7 @@ from torch import nn
 from engine.arch import get_submodule
 from engine.health import NewUnits
 from engine.ops.params import WidenHiddenParams
-from engine.ops.registry import OpResult, operator
+from engine.ops.registry import OpResult
 
 
 class MaskedNorm(nn.Module):
@@ -459,6 +459,11 @@ def _grow_attention(grower: _Grower, attn: nn.Module, layout, growth: _Growth) -
         grower.linear(getattr(attn, layout.k), [growth.kv], growth.stream, layout.conv1d)
         grower.linear(getattr(attn, layout.v), [growth.kv], growth.stream, layout.conv1d)
     grower.linear(getattr(attn, layout.out), [growth.stream], growth.q, layout.conv1d)
+    if layout.qk_norms and not layout.qk_norm_per_head:
+        # OLMo-2: one RMSNorm over the whole q (k) projection; repeated heads keep its mean square,
+        # so its gain repeats with them (per-head norms, Qwen3's, keep head_dim and stay as they are)
+        for name, axis in zip(layout.qk_norms, (growth.q, growth.kv)):
+            grower.values(getattr(attn, name), "weight", axis)
     if layout.heads_attr:
         setattr(attn, layout.heads_attr, growth.heads)
     for attr in (layout.split_attr, layout.width_attr):
@@ -650,7 +655,6 @@ def _refuse_family(view, model) -> None:
                      f"{why}")
 
 
-@operator("widen_hidden")
 def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpResult:
     model = view.model
     _refuse_family(view, model)
