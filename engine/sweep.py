@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from engine.arch import get_submodule
-from engine.arch.families import UnsupportedArchitecture, family_for
+from engine.arch.families import UnsupportedArchitecture, family_of
 from engine.errors import WidenError
 from engine.metrics import perplexity
 
@@ -248,7 +248,7 @@ class StackReplay:
         if config is None:
             raise SweepError("the mapping sweep needs a Hugging Face transformer (an nn.Sequential has no layer stack)")
         try:
-            family = family_for(getattr(config, "model_type", ""))
+            family = family_of(config)  # the plan's [model] family, if it names one
         except UnsupportedArchitecture as e:
             raise SweepError(str(e)) from None
         if family.kind != "causal_lm" or family.final_norm is None:
