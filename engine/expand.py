@@ -117,6 +117,16 @@ def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Ge
     return growth
 
 
+def true_entries(mask: torch.Tensor) -> int:
+    """True entries of a mask; one broadcast along some dims (stride 0: the preview's masks of
+    meta tensors) is counted over its distinct entries, not over the full weight's size."""
+    broadcast = [d for d, (size, stride) in enumerate(zip(mask.shape, mask.stride())) if stride == 0 and size > 1]
+    distinct, copies = mask, 1
+    for d in broadcast:
+        distinct, copies = distinct.narrow(d, 0, 1), copies * mask.shape[d]
+    return int(distinct.sum()) * copies
+
+
 class Freezer:
     """Applies a stage's freezing policy; grown tensors train only their new entries (a gradient
     mask), and are kept out of weight decay so the frozen entries stay exactly as they were."""
@@ -131,7 +141,7 @@ class Freezer:
         self.masked[id(p)] = mask
         if count is None and mask.is_meta:  # a mask without values (the preview, on meta): no count
             count = 0
-        self._counts[id(p)] = int(mask.sum()) if count is None else count
+        self._counts[id(p)] = true_entries(mask) if count is None else count
         if self.hooked:
             self._hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
 

@@ -57,7 +57,8 @@ class PreviewClient:
                 if ident == self._latest:  # anything older is stale: dropped
                     self._answers = {ident: message}
                     self._cond.notify_all()
-        with self._cond:  # the helper ended: wake the waiters
+        with self._cond:  # the helper ended (its exit status may come later): wake the waiters
+            proc.ended = True
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -74,7 +75,7 @@ class PreviewClient:
     # -- requests --------------------------------------------------------------------------------
     def _send(self, raw: dict) -> tuple[int, subprocess.Popen]:
         with self._cond:
-            if self._proc is None or self._proc.poll() is not None:
+            if self._proc is None or self._proc.poll() is not None or getattr(self._proc, "ended", False):
                 self._proc = self._start()
             self._latest += 1
             self._cond.notify_all()  # an older caller still waiting is superseded: it returns None
@@ -96,7 +97,7 @@ class PreviewClient:
                 return PlanPreview(None, error=f"the preview helper could not take the plan: {e}")
             with self._cond:
                 done = self._cond.wait_for(lambda: ident in self._answers or ident != self._latest
-                                           or proc.poll() is not None, timeout=self.timeout)
+                                           or getattr(proc, "ended", False), timeout=self.timeout)
                 if ident in self._answers:
                     return _preview_of(self._answers.pop(ident))
                 if ident != self._latest:
