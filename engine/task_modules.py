@@ -7,8 +7,9 @@ first stage; what a later stage adds is a *separate path* owned by its task — 
 activates exactly t's modules and bypasses all others, so a task's outputs do not change when later
 stages add modules for other tasks: forgetting is zero when the task is known at evaluation.
 
-Which ops qualify (``SUPPORTED_OPS``, ``task_module_problems``): only those that leave the base
-untouched and whose additions can be switched off. In-place widening, new heads, d_model growth
+Which ops qualify (their descriptors' ``task_module`` and ``parallel_mode`` capabilities,
+``engine.ops.params.OPS``; ``task_module_problems``): only those that leave the base untouched and
+whose additions can be switched off. In-place widening, new heads, d_model growth
 and depth operators rewrite the shared base, so they are refused after the first stage (the first
 stage may still shape the base: ``stage_problems``).
 
@@ -40,21 +41,26 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-# ops whose additions are separate, switchable paths (widen_*: with mode = "parallel")
-SUPPORTED_OPS: tuple[str, ...] = ("lora", "ia3", "widen_ffn", "widen_mlp", "parallel_linear", "concat_linear")
-PARALLEL_MODE_OPS: tuple[str, ...] = ("widen_ffn", "widen_mlp")
 FORMAT_VERSION = 1
-
-_SUPPORTED_TEXT = ('lora, ia3, widen_ffn / widen_mlp with mode = "parallel", parallel_linear, concat_linear')
 
 
 # ---------------------------------------------------------------------------------------------
 # plan checks (torch-free)
 
 
+def supported_text() -> str:
+    """The ops whose additions are separate, switchable paths, as a message lists them (from the
+    descriptors: ``task_module``, and ``parallel_mode``: only with mode = "parallel")."""
+    from engine.ops.params import OPS
+
+    parallel = [d.name for d in OPS.values() if d.task_module and d.parallel_mode]
+    others = [d.name for d in OPS.values() if d.task_module and not d.parallel_mode]
+    return ", ".join(([" / ".join(parallel) + ' with mode = "parallel"'] if parallel else []) + others)
+
+
 def _op_settings(op_params) -> dict:
     """The op's settings as a dict with the schema's defaults filled in (where they validate)."""
-    from engine.ops.params import OP_PARAMS
+    from engine.ops.params import OPS
 
     if isinstance(op_params, Mapping):
         data = dict(op_params)
@@ -62,7 +68,8 @@ def _op_settings(op_params) -> dict:
         data = op_params.model_dump()
     else:
         raise TypeError(f"expected op parameters (OpParams, ExpandSpec or a dict), got {type(op_params).__name__}")
-    schema = OP_PARAMS.get(data.get("op"))
+    descriptor = OPS.get(data.get("op"))
+    schema = descriptor.schema if descriptor is not None else None
     if schema is not None:
         for name, field in schema.model_fields.items():
             if name not in data and not field.is_required():
@@ -75,21 +82,22 @@ def task_module_problems(op_params) -> list[tuple[str, str]]:
 
     `op_params`: an ``OpParams`` (``ExpandSpec.params()``), an ``ExpandSpec`` or the raw table.
     Unknown ops give [] (the plan checker reports those itself)."""
-    from engine.ops.params import OP_PARAMS
+    from engine.ops.params import OPS
 
     data = _op_settings(op_params)
     op = data.get("op")
-    if op not in OP_PARAMS:
+    descriptor = OPS.get(op) if isinstance(op, str) else None
+    if descriptor is None:
         return []  # an unknown op is the plan checker's own error
-    if op in PARALLEL_MODE_OPS:
+    if descriptor.task_module and descriptor.parallel_mode:
         if data.get("mode") != "parallel":
             return [("mode", f'task_modules needs mode = "parallel" (in-place widening changes the shared base, '
                              f'which every task uses) — set mode = "parallel" on this {op}')]
         return []
-    if op in SUPPORTED_OPS:
+    if descriptor.task_module:
         return []
     return [("op", f"{op} changes the shared base, which task_modules keeps frozen and shared by every task — "
-                   f"task-specific modules are {_SUPPORTED_TEXT}; use one of them, apply {op} in the first "
+                   f"task-specific modules are {supported_text()}; use one of them, apply {op} in the first "
                    "stage (it then shapes the base), or set task_modules = false")]
 
 
@@ -295,7 +303,7 @@ class TaskModules:
             if outside:
                 shown = ", ".join(sorted(outside)[:3]) + ("…" if len(outside) > 3 else "")
                 raise ValueError(f"task_modules: task '{task}' would change the shared base ({shown}): only "
-                                 f"separate paths can belong to a task — {_SUPPORTED_TEXT}")
+                                 f"separate paths can belong to a task — {supported_text()}")
         taken = [(k, self.owner(k)) for k in found_modules + found_adapters]
         taken = [(k, t) for k, t in taken if t not in (None, task)]
         if taken:

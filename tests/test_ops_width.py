@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from engine.arch import ArchView
 from engine.expand import Freezer, apply_stage, probe
 from engine.ops.params import WidenFFNParams
-from engine.ops.registry import OPERATORS, apply_operator, load_operators
+from engine.ops.registry import apply_operator, implementations
 from engine.plan import ExpandSpec
 
 from tests.tiny_models import VOCAB, build, tiny_config, train_steps  # noqa: F401  (re-exported for other tests)
@@ -96,8 +96,7 @@ def test_freeze_base_trains_only_new_entries():
 def test_every_schema_has_an_implementation():
     from engine.ops.params import OP_PARAMS
 
-    load_operators()
-    assert set(OPERATORS) == set(OP_PARAMS)
+    assert set(implementations()) == set(OP_PARAMS)
 
 
 def test_probe_is_deterministic():

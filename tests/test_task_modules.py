@@ -14,10 +14,10 @@ from engine.arch import ArchView
 from engine.expand import Freezer, apply_stage
 from engine.ops.adapters import adapter_names
 from engine.ops.linear import ConcatLinear, ParallelLinear, WiderInputLinear
-from engine.ops.params import AddHeadsParams, IA3Params, LoRAParams, WidenFFNParams
+from engine.ops.params import OPS, AddHeadsParams, IA3Params, LoRAParams, WidenFFNParams
 from engine.ops.width import FFNWithNewUnits
 from engine.plan import ExpandSpec, GrowSpec, StageSpec
-from engine.task_modules import SUPPORTED_OPS, TaskModules, stage_problems, task_module_problems
+from engine.task_modules import TaskModules, stage_problems, task_module_problems
 from tests.tiny_models import build, token_batch, train_steps
 
 EVAL = token_batch(seed=99)[0]
@@ -287,7 +287,7 @@ def test_inactive_linear_paths_materialize_as_their_function():
 
 
 def test_supported_and_refused_ops():
-    assert set(SUPPORTED_OPS) >= {"lora", "ia3", "widen_ffn", "widen_mlp", "parallel_linear"}
+    assert {n for n, d in OPS.items() if d.task_module} >= {"lora", "ia3", "widen_ffn", "widen_mlp", "parallel_linear"}
     assert task_module_problems(LoRAParams()) == []
     assert task_module_problems(IA3Params()) == []
     assert task_module_problems(WidenFFNParams(size=4)) == []  # parallel is the default

@@ -40,7 +40,7 @@ from torch import nn
 
 from engine.arch import get_submodule
 from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams
-from engine.ops.registry import OpResult, operator
+from engine.ops.registry import OpResult
 from engine.ops.width import shapes_only
 
 __all__ = ["lora", "ia3", "role_module_names", "adapter_names", "set_active_adapters", "adapter_state_dict",
@@ -240,7 +240,6 @@ def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, 
     return name, targets, result
 
 
-@operator("lora")
 def lora(view, params: LoRAParams, gen: torch.Generator) -> OpResult:
     """LoRA on the chosen projections; A ~ PEFT's kaiming-uniform (drawn from `gen`), B = 0."""
     from peft import LoraConfig
@@ -262,7 +261,6 @@ def lora(view, params: LoRAParams, gen: torch.Generator) -> OpResult:
     return result
 
 
-@operator("ia3")
 def ia3(view, params: IA3Params, gen: torch.Generator) -> OpResult:
     """IA3 scaling vectors (ones at init) on the chosen projections."""
     from peft import IA3Config

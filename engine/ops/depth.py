@@ -45,7 +45,7 @@ from torch import nn
 
 from engine.arch import get_submodule
 from engine.ops.params import InsertIdentityParams, MapLayersParams, SplitResidualParams, UnshareParams
-from engine.ops.registry import OpResult, operator
+from engine.ops.registry import OpResult
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +250,6 @@ def _chosen_layers(params, num_layers: int) -> list[int]:
     return chosen
 
 
-@operator("insert_identity")
 def insert_identity(view, params: InsertIdentityParams, gen: torch.Generator) -> OpResult:
     n = view.num_layers
     after = set(_chosen_layers(params, n))
@@ -275,7 +274,6 @@ def _zeroed(view) -> str:
     return "zero post-norm gains" if view.family.post_norms else "zero output projections"
 
 
-@operator("split_residual")
 def split_residual(view, params: SplitResidualParams, gen: torch.Generator) -> OpResult:
     n, k = view.num_layers, params.k
     chosen = set(_chosen_layers(params, n))
@@ -303,7 +301,6 @@ def split_residual(view, params: SplitResidualParams, gen: torch.Generator) -> O
                     config_changes=changes, note=note)
 
 
-@operator("map_layers")
 def map_layers(view, params: MapLayersParams, gen: torch.Generator) -> OpResult:
     n = view.num_layers
     mapping = params.resolve(n)
@@ -344,7 +341,6 @@ def map_layers(view, params: MapLayersParams, gen: torch.Generator) -> OpResult:
                     config_changes=changes, note=note)
 
 
-@operator("unshare")
 def unshare(view, params: UnshareParams, gen: torch.Generator) -> OpResult:
     blocks = list(view.blocks())
     made: list[nn.Parameter] = []

@@ -13,7 +13,7 @@ import torch
 
 from engine.ops.hidden import config_problem
 from engine.ops.params import AddHeadsParams
-from engine.ops.registry import OpResult, operator
+from engine.ops.registry import OpResult
 from engine.ops.width import _linear_weight, _make_linear, _mask_like
 
 
@@ -24,7 +24,6 @@ def _grow_rows(weight: torch.Tensor, new_rows: int, std: float, gen) -> tuple[to
     return grown, torch.arange(grown.shape[0]) >= weight.shape[0]
 
 
-@operator("add_heads")
 def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
     if callable(getattr(view, "check_applies", None)):
         view.check_applies("add_heads")  # the family's own refusal (ArchFamily.refused_ops)

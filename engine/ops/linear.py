@@ -36,7 +36,7 @@ from engine.arch import get_submodule
 from engine.health import NewUnits
 from engine.ops.params import (ADAPTER_ROLES, ConcatLinearParams, LinearOpParams, ParallelLinearParams,
                                WidenMLPParams, concat_consumer_message)
-from engine.ops.registry import OpResult, operator
+from engine.ops.registry import OpResult
 from engine.ops.width import (_linear_weight, _make_linear, _new_unit_weights, grow_units_inplace, preserving_init,
                               shapes_only, value_std)
 
@@ -291,7 +291,6 @@ def _producers_and_consumers(view, params: ConcatLinearParams) -> list[tuple[lis
 # operators
 
 
-@operator("widen_mlp")
 def widen_mlp(view, params: WidenMLPParams, gen: torch.Generator) -> OpResult:
     """Add `params.size` units to each chosen hidden layer (the init's weights from widen_ffn's
     maths); parallel: beside the Linears, in place: wider Linears."""
@@ -331,7 +330,6 @@ def _new_columns(values: torch.Tensor, like: nn.Module) -> nn.Parameter:
     return nn.Parameter(values.to(like.weight.device, like.weight.dtype).contiguous())
 
 
-@operator("concat_linear")
 def concat_linear(view, params: ConcatLinearParams, gen: torch.Generator) -> OpResult:
     """Each target Linear gains `size` output features from a random trainable expansion; the
     Linear reading them gets `size` zero input columns: exact, and the columns get a gradient."""
@@ -360,7 +358,6 @@ def concat_linear(view, params: ConcatLinearParams, gen: torch.Generator) -> OpR
     return result
 
 
-@operator("parallel_linear")
 def parallel_linear(view, params: ParallelLinearParams, gen: torch.Generator) -> OpResult:
     """Each target Linear becomes W x + D x with D of W's shape: zeros (exact) or random (not)."""
     _check_request(view, params)

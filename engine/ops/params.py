@@ -1,13 +1,17 @@
-"""Parameters of each expansion operator, as pydantic models.
+"""Every expansion operator, described once: its parameters as a pydantic model, and on that
+model (``@register_op``) its descriptor — name, implementation (a dotted path), capabilities,
+builder order and docs row (``OPS``).
 
-This is the single place that says which keys an ``[[stages.expand]]`` table may hold for each
-``op``. It imports no torch, so the plan checker, the CLI and the TUI can use it cheaply; the
-implementations (``engine/ops/*.py``) register against these names.
+This is the single place that says which ops exist and which keys an ``[[stages.expand]]`` table
+may hold for each ``op``. It imports no torch, so the plan checker, the CLI and the TUI can use it
+cheaply; an op's implementation (``engine/ops/*.py``) is imported only when the op is applied
+(``engine.ops.registry``).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -91,9 +95,113 @@ class LayeredOpParams(OpParams):
         return v
 
 
+# ---------------------------------------------------------------------------------------------
+# operator descriptors: each op is described once, by the decorator on its schema class
+
+
+@dataclass(frozen=True)
+class OpDescriptor:
+    """Everything widen knows about one expansion operator, declared once (``@register_op`` on its
+    schema): the schema (which keys a plan's ``[[stages.expand]]`` table may hold), the dotted
+    path of its implementation (imported only when the op runs, so this module stays torch-free;
+    the meta-device preview runs that same implementation), its capabilities, and its row of
+    docs/operators.md (``operators_table_markdown``)."""
+
+    name: str                    # the plan's `op`
+    schema: type[OpParams]
+    implementation: str          # "module:function", `fn(view, params, generator) -> OpResult`
+    builder_order: int           # position in the builder's op list and in docs/operators.md
+    # docs/operators.md, one markdown cell each
+    does: str                    # what it does (what it grows)
+    exact: str                   # whether it preserves the function by construction
+    adds: str                    # the parameters it adds
+    families: str                # the families and kinds it applies to
+    # capabilities
+    task_module: bool = False    # its additions are separate, switchable paths (engine.task_modules)
+    parallel_mode: bool = False  # ... only with mode = "parallel" (in place it rewrites the base)
+
+    @property
+    def summary(self) -> str:
+        """One line: the first paragraph of the schema's docstring."""
+        return " ".join((self.schema.__doc__ or "").strip().split("\n\n")[0].split())
+
+    @property
+    def model_kinds(self) -> tuple[str, ...]:
+        return self.schema.model_kinds
+
+    def load(self):
+        """The implementation (imports its module, which imports torch)."""
+        import importlib
+
+        module, _, function = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+# op name -> descriptor, in builder order. The plan checker rejects any op not listed here.
+OPS: dict[str, OpDescriptor] = {}
+# op name -> schema: a view of OPS (kept in step by register_op)
+OP_PARAMS: dict[str, type[OpParams]] = {}
+
+
+def register_op(*, implementation: str, builder_order: int, does: str, exact: str, adds: str, families: str,
+                task_module: bool = False, parallel_mode: bool = False):
+    """Class decorator: describe the op whose schema it decorates (its name: the default of the
+    schema's `op` field) and register it in ``OPS``."""
+
+    def register(schema: type[OpParams]) -> type[OpParams]:
+        name = schema.model_fields["op"].default
+        module, _, function = implementation.partition(":")
+        problems = []
+        if not isinstance(name, str) or not name:
+            problems.append("the schema's `op` field needs a default: the op's name")
+        elif name in OPS:
+            problems.append(f"op '{name}' is already registered (by {OPS[name].schema.__name__})")
+        if not module or not function.isidentifier():
+            problems.append(f"implementation {implementation!r} is not 'module:function'")
+        taken = [d.name for d in OPS.values() if d.builder_order == builder_order]
+        if taken:
+            problems.append(f"builder_order {builder_order} is already {taken[0]}'s")
+        if problems:
+            raise ValueError(f"{schema.__name__}: " + "; ".join(problems))
+        descriptor = OpDescriptor(name=name, schema=schema, implementation=implementation,
+                                  builder_order=builder_order, does=does, exact=exact, adds=adds,
+                                  families=families, task_module=task_module, parallel_mode=parallel_mode)
+        ordered = sorted([*OPS.values(), descriptor], key=lambda d: d.builder_order)
+        OPS.clear()
+        OPS.update((d.name, d) for d in ordered)
+        OP_PARAMS.clear()
+        OP_PARAMS.update((d.name, d.schema) for d in ordered)
+        return schema
+
+    return register
+
+
+OPERATORS_TABLE_HEADER = ("| op | what it does | exact | parameters it adds | families |\n"
+                          "|---|---|---|---|---|\n")
+
+
+def operators_table_markdown(descriptors=None) -> str:
+    """The summary table of docs/operators.md, one row per descriptor (default: every registered
+    op), in builder order; ``python -m engine.ops.docs`` writes it into the page."""
+    descriptors = OPS.values() if descriptors is None else descriptors
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    rows = [f"| `{d.name}` | {cell(d.does)} | {cell(d.exact)} | {cell(d.adds)} | {cell(d.families)} |\n"
+            for d in sorted(descriptors, key=lambda d: d.builder_order)]
+    return OPERATORS_TABLE_HEADER + "".join(rows)
+
+
 WidthInit = Literal["zero_out", "net2net", "copy_halve", "zeros", "constant", "random"]
 
 
+@register_op(implementation="engine.ops.width:widen_ffn", builder_order=10, task_module=True, parallel_mode=True,
+             does='adds `size` hidden units to each chosen block\'s FFN; `mode = "parallel"` (separate trainable '
+                  'path beside the frozen FFN) or `"inplace"` (wider matrices, gradient-masked)',
+             exact="yes for `zero_out`, `zeros`, `constant`, `net2net`/`copy_halve` without noise; no for `random`",
+             adds="`size` × (d_model [+ d_model for gated MLPs] + d_model) (+ biases) per layer",
+             families="neo, gpt2, neox, llama, t5")
 class WidenFFNParams(LayeredOpParams):
     """Add `size` hidden units to the feed-forward network of each chosen block."""
 
@@ -114,6 +222,13 @@ class WidenFFNParams(LayeredOpParams):
         return self
 
 
+@register_op(implementation="engine.ops.linear:widen_mlp", builder_order=20, task_module=True, parallel_mode=True,
+             does="the same on hidden layer i (the output of Linear i) of an `nn.Sequential` MLP: `parallel` (a "
+                  "trainable Linear beside Linear i, read through new columns of Linear i+1) or `inplace`; only "
+                  "elementwise modules may sit between the two",
+             exact="as `widen_ffn`",
+             adds="`size` × (fan-in + 1 + fan-out) per hidden layer",
+             families="mlp")
 class WidenMLPParams(WidenFFNParams):
     """Add `size` units to hidden layers of a plain nn.Sequential MLP (hidden layer i: the output
     of its i-th Linear, read by Linear i+1 through elementwise modules). Inits, modes and defaults
@@ -173,6 +288,13 @@ class LinearOpParams(LayeredOpParams):
         return []
 
 
+@register_op(implementation="engine.ops.linear:concat_linear", builder_order=50, task_module=True,
+             does="a Linear's output gains `size` features from a trainable expansion; the Linear reading it "
+                  "(from the architecture data) gets `size` zero input columns",
+             exact="yes",
+             adds="`size` × (fan-in [+1]) per producer + fan-out × `size`",
+             families="FFN `up` (with `gate` when gated; role or dotted path, read by `down`) of neo, gpt2, "
+                      "neox, llama, t5; any Linear but the last of mlp (by index)")
 class ConcatLinearParams(LinearOpParams):
     """A Linear's output gains `size` features from a trainable expansion (cat([W x, E x])); the
     module consuming that output gets `size` zero input columns, so the function is kept. The
@@ -203,6 +325,12 @@ def concat_consumer_message(name, where: str) -> str:
             "add_heads, the residual stream with widen_hidden")
 
 
+@register_op(implementation="engine.ops.linear:parallel_linear", builder_order=60, task_module=True,
+             does="y = W x + D x with W frozen-able and D full-rank trainable",
+             exact="yes (`zeros`), no (`random`, `std`)",
+             adds="one W-shaped D per module",
+             families="roles q k v o up down gate, or dotted paths inside a block (`attn.c_attn`), of every "
+                      "transformer family; Linear indices of mlp")
 class ParallelLinearParams(LinearOpParams):
     """Frozen W plus a trainable full-rank delta D of the same shape: y = W x + D x."""
 
@@ -248,6 +376,15 @@ def _check_roles(roles: list[str]) -> list[str]:
     return roles
 
 
+@register_op(implementation="engine.ops.heads:add_heads", builder_order=30,
+             does="adds `size` attention heads per layer, zero output columns; GQA: whole groups with their own "
+                  "k/v heads",
+             exact="yes (`zero_out`), no (`random`)",
+             adds="`size` × head_dim × (2 × d_model) + new k/v heads × head_dim × 2 × d_model (+ biases)",
+             families="neo, gpt2, neox, llama, t5 (every block: T5 shares its position bias) — export needs a "
+                      "config with explicit head_dim (llama family, all layers); a head count the config refuses "
+                      "(LlamaConfig: d_model a multiple of the heads, even with head_dim stated) is refused up "
+                      "front in one line naming sizes that fit — mistral and qwen2 take any count")
 class AddHeadsParams(LayeredOpParams):
     """Add `size` attention heads per chosen layer; their output projection starts at zero."""
 
@@ -256,6 +393,21 @@ class AddHeadsParams(LayeredOpParams):
     init: Literal["zero_out", "random"] = "zero_out"
 
 
+@register_op(implementation="engine.ops.hidden:widen_hidden", builder_order=40,
+             does="grows d_model by `size`. `duplicate` (size = (k − 1) × d_model, HyperCloning): the stream "
+                  "becomes k copies of x, heads and k/v heads repeat k times (head_dim kept), readers get W/k "
+                  "per copy. `lossless` (any other size that keeps whole heads, LEMON): k copies plus r pads "
+                  "holding the stream's mean (LayerNorm) or zeros (RMSNorm); norm gains × √s, ε × s (s = "
+                  "k·d/d′). `symmetry = split | noise` breaks the copies' twinship. `zero`: new dimensions start "
+                  "at zero (new heads where head_dim derives from d_model). `masked` (MSG): as `zero`, with "
+                  "every norm taking statistics over the old dimensions only while the new ones ramp in over "
+                  "`ramp_steps` — see [Widening d_model](#widening-d_model)",
+             exact="`duplicate`, `lossless`: yes, and the export reloads as is; `zero`: no — every "
+                   "LayerNorm/RMSNorm now averages over more dimensions (measured, the note names the norms); "
+                   "`masked`: yes at expansion, a plain norm once ramped (export refuses mid-ramp)",
+             adds="every tensor touching the residual stream grows",
+             families="neo, gpt2, neox, llama (mistral, qwen2), qwen3 (`duplicate` only); refused in one line: "
+                      "t5, and the families whose entry refuses it (olmo2, phi3, gemma2/3)")
 class WidenHiddenParams(OpParams):
     """Grow d_model (the residual stream) of the whole model by `size` dimensions.
 
@@ -337,6 +489,12 @@ class AdapterOpParams(LayeredOpParams):
         return problems
 
 
+@register_op(implementation="engine.ops.adapters:lora", builder_order=110, task_module=True,
+             does="PEFT LoRA on roles `q k v o up down gate` (fused qkv in gpt2/neox: one adapter covers it); "
+                  "each virtual twin its own adapter",
+             exact="yes (B = 0)",
+             adds="r × (fan-in + fan-out) per module",
+             families="neo, gpt2, neox, llama, t5")
 class LoRAParams(AdapterOpParams):
     """Low-rank adapters (PEFT LoRA) on the chosen projections: W x + (alpha / r) B A x, B = 0 at init."""
 
@@ -347,6 +505,11 @@ class LoRAParams(AdapterOpParams):
     dropout: Float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
 
 
+@register_op(implementation="engine.ops.adapters:ia3", builder_order=120, task_module=True,
+             does="PEFT IA3 scaling vectors (ones at init)",
+             exact="yes",
+             adds="fan-out (fan-in for `feedforward` roles) per module",
+             families="neo, gpt2, neox, llama, t5")
 class IA3Params(AdapterOpParams):
     """IA3 (PEFT): learned scaling vectors, ones at init. Feed-forward roles scale the projection's
     input, the others its output."""
@@ -378,6 +541,12 @@ class IA3Params(AdapterOpParams):
 # depth operators (engine/ops/depth.py)
 
 
+@register_op(implementation="engine.ops.depth:insert_identity", builder_order=70,
+             does="after each chosen block, a copy with zero attention-output and FFN-down projections (and "
+                  "cross-attention output in T5 decoders) — LLaMA Pro",
+             exact="yes",
+             adds="one block per chosen layer",
+             families="neo, gpt2, neox, llama, t5")
 class InsertIdentityParams(LayeredOpParams):
     """Insert, after each chosen block, a copy of it whose attention output and FFN down
     projections are zero (LLaMA Pro / Net2DeeperNet): an exact identity; only the copies are new."""
@@ -388,6 +557,11 @@ class InsertIdentityParams(LayeredOpParams):
         return num_layers + len(self.layer_indices(num_layers))
 
 
+@register_op(implementation="engine.ops.depth:split_residual", builder_order=80,
+             does="a block becomes `k` copies each adding F(x)/k",
+             exact="no (measured)",
+             adds="(k − 1) blocks per chosen layer",
+             families="neo, gpt2, neox, llama, t5")
 class SplitResidualParams(LayeredOpParams):
     """Replace each chosen block by `k` copies that each add F(x)/k (attention output and FFN down
     projections scaled by 1/k): approximately the same function, k times deeper there."""
@@ -418,6 +592,12 @@ class DepthUpScaling(BaseModel):
     drop: Int = Field(..., ge=0, le=MAX_DEPTH, description="blocks dropped on each side of every seam")
 
 
+@register_op(implementation="engine.ops.depth:map_layers", builder_order=90,
+             does="target block i = source block `mapping[i]`, real or virtual (weight-tied) repeats; "
+                  "`keep_ends`, `dus`, `scale`",
+             exact="the identity mapping only",
+             adds="a block per real repeat; 0 per virtual one",
+             families="neo, gpt2, neox, llama, t5 (per stack)")
 class MapLayersParams(OpParams):
     """Rebuild the stack: target block i is source block mapping[i], a real copy (own weights) or
     a virtual one (weight-tied to its source: one tensor, gradients from every use add up)."""
@@ -541,24 +721,12 @@ _SCALED_VIRTUAL = ("scale changes the weights of repeated blocks, but a virtual 
                    "source's weights — make the repeats real (kinds = \"real\", or leave kinds out)")
 
 
+@register_op(implementation="engine.ops.depth:unshare", builder_order=100,
+             does="gives virtual blocks their own tensors",
+             exact="yes",
+             adds="the shared tensors of each chosen block",
+             families="neo, gpt2, neox, llama, t5")
 class UnshareParams(LayeredOpParams):
     """Give the chosen (virtual, weight-tied) blocks their own copy of every shared tensor."""
 
     op: Literal["unshare"] = "unshare"
-
-
-# op name -> parameter model. The plan checker rejects any op not listed here.
-OP_PARAMS: dict[str, type[OpParams]] = {
-    "insert_identity": InsertIdentityParams,
-    "split_residual": SplitResidualParams,
-    "map_layers": MapLayersParams,
-    "unshare": UnshareParams,
-    "add_heads": AddHeadsParams,
-    "widen_hidden": WidenHiddenParams,
-    "widen_ffn": WidenFFNParams,
-    "widen_mlp": WidenMLPParams,
-    "concat_linear": ConcatLinearParams,
-    "parallel_linear": ParallelLinearParams,
-    "lora": LoRAParams,
-    "ia3": IA3Params,
-}

@@ -7,8 +7,9 @@ parallel path, a virtual layer, an adapter wrapper) has a method ``materialize(s
 returning a plain module with the same function and its own tensors (wider matrices, a real copy);
 ``engine.export`` replaces every such module, innermost first, then updates the config.
 
-Parameter schemas live in ``engine.ops.params`` (torch-free; the plan checker imports only
-that); implementations live in the family modules listed in ``FAMILY_MODULES``.
+Every op is described once, on its parameter schema in ``engine.ops.params`` (torch-free; the
+plan checker imports only that): its descriptor (``OPS[name]``) names the implementation by
+dotted path ("engine.ops.width:widen_ffn"), imported here when the op is applied.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from engine.ops.params import OP_PARAMS, OpParams
+from engine.ops.params import OPS, OpParams
 
 
 @dataclass
@@ -54,39 +55,24 @@ class OpResult:
 
 
 Operator = Callable[..., OpResult]
-OPERATORS: dict[str, Operator] = {}
 
 
-def operator(name: str):
-    """Register `fn(view, params, generator) -> OpResult` as the implementation of op `name`."""
-    if name not in OP_PARAMS:
-        raise KeyError(f"op '{name}' has no parameter schema in engine.ops.params")
-
-    def register(fn: Operator) -> Operator:
-        OPERATORS[name] = fn
-        return fn
-
-    return register
+def implementation(op: str) -> Operator:
+    """`fn(view, params, generator) -> OpResult` applying `op`, imported from its descriptor's dotted
+    path (KeyError for an op without a descriptor)."""
+    return OPS[op].load()
 
 
-FAMILY_MODULES = ("engine.ops.width", "engine.ops.heads", "engine.ops.adapters", "engine.ops.depth", "engine.ops.linear",
-                  "engine.ops.hidden")
-
-
-def load_operators() -> dict[str, Operator]:
-    """Import every family module (their decorators fill OPERATORS)."""
-    import importlib
-
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
-    return OPERATORS
+def implementations() -> dict[str, Operator]:
+    """Every registered op's implementation (imports every implementing module)."""
+    return {name: descriptor.load() for name, descriptor in OPS.items()}
 
 
 def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResult:
     """Apply the op; on models with several stacks (T5), once per chosen stack (`params.stack`, or
     every stack), the results merged (exact only if exact on every stack); the config copies the
     stack modules keep follow the changes."""
-    operator_fn = load_operators()[params.op]
+    operator_fn = implementation(params.op)
     _check_model_kind(view, params)
     view.check_applies(params.op)  # the family's own refusals (ArchFamily.refused_ops), one line each
     stacks = view.stacks(params.stack)
@@ -119,6 +105,6 @@ def _check_model_kind(view, params: OpParams) -> None:
     if own:  # the op's own wording (e.g. "use widen_ffn")
         field, message = own[0]
         raise ValueError(f"{field}: {message}")
-    fitting = [name for name, schema in OP_PARAMS.items() if kind in schema.model_kinds]
+    fitting = [name for name, descriptor in OPS.items() if kind in descriptor.model_kinds]
     models = view.family.name + (f" ({kind})" if kind != view.family.name else "")
     raise ValueError(f"op: {params.op} does not apply to {models} models — ops that do: {', '.join(fitting)}")

@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.health import NewUnits
 from engine.ops.params import WidenFFNParams
-from engine.ops.registry import OpResult, Split, operator
+from engine.ops.registry import OpResult, Split
 
 
 class FFNWithNewUnits(nn.Module):
@@ -269,7 +269,6 @@ def grow_units_inplace(up: nn.Module, down: nn.Module, gate: nn.Module | None, c
     return WiderPair(wide_up, wide_down, wide_gate, grown, record, splits)
 
 
-@operator("widen_ffn")
 def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
     layout = view.family.ffn
     result = OpResult(exact=preserving_init(params))

@@ -1,6 +1,6 @@
 """One operator of a stage: the op, which layers, and the op's own fields from its schema.
 
-The form is generated from ``engine.ops.params.OP_PARAMS[op]``: a per-layer toggle row for
+The form is generated from the op's schema (``engine.ops.params.OPS[op].schema``): a per-layer toggle row for
 ``layers`` (sized by the depth at this point of the plan), the mapping grid for map_layers, and a
 row per other field (size, init, mode, r, modules, ...). Choosing another op rebuilds the form,
 keeping ``layers`` when both ops have it.
@@ -14,32 +14,26 @@ from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widgets import Label, Select, Static
 
-from engine.ops.params import OP_PARAMS
+from engine.ops.params import OPS
 from widen_tui.plan_draft import UNSET, KeyPath, dotted, widget_id
 from widen_tui.widgets.layer_toggles import LayerToggles
 from widen_tui.widgets.mapping_editor import MAPPING_KEYS, MappingEditor
 from widen_tui.widgets.schema_form import Edited, Hint, SchemaForm
 
-# the order ops are offered in: as docs/operators.md lists them
-OP_ORDER = ("widen_ffn", "widen_mlp", "add_heads", "widen_hidden", "concat_linear", "parallel_linear",
-            "insert_identity", "split_residual", "map_layers", "unshare", "lora", "ia3")
-
-
 def op_choices() -> list[tuple[str, str]]:
-    names = [n for n in OP_ORDER if n in OP_PARAMS] + sorted(set(OP_PARAMS) - set(OP_ORDER))
-    return [(n, n) for n in names]
+    """The ops offered, in their descriptors' builder order (as docs/operators.md lists them)."""
+    return [(d.name, d.name) for d in sorted(OPS.values(), key=lambda d: d.builder_order)]
 
 
 def op_summary(op: str) -> str:
-    schema = OP_PARAMS.get(op)
-    doc = (schema.__doc__ or "").strip().split("\n\n")[0] if schema else ""
-    return " ".join(doc.split())
+    descriptor = OPS.get(op) if isinstance(op, str) else None
+    return descriptor.summary if descriptor is not None else ""
 
 
 def switch_op(old: dict, new_op: str) -> dict:
     """The table for `new_op` replacing `old`: layers kept when both ops take them."""
     table = {"op": new_op}
-    if "layers" in old and "layers" in OP_PARAMS[new_op].model_fields:
+    if "layers" in old and "layers" in OPS[new_op].schema.model_fields:
         table["layers"] = old["layers"]
     return table
 
@@ -69,7 +63,7 @@ class OperatorEditor(Vertical):
 
     def compose(self) -> ComposeResult:
         name = self.op.get("op")
-        known = name in OP_PARAMS
+        known = isinstance(name, str) and name in OPS
         options = op_choices() + ([] if known or not name else [(f"{name}  (unknown)", name)])
         with Horizontal(classes="field-row op-row"):
             yield Label("op*", classes="field-name", markup=False)
@@ -79,7 +73,7 @@ class OperatorEditor(Vertical):
         if not known:
             yield Static("", classes="field-problem error", markup=False)
             return
-        schema = OP_PARAMS[name]
+        schema = OPS[name].schema
         if "layers" in schema.model_fields:
             yield Horizontal(Label("layers", classes="field-name", markup=False),
                              LayerToggles(self.path + ("layers",), self.op.get("layers", UNSET), self.depth,
