@@ -30,6 +30,7 @@ BYTES_VOCAB = 259  # the byte tokenizer's ids: the saved models must embed them 
 # adds (freeze = "base"), stage 1 freezes by name globs and grows on a plateau.
 DECODER_STAGES = [
     ("base", [
+        {"op": "add_heads", "size": 4},
         {"op": "widen_ffn", "size": 5, "layers": [0]},
         {"op": "widen_ffn", "size": 3, "mode": "inplace"},
         {"op": "lora", "modules": ["q", "k", "v", "o", "up", "down"], "r": 2, "layers": [1]},
@@ -55,7 +56,7 @@ T5_STAGES = [
 ]
 GROWTH = [{"op": "widen_ffn", "size": 2, "mode": "inplace"}]
 # the ops the preview cannot run yet, as each family would take them
-UNSAFE_OPS = {"widen_hidden": {"op": "widen_hidden", "size": 128, "init": "zero"}, "add_heads": {"op": "add_heads", "size": 4}}
+UNSAFE_OPS: dict = {}
 
 
 def _model_dir(family: str, tmp_path: Path) -> Path:
@@ -142,6 +143,7 @@ def test_every_operator_is_previewed_or_says_why():
     preview cannot run yet: then it shows "?" with the reason, on every family that takes it."""
     covered = {op["op"] for _, ops in DECODER_STAGES + T5_STAGES for op in ops} | {g["op"] for g in GROWTH}
     covered.add("widen_mlp")  # the built-in MLP: tests/test_tui_builder.py (build_from_plan parity)
+    covered.add("widen_hidden")  # its own parity test below (it needs a model without wrappers)
     assert set(OP_PARAMS) - covered == set(NOT_META_SAFE)
     raw = {"model": {"source": "builtin:tiny-neo"}, "stages": [{"task": "t", "expand": list(UNSAFE_OPS.values())}]}
     for op in preview_plan(raw).stages[0].ops:
@@ -233,3 +235,21 @@ def test_the_latest_request_wins_and_a_dead_helper_restarts(tmp_path):
         assert client.preview({"n": 4}) == PlanPreview(4) and client._proc is not first
     finally:
         client.close()
+
+
+HIDDEN_GROWN = [f.name for f in FAMILIES if f.kind == "causal_lm" and not f.stacks and f.refusal("widen_hidden") is None]
+
+
+@pytest.mark.parametrize("name", HIDDEN_GROWN)
+def test_widen_hidden_previews_what_the_build_adds(name, tmp_path, widen_home):
+    """d_model growth on meta (both exact routes, then the zero route): the preview's `added` and
+    totals are build_from_plan's; trainable follows name globs."""
+    ops = [{"op": "widen_hidden", "size": 16, "init": "duplicate"}, {"op": "widen_hidden", "size": 32, "init": "zero"}]
+    raw = _plan(str(_model_dir(name, tmp_path)), [(["*embed*", "*wte*"], ops)])
+    preview = preview_plan(copy.deepcopy(raw))
+    assert preview.error == "", preview.error
+    reports, _ = _measured(raw, tmp_path)
+    previewed = [op for op in preview.stages[0].ops if ".grow." not in op.path]
+    assert [(r["op"], r["params_added"]) for r in reports] == [(op.op, op.added) for op in previewed]
+    assert (preview.stages[0].total_after, preview.stages[0].trainable) == \
+        (reports[-1]["params_after"], reports[-1]["trainable"])

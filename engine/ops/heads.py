@@ -14,12 +14,13 @@ import torch
 from engine.ops.hidden import config_problem
 from engine.ops.params import AddHeadsParams
 from engine.ops.registry import OpResult
-from engine.ops.width import _linear_weight, _make_linear, _mask_like
+from engine.ops.width import _linear_weight, _make_linear, _mask_like, mask_on, shapes_only, value_std
 
 
 def _grow_rows(weight: torch.Tensor, new_rows: int, std: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """Append random rows (Linear layout [out, in]); returns the grown weight and the new-row mask."""
-    added = torch.randn(new_rows, weight.shape[1], generator=gen) * std
+    with shapes_only(weight):  # a preview's meta weight: new rows on meta too
+        added = torch.randn(new_rows, weight.shape[1], generator=gen) * std
     grown = torch.cat([weight.float(), added])
     return grown, torch.arange(grown.shape[0]) >= weight.shape[0]
 
@@ -55,31 +56,33 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
             fused = getattr(attn, layout.qkv)
             w = _linear_weight(fused, layout.conv1d)                  # [3*heads*head_dim, hidden]
             b = fused.bias.detach().float() if getattr(fused, "bias", None) is not None else None
-            std = float(w.float().std())
+            std = value_std(w)
             grown_w, grown_b, mask = _grow_fused(w.float(), b, layout.qkv_order, heads, head_dim,
                                                  params.size, std, gen)
             new = _make_linear(grown_w, grown_b, fused, layout.conv1d)
             setattr(attn, layout.qkv, new)
             result.grown.append((new.weight, _mask_like(new.weight, mask, rows=not layout.conv1d)))
             if grown_b is not None:
-                result.grown.append((new.bias, mask.to(new.bias.device)))
+                result.grown.append((new.bias, mask_on(mask, new.bias)))
         else:
             for name, count in ((layout.q, params.size), (layout.k, new_kv), (layout.v, new_kv)):
                 proj = getattr(attn, name)
                 w = _linear_weight(proj, layout.conv1d)
-                std = float(w.float().std())
+                std = value_std(w)
                 grown_w, mask = _grow_rows(w, count * head_dim, std, gen)
                 b = proj.bias.detach().float() if getattr(proj, "bias", None) is not None else None
-                grown_b = torch.cat([b, torch.zeros(count * head_dim)]) if b is not None else None
+                with shapes_only(w):
+                    grown_b = torch.cat([b, torch.zeros(count * head_dim)]) if b is not None else None
                 new = _make_linear(grown_w, grown_b, proj, layout.conv1d)
                 setattr(attn, name, new)
                 result.grown.append((new.weight, _mask_like(new.weight, mask, rows=not layout.conv1d)))
                 if grown_b is not None:
-                    result.grown.append((new.bias, mask.to(new.bias.device)))
+                    result.grown.append((new.bias, mask_on(mask, new.bias)))
         # output projection: new input columns, zero unless init = "random"
         extra = params.size * head_dim
-        cols = (torch.randn(out_w.shape[0], extra, generator=gen) * float(out_w.float().std())
-                if params.init == "random" else torch.zeros(out_w.shape[0], extra))
+        with shapes_only(out_w):
+            cols = (torch.randn(out_w.shape[0], extra, generator=gen) * value_std(out_w)
+                    if params.init == "random" else torch.zeros(out_w.shape[0], extra))
         out_b = out.bias.detach().float() if getattr(out, "bias", None) is not None else None
         new_out = _make_linear(torch.cat([out_w.float(), cols], dim=1), out_b, out, layout.conv1d)
         setattr(attn, layout.out, new_out)
@@ -93,7 +96,9 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
             setattr(attn, layout.width_attr, getattr(attn, layout.width_attr) + params.size * head_dim)
         table = getattr(attn, layout.per_head_embedding, None) if layout.per_head_embedding else None
         if table is not None:  # new heads start without a position bias
-            grown = torch.cat([table.weight.detach().float(), torch.zeros(table.weight.shape[0], params.size)], dim=1)
+            with shapes_only(table.weight):
+                grown = torch.cat([table.weight.detach().float(), torch.zeros(table.weight.shape[0], params.size)],
+                                  dim=1)
             table.weight = torch.nn.Parameter(grown.to(table.weight.device, table.weight.dtype))
             table.embedding_dim = grown.shape[1]
             mask = torch.arange(grown.shape[1]) >= grown.shape[1] - params.size
@@ -133,6 +138,11 @@ def _check_config(view, heads: int, kv_heads: int, head_dim: int, group: int, si
 
 def _grow_fused(w, b, order: str, heads: int, head_dim: int, size: int, std: float, gen):
     """Grow a fused qkv projection by `size` heads; returns weight, bias, new-row mask."""
+    with shapes_only(w):  # a preview's meta weight: the new rows on meta too
+        return _grow_fused_rows(w, b, order, heads, head_dim, size, std, gen)
+
+
+def _grow_fused_rows(w, b, order: str, heads: int, head_dim: int, size: int, std: float, gen):
     hidden = w.shape[1]
     if order == "blocks":  # [q | k | v], each heads*head_dim rows
         parts = list(w.split(heads * head_dim))
@@ -141,12 +151,12 @@ def _grow_fused(w, b, order: str, heads: int, head_dim: int, size: int, std: flo
         for i, part in enumerate(parts):
             added = torch.randn(size * head_dim, hidden, generator=gen) * std
             new_w.append(torch.cat([part, added]))
-            masks.append(torch.arange(part.shape[0] + added.shape[0]) >= part.shape[0])
+            masks.append(torch.arange(part.shape[0] + added.shape[0], device="cpu") >= part.shape[0])
             if bias_parts is not None:
                 new_b.append(torch.cat([bias_parts[i], torch.zeros(size * head_dim)]))
         return torch.cat(new_w), (torch.cat(new_b) if b is not None else None), torch.cat(masks)
     # per head: rows are [q_h, k_h, v_h] for each head, so new heads append at the end
     added = torch.randn(3 * size * head_dim, hidden, generator=gen) * std
     grown_b = torch.cat([b, torch.zeros(3 * size * head_dim)]) if b is not None else None
-    return torch.cat([w, added]), grown_b, torch.arange(w.shape[0] + added.shape[0]) >= w.shape[0]
+    return torch.cat([w, added]), grown_b, torch.arange(w.shape[0] + added.shape[0], device="cpu") >= w.shape[0]
 

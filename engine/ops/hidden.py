@@ -90,6 +90,7 @@ from engine.arch import get_submodule
 from engine.health import NewUnits
 from engine.ops.params import WidenHiddenParams
 from engine.ops.registry import OpResult
+from engine.ops.width import mask_on, shapes_only, value_std
 
 
 class MaskedNorm(nn.Module):
@@ -180,7 +181,8 @@ class Symmetry:
         """The `copies` input blocks of a weight `t` that reads a duplicated input."""
         parts = [t * share if copies > 1 else t for share in self.shares(copies)]
         if self.kind == "noise" and copies > 1:
-            noise = torch.randn((copies, *t.shape), generator=gen) * (self.scale * float(t.float().std()) / copies)
+            with shapes_only(t):  # a preview's meta weight: a draw of shapes only
+                noise = torch.randn((copies, *t.shape), generator=gen) * (self.scale * value_std(t) / copies)
             noise -= noise.mean(0, keepdim=True)  # paired: it cancels over the copies
             parts = [part + n.to(t) for part, n in zip(parts, noise)]
         return parts
@@ -191,9 +193,10 @@ def _appended(t: torch.Tensor, dim: int, count: int, fill: str, std: float, gen:
     shape[dim] = count
     if fill == "mean":
         return t.float().mean(dim, keepdim=True).expand(shape).to(t)
-    if fill == "random":
-        return (torch.randn(shape, generator=gen) * std).to(t)
-    return torch.zeros(shape).to(t)
+    with shapes_only(t):
+        if fill == "random":
+            return (torch.randn(shape, generator=gen) * std).to(t)
+        return torch.zeros(shape).to(t)
 
 
 def _written(t: torch.Tensor, dim: int, axis: Axis, std: float, gen: torch.Generator) -> torch.Tensor:
@@ -234,7 +237,7 @@ class _Grower:
             tensor, mask = build(old.detach())
             new = nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
             self._done[id(old)] = new
-            self.grown.append((new, mask.to(new.device)))
+            self.grown.append((new, mask if mask.is_meta else mask_on(mask, new)))
         setattr(module, name, self._done[id(old)])
 
     def values(self, module: nn.Module, name: str, axis: Axis, copy=None, pad=0.0) -> None:
@@ -243,10 +246,13 @@ class _Grower:
         def build(t):
             parts = [copy(t) if copy else t] * axis.copies
             if axis.added:
-                fill = (t.float().mean(-1, keepdim=True) if pad == "mean"
-                        else torch.full((*t.shape[:-1], 1), float(pad)))
+                with shapes_only(t):
+                    fill = (t.float().mean(-1, keepdim=True) if pad == "mean"
+                            else torch.full((*t.shape[:-1], 1), float(pad)))
                 parts.append(fill.expand(*t.shape[:-1], axis.added).to(t))
             grown = torch.cat(parts, -1)
+            if t.is_meta:  # the preview counts new entries on a CPU view, without the tensor's storage
+                return grown, axis.new_mask().expand(grown.shape)
             return grown, axis.new_mask().to(t.device).expand_as(grown).clone()
         self._replace(module, name, build)
 
@@ -256,13 +262,16 @@ class _Grower:
         a "mean" row is the mean of the grown rows."""
         def build(w):
             w = w.T if conv1d else w                     # Linear layout [out, in]
-            write_std = float(w.float().std())
+            write_std = value_std(w)
             read_std = write_std if self.read_std is None else self.read_std
             w = _read(w, 1, cols, read_std, self.gen, self.symmetry)
             segments = w.split([axis.old for axis in rows])
             w = torch.cat([_written(seg, 0, axis, write_std, self.gen) for seg, axis in zip(segments, rows)])
             row_mask = torch.cat([axis.new_mask() for axis in rows])
-            mask = (row_mask[:, None] | cols.new_mask()[None, :]).to(w.device)
+            if w.is_meta:  # new rows or columns: no one broadcast view holds it; the preview shows no count
+                mask = torch.empty(w.shape, dtype=torch.bool, device="meta")
+            else:
+                mask = (row_mask[:, None] | cols.new_mask()[None, :]).to(w.device)
             return (w.T, mask.T) if conv1d else (w, mask)
 
         def build_bias(b):
@@ -270,7 +279,7 @@ class _Grower:
             grown = torch.cat([_written(seg, 0, replace(axis, write_fill="mean" if axis.write_fill == "mean"
                                                         else "zero"), 0.0, self.gen)
                                for seg, axis in zip(segments, rows)])
-            return grown, torch.cat([axis.new_mask() for axis in rows]).to(b.device)
+            return grown, mask_on(torch.cat([axis.new_mask() for axis in rows]), b)
 
         self._replace(module, "weight", build)
         self._replace(module, "bias", build_bias)
@@ -423,12 +432,14 @@ def _grow_norm(grower: _Grower, norm: nn.Module, growth: _Growth, family, exact:
             def copy(t):  # gamma = weight + offset scaled, stored back as weight
                 return ((t.double() + offset) * factor - offset).to(t)
         # the pads read 0 after the norm whatever their gain; a typical gain lets them learn
-        pad = float((gain.detach().double() + offset).mean() * factor - offset) if gain is not None else 0.0
+        pad = (float((gain.detach().double() + offset).mean() * factor - offset)
+               if gain is not None and not gain.is_meta else 0.0)  # meta (a preview): shapes only
         grower.values(norm, "weight", stream, copy=copy, pad=pad)
         grower.values(norm, "bias", stream, copy=(lambda t: t * out_scale) if out_scale != 1 else None)
     else:
         # LayerNorm's new gain is 0, RMSNorm's the mean gain (module docstring)
-        pad = float(gain.detach().float().mean()) if family.norm_kind == "rmsnorm" and gain is not None else 0.0
+        pad = (float(gain.detach().float().mean())
+               if family.norm_kind == "rmsnorm" and gain is not None and not gain.is_meta else 0.0)
         grower.values(norm, "weight", stream, pad=pad)
         grower.values(norm, "bias", stream)
     if hasattr(norm, "normalized_shape"):
