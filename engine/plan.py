@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from engine import builtins
 from engine.errors import WidenError
 from engine.names import label_problem, name_problem
-from engine.ops.params import MAX_DEPTH, MAX_STEPS, OP_PARAMS, Float, Int, OpParams
+from engine.ops.params import MAX_DEPTH, MAX_STEPS, OPS, Float, Int, OpParams
 
 # Bounds of the plan's numbers (the operators' own are in engine.ops.params).
 MAX_SEED = 2 ** 32 - 1          # numpy seeds (default_rng([seed, stage, step])) are 32-bit words
@@ -148,13 +148,13 @@ class TrainSpec(Strict):
 
 
 class ExpandSpec(BaseModel):
-    """One operator application; its keys beyond `op` are checked against ``OP_PARAMS[op]``."""
+    """One operator application; its keys beyond `op` are checked against ``OPS[op].schema``."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     op: str
 
     def params(self) -> OpParams:
-        return OP_PARAMS[self.op].model_validate(self.model_dump())
+        return OPS[self.op].schema.model_validate(self.model_dump())
 
 
 class GrowSpec(Strict):
@@ -501,14 +501,14 @@ def _inner_model(annotation) -> type[BaseModel] | None:
 
 def _check_op(raw: dict, path: str) -> list[Problem]:
     name = raw.get("op")
-    if not isinstance(name, str) or name not in OP_PARAMS:
-        hint = difflib.get_close_matches(str(name)[:100], list(OP_PARAMS), n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"known ops: {', '.join(sorted(OP_PARAMS))}"
+    if not isinstance(name, str) or name not in OPS:
+        hint = difflib.get_close_matches(str(name)[:100], list(OPS), n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"known ops: {', '.join(sorted(OPS))}"
         return [Problem(f"{path}.op", f"unknown op {shown(name)} — {fix}")]
     try:
-        OP_PARAMS[name].model_validate(raw)
+        OPS[name].schema.model_validate(raw)
     except ValidationError as e:
-        return problems_from_pydantic(e.errors(), path, OP_PARAMS[name])
+        return problems_from_pydantic(e.errors(), path, OPS[name].schema)
     return []
 
 
@@ -884,10 +884,10 @@ def _check_stage_ops(stages: list, where: str, depths: dict, arch) -> list[Probl
 
 
 def _check_one_op(spec, where: str, depths: dict, arch) -> list[Problem]:
-    if not isinstance(spec, dict) or not isinstance(spec.get("op"), str) or spec["op"] not in OP_PARAMS:
+    if not isinstance(spec, dict) or not isinstance(spec.get("op"), str) or spec["op"] not in OPS:
         return []  # reported by the schema check
     problems = []
-    op_class = OP_PARAMS[spec["op"]]
+    op_class = OPS[spec["op"]].schema
     try:
         params = op_class.model_validate(spec)
         source_layers = params.source_layers()

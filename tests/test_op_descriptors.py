@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.ops import docs
-from engine.ops.params import OP_PARAMS, OPS, LayeredOpParams, OpDescriptor, OpParams, operators_table_markdown, register_op
+from engine.ops.params import OPS, LayeredOpParams, OpDescriptor, OpParams, operators_table_markdown, register_op
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,6 @@ def descriptor_problems(d: OpDescriptor, page_table: str) -> list[str]:
         return [f"{d.name}: schema {d.schema!r} is not an OpParams model"]
     if d.schema.model_fields["op"].default != d.name:
         problems.append(f"{d.name}: the schema's op is {d.schema.model_fields['op'].default!r}")
-    if OP_PARAMS.get(d.name) is not d.schema:
-        problems.append(f"{d.name}: OP_PARAMS does not hold its schema")
     try:
         fn = d.load()
     except (ImportError, AttributeError) as e:
@@ -71,9 +69,11 @@ def test_every_op_is_fully_described():
     assert problems == []
 
 
-def test_the_tables_are_views_of_the_descriptors():
-    assert list(OP_PARAMS) == list(OPS)
-    assert all(OP_PARAMS[name] is d.schema and d.name == name for name, d in OPS.items())
+def test_the_descriptors_are_the_one_table():
+    import engine.ops.params as params
+
+    assert not hasattr(params, "OP_PARAMS")  # no second table keyed by op name
+    assert all(d.name == name for name, d in OPS.items())
     orders = [d.builder_order for d in OPS.values()]
     assert orders == sorted(orders) and len(set(orders)) == len(orders)
     assert {n for n, d in OPS.items() if d.parallel_mode} == {"widen_ffn", "widen_mlp"}
@@ -90,7 +90,6 @@ def test_a_new_op_is_caught_by_the_walk(monkeypatch):
     """An op registered without an implementation, with a mode the capabilities do not declare, and
     without a docs row fails the walk; the page is then stale."""
     monkeypatch.setattr("engine.ops.params.OPS", dict(OPS))
-    monkeypatch.setattr("engine.ops.params.OP_PARAMS", dict(OP_PARAMS))
     import engine.ops.params as params
 
     @register_op(implementation="engine.ops.width:no_such_operator", builder_order=10_000, does="grows x",
@@ -102,14 +101,14 @@ def test_a_new_op_is_caught_by_the_walk(monkeypatch):
         mode: typing.Literal["parallel", "inplace"] = "parallel"
 
     d = params.OPS["grow_x"]
-    assert params.OP_PARAMS["grow_x"] is GrowXParams and list(params.OPS)[-1] == "grow_x"
+    assert d.schema is GrowXParams and list(params.OPS)[-1] == "grow_x"
     problems = descriptor_problems(d, _page_table())
     assert any("does not import" in p for p in problems)
     assert any("parallel_mode = False" in p for p in problems)
     assert any("no row in docs/operators.md" in p for p in problems)
     assert "| `grow_x` | grows x | yes | nothing | neo |" in params.operators_table_markdown()
     assert params.operators_table_markdown() != _page_table()
-    assert OPS.keys() == OP_PARAMS.keys() and "grow_x" not in OPS  # the real registry is untouched
+    assert "grow_x" not in OPS  # the real registry is untouched
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -7,7 +7,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.arch import ArchView
 from engine.expand import Freezer, apply_stage, probe
 from engine.ops.params import WidenFFNParams
 from engine.ops.registry import apply_operator, implementations
@@ -94,9 +93,9 @@ def test_freeze_base_trains_only_new_entries():
 
 
 def test_every_schema_has_an_implementation():
-    from engine.ops.params import OP_PARAMS
+    from engine.ops.params import OPS
 
-    assert set(implementations()) == set(OP_PARAMS)
+    assert set(implementations()) == set(OPS)
 
 
 def test_probe_is_deterministic():

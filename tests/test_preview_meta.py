@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_config  # noqa: E402
 
 from engine.arch.families import FAMILIES, family_named  # noqa: E402
-from engine.ops.params import OP_PARAMS  # noqa: E402
+from engine.ops.params import OPS  # noqa: E402
 from engine.ops.preview import NOT_META_SAFE, PlanPreview, from_json, preview_plan, to_json  # noqa: E402
 from widen_tui.preview_client import PreviewClient  # noqa: E402
 
@@ -90,7 +90,7 @@ def _plan(source: str, stages) -> dict:
 
 
 def _fits(family, raw: dict) -> bool:
-    schema = OP_PARAMS[raw["op"]]
+    schema = OPS[raw["op"]].schema
     return family.kind in schema.model_kinds and family.refusal(raw["op"]) is None
 
 
@@ -139,12 +139,12 @@ def test_meta_preview_equals_build_from_plan_on_every_family(name, tmp_path, wid
 
 
 def test_every_operator_is_previewed_or_says_why():
-    """Each operator of OP_PARAMS either runs in some family's parity plan above, or is one the
+    """Each operator of OPS either runs in some family's parity plan above, or is one the
     preview cannot run yet: then it shows "?" with the reason, on every family that takes it."""
     covered = {op["op"] for _, ops in DECODER_STAGES + T5_STAGES for op in ops} | {g["op"] for g in GROWTH}
     covered.add("widen_mlp")  # the built-in MLP: tests/test_tui_builder.py (build_from_plan parity)
     covered.add("widen_hidden")  # its own parity test below (it needs a model without wrappers)
-    assert set(OP_PARAMS) - covered == set(NOT_META_SAFE)
+    assert set(OPS) - covered == set(NOT_META_SAFE)
     raw = {"model": {"source": "builtin:tiny-neo"}, "stages": [{"task": "t", "expand": list(UNSAFE_OPS.values())}]}
     for op in preview_plan(raw).stages[0].ops:
         assert op.added is None and op.note.startswith(NOT_META_SAFE[op.op]), op

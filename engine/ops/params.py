@@ -139,8 +139,6 @@ class OpDescriptor:
 
 # op name -> descriptor, in builder order. The plan checker rejects any op not listed here.
 OPS: dict[str, OpDescriptor] = {}
-# op name -> schema: a view of OPS (kept in step by register_op)
-OP_PARAMS: dict[str, type[OpParams]] = {}
 
 
 def register_op(*, implementation: str, builder_order: int, does: str, exact: str, adds: str, families: str,
@@ -169,8 +167,6 @@ def register_op(*, implementation: str, builder_order: int, does: str, exact: st
         ordered = sorted([*OPS.values(), descriptor], key=lambda d: d.builder_order)
         OPS.clear()
         OPS.update((d.name, d) for d in ordered)
-        OP_PARAMS.clear()
-        OP_PARAMS.update((d.name, d.schema) for d in ordered)
         return schema
 
     return register

@@ -191,11 +191,11 @@ def _apply_op(state: MetaModel, raw, stage_index: int, generator) -> tuple[MetaM
     from pydantic import ValidationError
 
     from engine.expand import OperatorError
-    from engine.ops.params import OP_PARAMS
+    from engine.ops.params import OPS
     from engine.plan import ExpandSpec
 
     name = raw.get("op") if isinstance(raw, dict) else None
-    if name not in OP_PARAMS:
+    if name not in OPS:
         return state, None, "unknown op"
     try:
         spec = ExpandSpec.model_validate(raw)
