@@ -294,6 +294,9 @@ FAMILIES = FAMILIES + (
         embeddings="shared", num_layers_field="num_layers", ffn_size_field="d_ff", hidden_size_field="d_model",
         biases={"qkv": False, "o": False, "ffn": False}, tied_by_default=True, norm_params=1,
         norm_eps_field="layer_norm_epsilon",
+        refused_ops={"widen_hidden": "T5 is an encoder-decoder: its two stacks, the cross-attention and the shared "
+                                     "embedding would have to grow together, and its tied head's d_model^-0.5 scale "
+                                     "changes with d_model"},
         stacks=(
             StackLayout(name="encoder", blocks="encoder.block", num_layers_field="num_layers",
                         ffn_module="layer.1.DenseReluDense", config_copy="encoder.config"),

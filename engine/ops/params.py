@@ -115,7 +115,7 @@ class OpDescriptor:
     does: str                    # what it does (what it grows)
     exact: str                   # whether it preserves the function by construction
     adds: str                    # the parameters it adds
-    families: str                # the families and kinds it applies to
+    families: str                # a note on where it applies (the list itself comes from the family table)
     # capabilities
     task_module: bool = False    # its additions are separate, switchable paths (engine.task_modules)
     parallel_mode: bool = False  # ... only with mode = "parallel" (in place it rewrites the base)
@@ -176,6 +176,20 @@ OPERATORS_TABLE_HEADER = ("| op | what it does | exact | parameters it adds | fa
                           "|---|---|---|---|---|\n")
 
 
+def applicable_families(d: OpDescriptor) -> list[str]:
+    """The families an op applies to, from the family table (engine.arch.families): those of a
+    model kind its schema takes that do not refuse it. Model types a family entry also serves
+    follow in brackets: "llama (mistral, qwen2)"."""
+    from engine.arch.families import FAMILIES
+
+    return [f.name + (f" ({', '.join(f.model_types[1:])})" if len(f.model_types) > 1 and f.kind != "mlp" else "")
+            for f in FAMILIES if f.kind in d.schema.model_kinds and f.refusal(d.name) is None]
+
+
+def families_cell(d: OpDescriptor) -> str:
+    return ", ".join(applicable_families(d)) + (f" — {d.families}" if d.families else "")
+
+
 def operators_table_markdown(descriptors=None) -> str:
     """The summary table of docs/operators.md, one row per descriptor (default: every registered
     op), in builder order; ``python -m engine.ops.docs`` writes it into the page."""
@@ -184,7 +198,7 @@ def operators_table_markdown(descriptors=None) -> str:
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")
 
-    rows = [f"| `{d.name}` | {cell(d.does)} | {cell(d.exact)} | {cell(d.adds)} | {cell(d.families)} |\n"
+    rows = [f"| `{d.name}` | {cell(d.does)} | {cell(d.exact)} | {cell(d.adds)} | {cell(families_cell(d))} |\n"
             for d in sorted(descriptors, key=lambda d: d.builder_order)]
     return OPERATORS_TABLE_HEADER + "".join(rows)
 
@@ -197,7 +211,7 @@ WidthInit = Literal["zero_out", "net2net", "copy_halve", "zeros", "constant", "r
                   'path beside the frozen FFN) or `"inplace"` (wider matrices, gradient-masked)',
              exact="yes for `zero_out`, `zeros`, `constant`, `net2net`/`copy_halve` without noise; no for `random`",
              adds="`size` × (d_model [+ d_model for gated MLPs] + d_model) (+ biases) per layer",
-             families="neo, gpt2, neox, llama, t5")
+             families="")
 class WidenFFNParams(LayeredOpParams):
     """Add `size` hidden units to the feed-forward network of each chosen block."""
 
@@ -224,7 +238,7 @@ class WidenFFNParams(LayeredOpParams):
                   "elementwise modules may sit between the two",
              exact="as `widen_ffn`",
              adds="`size` × (fan-in + 1 + fan-out) per hidden layer",
-             families="mlp")
+             families="")
 class WidenMLPParams(WidenFFNParams):
     """Add `size` units to hidden layers of a plain nn.Sequential MLP (hidden layer i: the output
     of its i-th Linear, read by Linear i+1 through elementwise modules). Inits, modes and defaults
@@ -289,8 +303,8 @@ class LinearOpParams(LayeredOpParams):
                   "(from the architecture data) gets `size` zero input columns",
              exact="yes",
              adds="`size` × (fan-in [+1]) per producer + fan-out × `size`",
-             families="FFN `up` (with `gate` when gated; role or dotted path, read by `down`) of neo, gpt2, "
-                      "neox, llama, t5; any Linear but the last of mlp (by index)")
+             families="FFN `up` (with `gate` when gated; role or dotted path, read by `down`); any Linear but "
+                      "the last of mlp (by index)")
 class ConcatLinearParams(LinearOpParams):
     """A Linear's output gains `size` features from a trainable expansion (cat([W x, E x])); the
     module consuming that output gets `size` zero input columns, so the function is kept. The
@@ -325,8 +339,8 @@ def concat_consumer_message(name, where: str) -> str:
              does="y = W x + D x with W frozen-able and D full-rank trainable",
              exact="yes (`zeros`), no (`random`, `std`)",
              adds="one W-shaped D per module",
-             families="roles q k v o up down gate, or dotted paths inside a block (`attn.c_attn`), of every "
-                      "transformer family; Linear indices of mlp")
+             families="roles q k v o up down gate, or dotted paths inside a block (`attn.c_attn`); Linear "
+                      "indices of mlp")
 class ParallelLinearParams(LinearOpParams):
     """Frozen W plus a trainable full-rank delta D of the same shape: y = W x + D x."""
 
@@ -377,7 +391,7 @@ def _check_roles(roles: list[str]) -> list[str]:
                   "k/v heads",
              exact="yes (`zero_out`), no (`random`)",
              adds="`size` × head_dim × (2 × d_model) + new k/v heads × head_dim × 2 × d_model (+ biases)",
-             families="neo, gpt2, neox, llama, t5 (every block: T5 shares its position bias) — export needs a "
+             families="every block on T5 (it shares its position bias) — export needs a "
                       "config with explicit head_dim (llama family, all layers); a head count the config refuses "
                       "(LlamaConfig: d_model a multiple of the heads, even with head_dim stated) is refused up "
                       "front in one line naming sizes that fit — mistral and qwen2 take any count")
@@ -402,8 +416,8 @@ class AddHeadsParams(LayeredOpParams):
                    "LayerNorm/RMSNorm now averages over more dimensions (measured, the note names the norms); "
                    "`masked`: yes at expansion, a plain norm once ramped (export refuses mid-ramp)",
              adds="every tensor touching the residual stream grows",
-             families="neo, gpt2, neox, llama (mistral, qwen2), qwen3 (`duplicate` only); refused in one line: "
-                      "t5, and the families whose entry refuses it (olmo2, phi3, gemma2/3)")
+             families="`lossless` is refused where the q/k norms read the stream's epsilon field (qwen3, olmo2, "
+                      "gemma3): `duplicate` only")
 class WidenHiddenParams(OpParams):
     """Grow d_model (the residual stream) of the whole model by `size` dimensions.
 
@@ -490,7 +504,7 @@ class AdapterOpParams(LayeredOpParams):
                   "each virtual twin its own adapter",
              exact="yes (B = 0)",
              adds="r × (fan-in + fan-out) per module",
-             families="neo, gpt2, neox, llama, t5")
+             families="")
 class LoRAParams(AdapterOpParams):
     """Low-rank adapters (PEFT LoRA) on the chosen projections: W x + (alpha / r) B A x, B = 0 at init."""
 
@@ -505,7 +519,7 @@ class LoRAParams(AdapterOpParams):
              does="PEFT IA3 scaling vectors (ones at init)",
              exact="yes",
              adds="fan-out (fan-in for `feedforward` roles) per module",
-             families="neo, gpt2, neox, llama, t5")
+             families="")
 class IA3Params(AdapterOpParams):
     """IA3 (PEFT): learned scaling vectors, ones at init. Feed-forward roles scale the projection's
     input, the others its output."""
@@ -542,7 +556,7 @@ class IA3Params(AdapterOpParams):
                   "cross-attention output in T5 decoders) — LLaMA Pro",
              exact="yes",
              adds="one block per chosen layer",
-             families="neo, gpt2, neox, llama, t5")
+             families="")
 class InsertIdentityParams(LayeredOpParams):
     """Insert, after each chosen block, a copy of it whose attention output and FFN down
     projections are zero (LLaMA Pro / Net2DeeperNet): an exact identity; only the copies are new."""
@@ -557,7 +571,7 @@ class InsertIdentityParams(LayeredOpParams):
              does="a block becomes `k` copies each adding F(x)/k",
              exact="no (measured)",
              adds="(k − 1) blocks per chosen layer",
-             families="neo, gpt2, neox, llama, t5")
+             families="")
 class SplitResidualParams(LayeredOpParams):
     """Replace each chosen block by `k` copies that each add F(x)/k (attention output and FFN down
     projections scaled by 1/k): approximately the same function, k times deeper there."""
@@ -593,7 +607,7 @@ class DepthUpScaling(BaseModel):
                   "`keep_ends`, `dus`, `scale`",
              exact="the identity mapping only",
              adds="a block per real repeat; 0 per virtual one",
-             families="neo, gpt2, neox, llama, t5 (per stack)")
+             families="per stack on T5")
 class MapLayersParams(OpParams):
     """Rebuild the stack: target block i is source block mapping[i], a real copy (own weights) or
     a virtual one (weight-tied to its source: one tensor, gradients from every use add up)."""
@@ -721,7 +735,7 @@ _SCALED_VIRTUAL = ("scale changes the weights of repeated blocks, but a virtual 
              does="gives virtual blocks their own tensors",
              exact="yes",
              adds="the shared tensors of each chosen block",
-             families="neo, gpt2, neox, llama, t5")
+             families="")
 class UnshareParams(LayeredOpParams):
     """Give the chosen (virtual, weight-tied) blocks their own copy of every shared tensor."""
 
