@@ -59,8 +59,9 @@ def test_micro_batches_of_one_is_the_batch_and_uneven_rows_are_refused():
 
 def _tiny_config(model_type: str):
     """A tiny config of every model type the registry serves (tests/tiny_models where it has one)."""
-    if model_type in tiny_models.DECODER_FAMILIES:
-        config = tiny_models.tiny_config(model_type, layers=2, heads=2, head_dim=8, ffn=24)
+    family = next(f for f in FAMILIES if model_type in f.model_types)
+    if family.kind == "causal_lm" and model_type == family.model_types[0]:  # the family's own tiny config
+        config = tiny_models.tiny_config(family.name, layers=2, heads=2, head_dim=8, ffn=24)
     elif model_type == "t5":
         config = tiny_models.build_t5()[0].config
     else:  # the other Llama-layout types (mistral, qwen2)
