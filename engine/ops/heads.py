@@ -26,8 +26,6 @@ def _grow_rows(weight: torch.Tensor, new_rows: int, std: float, gen) -> tuple[to
 
 
 def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
-    if callable(getattr(view, "check_applies", None)):
-        view.check_applies("add_heads")  # the family's own refusal (ArchFamily.refused_ops)
     layout = view.family.attention
     heads, kv_heads = view.num_heads, view.num_kv_heads
     head_dim = getattr(view.config, layout.head_dim_field, None) or view.hidden_size // heads

@@ -650,8 +650,6 @@ def _refuse_family(view, model) -> None:
     """One line for the models this operator does not grow, naming family and reason."""
     family = getattr(view, "family", None)
     if family is not None and family.kind == "causal_lm" and not family.stacks:
-        if callable(getattr(view, "check_applies", None)):
-            view.check_applies("widen_hidden")  # the family's own refusal (ArchFamily.refused_ops)
         return
     from engine.arch.families import FAMILIES
 

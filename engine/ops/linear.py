@@ -207,8 +207,6 @@ def _path_slot(view, path: str) -> Slot:
 
 def _check_request(view, params: LinearOpParams) -> None:
     """The names must fit the model kind (params.model_problems), and `layers` must exist."""
-    if view.family.kind != "mlp":
-        view.check_applies(params.op)  # e.g. concat_linear on Phi-3's fused gate_up_proj
     for field, message in params.model_problems(view.family):
         raise ValueError(f"{field}: {message}")
     if view.family.kind == "mlp":
