@@ -19,13 +19,32 @@ from widen_tui.event_text import describe_event
 from widen_tui.sweep_cmd import sweep_app
 
 app = typer.Typer(help="widen — grow trained neural networks, train on new tasks, see what was "
-                       "gained and forgotten.", no_args_is_help=True, add_completion=False,
+                       "gained and forgotten.", no_args_is_help=True, add_completion=True,
                   pretty_exceptions_enable=False)
 plan_app = typer.Typer(help="Check expansion plans.", no_args_is_help=True)
 db_app = typer.Typer(help="The runs index.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
 app.add_typer(db_app, name="db")
 app.add_typer(sweep_app, name="sweep")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("widen")
+        except PackageNotFoundError:  # a bare checkout, not installed
+            number = "unknown (not installed: `make setup`)"
+        typer.echo(f"widen {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print widen's version and exit")] = False) -> None:
+    """widen — grow trained neural networks, train on new tasks, see what was gained and forgotten."""
+
 
 # Piped output (logs, CI) gets a wide page so tables are not truncated to 80 columns.
 console = Console()
@@ -114,8 +133,8 @@ def _load_plan_or_exit(path: Path, overrides: list[str], seed: int | None):
 
 @plan_app.command("check")
 def plan_check(
-    file: Path = typer.Argument(..., help="plan TOML file"),
-    set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
+    file: Annotated[Path, typer.Argument(help="plan TOML file")],
+    set_: Annotated[list[str], typer.Option("--set", help="override a field: key.path=value (repeatable)")] = [],
 ):
     """Validate a plan: schema, tasks, operators, and layer indices against the model's config."""
     from rich.markup import escape
@@ -134,9 +153,9 @@ def plan_check(
 
 @plan_app.command("show")
 def plan_show(
-    file: Path = typer.Argument(..., help="plan TOML file"),
-    set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
-    as_json: bool = typer.Option(False, "--json", help="print the per-operator reports as a JSON list"),
+    file: Annotated[Path, typer.Argument(help="plan TOML file")],
+    set_: Annotated[list[str], typer.Option("--set", help="override a field: key.path=value (repeatable)")] = [],
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-operator reports as a JSON list")] = False,
 ):
     """Build the model and apply every stage's operators without training: parameters added,
     trainable share, and preservation (max |Δlogits|, loss before/after) per operator."""
@@ -249,12 +268,12 @@ RDZV_HELP = "host:port of the c10d rendezvous, a free port on the first machine 
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="plan TOML file"),
-    detach: bool = typer.Option(False, "--detach", "-d", help="print the run id(s) and return at once"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="override the plan's seed"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="one run per seed (and per variant), e.g. 0,1,2; "
-                                        "`widen compare` reports mean ± std"),
-    set_: list[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
+    file: Annotated[Path, typer.Argument(help="plan TOML file")],
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="print the run id(s) and return at once")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="override the plan's seed")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="one run per seed (and per variant), e.g. 0,1,2; "
+                                                 "`widen compare` reports mean ± std")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a field: key.path=value (repeatable)")] = [],
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="train on N processes under torchrun "
                                                  "(DDP; train.batch_size is the global batch)")] = None,
     nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help=NNODES_HELP)] = None,
@@ -269,7 +288,7 @@ def run(
 
 @app.command()
 def demo(
-    set_: list[str] = typer.Option([], "--set", help="override a field of the quickstart plan"),
+    set_: Annotated[list[str], typer.Option("--set", help="override a field of the quickstart plan")] = [],
 ):
     """Grow the built-in model: train on prose, widen every FFN with zero-init, train on Python."""
     plan = EXPERIMENTS / "quickstart.toml"
@@ -282,8 +301,8 @@ def demo(
 def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN")],
            set_: Annotated[list[str], typer.Option("--set", help="change a training setting first, e.g. "
                                                    "train.lr=1e-4 after a divergence (repeatable)")] = [],
-           nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="continue on N processes "
-                                                        "(the checkpoint is whole: any N that divides the batch)")] = None,
+           nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="continue on N processes (the "
+                                                        "checkpoint is whole: any N that divides the batch)")] = None,
            nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help=NNODES_HELP)] = None,
            rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", metavar="HOST:PORT",
                                                                 help=RDZV_HELP)] = None):
@@ -320,7 +339,7 @@ def join(run_ref: Annotated[str, typer.Argument(metavar="RUN")],
 
 
 @app.command()
-def cancel(run_ref: str = typer.Argument(..., metavar="RUN")):
+def cancel(run_ref: Annotated[str, typer.Argument(metavar="RUN")]):
     """Stop a run gracefully: it checkpoints and ends as `cancelled`."""
     from widen_tui.launcher import cancel as cancel_run
 
@@ -424,7 +443,7 @@ class _LinePrinter:
 
 
 @app.command()
-def watch(run_ref: str = typer.Argument("last", metavar="RUN")):
+def watch(run_ref: Annotated[str, typer.Argument(metavar="RUN")] = "last"):
     """Live view of a run (rich; works over SSH). Ctrl-C stops watching, not the run."""
     state = _follow(_run_dir(run_ref))
     if state in ("failed", "lost", "diverged"):
@@ -433,9 +452,9 @@ def watch(run_ref: str = typer.Argument("last", metavar="RUN")):
 
 @app.command()
 def logs(
-    run_ref: str = typer.Argument("last", metavar="RUN"),
-    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the run ends"),
-    raw: bool = typer.Option(False, "--raw", help="print the JSON events as written"),
+    run_ref: Annotated[str, typer.Argument(metavar="RUN")] = "last",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events until the run ends")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="print the JSON events as written")] = False,
 ):
     """Print a run's events (and the worker's stderr if it failed)."""
     from engine.events import EventReader
@@ -475,7 +494,7 @@ def logs(
 
 
 @app.command()
-def runs(as_json: bool = typer.Option(False, "--json", help="print the records as a JSON list")):
+def runs(as_json: Annotated[bool, typer.Option("--json", help="print the records as a JSON list")] = False):
     """List the runs in the runs root (oldest first). Works on a read-only runs root too."""
     index = _index()
     records = index.refresh()
@@ -496,8 +515,8 @@ def runs(as_json: bool = typer.Option(False, "--json", help="print the records a
 
 
 @app.command()
-def show(run_ref: str = typer.Argument("last", metavar="RUN"),
-         as_json: bool = typer.Option(False, "--json", help="print record, status and results as JSON")):
+def show(run_ref: Annotated[str, typer.Argument(metavar="RUN")] = "last",
+         as_json: Annotated[bool, typer.Option("--json", help="print record, status and results as JSON")] = False):
     """A run's record, status and results (perplexity matrix, forgetting, expansions)."""
     run = _run_dir(run_ref)
     record = _index().update_run(run)  # a read-only runs root: shown all the same
@@ -544,8 +563,8 @@ def _print_comparison(refs: list[str], as_json: bool = False) -> None:
 
 
 @app.command()
-def compare(run_refs: list[str] = typer.Argument(..., metavar="RUN..."),
-            as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON")):
+def compare(run_refs: Annotated[list[str], typer.Argument(metavar="RUN...")],
+            as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False):
     """Runs side by side: parameters added, trainable share, final perplexity per task,
     forgetting, BWT/FWT, wall time, tokens/s, peak memory; mean ± std over seeds."""
     _print_comparison(run_refs, as_json)
@@ -566,15 +585,15 @@ PARITY_TOLERANCE = 1e-4
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., metavar="PLAN_OR_RUN",
-                                 help="a plan .toml (built and expanded, not trained) or a run (id, prefix, "
-                                      "last, name, or run directory)"),
-    out_dir: Path = typer.Argument(..., help="directory to write the Hugging Face model to"),
-    keep_adapters: bool = typer.Option(False, "--keep-adapters",
-                                       help="keep adapters separate (PEFT format in OUT_DIR/adapter) "
-                                            "instead of merging them"),
-    set_: list[str] = typer.Option([], "--set", help="override a field of a plan file: key.path=value"),
-    variant: Optional[str] = typer.Option(None, "--variant", help="a plan with variants: the one to build"),
+    source: Annotated[str, typer.Argument(metavar="PLAN_OR_RUN",
+                                          help="a plan .toml (built and expanded, not trained) or a run (id, prefix, "
+                                               "last, name, or run directory)")],
+    out_dir: Annotated[Path, typer.Argument(help="directory to write the Hugging Face model to")],
+    keep_adapters: Annotated[bool, typer.Option("--keep-adapters",
+                                                help="keep adapters separate (PEFT format in OUT_DIR/adapter) "
+                                                     "instead of merging them")] = False,
+    set_: Annotated[list[str], typer.Option("--set", help="override a field of a plan file: key.path=value")] = [],
+    variant: Annotated[Optional[str], typer.Option("--variant", help="a plan with variants: the one to build")] = None,
 ):
     """Export a grown model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads
     it; AutoModelForSeq2SeqLM for T5): widened layers merged into wider matrices, copied layers
@@ -637,14 +656,14 @@ def export(
 
 @app.command()
 def plot(
-    refs: list[str] = typer.Argument(..., metavar="RUN...",
-                                     help="runs (id, prefix, last, name, or run directory) and/or mapping-sweep "
-                                          ".json files (from `widen sweep mapping --json`)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o",
-                                       help="directory for the PNGs (default: RUN/figures for one run, "
-                                            "else ./figures)"),
-    x: str = typer.Option("steps", "--x", help="x axis of the loss curves: steps | tokens | flops "
-                                               "(runs that grow mid-way compare fairly only by flops)"),
+    refs: Annotated[list[str], typer.Argument(metavar="RUN...",
+                                              help="runs (id, prefix, last, name, or run directory) and/or "
+                                                   "mapping-sweep .json files (from `widen sweep mapping --json`)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o",
+                                                help="directory for the PNGs (default: RUN/figures for one run, "
+                                                     "else ./figures)")] = None,
+    x: Annotated[str, typer.Option("--x", help="x axis of the loss curves: steps | tokens | flops "
+                                               "(runs that grow mid-way compare fairly only by flops)")] = "steps",
 ):
     """PNG figures: loss.png (training and eval loss of every run, overlaid, with stage boundaries and
     expansions), forgetting-<run>.png (bits per byte per task after each stage) and mapping-<name>.png
@@ -729,8 +748,8 @@ def plot(
 
 
 @app.command()
-def tui(run_ref: Optional[str] = typer.Argument(None, metavar="[RUN]", help="open this run's monitor"),
-        plan: Optional[Path] = typer.Option(None, "--plan", help="open the plan builder on this file")):
+def tui(run_ref: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="open this run's monitor")] = None,
+        plan: Annotated[Optional[Path], typer.Option("--plan", help="open the plan builder on this file")] = None):
     """The terminal app: runs, live monitor, plan builder, compare, sweep. `q` quits; runs keep
     going. Works over SSH (any terminal, 80×24 and up)."""
     run_id = _run_dir(run_ref).id if run_ref else None
@@ -780,7 +799,8 @@ def doctor():
 def main() -> None:
     try:
         # without standalone mode click returns a typer.Exit's code instead of raising it
-        code = app(standalone_mode=False)
+        # prog_name: usage lines and the completion variable (_WIDEN_COMPLETE) say `widen`, also under -m
+        code = app(standalone_mode=False, prog_name="widen")
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)

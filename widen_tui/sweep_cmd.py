@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -214,31 +214,36 @@ def write_csv(result: dict, path: Path) -> None:
 
 @sweep_app.command("mapping")
 def mapping(
-    model_ref: str = typer.Option(..., "--model", "-m", metavar="SRC",
-                                  help="hub name, local model directory, builtin:tiny-neo, or a run "
-                                       "(id, prefix, last, name, run directory: its trained model)"),
-    depth: int = typer.Option(..., "--depth", "-d", min=1, help="layers of the stacked models"),
-    keep_ends: bool = typer.Option(True, "--keep-ends/--no-keep-ends",
-                                   help="generated mappings keep the first and last source layers in place"),
-    mappings_file: Optional[Path] = typer.Option(None, "--mappings", metavar="FILE",
-                                                 help="JSON or TOML file with a list of mappings "
-                                                      "(instead of the generated non-decreasing ones)"),
-    task: str = typer.Option("builtin:pydoc", "--task", "-t",
-                             help="held-out text: builtin:pydoc, builtin:stdlib-python, a local text "
-                                  "file/dir, or a task of the run's plan"),
-    limit: Optional[int] = typer.Option(None, "--limit", "-k", min=1,
-                                        help="at most K mappings, evenly spread (the most identity-like kept)"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
-                                            help='"bytes" (default) or a tokenizer directory / hub name; '
-                                                 "a run uses its plan's"),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
-    seq_len: int = typer.Option(64, "--seq-len", min=2),
-    batches: int = typer.Option(2, "--batches", min=1, help="fixed eval batches per mapping"),
-    naive: bool = typer.Option(True, "--naive/--no-naive",
-                               help="also time each mapping from layer 0, to report the prefix-sharing speed-up"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="also write the rows as CSV"),
+    model_ref: Annotated[str, typer.Option("--model", "-m", metavar="SRC",
+                                           help="hub name, local model directory, builtin:tiny-neo, or a run "
+                                                "(id, prefix, last, name, run directory: its trained model)")],
+    depth: Annotated[int, typer.Option("--depth", "-d", min=1, help="layers of the stacked models")],
+    keep_ends: Annotated[bool, typer.Option("--keep-ends/--no-keep-ends",
+                                            help="generated mappings keep the first and last source layers "
+                                                 "in place")] = True,
+    mappings_file: Annotated[Optional[Path], typer.Option("--mappings", metavar="FILE",
+                                                          help="JSON or TOML file with a list of mappings "
+                                                               "(instead of the generated non-decreasing "
+                                                               "ones)")] = None,
+    task: Annotated[str, typer.Option("--task", "-t",
+                                      help="held-out text: builtin:pydoc, builtin:stdlib-python, a local text "
+                                           "file/dir, or a task of the run's plan")] = "builtin:pydoc",
+    limit: Annotated[Optional[int], typer.Option("--limit", "-k", min=1,
+                                                 help="at most K mappings, evenly spread (the most "
+                                                      "identity-like kept)")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer",
+                                                     help='"bytes" (default) or a tokenizer directory / hub name; '
+                                                          "a run uses its plan's")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2)] = 64,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="fixed eval batches per mapping")] = 2,
+    naive: Annotated[bool, typer.Option("--naive/--no-naive",
+                                        help="also time each mapping from layer 0, to report the "
+                                             "prefix-sharing speed-up")] = True,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", metavar="FILE",
+                                                     help="also write the rows as CSV")] = None,
 ):
     """Score stacked models built from SRC by layer mappings (entry i of a mapping: the source layer
     that target layer i runs) by held-out perplexity, without training: a heatmap of mappings, best
