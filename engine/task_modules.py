@@ -71,6 +71,10 @@ def _op_settings(op_params) -> dict:
     descriptor = OPS.get(data.get("op"))
     schema = descriptor.schema if descriptor is not None else None
     if schema is not None:
+        try:  # defaults that follow other settings (widen_ffn's mode follows its init) come out resolved
+            return schema.model_validate(data).model_dump()
+        except ValueError:
+            pass
         for name, field in schema.model_fields.items():
             if name not in data and not field.is_required():
                 data[name] = field.get_default(call_default_factory=True)

@@ -175,3 +175,27 @@ def test_descriptors_stay_torch_free():
             "engine.ops.params.operators_table_markdown(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("op", ["widen_ffn", "widen_mlp"])
+def test_the_default_mode_follows_the_init(op):
+    """`init = "net2net"` alone just works (a split rewrites the original units: in place); the
+    other inits keep the parallel default; an explicit parallel split is still refused."""
+    schema = OPS[op].schema
+    assert schema(size=4, init="net2net").mode == "inplace"
+    assert schema(size=4, init="copy_halve").mode == "inplace"
+    assert schema(size=4).mode == "parallel" and schema(size=4, init="random").mode == "parallel"
+    with pytest.raises(ValueError, match='set mode = "inplace"'):
+        schema(size=4, init="net2net", mode="parallel")
+
+
+def test_a_net2net_growth_without_mode_passes_plan_check(tmp_path):
+    from engine.plan import load_plan
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('name = "n2n"\n[model]\nsource = "builtin:tiny-neo"\ntokenizer = "bytes"\n'
+                    '[tasks.python]\nsource = "builtin:stdlib-python"\n'
+                    '[[stages]]\ntask = "python"\nsteps = 2\n'
+                    '[[stages.expand]]\nop = "widen_ffn"\nsize = 8\ninit = "net2net"\n')
+    [stage] = load_plan(plan).stages
+    assert stage.expand[0].params().mode == "inplace"

@@ -218,7 +218,9 @@ class WidenFFNParams(LayeredOpParams):
     op: Literal["widen_ffn"] = "widen_ffn"
     size: Int = Field(..., gt=0, le=MAX_UNITS, description="number of hidden units to add per layer")
     init: WidthInit = "zero_out"
-    mode: Literal["parallel", "inplace"] = "parallel"
+    mode: Literal["parallel", "inplace"] | None = Field(
+        None, description='default: "inplace" for the splitting inits (net2net, copy_halve), else "parallel"',
+        json_schema_extra={"default_text": "follows init"})
     noise: Float = Field(0.0, ge=0, le=MAX_SCALE, description="relative noise added by net2net/copy_halve")
     init_std: Float | None = Field(None, gt=0, le=MAX_SCALE, description="std of random incoming weights "
                                    "(default: the std of the existing incoming weights)")
@@ -226,7 +228,10 @@ class WidenFFNParams(LayeredOpParams):
 
     @model_validator(mode="after")
     def _splitting_needs_inplace(self):
-        if self.init in ("net2net", "copy_halve") and self.mode == "parallel":
+        splitting = self.init in ("net2net", "copy_halve")
+        if self.mode is None:  # the default follows the init: a split rewrites the original units
+            self.mode = "inplace" if splitting else "parallel"
+        if splitting and self.mode == "parallel":
             raise ValueError(f"init = \"{self.init}\" rescales the original units' outgoing weights, "
                              "which a parallel path leaves untouched — set mode = \"inplace\"")
         return self

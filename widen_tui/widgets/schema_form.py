@@ -61,13 +61,14 @@ class FieldSpec:
     description: str = ""
     choices: tuple = ()            # kind "choice"
     suggestions: tuple = ()        # completions offered while typing
+    default_text: str | None = None  # what an unset field means, when its default depends on others
 
     @property
     def placeholder(self) -> str:
         if self.required:
             return "required"
         if self.default is None:
-            return "not set"
+            return f"{self.default_text} (default)" if self.default_text else "not set"
         return f"{format_value(self.default)} (default)"
 
 
@@ -119,7 +120,9 @@ def describe_fields(schema: type[BaseModel], skip: Iterable[str] = ()) -> list[F
         kind, choices, suggestions = field_kind(info.annotation)
         required = info.default is PydanticUndefined and info.default_factory is None
         default = None if required or info.default is PydanticUndefined else info.default
-        specs.append(FieldSpec(name, kind, required, default, info.description or "", choices, suggestions))
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        specs.append(FieldSpec(name, kind, required, default, info.description or "", choices, suggestions,
+                               extra.get("default_text")))
     return specs
 
 
