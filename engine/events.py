@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from engine.rundir import dumps_json
@@ -38,6 +38,8 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "resume": ("stage", "step", "global_step"),                     # a resumed run continues from here
     # a distributed run, at each logged step: every rank's memory, one object per rank (RANK_FIELDS)
     "ranks": ("stage", "step", "global_step", "ranks"),
+    # something went wrong beside the run, which goes on: a tracker (engine.trackers) that failed
+    "warning": ("source", "message"),
 }
 COMMON = ("type", "t")
 
@@ -55,7 +57,7 @@ TYPES: dict[str, str] = {
     "loss_after": "num?", "max_pairwise_cosine": "num?", "max_twin_cosine": "num?",
     "rss_mb": "num?", "cpu_percent": "num?", "gpus": "list", "gpu_status": "str?", "torch_peak_mb": "num?",
     "depth": "int", "rows": "int", "best": "dict?", "growth": "int?", "stage_steps": "list?",
-    "ranks": "list",
+    "ranks": "list", "source": "str", "message": "str",
 }
 # What each object of a ``ranks`` event holds (rank is required; host is None when not gathered,
 # gpu_mem_mb None without a GPU).
@@ -158,13 +160,15 @@ def check_event(event) -> str | None:
 
 class EventWriter:
     """Appends events as strict JSON (a NaN loss is written as null); flushes every line so readers
-    see it at once, fsyncs the important ones."""
+    see it at once, fsyncs the important ones. `listener` (engine.trackers' mirror) is called
+    with every emitted event once it is written."""
 
     DURABLE = frozenset({"start", "stage", "expand", "checkpoint", "status", "resume"})
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, listener: Callable[[dict], None] | None = None):
         self.path = Path(path)
         self._file = open(self.path, "a", buffering=1)
+        self.listener = listener
 
     def emit(self, kind: str, **fields) -> dict:
         event = {"type": kind, "t": round(time.time(), 3), **fields}
@@ -172,6 +176,8 @@ class EventWriter:
         self._file.flush()
         if kind in self.DURABLE:
             os.fsync(self._file.fileno())
+        if self.listener is not None:
+            self.listener(event)
         return event
 
     def write_raw(self, event: dict) -> None:
