@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from engine import checkpoint, health, results, speed, sweep
+from engine import checkpoint, flops, health, results, speed, sweep
 from engine.build import prepare, probe_batch, stage_seed, task_train_batch
 from engine.checkpoint import History, Position, TrainerState
 from engine.distributed import World
@@ -28,7 +28,7 @@ from engine.divergence import Diverged, check_step
 from engine.evaluation import Evaluator
 from engine.events import EventWriter
 from engine.expand import count_params
-from engine.growth import PlateauDetector, carry_optimizer_state, continue_schedule
+from engine.growth import Progress, carry_optimizer_state, continue_schedule, make_trigger
 from engine.optim import Precision
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir
@@ -167,6 +167,8 @@ class Trainer:
         else:
             self.m.freeze(index)
         self.m.activate(stage.task)
+        self.m.restarts = self._restarts(index)  # a resume's lr schedule restarts where its growths did
+        self._profile_flops(stage.task)
         self.m.shard()  # FSDP: the whole model is sharded for training (nothing otherwise)
 
         optimizer, scheduler = self.m.make_optimizer(stage)
@@ -181,6 +183,9 @@ class Trainer:
         total, trainable = count_params(self.model), self.m.freezer.trainable(self.model)
         for report, units in health.after_training(self.history.expansions, self.m.growth, index):
             self.emit("health", stage=index, op=report["op"], **units)
+            warning = health.twin_warning(report, units)
+            if warning:
+                self.emit("warning", source="health", message=warning)
         self.history.add_row(f"after {label}", self.evaluate_all(stage=index, step=stage.steps))
         self.history.add_stage(index, label, stage.task, total, trainable)
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="end",
@@ -189,6 +194,21 @@ class Trainer:
         self.save_checkpoint("stage end", stage=index, step=stage.steps)
         for hook in self.on_stage_end:
             hook(self, index)
+
+    def _profile_flops(self, task: str) -> None:
+        """What a step of the model as it now is costs (engine.flops: the matmuls that run, the
+        gradients autograd computes), read once per shape, freezing and active task: here, while
+        the model is whole (before FSDP shards it)."""
+        self.flop_profile = flops.profile(self.model, self.m.view, sample_inputs=probe_batch(self.eval_sets[task])[0],
+                                          checkpointing=self.plan.train.checkpointing)
+
+    def _restarts(self, index: int) -> list[int]:
+        """The stage steps at which stage `index`'s lr schedule went back to its peak so far:
+        its growths', under ``schedule_after = "rewarm"``."""
+        grow = self.plan.stages[index].grow
+        if grow is None or grow.schedule_after != "rewarm":
+            return []
+        return [g["step"] for g in self.history.growths if g["stage"] == index]
 
     def _log_expansions(self, index: int, reports: list[dict], **fields) -> None:
         trainable, total = self.m.freezer.trainable(self.model), count_params(self.model)
@@ -207,7 +227,7 @@ class Trainer:
         tokens_per_step = train.batch_size * train.seq_len
         window_start, window_tokens = time.time(), 0
         trainable, total_params = self.m.freezer.trainable(self.model), count_params(self.model)
-        plateau = PlateauDetector.for_stage(stage.grow, self.plateau_state) if stage.grow else None
+        trigger = make_trigger(stage.grow, self.plateau_state) if stage.grow else None
         check_losses: list[float] = []
         stage_start = time.time()
         while self.position.step < stage.steps:
@@ -215,7 +235,8 @@ class Trainer:
             if world.broadcast_flag(self.is_main and (self.cancel_requested or self.run.cancel_request.exists())):
                 self.save_checkpoint("cancel", optimizer, scheduler)
                 raise Cancelled()
-            batch = world.shard_rows(task_train_batch(data, train, self.plan.seed, index, step), train.batch_size)
+            whole = task_train_batch(data, train, self.plan.seed, index, step)  # the global batch: its FLOPs
+            batch = world.shard_rows(whole, train.batch_size)
             loss, grad_norm, vocab = self.m.forward_backward(trainee, batch, self.precision, optimizer, trainable)
             if world.distributed:  # the global batch's loss: every rank decides alike
                 loss = torch.tensor(world.all_sum([float(loss)])[0] / world.size)
@@ -227,10 +248,9 @@ class Trainer:
             scheduler.step()
             self.position.step = done = step + 1
             self.history.tokens += tokens_per_step
-            # forward ~2·N·tokens over all weights, backward ~4·N (2 for weights we train)
-            self.history.flops += tokens_per_step * (4 * total_params + 2 * (trainable or 1))
+            self.history.flops += self.flop_profile.step_flops(whole[0])  # docs/flops.md
             window_tokens += tokens_per_step
-            if plateau is not None:
+            if trigger is not None:
                 check_losses.append(float(loss))
             if done % train.log_interval == 0 or done == stage.steps:
                 elapsed = time.time() - window_start
@@ -244,10 +264,12 @@ class Trainer:
                 window_start, window_tokens = time.time(), 0
                 if self.status:
                     self.status.write(step=done)
-            if plateau is not None and done % stage.grow.check_interval == 0:
-                grow_now = plateau.update(sum(check_losses) / len(check_losses))
-                check_losses = []
-                self.plateau_state = plateau.state_dict()
+            if trigger is not None:  # the plateau test reads the mean loss of each check interval
+                checked = done % stage.grow.check_interval == 0
+                grow_now = trigger.update(Progress(step=done, tokens=self.history.tokens, flops=self.history.flops,
+                                                   loss=sum(check_losses) / len(check_losses) if checked else None))
+                check_losses = [] if checked else check_losses
+                self.plateau_state = trigger.state_dict()
                 if grow_now and done < stage.steps:
                     optimizer, scheduler = self.grow(index, optimizer, scheduler)
                     trainable, total_params = self.m.freezer.trainable(self.model), count_params(self.model)
@@ -268,6 +290,9 @@ class Trainer:
         k, step = self.position.growths, self.position.step
         optimizer, scheduler = self.m.gather(index + 1, self.history.growths, optimizer, scheduler)
         growth, before = self.m.grow(index, k, probe_batch(self.eval_sets[stage.task]))
+        self._profile_flops(stage.task)
+        if stage.grow.schedule_after == "rewarm":  # the new schedule restarts at this step (engine.optim)
+            self.m.restarts = [*self.m.restarts, step]
         new_optimizer, new_scheduler = self.m.make_optimizer(stage)
         carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth, masked=self.m.freezer.masked)
         continue_schedule(scheduler, new_scheduler)
