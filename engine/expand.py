@@ -198,3 +198,9 @@ class Freezer:
             if p.requires_grad:
                 total += self._counts[id(p)] if id(p) in self.masked else p.numel()
         return total
+
+
+# `engine.expand(model, op, ...)` is the Python API's expand (engine.api): this module is callable.
+from engine import callable_module  # noqa: E402
+
+callable_module(__name__)

@@ -342,3 +342,9 @@ def reload_delta(out_dir: Path | str, inputs: torch.Tensor, reference: torch.Ten
 
     logits = forward_logits(load_export(out_dir), inputs.to("cpu")).float()
     return float((logits - reference.to("cpu").float()).abs().max())
+
+
+# `engine.export(model, out_dir)` is the Python API's export (engine.api): this module is callable.
+from engine import callable_module  # noqa: E402
+
+callable_module(__name__)

@@ -1,0 +1,1 @@
+"""widen inside other training frameworks (hf: Hugging Face Trainer callbacks)."""
