@@ -27,6 +27,7 @@ from engine import builtins
 from engine.errors import WidenError
 from engine.names import label_problem, name_problem
 from engine.ops.params import MAX_DEPTH, MAX_STEPS, OPS, Float, Int, OpParams
+from engine.trackers import TRACKER_NAMES
 
 # Bounds of the plan's numbers (the operators' own are in engine.ops.params).
 MAX_SEED = 2 ** 32 - 1          # numpy seeds (default_rng([seed, stage, step])) are 32-bit words
@@ -133,6 +134,18 @@ class TrainSpec(Strict):
                                 "one more forward)")
     compile: StrictBool = Field(False, description="torch.compile the model (compiled again after a growth)")
     distributed: DistributedSpec | None = Field(None, description="processes under torchrun (default: one)")
+    report_to: list[Literal[TRACKER_NAMES]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="trackers that get a copy of the run's metrics: tensorboard, mlflow, "
+        "wandb (pip install 'widen[trackers]'); widen's own events stay the record")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_more_trackers(cls, v):
+        if isinstance(v, str):  # report_to = "tensorboard", as Hugging Face's TrainingArguments takes it
+            v = [v]
+        if isinstance(v, list) and len(set(map(repr, v))) != len(v):
+            raise ValueError("names a tracker twice — list each once")
+        return v
 
     @property
     def nproc(self) -> int:
@@ -246,6 +259,7 @@ class Plan(Strict):
         import json
 
         data = self.model_dump(mode="json", include={"seed", "model", "tasks", "train", "task_modules"})
+        data["train"].pop("report_to", None)  # where metrics are mirrored changes no result
         data["stages"] = [s.model_dump(mode="json", exclude={"name"}) for s in self.stages[:stages]]
         data["format"] = PREFIX_FORMAT
         return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -193,8 +193,18 @@ def speed_problems(raw: dict) -> list[tuple[str, str]]:
     return []
 
 
+def tracker_problems(train: dict) -> list[tuple[str, str]]:
+    """Each tracker in `report_to` whose package is not installed here (engine.trackers)."""
+    from engine.trackers import TRACKER_NAMES, package_problem
+
+    names = train.get("report_to")
+    names = [names] if isinstance(names, str) else names if isinstance(names, list) else []
+    found = [package_problem(n) for n in dict.fromkeys(n for n in names if n in TRACKER_NAMES)]
+    return [("train.report_to", problem) for problem in found if problem]
+
+
 def environment_problems(raw: dict) -> list[tuple[str, str]]:
-    """Task sources, tokenizers and the device of a raw plan dict (model sources: see
+    """Task sources, tokenizers, the device and the trackers' packages of a raw plan dict (model sources: see
     ``model_source_problems``, called before the model's config is loaded)."""
     found = []
     tasks = raw.get("tasks")
@@ -209,7 +219,7 @@ def environment_problems(raw: dict) -> list[tuple[str, str]]:
         if isinstance(model, dict):
             found += tokenizer_problems(model, where)
     if isinstance(raw.get("train"), dict):
-        found += device_problems(raw["train"])
+        found += device_problems(raw["train"]) + tracker_problems(raw["train"])
     elif "train" not in raw:
         found += device_problems({})
     return found + speed_problems(raw)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from engine import checkpoint, flops, health, results, speed, sweep
+from engine import checkpoint, flops, health, results, speed, sweep, trackers
 from engine.build import prepare, probe_batch, stage_seed, task_train_batch
 from engine.checkpoint import History, Position, TrainerState
 from engine.distributed import World
@@ -56,6 +56,7 @@ class Trainer:
 
     def setup(self):
         self.events = EventWriter(self.run.events) if self.is_main else None
+        trackers.attach(self.events, self.plan.train.report_to, self.run.path)  # a copy of the metrics, if asked
         self.monitor = SystemMonitor(SYSTEM_SAMPLE_S)
         prepared = prepare(self.plan, self.run.path.parent / ".cache")
         self.device, self.tokenizer, self.tasks = prepared.device, prepared.tokenizer, prepared.tasks

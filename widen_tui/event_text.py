@@ -56,6 +56,8 @@ def describe_event(e: dict) -> str:
 
         return f"{label} step {e['step']}: memory per rank: " + "; ".join(
             " ".join(line.split()) for line in rank_lines(e["ranks"]))
+    if kind == "warning":
+        return f"warning ({e['source']}): {e['message']}"
     if kind == "status":
         return f"status {e['state']}" + (f": {e['error']}" if e.get("error") else "")
     if kind == "health":
