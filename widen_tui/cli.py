@@ -539,10 +539,17 @@ def show(run_ref: Annotated[str, typer.Argument(metavar="RUN")] = "last",
         console.print(f"no results yet — `widen watch {run.id}`", highlight=False)
 
 
-def _print_comparison(refs: list[str], as_json: bool = False) -> None:
+def _print_comparison(refs: list[str], as_json: bool = False, target: str | None = None, task: str | None = None,
+                      baseline: str | None = None) -> None:
     from widen_tui.compare import compare_runs
 
+    if target is None and (task is not None or baseline is not None):
+        raise CLIError("--task and --baseline go with --target-loss L|auto")
     runs = [_run_dir(ref) for ref in refs]
+    if baseline is not None:  # the baseline is compared too (first, unless it is among the runs)
+        base = _run_dir(baseline)
+        runs = runs if any(r.id == base.id for r in runs) else [base, *runs]
+        baseline = base.id
     missing = [r.id for r in runs if not r.results()]
     if missing and len(missing) == len(runs):
         raise CLIError(f"no results yet for {', '.join(missing)} — wait for the runs to end (`widen watch`)")
@@ -554,20 +561,39 @@ def _print_comparison(refs: list[str], as_json: bool = False) -> None:
         streams.append(reader.read_new())
         _warn_files(run, reader)
     data = compare_runs([(r.info(), r.status(), r.results()) for r in runs], streams)
+    report = None
+    if target is not None:
+        from widen_tui import compute_to_target as ctt
+
+        report = ctt.compute_to_target([ctt.RunInput(r.id, r.info(), s) for r, s in zip(runs, streams)],
+                                       ctt.parse_target(target), task, baseline)
+        data["compute_to_target"] = report.to_json()
     if as_json:
         _print_json(data)
         return
-    from widen_tui.report import comparison_view
+    from widen_tui.report import comparison_view, target_view
 
     console.print(comparison_view(data))
+    if report is not None:
+        console.print(target_view(report))
 
 
 @app.command()
 def compare(run_refs: Annotated[list[str], typer.Argument(metavar="RUN...")],
-            as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False):
+            as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
+            target_loss: Annotated[Optional[str], typer.Option(
+                "--target-loss", metavar="L|auto",
+                help="compute to target: the FLOPs, tokens and time at which each run's held-out loss first "
+                     "reached L (auto: the baseline's final held-out loss), and the ratio to the baseline's")] = None,
+            task: Annotated[Optional[str], typer.Option(
+                "--task", help="the task whose held-out loss is read (default: the only task, or the task "
+                               "every run's last stage trained)")] = None,
+            baseline: Annotated[Optional[str], typer.Option(
+                "--baseline", metavar="RUN", help="the run the ratios divide by (default: the first RUN)")] = None):
     """Runs side by side: parameters added, trainable share, final perplexity per task,
-    forgetting, BWT/FWT, wall time, tokens/s, peak memory; mean ± std over seeds."""
-    _print_comparison(run_refs, as_json)
+    forgetting, BWT/FWT, wall time, tokens/s, peak memory; mean ± std over seeds. With
+    --target-loss: the compute each run needed to reach a held-out loss (docs/flops.md)."""
+    _print_comparison(run_refs, as_json, target_loss, task, baseline)
 
 
 @db_app.command("rebuild")
@@ -648,6 +674,25 @@ def export(
     if not delta <= PARITY_TOLERANCE:
         raise CLIError(f"export parity failed: max |Δlogits| {delta:.2e} > {PARITY_TOLERANCE:g} — the "
                        f"export in {out_dir} does not compute what the grown model computes")
+
+
+@app.command("export-metrics")
+def export_metrics(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="a run: id, prefix, last, name, or run directory")],
+    to: Annotated[str, typer.Option("--to", metavar="tensorboard|mlflow|csv", help="where to mirror the metrics")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory (default: RUN_DIR/export-TOOL; "
+                                                "mlflow: MLFLOW_TRACKING_URI when set)")] = None,
+):
+    """Mirror a run's metrics after the fact (engine.metrics_export): loss, lr, tokens/s, evals per
+    task, expansions and growths, memory samples, and the final forgetting matrix."""
+    from engine.metrics_export import export_run
+
+    path = Path(run_ref)
+    run = RunDir(path) if path.is_dir() and (path / "plan.toml").exists() else _run_dir(run_ref)
+    summary = export_run(run.path, to, out)
+    for problem in summary.problems[:5]:
+        _warn(f"{run.id}: skipped {problem}")
+    console.print(summary.line(), highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

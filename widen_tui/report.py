@@ -320,6 +320,25 @@ def comparison_view(data: dict) -> Group:
     return Group(*parts)
 
 
+def target_view(report) -> Group:
+    """Compute to target (``widen_tui.compute_to_target.TargetReport``): per variant, mean ± std
+    over seeds and the ratio to the baseline; with seeds, each run too."""
+    from widen_tui import compute_to_target as ctt
+
+    parts = []
+    for caption, (columns, rows) in ((ctt.title(report), ctt.group_rows(report)),
+                                     ("each run", ctt.run_rows(report))):
+        table = Table(title=caption, title_justify="left", header_style="bold")
+        for col in columns:
+            table.add_column(col, justify="left" if col in ("variant", "run", "evals") else "right")
+        for row in rows:
+            table.add_row(*row)
+        parts.append(table)
+        if not any(len(g.runs) > 1 for g in report.groups):
+            break  # one run per variant: the variant table is the runs table
+    return Group(*parts)
+
+
 def runs_table(records: list[dict]) -> Table:
     table = Table(header_style="bold")
     for col in ("id", "name", "state", "stage", "step", "final ppl", "age"):
