@@ -242,6 +242,7 @@ class StackReplay:
     blocks: list[nn.Module] = field(init=False)
     final_norm: nn.Module = field(init=False)
     head: nn.Module = field(init=False)
+    final_softcap: float | None = field(init=False)
 
     def __post_init__(self):
         config = getattr(self.model, "config", None)
@@ -252,11 +253,13 @@ class StackReplay:
         except UnsupportedArchitecture as e:
             raise SweepError(str(e)) from None
         if family.kind != "causal_lm" or family.final_norm is None:
-            raise SweepError(f"the mapping sweep supports decoder-only models (GPT-Neo, GPT-2, GPT-NeoX, "
-                             f"Llama/Mistral/Qwen2) — {family.name} ({family.kind}) is not supported")
+            raise SweepError(f"the mapping sweep supports decoder-only models — {family.name} ({family.kind}) "
+                             "is not supported")
         self.blocks = list(get_submodule(self.model, family.blocks))
         self.final_norm = get_submodule(self.model, family.final_norm)
         self.head = self.model.get_output_embeddings()
+        cap = getattr(config, family.final_softcap_field, None) if family.final_softcap_field else None
+        self.final_softcap = float(cap) if cap else None
 
     @property
     def num_layers(self) -> int:
@@ -291,7 +294,10 @@ class StackReplay:
         return recorded.calls[source](self.blocks[source], hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_norm(hidden))
+        logits = self.head(self.final_norm(hidden))
+        if self.final_softcap:  # as the model's own forward does (Gemma 2/3)
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
 
 def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:

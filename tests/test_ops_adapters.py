@@ -18,7 +18,7 @@ from engine.ops.adapters import (adapter_layers, adapter_names, adapter_state_di
 from engine.ops.depth import layer_kinds
 from engine.ops.params import ADAPTER_ROLES
 from engine.plan import ExpandSpec
-from tests.tiny_models import DECODER_FAMILIES, build, build_t5, token_batch, train_steps
+from tests.tiny_models import ALL_DECODER_FAMILIES, build, build_t5, token_batch, train_steps
 
 examples = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -51,7 +51,7 @@ def adapter_tensors(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 # random tiny configs: family, depth, heads, head_dim, ffn width, weights seed
-tiny_models = st.tuples(st.sampled_from(DECODER_FAMILIES), st.integers(2, 3), st.integers(1, 3),
+tiny_models = st.tuples(st.sampled_from(ALL_DECODER_FAMILIES), st.integers(2, 3), st.integers(1, 3),
                         st.sampled_from([4, 8]), st.integers(4, 16), st.integers(0, 10_000))
 
 
@@ -120,7 +120,7 @@ def test_frozen_base_stays_put_while_adapters_learn():
 # virtual twins: shared base, own adapters
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("family", ALL_DECODER_FAMILIES)
 def test_virtual_twins_get_their_own_adapters(family):
     model, view = build(family, 2, 2, 4, 12, 0)
     growth = grow(model, view, {"op": "map_layers", "mapping": [0, 1, 1], "kinds": "virtual"},
@@ -361,7 +361,7 @@ def test_merging_keeps_the_function_of_twins_with_different_adapters():
     assert count_params(model) == params_before - adapters + shared_adapted
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("family", ALL_DECODER_FAMILIES)
 def test_merging_nested_adapters_then_growing_again(family):
     """LoRA then IA3 on the same projections nest; identity insertion over them stays exact
     (the inner LoRA is zeroed too), and merging keeps the function."""

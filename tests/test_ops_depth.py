@@ -14,11 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
+from engine.arch import get_submodule
 from engine.expand import Freezer, apply_stage, count_params
 from engine.ops.depth import layer_kinds
 from engine.ops.params import MapLayersParams
 from engine.plan import ExpandSpec, validate_file
-from tests.tiny_models import DECODER_FAMILIES, build, token_batch
+from tests.tiny_models import ALL_DECODER_FAMILIES, build, token_batch
 
 examples = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -86,7 +87,7 @@ def assert_depth_bookkeeping(model, view, sources: list[int], kinds_before):
 
 
 # random tiny configs: family, depth, heads, head_dim, ffn width, weights seed
-tiny_models = st.tuples(st.sampled_from(DECODER_FAMILIES), st.integers(2, 4), st.integers(1, 3),
+tiny_models = st.tuples(st.sampled_from(ALL_DECODER_FAMILIES), st.integers(2, 4), st.integers(1, 3),
                         st.sampled_from([4, 8]), st.integers(4, 16), st.integers(0, 10_000))
 
 
@@ -217,7 +218,7 @@ def test_gpt_neo_attention_types_follow_the_mapping():
 # virtual layers
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("family", ALL_DECODER_FAMILIES)
 def test_virtual_layers_share_storage_and_gradients(family):
     model, view = build(family, 2, 2, 4, 12, 0)
     real, real_view = build(family, 2, 2, 4, 12, 0)
@@ -303,7 +304,7 @@ def test_scale_multiplies_real_repeats_only():
 # freezing
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("family", ALL_DECODER_FAMILIES)
 def test_only_inserted_blocks_train_under_freeze_base(family):
     model, view = build(family, 2, 2, 4, 12, 0)
     growth = apply_stage(model, view, 0, [ExpandSpec(op="insert_identity", layers=[0])], token_batch(),
@@ -315,13 +316,18 @@ def test_only_inserted_blocks_train_under_freeze_base(family):
     assert freezer.trainable(model) == growth.reports[0]["params_added"] == block_params(inserted)
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    out_proj = view.family.attention.out
-    zero_out = getattr(view.attention(1), out_proj).weight
-    assert float(zero_out.detach().abs().max()) == 0
+    family = view.family
+    if family.post_norms:  # OLMo-2, Gemma: the post-norms' gains are zeroed (weight = -offset)
+        zeroed = get_submodule(inserted, family.post_norms[0]).weight
+        effective = zeroed.detach() + family.norm_offset
+    else:
+        zeroed = getattr(view.attention(1), family.attention.out).weight
+        effective = zeroed.detach()
+    assert float(effective.abs().max()) == 0
     before = logits(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss(model).backward()
-    assert float(zero_out.grad.abs().max()) > 0  # the zeroed projection can learn
+    assert float(zeroed.grad.abs().max()) > 0  # the zeroed tensor can learn
     optimizer.step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert float((logits(model) - before).abs().max()) > 0

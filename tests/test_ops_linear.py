@@ -18,7 +18,7 @@ from engine.export import _materialize_modules
 from engine.health import similarity_report
 from engine.ops.linear import ConcatLinear, ParallelLinear, WiderInputLinear
 from engine.plan import ExpandSpec
-from tests.tiny_models import DECODER_FAMILIES, build, build_t5, token_batch
+from tests.tiny_models import build, build_t5, families_for, token_batch
 
 quick = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -258,7 +258,7 @@ ROLES = ["q", "k", "v", "o", "up", "down"]
 
 
 @settings(quick, max_examples=10)
-@given(family=st.sampled_from(DECODER_FAMILIES), roles=st.lists(st.sampled_from(ROLES), min_size=1, max_size=3, unique=True),
+@given(family=st.sampled_from(families_for("concat_linear")), roles=st.lists(st.sampled_from(ROLES), min_size=1, max_size=3, unique=True),
        size=st.integers(1, 4), seed=st.integers(0, 500), layers=st.sampled_from(["all", [0], [1]]),
        by_path=st.booleans())
 def test_linear_ops_on_decoder_families(family, roles, size, seed, layers, by_path):
@@ -376,7 +376,7 @@ def test_schema_errors():
     from engine.ops.params import ParallelLinearParams, WidenMLPParams
 
     with pytest.raises(ValidationError, match="set mode = \"inplace\""):
-        WidenMLPParams(size=2, init="net2net")  # default mode parallel, as widen_ffn
+        WidenMLPParams(size=2, init="net2net", mode="parallel")  # (unset, the mode follows the init)
     with pytest.raises(ValidationError, match="std sets the random delta"):
         ParallelLinearParams(modules=["q"], std=0.1)
     with pytest.raises(ValidationError, match="modules repeat"):

@@ -14,7 +14,7 @@ from engine.plan import ExpandSpec
 from engine.sweep import (SweepError, count_mappings, default_mappings, load_mappings, mapping_sweep,
                           stretched_mapping)
 from tests.conftest import widen
-from tests.tiny_models import DECODER_FAMILIES, build, build_t5, token_batch
+from tests.tiny_models import ALL_DECODER_FAMILIES, build, build_t5, token_batch
 
 SEQ_LEN = 32
 
@@ -118,7 +118,7 @@ def test_bad_mappings_files_say_what_to_fix(tmp_path, text, suffix, expected):
 # scoring
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("family", ALL_DECODER_FAMILIES)
 def test_identity_mapping_is_exactly_the_reference(family):
     model, _ = build(family, layers=4, heads=2, head_dim=8, ffn=16, seed=0)
     result = mapping_sweep(model, batches(), default_mappings(4, 4))

@@ -13,10 +13,6 @@ from engine.arch.families import FAMILIES, family_named
 
 # every decoder-only family; an operator's tests take FAMILIES_FOR(op): those it applies to
 ALL_DECODER_FAMILIES = [f.name for f in FAMILIES if f.kind == "causal_lm"]
-# the families the older operator tests (tests/test_ops_*.py) were written for: some of their
-# expectations branch on the family's name (test_ops_hidden: "llama" means RMSNorm) rather than on
-# the entry's facts; once they read the entry, this becomes ALL_DECODER_FAMILIES
-DECODER_FAMILIES = ["gpt_neo", "gpt2", "gpt_neox", "llama"]
 
 
 def families_for(op: str) -> list[str]:

@@ -133,7 +133,9 @@ class ArchFamily:
     post_norms: tuple[str, ...] = ()
     # the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that follows d_model
     embedding_scale: str | None = None     # None | "sqrt_hidden"
-    logit_softcap_fields: tuple[str, ...] = ()  # tanh soft-capping of logits (Gemma 2)
+    # the config field of the tanh soft-cap on the final logits, cap·tanh(logits / cap) (Gemma 2/3;
+    # the attention logits' own cap is applied inside the attention module)
+    final_softcap_field: str | None = None
     # operators that do not apply to this family: op -> the reason, said in one line
     refused_ops: dict = field(default_factory=dict)
     # config fields a tiny random model of this family needs besides its sizes (tests/tiny_models.py)
@@ -267,12 +269,12 @@ FAMILIES = FAMILIES + (
     # and after attention and FFN, tanh soft-capping of attention and final logits, sliding-window
     # and global attention alternating per layer (config.layer_types)
     replace(_LLAMA, name="gemma2", model_types=("gemma2",), **_GEMMA,
-            logit_softcap_fields=("final_logit_softcapping", "attn_logit_softcapping"),
+            final_softcap_field="final_logit_softcapping",
             tiny_config={**_TINY_IDS, "sliding_window": 4, "query_pre_attn_scalar": 4}),
     # Gemma 3 (text): Gemma 2's layout with per-head q/k norms instead of attention soft-capping
     replace(_LLAMA, name="gemma3", model_types=("gemma3_text",), **_GEMMA,
             attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm")),
-            logit_softcap_fields=("final_logit_softcapping", "attn_logit_softcapping"),
+            final_softcap_field="final_logit_softcapping",
             tiny_config={**_TINY_IDS, "sliding_window": 4, "query_pre_attn_scalar": 4,
                          "sliding_window_pattern": 2}),
 )

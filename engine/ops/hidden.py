@@ -95,11 +95,12 @@ from engine.ops.width import mask_on, shapes_only, value_std
 
 class MaskedNorm(nn.Module):
     """A LayerNorm or RMSNorm (`kind`) whose statistics weigh its first `old` dimensions by 1 and
-    the others by `ramp` = training steps so far / `ramp_steps` (at most 1)."""
+    the others by `ramp` = training steps so far / `ramp_steps` (at most 1). The gain is
+    weight + `offset` (Gemma stores 1 + w), applied in float32 as the wrapped norms do."""
 
-    def __init__(self, norm: nn.Module, old: int, kind: str, ramp_steps: int):
+    def __init__(self, norm: nn.Module, old: int, kind: str, ramp_steps: int, offset: float = 0.0):
         super().__init__()
-        self.norm, self.old, self.kind, self.ramp_steps = norm, old, kind, ramp_steps
+        self.norm, self.old, self.kind, self.ramp_steps, self.offset = norm, old, kind, ramp_steps, offset
         self.eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # saved with the weights
 
@@ -119,9 +120,12 @@ class MaskedNorm(nn.Module):
             centred = xf - (xf * weights).sum(-1, keepdim=True) / total
             y = centred * torch.rsqrt((centred.pow(2) * weights).sum(-1, keepdim=True) / total + self.eps)
         gain, bias = getattr(self.norm, "weight", None), getattr(self.norm, "bias", None)
-        y = y.to(x.dtype)
-        if gain is not None:
-            y = y * gain
+        if gain is not None and self.offset:
+            y = (y * (gain.float() + self.offset)).to(x.dtype)
+        else:
+            y = y.to(x.dtype)
+            if gain is not None:
+                y = y * gain
         return y + bias if bias is not None else y
 
     def materialize(self) -> nn.Module:
@@ -440,8 +444,9 @@ def _grow_norm(grower: _Grower, norm: nn.Module, growth: _Growth, family, exact:
         # LayerNorm's new gain is 0, RMSNorm's the mean gain (module docstring)
         pad = (float(gain.detach().float().mean())
                if family.norm_kind == "rmsnorm" and gain is not None and not gain.is_meta else 0.0)
-        grower.values(norm, "weight", stream, pad=pad)
-        grower.values(norm, "bias", stream)
+        copy = None if out_scale == 1 else (lambda t: ((t.double() + offset) * out_scale - offset).to(t))
+        grower.values(norm, "weight", stream, copy=copy, pad=pad)
+        grower.values(norm, "bias", stream, copy=(lambda t: t * out_scale) if out_scale != 1 else None)
     if hasattr(norm, "normalized_shape"):
         norm.normalized_shape = (stream.new,)
 
@@ -496,10 +501,11 @@ def _linear_shape(module: nn.Module, conv1d: bool) -> tuple[int, int]:
     return int(out_features), int(in_features)
 
 
-def _wrap_masked(root: nn.Module, path: str, stream: Axis, kind: str, ramp_steps: int) -> None:
+def _wrap_masked(root: nn.Module, path: str, stream: Axis, family, ramp_steps: int) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = get_submodule(root, parent_path) if parent_path else root
-    setattr(parent, attr, MaskedNorm(getattr(parent, attr), stream.old, kind, ramp_steps))
+    setattr(parent, attr, MaskedNorm(getattr(parent, attr), stream.old, family.norm_kind, ramp_steps,
+                                     _gain_offset(family)))
 
 
 def _note(view, params: WidenHiddenParams, growth: _Growth, tied: bool, untied: bool) -> str:
@@ -702,7 +708,7 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
             if exact:
                 _scale_eps(get_submodule(block, norm), growth.variance_scale, scaled_eps)
             if params.init == "masked":
-                _wrap_masked(block, norm, stream, family.norm_kind, params.ramp_steps)
+                _wrap_masked(block, norm, stream, family, params.ramp_steps)
         _grow_attention(grower, get_submodule(block, family.attention.module), family.attention, growth)
         _grow_ffn(grower, get_submodule(block, family.ffn.module), family.ffn, stream)
 
@@ -712,10 +718,10 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
         _grow_norm(grower, final_norm, growth, family, True,
                    out_scale=1 / (stream.copies * embed_factor) if tied else 1.0)
         _scale_eps(final_norm, growth.variance_scale, scaled_eps)
-    else:
-        _grow_norm(grower, final_norm, growth, family, False)
+    else:  # the old dimensions as they were; a tied head reads the embedding scaled by 1/c
+        _grow_norm(grower, final_norm, growth, family, False, out_scale=1 / embed_factor if tied else 1.0)
     if params.init == "masked":
-        _wrap_masked(model, family.final_norm, stream, family.norm_kind, params.ramp_steps)
+        _wrap_masked(model, family.final_norm, stream, family, params.ramp_steps)
     # tied: the embedding's grown tensor (shared through the grower); untied: columns grown
     grower.linear(lm_head, [Axis(lm_head.weight.shape[0])], stream, conv1d=False)
 
