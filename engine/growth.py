@@ -1,16 +1,26 @@
 """Progressive growth during training: when to grow, how the optimizer state follows the grown
 model, and the measured growth itself.
 
-A stage with a ``grow`` table (engine.plan.GrowSpec) checks the mean training loss every
-`check_interval` steps. ``PlateauDetector`` decides when the loss has stopped improving; the
-trainer then grows the model in place (``grow_model``, a thin wrapper over
+A stage with a ``grow`` table (engine.plan.GrowSpec) grows when its trigger fires
+(engine.triggers, re-exported here; one class per ``trigger``, each fed a ``Progress`` after
+every optimizer step, at most one growth per step, its counters saved with every checkpoint):
+
+- ``plateau`` (PlateauDetector): the mean training loss of each `check_interval` steps has
+  stopped improving (ReduceLROnPlateau's test), at most `max_growths` times;
+- ``at`` (AtTrigger): after the stage steps `at_steps`, or once the run has seen the tokens
+  `at_tokens` (G_stack, Staged Training: growth at fixed points of the schedule);
+- ``budget`` (BudgetTrigger): once the run's training FLOPs (the loop's ``history.flops``) reach
+  each share `at_fractions` of `budget_flops`. For at and budget, one growth per point; a point
+  the stage does not reach before its last step grows nothing.
+
+The trainer then grows the model in place (``grow_model``, a thin wrapper over
 ``engine.expand.apply_stage``), rebuilds its AdamW over the trainable parameters and carries the
 old optimizer's state over (``carry_optimizer_state``), so training continues where it was
 instead of restarting Adam from zero moments.
 
 The trainer's sequence at a growth (inside a stage, between two optimizer steps)::
 
-    if detector.update(mean_loss_of_the_last_check_interval):                 # GrowSpec
+    if trigger.update(Progress(step, tokens, flops, loss=mean_loss_at_a_check_or_None)):  # GrowSpec
         before = dict(model.named_parameters())                  # 1. pre-growth names -> tensors
         grown = grow_model(model, view, spec.expand, stage, g, probe,
                            growth_generator(seed, stage, g))     # 2. grow + measure (g = 0, 1, ..)
@@ -19,11 +29,36 @@ The trainer's sequence at a growth (inside a stage, between two optimizer steps)
         freezer.apply(model, stage.freeze, stage_growth)         # 4. trainable set, gradient masks
         new_opt, new_sched = trainer._optimizer(stage)           # 5. fresh AdamW over trainables
         carry_optimizer_state(opt, new_opt, before, model, grown, masked=freezer.masked)  # 6.
-        continue_schedule(sched, new_sched)                      # 7. the lr schedule continues
+        continue_schedule(sched, new_sched)                      # 7. the lr schedule's position
 
 A resume replays the growths unmeasured (``grow_model(..., probe_batch=None, ...)`` with the
 same generators) before loading the checkpoint's weights, optimizer and
-``detector.state_dict()``.
+``trigger.state_dict()``. Under FSDP/DDP every growth — width or depth (map_layers stacking) —
+takes the same path: gathered whole, grown as in one process, re-sharded / re-wrapped
+(engine.trained_model).
+
+The lr after a growth (``schedule_after``; the scheduler's position is always the stage step):
+
+- ``continue`` (default): the stage's schedule goes on as if nothing happened
+  (``continue_schedule``);
+- ``rewarm`` (LEMON, Wang et al. 2023: the expanded model trains best with the small model's
+  peak lr and a faster decay): from the growth's step r the lr is back at the peak and decays
+  with the schedule's shape over the steps left, progress (step - r) / (steps - r), no second
+  warm-up (``engine.optim.lr_factor``'s `restarts`; every growth of the stage restarts it). The
+  restarts are the stage's growth steps in ``history.growths``, so a resume rebuilds them.
+
+Operators that copy units default to exact symmetry breaking inside a growth
+(``OpParams.growth_defaults``, filled in by GrowSpec, so the plan dump says it): widen_ffn /
+widen_mlp net2net and copy_halve, widen_hidden duplicate and lossless take symmetry = "noise"
+unless the plan sets symmetry. Net2WiderNet's copies have the same incoming weights and, read
+through equal outgoing shares, the same gradients: they stay twins for ever (twin cosine 1.000
+after training; engine.health warns after the stage when it stays above 0.99). "noise" adds to
+the outgoing weights of a unit's slots paired noise that sums to zero (HyperCloning), "split"
+gives them unequal shares (1 ± scale)/c (LEMON's α + β = 1, α ≠ β); both keep the function
+exactly, as the copies' activations are equal. Under Adam a split breaks the twins only weakly:
+the copies' incoming gradients stay proportional (share × the source's) while their outgoing
+columns are, and Adam's step ignores a gradient's scale — hence "noise" as the default. At a
+stage start the operators' own defaults (symmetry = "none") stay: the classic Net2Net.
 
 How the state is carried (AdamW keeps per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq``
 (v) and, with amsgrad, ``max_exp_avg_sq``; torch 2.13):
@@ -33,8 +68,12 @@ How the state is carried (AdamW keeps per parameter: ``step``, ``exp_avg`` (m), 
   `before`; old entries get their old state, new entries zero moments, all share the old step;
 - entries that copy (split) an old unit (``OpResult.splits``: Net2WiderNet / copy_halve in
   place): the moments are grown with the same replication as the weights and rescaled, see below;
-- new Parameters (parallel paths, adapters, inserted blocks): fresh state (torch starts them at
-  step 0, so their bias correction is their own).
+- new Parameters that are real copies of a live one (``OpResult.copies``: map_layers' real
+  repeats, e.g. G_stack's ``repeat = g``): their source's state, copied — moments and step
+  (Staged Training's rule for depth: the state is copied with the weights). A virtual repeat
+  holds its source's Parameter itself, so it shares the state as it shares the tensor;
+- other new Parameters (parallel paths, adapters, inserted identity blocks): fresh state (torch
+  starts them at step 0, so their bias correction is their own).
 
 Why that rescaling (Staged Training, Shen et al. 2022: grow the optimizer state with the same
 function-preserving transformation as the weights). Adam's update of an entry is
@@ -78,104 +117,18 @@ to ~lr over ~1/(1 - beta2) steps) where a fresh tensor would take lr.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import torch
 
 from engine.expand import StageGrowth, apply_stage
 from engine.ops.registry import OpResult, Split
+from engine.triggers import AtTrigger, BudgetTrigger, PlateauDetector, Progress, make_trigger
 
-__all__ = ["PlateauDetector", "carry_optimizer_state", "combine_growth", "continue_schedule", "grow_model",
-           "growth_generator"]
+__all__ = ["AtTrigger", "BudgetTrigger", "PlateauDetector", "Progress", "carry_optimizer_state", "combine_growth",
+           "continue_schedule", "grow_model", "growth_generator", "make_trigger"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's elementwise state (torch 2.13)
-
-
-# ---------------------------------------------------------------------------------------------
-# when to grow
-
-
-class PlateauDetector:
-    """ReduceLROnPlateau's test (mode "min") deciding when to grow.
-
-    `update(value)` returns True at exactly the checks at which
-    ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="min", patience, threshold,
-    threshold_mode=mode, cooldown)`` would reduce the learning rate, with two additions: the
-    first `warmup_checks` values are ignored altogether (not even counted towards the best — the
-    loss right after a task switch or a growth says little), and at most `max_growths` checks
-    trigger. An improvement is value < best·(1 - threshold) ("rel") or value < best - threshold
-    ("abs"); after more than `patience` checks without one it triggers, then `cooldown` checks
-    count no bad checks. A NaN never improves."""
-
-    def __init__(self, patience: int = 3, threshold: float = 0.01, mode: str = "rel", cooldown: int = 0,
-                 warmup_checks: int = 0, max_growths: int = 1):
-        if mode not in ("rel", "abs"):
-            raise ValueError(f"mode: \"rel\" or \"abs\", got {mode!r}")
-        if patience < 0 or cooldown < 0 or warmup_checks < 0 or max_growths < 0:
-            raise ValueError("patience, cooldown, warmup_checks and max_growths must be >= 0")
-        self.patience, self.threshold, self.mode = patience, threshold, mode
-        self.cooldown, self.warmup_checks, self.max_growths = cooldown, warmup_checks, max_growths
-        self.checks = 0                # updates so far (warm-up included)
-        self.best = math.inf
-        self.num_bad = 0               # ReduceLROnPlateau's num_bad_epochs
-        self.cooldown_counter = 0
-        self.growths = 0               # triggers so far
-
-    @classmethod
-    def from_spec(cls, spec) -> "PlateauDetector":
-        """From an engine.plan.GrowSpec."""
-        return cls(patience=spec.patience, threshold=spec.threshold, mode=spec.mode, cooldown=spec.cooldown,
-                   warmup_checks=spec.warmup_checks, max_growths=spec.max_growths)
-
-    def is_better(self, value: float) -> bool:
-        if self.mode == "rel":
-            return value < self.best * (1.0 - self.threshold)
-        return value < self.best - self.threshold
-
-    @property
-    def exhausted(self) -> bool:
-        """No growth left: later checks never trigger."""
-        return self.growths >= self.max_growths
-
-    def update(self, value) -> bool:
-        """Record one check's value (a float or 0-dim tensor); True means "grow now"."""
-        value = float(value)
-        self.checks += 1
-        if self.checks <= self.warmup_checks:
-            return False
-        if self.is_better(value):
-            self.best, self.num_bad = value, 0
-        else:
-            self.num_bad += 1
-        if self.cooldown_counter > 0:
-            self.cooldown_counter -= 1
-            self.num_bad = 0
-        if self.num_bad > self.patience:
-            self.cooldown_counter, self.num_bad = self.cooldown, 0
-            if not self.exhausted:
-                self.growths += 1
-                return True
-        return False
-
-    _STATE = ("checks", "best", "num_bad", "cooldown_counter", "growths")
-
-    @classmethod
-    def for_stage(cls, grow, state: dict | None = None) -> "PlateauDetector":
-        """The detector of a stage's `[stages.grow]` settings, continuing from a saved `state`."""
-        detector = cls(patience=grow.patience, threshold=grow.threshold, mode=grow.mode, cooldown=grow.cooldown,
-                       warmup_checks=grow.warmup_checks, max_growths=grow.max_growths)
-        if state:
-            detector.load_state_dict(state)
-        return detector
-
-    def state_dict(self) -> dict:
-        """Counters and best value (settings come from the plan); plain Python numbers."""
-        return {key: getattr(self, key) for key in self._STATE}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in self._STATE:
-            setattr(self, key, type(getattr(self, key))(state[key]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,20 +289,32 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
     zero moments, so a carried moment cannot move entries whose gradient is masked to zero.
 
     Parameters the old optimizer had no state for (never stepped, frozen before) and new ones
-    start fresh. Returns counts: moved, grown (entries placed by mask), split (moments grown
-    through splits), fresh, and the names of replaced tensors whose state could not be placed."""
+    start fresh, except real copies of a block (``OpResult.copies``), which get their source's.
+    Returns counts: moved, grown (entries placed by mask), split (moments grown through splits),
+    copied, fresh, and the names of replaced tensors whose state could not be placed."""
     old_state = {id(p): s for p, s in old_optimizer.state.items() if s}
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     live = set(names)
     masks, splits = _masks_by_param(growth.results), _splits_by_param(growth.results)
-    counts = {"moved": 0, "grown": 0, "split": 0, "fresh": 0, "unplaced": []}
+    copied = {id(new): source for result in growth.results for new, source in getattr(result, "copies", [])}
+    counts = {"moved": 0, "grown": 0, "split": 0, "copied": 0, "fresh": 0, "unplaced": []}
     for group in new_optimizer.param_groups:
         for p in group["params"]:
             if id(p) in old_state:  # the same tensor: its state as it is
                 new_optimizer.state[p] = _fit_group(dict(old_state[id(p)]), group, p)
                 counts["moved"] += 1
+                continue
+            source = copied.get(id(p))
+            if source is not None:  # a real copy of a block: its source's state, copied (before any
+                state = old_state.get(id(source))  # name match: a dropped block may hold its name)
+                if state is not None and all(state[k].shape == p.shape for k in MOMENTS if k in state):
+                    carried = {k: (v.clone() if k in MOMENTS else v) for k, v in state.items()}
+                    new_optimizer.state[p] = _fit_group(carried, group, p)
+                    counts["copied"] += 1
+                else:
+                    counts["fresh"] += 1
                 continue
             old = _predecessor(p, names.get(id(p), []), before, live)
             state = old_state.get(id(old)) if old is not None else None

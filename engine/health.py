@@ -90,6 +90,23 @@ def similarity_report(groups: list[NewUnits]) -> dict:
     return {"max_pairwise_cosine": max_pairwise_cosine(groups), "max_twin_cosine": max_twin_cosine(groups)}
 
 
+# A copy whose [incoming, outgoing] weights keep a cosine above this with its source's after the
+# stage trained still computes its source's feature: the growth added width that does not learn.
+TWIN_WARNING = 0.99
+
+
+def twin_warning(report: dict, figures: dict, threshold: float = TWIN_WARNING) -> str | None:
+    """The warning for an expansion whose copies are still twins after training, or None."""
+    twin = figures.get("max_twin_cosine")
+    if twin is None or twin <= threshold:
+        return None
+    what = f"growth {report['growth']} ({report['op']})" if report.get("growth") is not None else report["op"]
+    fix = ('set symmetry = "noise" on the operator' if report.get("settings", {}).get("symmetry") in (None, "none")
+           else "raise symmetry_scale or use symmetry = \"noise\"")
+    return (f"stage {report['stage']}: {what}'s new units stayed twins of their sources after training "
+            f"(max twin cosine {twin:.4f} > {threshold}) — they add width that learns nothing new; {fix}")
+
+
 def after_training(expansions: list[dict], growth, index: int) -> list[tuple[dict, dict]]:
     """After stage `index` trained: do its new units still differ from each other and their
     sources? Adds ``after_training`` to each of the stage's expansion reports that has units;

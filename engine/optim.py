@@ -7,10 +7,25 @@ import math
 import torch
 
 
-def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
+def lr_factor(schedule: str, step: int, steps: int, warmup: int, restarts: tuple[int, ...] | list[int] = ()) -> float:
+    """The stage's lr at `step` as a share of its peak: `warmup` steps rising linearly, then the
+    schedule's decay over the rest of the `steps`.
+
+    `restarts` (``[stages.grow] schedule_after = "rewarm"``, LEMON's "same peak, faster decay"):
+    the stage steps at which a growth happened. From the last restart r <= step on, the lr is
+    back at the peak and decays with the same shape over the steps left, (step - r) / (steps - r)
+    — the small model's peak, and a decay as many times faster as the remaining steps are fewer
+    than the stage's. No warm-up again: the grown model continues a trained one. A constant
+    schedule is the same either way."""
+    last = max((r for r in restarts if r <= step), default=None)
+    if last is not None:
+        return _decay(schedule, (step - last) / max(1, steps - last))
     if warmup and step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
+    return _decay(schedule, (step - warmup) / max(1, steps - warmup))
+
+
+def _decay(schedule: str, progress: float) -> float:
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     if schedule == "cosine":
@@ -18,11 +33,12 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
     return 1.0
 
 
-def make_optimizer(model: torch.nn.Module, masked: set[int], train, stage):
-    """AdamW over the trainable parameters and the stage's schedule. Biases, norms and tensors
-    that train only their grown entries (`masked`: ids) get no weight decay, so the frozen entries
-    stay exactly as they were."""
+def make_optimizer(model: torch.nn.Module, masked: set[int], train, stage, restarts: tuple[int, ...] = ()):
+    """AdamW over the trainable parameters and the stage's schedule (restarting at the stage
+    steps `restarts`, see ``lr_factor``). Biases, norms and tensors that train only their grown
+    entries (`masked`: ids) get no weight decay, so the frozen entries stay exactly as they were."""
     lr = stage.lr or train.lr
+    restarts = tuple(restarts)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -31,7 +47,7 @@ def make_optimizer(model: torch.nn.Module, masked: set[int], train, stage):
               {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(train.schedule, s, stage.steps, train.warmup_steps))
+        optimizer, lambda s: lr_factor(train.schedule, s, stage.steps, train.warmup_steps, restarts))
     return optimizer, scheduler
 
 

@@ -18,10 +18,11 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from engine import builtins
 from engine.errors import WidenError
@@ -41,6 +42,8 @@ MAX_GENERATE_EXAMPLES = 10_000
 MAX_NEW_TOKENS = 1 << 16
 MAX_CHECKS = 10 ** 6            # plateau checks (patience, cooldown, warm-up)
 MAX_GROWTHS = 100
+MAX_TOKENS = 10 ** 15           # at_tokens points
+MAX_FLOPS = 1e30                # budget_flops
 MAX_SWEEP_MAPPINGS = 10_000     # explicit mappings, and `limit`
 # engine.sweep.MAX_MAPPINGS (that module imports torch): more generated mappings than this
 # without a limit fail the sweep, so the plan check asks for a limit up front.
@@ -170,20 +173,100 @@ class ExpandSpec(BaseModel):
         return OPS[self.op].schema.model_validate(self.model_dump())
 
 
-class GrowSpec(Strict):
-    """Progressive growth inside a stage: apply `expand` whenever the training loss plateaus
-    (the test of torch's ReduceLROnPlateau: `patience` checks without an improvement larger than
-    `threshold`, relative or absolute, then `cooldown` checks of rest)."""
+PointSteps = Annotated[Int, Field(ge=1, le=MAX_STEPS)]
+PointTokens = Annotated[Int, Field(ge=1, le=MAX_TOKENS)]
+Fraction = Annotated[Float, Field(gt=0, lt=1)]
+TRIGGER_FIELDS = {"at": ("at_steps", "at_tokens"), "budget": ("budget_flops", "at_fractions")}
 
-    trigger: Literal["plateau"] = "plateau"
-    patience: Int = Field(3, ge=1, le=MAX_CHECKS, description="checks without improvement before growing")
-    threshold: Float = Field(0.01, ge=0, le=1e9, description="the improvement that counts (see mode)")
-    mode: Literal["rel", "abs"] = Field("rel", description="rel: best·(1-threshold); abs: best-threshold")
-    cooldown: Int = Field(2, ge=0, le=MAX_CHECKS, description="checks to wait after a growth before counting again")
-    check_interval: Int = Field(10, gt=0, le=MAX_STEPS, description="steps per check (mean training loss over them)")
-    warmup_checks: Int = Field(2, ge=0, le=MAX_CHECKS, description="checks at the start of the stage that never trigger")
-    max_growths: Int = Field(1, ge=1, le=MAX_GROWTHS, description="at most this many growths in the stage")
+
+class GrowSpec(Strict):
+    """Progressive growth inside a stage: apply `expand` each time the trigger fires
+    (engine.triggers). "plateau": the training loss plateaus (the test of torch's
+    ReduceLROnPlateau: `patience` checks of `check_interval` steps without an improvement larger
+    than `threshold`, relative or absolute, then `cooldown` checks of rest); "at": after the
+    stage steps `at_steps`, or once the run has seen the tokens `at_tokens` (G_stack, Staged
+    Training); "budget": once the run has spent the shares `at_fractions` of `budget_flops`.
+    The plateau settings are read by trigger = "plateau" only. `schedule_after`: the lr after a
+    growth continues the stage's schedule, or goes back to its peak and decays over the steps
+    left (LEMON) — engine.growth. Inside a growth, operators that copy units break the copies'
+    symmetry by default (``OpParams.growth_defaults``: widen_ffn net2net/copy_halve, widen_hidden
+    duplicate/lossless take symmetry = "noise" unless the plan sets it)."""
+
+    trigger: Literal["plateau", "at", "budget"] = "plateau"
+    at_steps: list[PointSteps] | None = Field(None, min_length=1, max_length=MAX_GROWTHS, validate_default=True,
+                                              description="at: grow after these stage steps (increasing)")
+    at_tokens: list[PointTokens] | None = Field(None, min_length=1, max_length=MAX_GROWTHS, validate_default=True,
+                                                description="at: grow once the run has seen these many tokens")
+    budget_flops: Float | None = Field(None, gt=0, le=MAX_FLOPS, validate_default=True,
+                                       description="budget: the compute budget, in training FLOPs of the run")
+    at_fractions: list[Fraction] | None = Field(None, min_length=1, max_length=MAX_GROWTHS, validate_default=True,
+                                                description="budget: grow when these shares of it are spent")
+    patience: Int = Field(3, ge=1, le=MAX_CHECKS, description="plateau: checks without improvement before growing")
+    threshold: Float = Field(0.01, ge=0, le=1e9, description="plateau: the improvement that counts (see mode)")
+    mode: Literal["rel", "abs"] = Field("rel", description="plateau: rel: best·(1-threshold); abs: best-threshold")
+    cooldown: Int = Field(2, ge=0, le=MAX_CHECKS, description="plateau: checks to wait after a growth before "
+                          "counting again")
+    check_interval: Int = Field(10, gt=0, le=MAX_STEPS, description="plateau: steps per check (mean training loss "
+                                "over them)")
+    warmup_checks: Int = Field(2, ge=0, le=MAX_CHECKS, description="plateau: checks at the start of the stage that "
+                               "never trigger")
+    max_growths: Int | None = Field(None, ge=1, le=MAX_GROWTHS, validate_default=True,
+                                    description="at most this many growths in the stage (plateau: default 1; at, "
+                                    "budget: one per point)", json_schema_extra={"default_text": "1 or one per point"})
+    schedule_after: Literal["continue", "rewarm"] = Field(
+        "continue", description="the lr after a growth: continue the schedule, or rewarm: back to the peak, "
+        "decaying over the stage's steps left (LEMON)")
     expand: list[ExpandSpec] = Field(..., min_length=1, description="the operators applied at each growth")
+
+    @field_validator("at_steps", "at_tokens", "budget_flops", "at_fractions")
+    @classmethod
+    def _belongs_to_its_trigger(cls, value, info: ValidationInfo):
+        trigger, name = info.data.get("trigger"), info.field_name
+        if trigger is None:
+            return value  # the trigger itself is wrong: reported there
+        owner = next(kind for kind, names in TRIGGER_FIELDS.items() if name in names)
+        if value is not None and trigger != owner:
+            raise ValueError(f'belongs to trigger = "{owner}" (this one is "{trigger}") — remove it or set '
+                             f'trigger = "{owner}"')
+        if isinstance(value, list) and any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"must increase strictly, got {shown(value)} — one growth per point, in order")
+        if trigger == "at" and name == "at_tokens":
+            steps = info.data.get("at_steps")
+            if value is not None and steps is not None:
+                raise ValueError("give at_steps or at_tokens, not both — one schedule per stage")
+            if value is None and steps is None and "at_steps" in info.data:
+                raise ValueError('trigger = "at" needs at_steps (stage steps) or at_tokens (tokens seen) — e.g. '
+                                 'at_steps = [200, 400]')
+        if trigger == "budget" and owner == "budget" and value is None:
+            example = "budget_flops = 1e15" if name == "budget_flops" else "at_fractions = [0.25, 0.5]"
+            raise ValueError(f'is required by trigger = "budget" — add it, e.g. {example}')
+        return value
+
+    @field_validator("max_growths")
+    @classmethod
+    def _growths_follow_the_points(cls, value, info: ValidationInfo):
+        points = next((info.data.get(n) for n in ("at_steps", "at_tokens", "at_fractions")
+                       if info.data.get(n) is not None), None)
+        if info.data.get("trigger") in TRIGGER_FIELDS and points is not None:
+            if value is not None and value != len(points):
+                raise ValueError(f"is {value} but the trigger has {len(points)} points — one growth per point: "
+                                 "remove max_growths or make them agree")
+            return len(points)
+        return 1 if value is None else value
+
+    @model_validator(mode="after")
+    def _growth_defaults(self):
+        """Give each operator the settings it takes by default inside a growth (the plan dump
+        then says them): a mid-run growth must not leave its new units twins of old ones."""
+        specs = []
+        for spec in self.expand:
+            try:
+                defaults = spec.params().growth_defaults() if spec.op in OPS else {}
+            except ValidationError:
+                defaults = {}  # reported by the operator check
+            specs.append(ExpandSpec.model_validate({**spec.model_dump(), **defaults}) if defaults else spec)
+        self.expand = specs
+        return self
 
 
 class StageSpec(Strict):
@@ -194,7 +277,8 @@ class StageSpec(Strict):
         "none", description='"none", "base" (only what this stage adds trains) or name globs to freeze')
     lr: Float | None = Field(None, gt=0, le=MAX_LR, description="overrides train.lr for this stage")
     expand: list[ExpandSpec] = Field(default_factory=list)
-    grow: GrowSpec | None = Field(None, description="grow the model when the loss plateaus")
+    grow: GrowSpec | None = Field(None, description="grow the model mid-stage when a trigger fires (plateau, at, "
+                                  "budget)")
 
 
 class VariantSpec(Strict):
@@ -693,6 +777,7 @@ def _check_stages(stages: list, where: str, tasks: dict) -> list[Problem]:
             for j, spec in enumerate(ops):
                 if isinstance(spec, dict) and "op" in spec:
                     problems.extend(_check_op(spec, f"{where}.{i}.{key}.{j}"))
+        problems += _grow_problems(stage.get("grow"), stage.get("steps"), f"{where}.{i}.grow")
     return problems
 
 
@@ -711,6 +796,30 @@ def _task_module_problems(stages: list, where: str, first: bool) -> list[Problem
                 path = re.sub(r"\[(\d+)\]", r".\1", field)  # expand[1].mode -> expand.1.mode
                 problems.append(Problem(f"{where}.{i}.{path}", message))
     return problems
+
+
+def growth_count(grow: dict) -> int:
+    """How many growths a raw ``[stages.grow]`` table allows: one per point of an at/budget
+    trigger, else max_growths (default 1); 1 for what the schema refuses."""
+    points = next((grow.get(k) for k in ("at_steps", "at_tokens", "at_fractions") if isinstance(grow.get(k), list)),
+                  None)
+    growths = len(points) if grow.get("trigger") in TRIGGER_FIELDS and points else grow.get("max_growths", 1)
+    valid = isinstance(growths, int) and not isinstance(growths, bool) and 0 < growths <= MAX_GROWTHS
+    return growths if valid else 1
+
+
+def _grow_problems(grow, steps, where: str) -> list[Problem]:
+    """at_steps inside the stage: a growth happens between two of its steps."""
+    if not isinstance(grow, dict) or grow.get("trigger") != "at" or not isinstance(grow.get("at_steps"), list):
+        return []
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        return []
+    late = [s for s in grow["at_steps"] if isinstance(s, int) and not isinstance(s, bool) and s >= steps]
+    if not late:
+        return []
+    return [Problem(f"{where}.at_steps", f"step {', '.join(map(str, late[:8]))} is not inside the stage (steps = "
+                                         f"{steps}): a growth happens between two of its steps — use steps below "
+                                         f"{steps}, or grow at the next stage's start with [[stages.expand]]")]
 
 
 def _stage_op_lists(stage: dict) -> list[tuple[str, list]]:
@@ -886,9 +995,7 @@ def _check_stage_ops(stages: list, where: str, depths: dict, arch) -> list[Probl
         for key, ops in _stage_op_lists(stage):
             repeats = 1
             if key == "grow.expand":
-                growths = stage["grow"].get("max_growths", 1)
-                valid = isinstance(growths, int) and not isinstance(growths, bool) and 0 < growths <= MAX_GROWTHS
-                repeats = growths if valid else 1
+                repeats = growth_count(stage["grow"])
             for _ in range(repeats):
                 found = []
                 for j, spec in enumerate(ops):

@@ -28,7 +28,7 @@ from engine.divergence import Diverged, check_step
 from engine.evaluation import Evaluator
 from engine.events import EventWriter
 from engine.expand import count_params
-from engine.growth import PlateauDetector, carry_optimizer_state, continue_schedule
+from engine.growth import Progress, carry_optimizer_state, continue_schedule, make_trigger
 from engine.optim import Precision
 from engine.plan import Plan, load_plan
 from engine.rundir import RunDir
@@ -168,6 +168,7 @@ class Trainer:
         else:
             self.m.freeze(index)
         self.m.activate(stage.task)
+        self.m.restarts = self._restarts(index)  # a resume's lr schedule restarts where its growths did
         self._profile_flops(stage.task)
         self.m.shard()  # FSDP: the whole model is sharded for training (nothing otherwise)
 
@@ -183,6 +184,9 @@ class Trainer:
         total, trainable = count_params(self.model), self.m.freezer.trainable(self.model)
         for report, units in health.after_training(self.history.expansions, self.m.growth, index):
             self.emit("health", stage=index, op=report["op"], **units)
+            warning = health.twin_warning(report, units)
+            if warning:
+                self.emit("warning", source="health", message=warning)
         self.history.add_row(f"after {label}", self.evaluate_all(stage=index, step=stage.steps))
         self.history.add_stage(index, label, stage.task, total, trainable)
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="end",
@@ -198,6 +202,14 @@ class Trainer:
         the model is whole (before FSDP shards it)."""
         self.flop_profile = flops.profile(self.model, self.m.view, sample_inputs=probe_batch(self.eval_sets[task])[0],
                                           checkpointing=self.plan.train.checkpointing)
+
+    def _restarts(self, index: int) -> list[int]:
+        """The stage steps at which stage `index`'s lr schedule went back to its peak so far:
+        its growths', under ``schedule_after = "rewarm"``."""
+        grow = self.plan.stages[index].grow
+        if grow is None or grow.schedule_after != "rewarm":
+            return []
+        return [g["step"] for g in self.history.growths if g["stage"] == index]
 
     def _log_expansions(self, index: int, reports: list[dict], **fields) -> None:
         trainable, total = self.m.freezer.trainable(self.model), count_params(self.model)
@@ -216,7 +228,7 @@ class Trainer:
         tokens_per_step = train.batch_size * train.seq_len
         window_start, window_tokens = time.time(), 0
         trainable, total_params = self.m.freezer.trainable(self.model), count_params(self.model)
-        plateau = PlateauDetector.for_stage(stage.grow, self.plateau_state) if stage.grow else None
+        trigger = make_trigger(stage.grow, self.plateau_state) if stage.grow else None
         check_losses: list[float] = []
         stage_start = time.time()
         while self.position.step < stage.steps:
@@ -239,7 +251,7 @@ class Trainer:
             self.history.tokens += tokens_per_step
             self.history.flops += self.flop_profile.step_flops(whole[0])  # docs/flops.md
             window_tokens += tokens_per_step
-            if plateau is not None:
+            if trigger is not None:
                 check_losses.append(float(loss))
             if done % train.log_interval == 0 or done == stage.steps:
                 elapsed = time.time() - window_start
@@ -253,10 +265,12 @@ class Trainer:
                 window_start, window_tokens = time.time(), 0
                 if self.status:
                     self.status.write(step=done)
-            if plateau is not None and done % stage.grow.check_interval == 0:
-                grow_now = plateau.update(sum(check_losses) / len(check_losses))
-                check_losses = []
-                self.plateau_state = plateau.state_dict()
+            if trigger is not None:  # the plateau test reads the mean loss of each check interval
+                checked = done % stage.grow.check_interval == 0
+                grow_now = trigger.update(Progress(step=done, tokens=self.history.tokens, flops=self.history.flops,
+                                                   loss=sum(check_losses) / len(check_losses) if checked else None))
+                check_losses = [] if checked else check_losses
+                self.plateau_state = trigger.state_dict()
                 if grow_now and done < stage.steps:
                     optimizer, scheduler = self.grow(index, optimizer, scheduler)
                     trainable, total_params = self.m.freezer.trainable(self.model), count_params(self.model)
@@ -278,6 +292,8 @@ class Trainer:
         optimizer, scheduler = self.m.gather(index + 1, self.history.growths, optimizer, scheduler)
         growth, before = self.m.grow(index, k, probe_batch(self.eval_sets[stage.task]))
         self._profile_flops(stage.task)
+        if stage.grow.schedule_after == "rewarm":  # the new schedule restarts at this step (engine.optim)
+            self.m.restarts = [*self.m.restarts, step]
         new_optimizer, new_scheduler = self.m.make_optimizer(stage)
         carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth, masked=self.m.freezer.masked)
         continue_schedule(scheduler, new_scheduler)

@@ -36,6 +36,7 @@ class TrainedModel:
         self.fsdp = world.distributed and plan.train.strategy == "fsdp"
         self.sharded = False
         self.stage_index, self.policy = 0, "none"
+        self.restarts: list[int] = []   # stage steps where the lr schedule went back to its peak (rewarm)
         if plan.train.checkpointing:
             speed.enable_checkpointing(self.module, self.view)
 
@@ -106,7 +107,7 @@ class TrainedModel:
 
     # ------------------------------------------------------------------ placement
     def make_optimizer(self, stage):
-        return make_optimizer(self.module, self.freezer.masked, self.plan.train, stage)
+        return make_optimizer(self.module, self.freezer.masked, self.plan.train, stage, self.restarts)
 
     def shard(self, optimizer=None, scheduler=None):
         """FSDP: shard the whole model (and move `optimizer`'s state, if given, to a new optimizer

@@ -290,7 +290,8 @@ def test_parallel_zero_out_growth_leaves_old_parameters_on_their_course():
     new_optimizer = adamw_like(optimizer, model.parameters())
     counts = carry_optimizer_state(optimizer, new_optimizer, before, model, growth)
     new_params = growth.results[0].new_params
-    assert counts == {"moved": len(before), "grown": 0, "split": 0, "fresh": len(new_params), "unplaced": []}
+    assert counts == {"moved": len(before), "grown": 0, "split": 0, "copied": 0, "fresh": len(new_params),
+                      "unplaced": []}
     for name, p in before.items():  # the same tensors, their state values untouched
         state = new_optimizer.state[p]
         assert state["exp_avg"] is optimizer.state[p]["exp_avg"]

@@ -7,8 +7,12 @@
 - split_residual   each chosen block becomes k copies, each adding F(x)/k (the two output
                    projections scaled by 1/k): x + F(x) ~ k small steps. Not exact; measured.
 - map_layers       target block i = source block mapping[i], e.g. [0, 1, 1, 1, 2, 2, 2, 3], with
-                   the helpers keep_ends = {depth} and dus = {copies, drop} (SOLAR). A repeat is
-                   *real* (a deep copy, own tensors) or *virtual* (weight-tied to its source).
+                   the helpers keep_ends = {depth}, dus = {copies, drop} (SOLAR) and repeat = g
+                   (G_stack: the whole stack g times). A repeat is *real* (a deep copy, own
+                   tensors) or *virtual* (weight-tied to its source). As a growth mid-run
+                   (``[stages.grow]``) a real repeat starts with its source's optimizer state
+                   (``OpResult.copies``), a virtual one shares its source's Parameters and so
+                   its state.
 - unshare          give virtual blocks their own tensors (exact).
 
 Virtual blocks are plain Hugging Face block modules, new module objects whose ``nn.Parameter``
@@ -309,7 +313,7 @@ def map_layers(view, params: MapLayersParams, gen: torch.Generator) -> OpResult:
         raise ValueError(f"mapping: layer {', '.join(map(str, bad))} out of range — the model has {n} layers")
     kinds = params.resolve_kinds(mapping)
     old = list(view.blocks())
-    new_blocks, added, seen = [], [], set()
+    new_blocks, added, seen, copies = [], [], set(), []
     counts = {"real": 0, "virtual": 0}
     for source, kind in zip(mapping, kinds):
         block = old[source]
@@ -324,6 +328,8 @@ def map_layers(view, params: MapLayersParams, gen: torch.Generator) -> OpResult:
             if params.scale is not None:
                 _scale_outputs(view, twin, params.scale)
             added.append(twin)
+            sources = dict(block.named_parameters())
+            copies += [(p, sources[name]) for name, p in twin.named_parameters() if name in sources]
         counts[kind] += 1
         new_blocks.append(twin)
     changes = _install(view, new_blocks, mapping)
@@ -338,7 +344,7 @@ def map_layers(view, params: MapLayersParams, gen: torch.Generator) -> OpResult:
     if counts["virtual"]:
         note += "; virtual repeats add no parameters (freeze = \"base\" trains none of them: add adapters)"
     return OpResult(new_params=[p for b in added for p in b.parameters()], exact=exact,
-                    config_changes=changes, note=note)
+                    config_changes=changes, note=note, copies=copies)
 
 
 def unshare(view, params: UnshareParams, gen: torch.Generator) -> OpResult:

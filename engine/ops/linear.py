@@ -303,7 +303,7 @@ def widen_mlp(view, params: WidenMLPParams, gen: torch.Generator) -> OpResult:
         down_w, _ = linear_tensors(down)
         new = _new_unit_weights(params, up_w, up_b, down_w, None, gen)
         if params.mode == "parallel":
-            new_up, new_b, _, new_down, _, _ = new
+            new_up, new_b, new_down = new.new_up, new.new_b, new.new_down
             expansion = _make_linear(new_up, new_b, innermost(up), conv1d=False)
             reader = _new_columns(new_down, innermost(down))
             view.set_linear(layer, ConcatLinear(up, expansion))

@@ -79,6 +79,12 @@ class OpParams(BaseModel):
         """(field, message) for settings that do not fit a model of this depth."""
         return []
 
+    def growth_defaults(self) -> dict:
+        """Settings this op takes by default inside ``[stages.grow]`` when the plan leaves them out
+        (engine.plan.GrowSpec fills them in): none, unless the op copies units — a mid-run
+        growth's copies must not stay twins of their sources."""
+        return {}
+
 
 class LayeredOpParams(OpParams):
     layers: LayerSelection = Field("all", description='"all" or a list of block indices')
@@ -204,6 +210,10 @@ def operators_table_markdown(descriptors=None) -> str:
 
 
 WidthInit = Literal["zero_out", "net2net", "copy_halve", "zeros", "constant", "random"]
+# How copies break their symmetry inside [stages.grow] when the plan does not say (growth_defaults).
+# "noise", not "split": under Adam a split leaves the copies' incoming gradients proportional, and
+# Adam's update does not see a gradient's scale (measured, tests/test_growth_triggers.py).
+GROWTH_SYMMETRY = "noise"
 
 
 @register_op(implementation="engine.ops.width:widen_ffn", builder_order=10, task_module=True, parallel_mode=True,
@@ -225,6 +235,11 @@ class WidenFFNParams(LayeredOpParams):
     init_std: Float | None = Field(None, gt=0, le=MAX_SCALE, description="std of random incoming weights "
                                    "(default: the std of the existing incoming weights)")
     value: Float = Field(0.01, ge=-MAX_SCALE, le=MAX_SCALE, description="the weight used by init = constant")
+    symmetry: Literal["none", "split", "noise"] = Field(
+        "none", description="net2net/copy_halve: how a unit's copies stop being twins, exactly (split: unequal "
+        "outgoing shares; noise: paired outgoing noise that cancels); inside [stages.grow] the default is noise")
+    symmetry_scale: Float = Field(0.5, gt=0, lt=1, description="split: shares (1 ± scale)/c at the ends; noise: std "
+                                  "relative to the outgoing weights' std / c")
 
     @model_validator(mode="after")
     def _splitting_needs_inplace(self):
@@ -235,6 +250,20 @@ class WidenFFNParams(LayeredOpParams):
             raise ValueError(f"init = \"{self.init}\" rescales the original units' outgoing weights, "
                              "which a parallel path leaves untouched — set mode = \"inplace\"")
         return self
+
+    @model_validator(mode="after")
+    def _symmetry_of_copies(self):
+        if self.symmetry != "none" and self.init not in ("net2net", "copy_halve"):
+            raise ValueError(f'symmetry breaks the copies of init = "net2net" or "copy_halve"; init = "{self.init}" '
+                             "copies no unit — remove symmetry")
+        if self.symmetry == "none" and "symmetry_scale" in self.model_fields_set:
+            raise ValueError('symmetry_scale belongs to symmetry = "split" or "noise" — remove it or set symmetry')
+        return self
+
+    def growth_defaults(self) -> dict:
+        if self.init in ("net2net", "copy_halve") and "symmetry" not in self.model_fields_set:
+            return {"symmetry": GROWTH_SYMMETRY}
+        return {}
 
 
 @register_op(implementation="engine.ops.linear:widen_mlp", builder_order=20, task_module=True, parallel_mode=True,
@@ -469,6 +498,11 @@ class WidenHiddenParams(OpParams):
             raise ValueError('symmetry_scale belongs to symmetry = "split" or "noise" — remove it or set symmetry')
         return self
 
+    def growth_defaults(self) -> dict:
+        if self.init in ("duplicate", "lossless") and "symmetry" not in self.model_fields_set:
+            return {"symmetry": GROWTH_SYMMETRY}
+        return {}
+
 
 class AdapterOpParams(LayeredOpParams):
     """Keys shared by the adapter operators (PEFT layers injected into the chosen projections)."""
@@ -609,7 +643,7 @@ class DepthUpScaling(BaseModel):
 
 @register_op(implementation="engine.ops.depth:map_layers", builder_order=90,
              does="target block i = source block `mapping[i]`, real or virtual (weight-tied) repeats; "
-                  "`keep_ends`, `dus`, `scale`",
+                  "`keep_ends`, `dus`, `repeat` (G_stack: the whole stack g times), `scale`",
              exact="the identity mapping only",
              adds="a block per real repeat; 0 per virtual one",
              families="per stack on T5")
@@ -621,6 +655,8 @@ class MapLayersParams(OpParams):
     mapping: list[Int] | None = Field(None, min_length=1, max_length=MAX_DEPTH, description="target i = source block mapping[i]")
     keep_ends: KeepEnds | None = Field(None, description="helper: {depth = N}")
     dus: DepthUpScaling | None = Field(None, description="helper: {copies = 2, drop = 8} (SOLAR)")
+    repeat: Int | None = Field(None, ge=2, le=64, description="helper: the whole stack this many times, "
+                               "0..n-1 then 0..n-1 again (G_stack); relative to the depth, so a growth can repeat it")
     kinds: LayerKind | list[LayerKind] | None = Field(
         None, description='"real" | "virtual" per target, or one for all (default: a source\'s first '
                           'occurrence holds its own block, repeats are virtual — real when `scale` is set)')
@@ -640,9 +676,9 @@ class MapLayersParams(OpParams):
 
     @model_validator(mode="after")
     def _one_way_and_kinds(self):
-        given = [k for k in ("mapping", "keep_ends", "dus") if getattr(self, k) is not None]
+        given = [k for k in ("mapping", "keep_ends", "dus", "repeat") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of mapping, keep_ends, dus — "
+            raise ValueError("give exactly one of mapping, keep_ends, dus, repeat — "
                              + (f"got {' and '.join(given)}" if given else
                                 "e.g. mapping = [0, 1, 1, 2, 2, 3] or keep_ends = {depth = 8}"))
         if isinstance(self.kinds, list) and self.mapping is not None and len(self.kinds) != len(self.mapping):
@@ -672,6 +708,11 @@ class MapLayersParams(OpParams):
         n = num_layers
         if self.mapping is not None:
             return list(self.mapping)
+        if self.repeat is not None:
+            if n * self.repeat > MAX_DEPTH:
+                raise ValueError(f"repeat = {self.repeat} makes {n * self.repeat} blocks of a {n}-block model — at "
+                                 f"most {MAX_DEPTH}: use repeat <= {max(1, MAX_DEPTH // n)}")
+            return list(range(n)) * self.repeat
         if self.keep_ends is not None:
             depth = self.keep_ends.depth
             if n == 1:
@@ -717,7 +758,8 @@ class MapLayersParams(OpParams):
         try:
             mapping = self.resolve(num_layers)
         except ValueError as e:
-            return [("keep_ends" if self.keep_ends is not None else "dus", str(e))]
+            field = next(k for k in ("keep_ends", "dus", "repeat") if getattr(self, k) is not None)
+            return [(field, str(e))]
         try:
             self._check_scaled_kinds(mapping)
             self.resolve_kinds(mapping)

@@ -256,9 +256,13 @@ def _preview_stages(state: MetaModel, stages: list, where: str, variant: str | N
         preview.trainable, preview.note = _trainable(state, stage.get("freeze", "none"))
         grow = stage.get("grow")
         if isinstance(grow, dict) and isinstance(grow.get("expand"), list):
-            # on a plateau, mid-stage: shown per growth, not counted in the stage's figures
-            most = grow.get("max_growths", 1)
-            each = f"per growth, up to {most} growth{'s' * (most != 1)} (on a plateau)"
+            # mid-stage, when the trigger fires: shown per growth, not counted in the stage's figures
+            from engine.plan import growth_count
+
+            most, trigger = growth_count(grow), grow.get("trigger", "plateau")
+            when = {"at": "at the stage's points", "budget": "at the budget's shares"}.get(
+                trigger if isinstance(trigger, str) else "", "on a plateau")
+            each = f"per growth, up to {most} growth{'s' * (most != 1)} ({when})"
             trial, generator = state.clone(), growth_generator(seed, index, 0)
             for j, raw in enumerate(grow["expand"]):
                 depth = trial.depths()

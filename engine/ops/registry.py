@@ -52,6 +52,10 @@ class OpResult:
     units: list = field(default_factory=list)  # engine.health.NewUnits per widened layer
     # tensors whose entries copy (split) old units: how each entry derives from the old tensor
     splits: list[Split] = field(default_factory=list)
+    # new tensors that are real copies of a live one, (copy, source): a real repeat of a block
+    # (map_layers). The optimizer state follows the weights: the copy starts with its source's
+    # moments and step (Staged Training's rule for depth), engine.growth.carry_optimizer_state
+    copies: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = field(default_factory=list)
 
 
 Operator = Callable[..., OpResult]

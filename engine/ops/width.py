@@ -12,6 +12,17 @@ learn (the on-the-fly-expansion note's failure modes):
              (Net2WiderNet): exact without noise; `noise` perturbs the copies' incoming weights.
 - copy_halve copy distinct units once and halve the outgoing weights of both twins.
 
+Copies have the same incoming weights, hence the same activation and — read through equal
+outgoing shares — the same gradients: they stay twins (engine.health measures it). `symmetry`
+breaks that exactly, on the outgoing side where the copies' equal activations make any change
+that sums to the source's column invisible: "split" gives the slots of a unit unequal shares
+(LEMON), "noise" adds paired noise that cancels over them (HyperCloning). The incoming weights
+then get different gradients and the copies diverge — with "noise" at once; with "split" barely
+under Adam: the copies' incoming gradients stay proportional (share × the source's) while the
+outgoing columns are, and Adam's step ignores a gradient's scale. Inside ``[stages.grow]``
+"noise" is the default (``WidenFFNParams.growth_defaults``); tests/test_growth_triggers.py
+measures both against "none".
+
 `mode = "parallel"` keeps the original FFN untouched and adds the new units as a separate path
 (frozen base, trainable extension); `mode = "inplace"` makes the matrices wider. Same function.
 """
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -161,7 +173,7 @@ def _unit_weights(params, up_w, up_b, down_w, gate_w, gen):
     def randn(*shape, std):
         return torch.randn(*shape, generator=gen) * std
 
-    new_gate, source = None, None
+    new_gate, source, shares = None, None, None
     new_b = torch.zeros(size) if up_b is not None else None
     old_down = down_w.float().clone()
     if params.init in ("zero_out", "random"):
@@ -183,16 +195,78 @@ def _unit_weights(params, up_w, up_b, down_w, gate_w, gen):
             source = torch.randperm(units, generator=gen, device="cpu")[:size]
         else:
             source = torch.randint(0, units, (size,), generator=gen, device="cpu")
-        # each unit's total count (indices stay on the CPU: a meta bincount has no size)
-        copies = (torch.bincount(source, minlength=units).float() + 1).to(up_w.device)
         new_up = up_w.float()[source].clone()
         if params.noise:
             new_up += randn(size, hidden, std=params.noise * std_in)
         new_gate = gate_w.float()[source].clone() if gate_w is not None else None
         new_b = up_b.float()[source].clone() if up_b is not None else None
-        old_down = old_down / copies
-        new_down = old_down[:, source].clone()
-    return new_up, new_b, new_gate, new_down, old_down, source
+        shares = outgoing_shares(source, units, params.symmetry, params.symmetry_scale)
+        outgoing = torch.cat([down_w.float(), down_w.float()[:, source]], dim=1)
+        if params.symmetry == "split":
+            outgoing = outgoing * shares.to(down_w.device)
+        else:  # equal shares, divided as Net2WiderNet always was (bit for bit)
+            outgoing = outgoing / (1 / shares).round().to(down_w.device)
+        if params.symmetry == "noise":
+            outgoing = outgoing + paired_noise(source, units, out, params.symmetry_scale * std_out, gen,
+                                               outgoing.device).to(outgoing)
+        old_down, new_down = outgoing[:, :units].clone(), outgoing[:, units:].clone()
+        if params.symmetry != "split":
+            shares = None  # equal shares: 1/copies, as the splits record by default
+    return UnitWeights(new_up, new_b, new_gate, new_down, old_down, source, shares)
+
+
+class UnitWeights(NamedTuple):
+    """The new units' weights (Linear layout) and, for the splitting inits, which unit each new
+    slot copies (`source`) and the outgoing share of every slot, old units first (`shares`;
+    None: 1/copies each)."""
+
+    new_up: torch.Tensor
+    new_b: torch.Tensor | None
+    new_gate: torch.Tensor | None
+    new_down: torch.Tensor
+    old_down: torch.Tensor
+    source: torch.Tensor | None = None
+    shares: torch.Tensor | None = None
+
+
+def _slot_ranks(source: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every slot (the `units` old ones, then one per entry of `source`): the unit it holds and
+    its rank among that unit's slots (the old slot 0, copies 1, 2, ... in order), on the CPU."""
+    slot_source = torch.cat([torch.arange(units, device="cpu"), source.cpu()])
+    ranks = torch.zeros(len(slot_source), dtype=torch.long, device="cpu")
+    seen = torch.ones(units, dtype=torch.long, device="cpu")
+    for i, unit in enumerate(source.tolist()):
+        ranks[units + i] = seen[unit]
+        seen[unit] += 1
+    return slot_source, ranks
+
+
+def outgoing_shares(source: torch.Tensor, units: int, symmetry: str, scale: float) -> torch.Tensor:
+    """The share of its unit's outgoing weights each slot takes; a unit's shares sum to 1, so the
+    sum of its slots reads what the unit did (its copies have the same activation: exact).
+    "split" (LEMON's unequal fan-in split, alpha + beta = 1, alpha != beta): a unit of c slots
+    gives slot r the share (1 + scale·t_r)/c, t spread over [-1, 1] (c = 2, scale 0.2: 0.6 and
+    0.4); otherwise 1/c each (Net2WiderNet)."""
+    slot_source, ranks = _slot_ranks(source, units)
+    copies = (torch.bincount(source.cpu(), minlength=units).float() + 1)[slot_source]
+    if symmetry != "split":
+        return 1 / copies
+    spread = torch.where(copies > 1, 2 * ranks.float() / (copies - 1).clamp_min(1) - 1, torch.zeros_like(copies))
+    return (1 + scale * spread) / copies
+
+
+def paired_noise(source: torch.Tensor, units: int, out: int, std: float, gen: torch.Generator,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """[out, slots] noise on the outgoing weights that sums to zero over each unit's slots
+    (HyperCloning's paired noise): the copies read the same activation, so it cancels exactly.
+    Std `std`/c before centring; slots of uncopied units get none."""
+    slot_source, _ = _slot_ranks(source, units)
+    copies = torch.bincount(source.cpu(), minlength=units).float() + 1
+    noise = torch.randn(out, len(slot_source), generator=gen, device="cpu").to(device)
+    slot_copies, index = copies[slot_source].to(device), slot_source.to(device)
+    noise = noise * std / slot_copies  # (a preview's meta weights: a CPU draw moved to meta, shapes only)
+    mean = torch.zeros(out, units, device=device).index_add_(1, index, noise) / copies.to(device)
+    return noise - mean[:, index]
 
 
 def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module, conv1d: bool) -> nn.Module:
@@ -234,7 +308,8 @@ def grow_units_inplace(up: nn.Module, down: nn.Module, gate: nn.Module | None, c
                        new_weights) -> WiderPair:
     """Wider copies of up (+gate) and down holding `size` new units (`new_weights` from
     ``_new_unit_weights``); only the new rows/columns are marked as grown."""
-    new_up, new_b, new_gate, new_down, old_down, source = new_weights
+    new_up, new_b, new_gate, new_down, old_down, source, *rest = new_weights
+    shares = rest[0] if rest else None
     up_w = _linear_weight(up, conv1d)
     up_b = up.bias.detach() if getattr(up, "bias", None) is not None else None
     units = up_w.shape[0]
@@ -259,13 +334,15 @@ def grow_units_inplace(up: nn.Module, down: nn.Module, gate: nn.Module | None, c
     splits = []
     if source is not None:  # net2net / copy_halve: slot i copies unit slot_source[i]
         slot_source = torch.cat([torch.arange(units), source])
-        copies = (torch.bincount(source, minlength=units).float() + 1)[slot_source]
-        ones = torch.ones_like(copies)
+        if shares is None:  # equal shares
+            shares = 1 / (torch.bincount(source, minlength=units).float() + 1)[slot_source]
+        ones = torch.ones_like(shares)
         incoming = [(wide_up.weight, 1 if conv1d else 0)] + ([(wide_up.bias, 0)] if up_b is not None else [])
         if wide_gate is not None:
             incoming.append((wide_gate.weight, 1 if conv1d else 0))
-        splits = [Split(p, dim, slot_source, ones, 1 / copies) for p, dim in incoming]
-        splits.append(Split(wide_down.weight, 0 if conv1d else 1, slot_source, copies, ones))
+        # a slot read through share·w gets share × the source's gradient; its outgoing value is w / (1/share)
+        splits = [Split(p, dim, slot_source, ones, shares) for p, dim in incoming]
+        splits.append(Split(wide_down.weight, 0 if conv1d else 1, slot_source, 1 / shares, ones))
     return WiderPair(wide_up, wide_down, wide_gate, grown, record, splits)
 
 
@@ -285,8 +362,8 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
         down_w = _linear_weight(down, layout.conv1d)
         gate_w = _linear_weight(gate, layout.conv1d) if gate is not None else None
         up_b = up.bias.detach() if getattr(up, "bias", None) is not None else None
-        new_up, new_b, new_gate, new_down, old_down, source = _new_unit_weights(
-            params, up_w, up_b, down_w, gate_w, gen)
+        weights = _new_unit_weights(params, up_w, up_b, down_w, gate_w, gen)
+        new_up, new_b, new_gate, new_down = weights.new_up, weights.new_b, weights.new_gate, weights.new_down
 
         if params.mode == "parallel":
             act = getattr(inner, layout.act)
@@ -302,8 +379,7 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
             continue
 
         # in place: wider matrices; the mask marks the new entries
-        wide = grow_units_inplace(up, down, gate, layout.conv1d, params.size,
-                                  (new_up, new_b, new_gate, new_down, old_down, source))
+        wide = grow_units_inplace(up, down, gate, layout.conv1d, params.size, weights)
         if fused is not None:
             wide = _fused_pair(wide, fused, up_w.shape[0], params.size)
         setattr(inner, layout.up, wide.up)

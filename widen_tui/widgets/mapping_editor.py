@@ -10,7 +10,7 @@ the current row) / remove a target, ``i`` the identity. Helpers fill the grid: k
 depth up-scaling). A plan that uses a helper shows its resolved mapping; editing the grid
 writes the explicit mapping instead.
 
-The editor changes only the mapping keys of its operator (mapping, kinds, keep_ends, dus), with
+The editor changes only the mapping keys of its operator (mapping, kinds, keep_ends, dus, repeat), with
 ``Edited`` messages; the other keys (scale, stack) are the operator form's.
 """
 
@@ -30,7 +30,7 @@ from engine.ops.params import DepthUpScaling, KeepEnds, MapLayersParams
 from widen_tui.plan_draft import UNSET, KeyPath, dotted, widget_id
 from widen_tui.widgets.schema_form import Edited, Hint
 
-MAPPING_KEYS = ("mapping", "keep_ends", "dus", "kinds")
+MAPPING_KEYS = ("mapping", "keep_ends", "dus", "repeat", "kinds")
 
 
 def default_kinds(mapping: list[int], scale: Any = None) -> list[str]:
@@ -107,11 +107,12 @@ class MappingEditor(Vertical):
         note = ""
         if not isinstance(mapping, list) or not all(isinstance(m, int) for m in mapping):
             mapping = None
-        if mapping is None and (self.op.get("keep_ends") or self.op.get("dus")) and self.depth:
+        helpers = [k for k in ("keep_ends", "dus", "repeat") if self.op.get(k)]
+        if mapping is None and helpers and self.depth:
             try:
                 params = MapLayersParams.model_validate({k: v for k, v in self.op.items() if k != "kinds"})
                 mapping = params.resolve(self.depth)
-                helper = "keep_ends" if self.op.get("keep_ends") else "dus"
+                helper = helpers[0]
                 note = f"from {helper} = {self.op[helper]} — editing the grid writes this mapping out"
             except (ValidationError, ValueError) as e:
                 note = f"helper does not resolve: {e}"
@@ -128,7 +129,7 @@ class MappingEditor(Vertical):
     def _write(self, mapping: list[int], kinds: list[str]) -> None:
         """Post the explicit mapping (and kinds, or their removal); the helpers give way to it."""
         kinds_value = normalized_kinds(mapping, kinds, self.op.get("scale"))
-        changes = {"mapping": mapping, "kinds": kinds_value, "keep_ends": UNSET, "dus": UNSET}
+        changes = {"mapping": mapping, "kinds": kinds_value, "keep_ends": UNSET, "dus": UNSET, "repeat": UNSET}
         for key, value in changes.items():
             if value is UNSET and key not in self.op:
                 continue
