@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from engine.names import name_problem
+from engine.names import label_problem, name_problem
 
 # What `report_to` takes, and the package each needs (the module importlib looks for).
 TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
@@ -60,6 +60,12 @@ def safe_name(value: object) -> str:
     if name_problem(text) is None:
         return text
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)[:64] or "_"
+
+
+def safe_label(value: object) -> str:
+    """A stage label or matrix row ("after 1:prose") as it is when it is a valid label, else
+    reduced as ``safe_name`` does."""
+    return str(value) if label_problem(value) is None else safe_name(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ class MlflowTracker(Tracker):
 
     name = "mlflow"
 
-    def __init__(self, info: RunInfo, directory: Path, uri: str | None = None):
+    def __init__(self, info: RunInfo, directory: Path, uri: str | None = None, continue_run: bool = True):
         super().__init__(info, directory)
         uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or directory.resolve().as_uri()
         if uri.startswith("file:"):
@@ -203,7 +209,8 @@ class MlflowTracker(Tracker):
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or info.plan
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        found = self.client.search_runs([experiment_id], f"tags.`widen.run` = '{info.run}'", max_results=1)
+        found = continue_run and self.client.search_runs([experiment_id], f"tags.`widen.run` = '{info.run}'",
+                                                          max_results=1)
         if found:
             self.run_id = found[0].info.run_id
         else:
@@ -385,8 +392,8 @@ class Translator:
             return [Scalars(step, _figures(event, EXPAND_FIGURES)), Note(step, "expansions", text)]
         if kind == "stage":
             step = self._at(event)
-            return [Note(step, "stages", f"{label} {safe_name(event['phase'])}: on {safe_name(event['task'])}, "
-                                         f"{event['steps']} steps")]
+            return [Note(step, "stages", f"{label} {safe_name(event['phase'])}: {safe_label(event['name'])} on "
+                                         f"{safe_name(event['task'])}, {event['steps']} steps")]
         if kind == "system":
             values = _figures(event, SYSTEM_FIGURES)
             for gpu in event["gpus"]:
@@ -417,7 +424,7 @@ class Translator:
                     values = matrix.get(metric)
                     if (isinstance(values, list) and len(values) == len(rows)
                             and all(isinstance(r, list) and len(r) == len(tasks) for r in values)):
-                        out.append(Matrix(self.global_step, metric, [safe_name(r) for r in rows],
+                        out.append(Matrix(self.global_step, metric, [safe_label(r) for r in rows],
                                           [safe_name(t) for t in tasks], [[_num(v) for v in r] for r in values]))
         summary = results.get("summary") if isinstance(results.get("summary"), dict) else {}
         figures = {}
@@ -440,14 +447,16 @@ def _strings(value) -> bool:
 
 @dataclass
 class Mirror:
-    """Forwards events to the trackers named in `names`, each opened (``directory_of(name)``) at the
-    first event. `warn(tracker, message)` is told once per tracker that fails; that tracker is then
-    dropped. `results` gives results.json at the run's end. Never raises."""
+    """Forwards events to the trackers named in `names`, each opened (``open_tracker(name, info)``)
+    at the first event. `warn(source, message)` is told once per tracker that fails; that tracker
+    is then dropped. `results` gives results.json at the run's end; `cached` the events a variant
+    took from the prefix cache (written before the trainer's first event). Never raises."""
 
     names: list[str]
-    directory_of: Callable[[str], Path]
+    open_tracker: Callable[[str, RunInfo], Tracker]
     warn: Callable[[str, str], None]
     results: Callable[[], dict | None] = lambda: None
+    cached: Callable[[], list[dict]] = lambda: []
     fallback_run: str = "run"
     trackers: list[Tracker] = field(default_factory=list)
     opened: bool = False
@@ -467,22 +476,35 @@ class Mirror:
             return
         if not self.opened:
             self._open(RunInfo.from_start(event, self.fallback_run))
-        try:
-            records = self.translator.records(event)
-        except Exception as e:  # noqa: BLE001 - a malformed event is skipped, the run goes on
-            self._warn("mirror", f"an event was not mirrored to the trackers ({e.__class__.__name__}: {e})")
-            records = []
-        self._send(records)
+            if event.get("prefix_cached"):
+                self._forward(self._quietly(self.cached) or [])
+        self._forward([event])
         if kind == "status":
             self.close(event.get("state"))
+
+    def _forward(self, events: list[dict]) -> None:
+        records = []
+        for event in events:
+            try:
+                records += self.translator.records(event)
+            except Exception as e:  # noqa: BLE001 - a malformed event is skipped, the run goes on
+                self._warn("mirror", f"an event was not mirrored to the trackers ({_error(e)})")
+        self._send(records)
+
+    def _quietly(self, read: Callable):
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 - a run file that cannot be read is not mirrored
+            self._warn("mirror", f"a run file was not mirrored to the trackers ({_error(e)})")
+            return None
 
     def _open(self, info: RunInfo) -> None:
         self.opened = True
         for name in self.names:
             try:
-                self.trackers.append(REGISTRY[name](info, self.directory_of(name)))
+                self.trackers.append(self.open_tracker(name, info))
             except Exception as e:  # noqa: BLE001 - a missing package, a store that cannot be written
-                self._warn(name, f"tracker {name} could not start ({_error(e)}) — not mirrored; widen's own events go on")
+                self._warn(name, f"tracker {name} could not start ({_error(e)})")
         atexit.register(self.close, None)  # a worker that dies of an exception still flushes
 
     def _send(self, records: list[Record]) -> None:
@@ -492,7 +514,7 @@ class Mirror:
                     tracker.write(record)
             except Exception as e:  # noqa: BLE001 - a tracker never stops a run
                 self.trackers.remove(tracker)
-                self._warn(tracker.name, f"tracker {tracker.name} failed ({_error(e)}) — dropped; widen's own events go on")
+                self._warn(tracker.name, f"tracker {tracker.name} failed ({_error(e)})")
                 _quiet_close(tracker)
 
     def close(self, state: str | None) -> None:
@@ -502,7 +524,7 @@ class Mirror:
         if not self.final_sent and self.trackers:
             self.final_sent = True
             try:
-                records = self.translator.final(self.results())
+                records = self.translator.final(self._quietly(self.results))
             except Exception as e:  # noqa: BLE001
                 self._warn("mirror", f"the final results were not mirrored ({_error(e)})")
                 records = []
@@ -533,9 +555,11 @@ def attach(writer, names: list[str], run_dir: Path) -> None:
     nothing when there are none (or this rank writes no events)."""
     if writer is None or not names:
         return
+    from engine.events import read_all
     from engine.rundir import RunDir
 
     run = RunDir(run_dir)
-    writer.listener = Mirror(list(names), lambda name: run.path / LIVE_DIRS[name],
-                             lambda source, message: writer.emit("warning", source=source, message=message),
-                             results=run.results, fallback_run=run.id)
+    writer.listener = Mirror(
+        list(names), lambda name, info: REGISTRY[name](info, run.path / LIVE_DIRS[name]),
+        lambda source, message: writer.emit("warning", source=source, message=f"{message} — left out, the run goes on"),
+        results=run.results, cached=lambda: [e for e in read_all(run.events) if e.get("cached")], fallback_run=run.id)

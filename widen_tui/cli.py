@@ -676,6 +676,25 @@ def export(
                        f"export in {out_dir} does not compute what the grown model computes")
 
 
+@app.command("export-metrics")
+def export_metrics(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="a run: id, prefix, last, name, or run directory")],
+    to: Annotated[str, typer.Option("--to", metavar="tensorboard|mlflow|csv", help="where to mirror the metrics")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory (default: RUN_DIR/export-TOOL; "
+                                                "mlflow: MLFLOW_TRACKING_URI when set)")] = None,
+):
+    """Mirror a run's metrics after the fact (engine.metrics_export): loss, lr, tokens/s, evals per
+    task, expansions and growths, memory samples, and the final forgetting matrix."""
+    from engine.metrics_export import export_run
+
+    path = Path(run_ref)
+    run = RunDir(path) if path.is_dir() and (path / "plan.toml").exists() else _run_dir(run_ref)
+    summary = export_run(run.path, to, out)
+    for problem in summary.problems[:5]:
+        _warn(f"{run.id}: skipped {problem}")
+    console.print(summary.line(), highlight=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # figures
 
