@@ -208,3 +208,63 @@ def test_cli_bad_target_arguments_are_one_line(tmp_path, args, message):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {message}" + proc.stderr.strip().split(message, 1)[1]]
     assert "Traceback" not in proc.stderr
+
+
+# -- the TUI -------------------------------------------------------------------------------------
+
+
+def test_compare_screen_shows_compute_to_target(tmp_path):
+    """The Compare screen's table tab: the same variant rows as `widen compare --target-loss auto`."""
+    from textual.widgets import DataTable
+
+    from tests.test_tui_compare import with_compare
+
+    root = tmp_path / "runs"
+    write(root, "r-base", stream({0: 5.0, 20: 4.0, 40: 3.0}), name="base")
+    write(root, "r-fast", stream({0: 5.0, 10: 3.0, 40: 2.0}), name="fast")
+
+    async def check(pilot):
+        await pilot.press("2")
+        await pilot.pause()
+        table = pilot.app.screen.query_one("#table-target", DataTable)
+        rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
+        assert rows[0][:3] == ["base (baseline)", "0", "1/1"]
+        assert rows[1][0] == "fast" and rows[1][6] == "×0.25"  # tokens ratio: 10 steps against 40
+
+    with_compare(root, ["r-base", "r-fast"], check)
+
+
+# -- the figure ----------------------------------------------------------------------------------
+
+
+def test_plot_draws_the_target_and_each_crossing(tmp_path):
+    from matplotlib.figure import Figure
+
+    from widen_tui import plot as figures
+    from widen_tui.curves import curves_from_events
+
+    runs = [run("base", stream({0: 5.0, 20: 4.0, 40: 3.0})), run("fast", stream({0: 5.0, 10: 3.0, 40: 2.0})),
+            run("slow", stream({0: 5.0, 40: 4.5}))]
+    report = ctt.compute_to_target(runs, labels=["base", "fast", "slow"])
+    curves = [curves_from_events(label, r.events) for label, r in zip(["base", "fast", "slow"], runs)]
+    ax = Figure().add_subplot()
+    figures._draw_target(ax, report, curves, ["C0", "C1", "C2"], "flops")
+    line, *marks = ax.lines
+    assert list(line.get_ydata()) == [3.0, 3.0]
+    assert [(m.get_xdata()[0], m.get_ydata()[0], m.get_color()) for m in marks] == [
+        (40 * FLOPS_PER_STEP, 3.0, "C0"), (10 * FLOPS_PER_STEP, 3.0, "C1")]  # slow never reached it: no mark
+
+
+def test_cli_plot_with_target_loss(tmp_path):
+    root = tmp_path / "runs"
+    write(root, "r-base", stream({0: 5.0, 20: 4.0, 40: 3.0}), name="base")
+    write(root, "r-fast", stream({0: 5.0, 10: 3.0, 40: 2.0}), name="fast")
+    out = tmp_path / "figures"
+    proc = widen("plot", "r-base", "r-fast", "--x", "flops", "--target-loss", "auto", "--out", str(out),
+                 env_home=root)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "loss.png").stat().st_size > 10_000
+    proc = widen("plot", "r-base", "--target-loss", "auto", "--task", "maths", "--out", str(out), env_home=root)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and errors == ["error: --task: run r-base has no held-out evals of task 'maths' — "
+                                               "its tasks: python"] and "Traceback" not in proc.stderr

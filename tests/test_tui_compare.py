@@ -257,7 +257,7 @@ def test_plateau_growths_are_branch_points(tmp_path):
     assert all(r["loss_at_equal_flops"] is not None for r in disk["runs"])
     assert [r["loss_at_equal_flops"] for r in data["runs"]] == [r["loss_at_equal_flops"] for r in disk["runs"]]
     assert data["groups"][0]["loss_at_equal_flops"] == disk["groups"][0]["loss_at_equal_flops"]
-    assert [s.key for s in comparison_sections(data)] == ["figures", "compute"]
+    assert [s.key for s in comparison_sections(data)] == ["figures", "compute", "target"]
 
 
 def test_growth_run_shows_its_branch_points_in_the_app(tmp_path):

@@ -709,6 +709,14 @@ def plot(
                                                      "else ./figures)")] = None,
     x: Annotated[str, typer.Option("--x", help="x axis of the loss curves: steps | tokens | flops "
                                                "(runs that grow mid-way compare fairly only by flops)")] = "steps",
+    target_loss: Annotated[Optional[str], typer.Option(
+        "--target-loss", metavar="L|auto", help="draw this held-out loss (auto: the baseline's final one) and mark "
+                                                "where each run first reached it (as `widen compare --target-loss`)")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="with --target-loss: the task whose held-out loss "
+                                                              "is read")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="RUN",
+                                                    help="with --target-loss auto: the run whose final loss is the "
+                                                         "target (default: the first RUN)")] = None,
 ):
     """PNG figures: loss.png (training and eval loss of every run, overlaid, with stage boundaries and
     expansions), forgetting-<run>.png (bits per byte per task after each stage) and mapping-<name>.png
@@ -748,7 +756,7 @@ def plot(
     labels = {rid: (n if list(names.values()).count(n) == 1 else f"{n} [{rid}]") for rid, n in names.items()}
 
     written: list[Path] = []
-    curves = []
+    curves, inputs = [], []
     try:
         for run in runs:
             events = EventReader(run.events).read_new()
@@ -761,6 +769,7 @@ def plot(
                 continue
             if any(e.get("type") in ("step", "eval") for e in events):
                 curves.append((labels[run.id], events))
+                inputs.append((run, events))
             matrix = results.get("matrix") if isinstance(results.get("matrix"), dict) else None
             if matrix is None and events:
                 matrix = figures.matrix_from_events(events)
@@ -774,8 +783,18 @@ def plot(
             if results.get("sweep"):
                 written.append(figures.mapping_figure(results["sweep"], out_dir / f"mapping-{run.id}.png",
                                                       title=labels[run.id], warn=warn))
+        target = None
+        if target_loss is not None:
+            from widen_tui import compute_to_target as ctt
+
+            target = ctt.compute_to_target([ctt.RunInput(r.id, r.info(), e) for r, e in inputs],
+                                           ctt.parse_target(target_loss), task,
+                                           _run_dir(baseline).id if baseline else None,
+                                           labels=[labels[r.id] for r, _ in inputs])
+        elif task is not None or baseline is not None:
+            raise CLIError("--task and --baseline go with --target-loss L|auto")
         if curves:
-            written.insert(0, figures.loss_figure(curves, out_dir / "loss.png", x=x, warn=warn))
+            written.insert(0, figures.loss_figure(curves, out_dir / "loss.png", x=x, warn=warn, target=target))
         elif runs:
             warn("no step or eval events in " + ", ".join(r.id for r in runs) + " — no loss curves")
         for stem, sweep in sweeps:

@@ -14,6 +14,7 @@ from pathlib import Path
 from engine.events import latest_segment, read_all
 from engine.rundir import RunDir
 from widen_tui import compare
+from widen_tui.compute_to_target import RunInput, TargetError, compute_to_target
 
 
 @dataclass
@@ -72,5 +73,12 @@ def _label(runs: list[LoadedRun]) -> None:
 
 
 def comparison(runs: list[LoadedRun]) -> dict:
-    """`compare_runs`' figures (what `widen compare` prints), from the events already in memory."""
-    return compare.compare_runs([(r.info, r.status, r.results) for r in runs], [r.events for r in runs])
+    """`compare_runs`' figures (what `widen compare` prints), from the events already in memory;
+    under "target", compute to target as `widen compare --target-loss auto` has it (baseline: the
+    first run, the default task) — a ``TargetReport``, or the one line saying why there is none."""
+    data = compare.compare_runs([(r.info, r.status, r.results) for r in runs], [r.events for r in runs])
+    try:
+        data["target"] = compute_to_target([RunInput(r.id, r.info, r.events) for r in runs], labels=[r.label for r in runs])
+    except TargetError as e:
+        data["target"] = str(e)
+    return data

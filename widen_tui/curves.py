@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from engine.events import latest_segment, voided_by
 
-X_AXES = {"steps": "global step", "tokens": "tokens seen", "flops": "training FLOPs (estimated)"}
+X_AXES = {"steps": "global step", "tokens": "tokens seen", "flops": "training FLOPs"}  # docs/flops.md
 
 Point = tuple[float, float]
 

@@ -68,11 +68,13 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: str = "steps",
-                warn: Warn | None = None) -> Path:
+                warn: Warn | None = None, target=None) -> Path:
     """Training loss and eval loss per task of each run against `x` (steps | tokens | flops).
 
     `runs` is a list of (legend label, that run's events). Runs whose step events lack the x
-    quantity (older runs) make the whole figure fall back to global steps, with a warning."""
+    quantity (older runs) make the whole figure fall back to global steps, with a warning.
+    `target`: a ``widen_tui.compute_to_target.TargetReport`` over the same runs, in the same
+    order: its loss as a horizontal line, a diamond where each run's held-out loss crossed it."""
     if x not in X_AXES:
         raise PlotError(f"--x must be one of {', '.join(X_AXES)}, not {x!r}")
     curves = [curves_from_events(label, events) for label, events in runs]
@@ -118,6 +120,8 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
                         ms=4.5, lw=1.3, alpha=0.9)
                 ys += [p[1] for p in pts]
 
+    if target is not None:
+        ys.append(target.target)  # the target line stays in view
     lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
     pad = 0.06 * (hi - lo or 1.0)
     lo, hi = lo - pad, hi + 3.5 * pad  # room at the top for the stage labels
@@ -163,6 +167,8 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
             ax.annotate(f"+{human(e.get('params_added') or 0)} params{tag}", (px, clip(y)), xytext=(6, -13 - 11 * k),
                         textcoords="offset points", fontsize=7.5, color=colour, zorder=6, bbox=LABEL_BOX)
 
+    if target is not None:
+        _draw_target(ax, target, curves, colours, x)
     ax.set_xlabel(X_AXES[x])
     ax.set_ylabel("loss (nats per token) — lower is better")
     if x == "tokens":
@@ -185,6 +191,9 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
         kinds.append(Line2D([], [], color="0.6", marker="^", ms=9, mec="black", ls="none",
                             label="growth on plateau"))
     kinds.append(Line2D([], [], color="0.45", ls=(0, (4, 3)), lw=1.0, label="stage boundary"))
+    if target is not None:
+        kinds.append(Line2D([], [], color="crimson", ls=(0, (1, 1.5)), lw=1.4, marker="D", ms=6, mec="black",
+                            label=f"target {target.target:.3f} on {target.task}: where each run first reached it"))
     if len(curves) > 1:
         run_handles = [Line2D([], [], color=col, lw=3, label=c.label) for c, col in zip(curves, colours)]
         first = ax.legend(handles=run_handles, title="runs", loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -194,6 +203,24 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
     else:
         ax.legend(handles=kinds, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
     return _save(fig, out)
+
+
+def _draw_target(ax, target, curves, colours, x: str) -> None:
+    """The target loss across the figure and each run's crossing of it ("not reached" in the
+    legend's words when it never got there). Crossings sit at their global step mapped to `x`."""
+    ax.axhline(target.target, color="crimson", ls=(0, (1, 1.5)), lw=1.4, zorder=4)
+    by_label = {c.label: (c, colour) for c, colour in zip(curves, colours)}
+    for run in target.runs:
+        if run.label not in by_label or not run.crossing.reached:
+            continue
+        c, colour = by_label[run.label]
+        px = run.crossing.global_step if x == "steps" else {"tokens": run.crossing.tokens,
+                                                             "flops": run.crossing.flops}[x]
+        if px is None:
+            px = c.at(run.crossing.global_step, x)
+        ax.plot([px], [target.target], marker="D", ms=8, color=colour, mec="black", mew=0.8, ls="none", zorder=7)
+        ax.annotate(human(px) if x != "steps" else f"step {px:.0f}", (px, target.target), xytext=(4, -12),
+                    textcoords="offset points", fontsize=7.5, color=colour, zorder=7, bbox=LABEL_BOX)
 
 
 # ---------------------------------------------------------------------------------------------

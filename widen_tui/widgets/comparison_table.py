@@ -4,7 +4,8 @@ The figures are `widen_tui.compare.compare_runs`' (formatted like the CLI's `com
 one row per variant — mean ± std when seeds repeat — with per-task perplexity and forgetting,
 ACC, BWT, parameters (total, added, trainable, share), time, tokens/s and peak memory; then,
 when a model grew mid-way, each run's training loss at equal FLOPs and equal tokens; then the
-health of new units. Each part is a DataTable whose first column stays put while the others
+compute each variant needed to reach the first run's final held-out loss (`widen compare
+--target-loss auto`); then the health of new units. Each part is a DataTable whose first column stays put while the others
 scroll sideways, so the table stays usable at 80 columns.
 """
 
@@ -21,7 +22,7 @@ from widen_tui.report import _ms, fmt_num
 
 @dataclass
 class Section:
-    key: str            # "figures" | "compute" | "health"
+    key: str            # "figures" | "compute" | "target" | "health"
     title: str
     columns: list[str]
     rows: list[list[str]]
@@ -59,6 +60,14 @@ def comparison_sections(data: dict) -> list[Section]:
             [[str(r.get("variant") or r.get("name")), str(r.get("seed")), str(r.get("growths") or 0),
               fmt_num(r.get("loss_at_equal_flops"), 4), fmt_num(r.get("loss_at_equal_tokens"), 4),
               _sci(r.get("flops")), fmt_num(r.get("params"))] for r in runs]))
+
+    target = data.get("target")  # compute to target (auto), see widen_tui.compare_data.comparison
+    if isinstance(target, str):
+        sections.append(Section("target", f"compute to target: {target}", [], []))
+    elif target is not None:
+        from widen_tui import compute_to_target as ctt
+
+        sections.append(Section("target", ctt.title(target), *ctt.group_rows(target)))
 
     health = [(r, u) for r in runs for u in r.get("new_units") or []]
     if health:
@@ -104,6 +113,9 @@ class ComparisonTable(VerticalScroll):
         await self.remove_children()
         widgets = []
         for section in comparison_sections(data):
+            if not section.columns:  # a section that is only its title (why it has no table)
+                widgets.append(Static(section.title, classes="section-title", markup=False))
+                continue
             table = DataTable(id=f"table-{section.key}", fixed_columns=1, zebra_stripes=True, cursor_type="row")
             table.add_columns(*section.columns)
             for row in section.rows:
