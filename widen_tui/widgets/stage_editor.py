@@ -1,4 +1,4 @@
-"""One stage of the plan: its settings, its operators and, optionally, plateau growth.
+"""One stage of the plan: its settings, its operators and, optionally, growth mid-stage (a trigger).
 
 A variant's stage also shows the variant's own name and description (the variant is what a
 comparison calls it). Structure changes (growth switched on or off) are ``Edited`` messages with
@@ -18,7 +18,7 @@ from widen_tui.widgets.operator_editor import OperatorEditor
 from widen_tui.widgets.schema_form import Edited, SchemaForm
 
 GROWTH_CHOICES = [("none: the model keeps its size during the stage", False),
-                  ("on plateau: apply operators when the training loss stalls", True)]
+                  ("automatic: apply operators when the trigger fires (plateau, at, budget)", True)]
 
 
 class StageEditor(Vertical):
