@@ -95,6 +95,11 @@ replicated into c slots, its outgoing weights divided by c. At the same function
   to (1 - 1/c²)/(t + 1) after t steps early on. The inflated v then decays over ~1/(1 - beta2)
   steps, so the new units move from the small model's dynamics to their own learning rate.
 
+With unequal outgoing shares (widen_ffn symmetry = "split": slot r reads share_r · w, the
+shares of a unit summing to 1) the same reasoning gives incoming m -> share·m, v -> share²·v and
+outgoing v -> v / share² (the Split records grad_scale = share, divisor = 1/share); with paired
+outgoing noise the equal-share rule is kept (the noise is not a division: approximate).
+
 In general, per split axis, an entry whose value was divided by `divisor` and whose gradient is
 `grad_scale` times the source's gets m -> grad_scale·m, v -> (grad_scale·divisor)²·v (factors of
 several split axes multiply). Dividing the outgoing moments by c and c² like the weights (the
