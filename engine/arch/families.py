@@ -39,6 +39,7 @@ class AttentionLayout:
     qkv_order: str = "blocks"     # fused rows: "blocks" = [q | k | v]; "per_head" = [q_h k_h v_h] per head
     conv1d: bool = False          # GPT-2's Conv1D stores weights transposed
     heads_attr: str | None = None  # instance attribute holding the head count, if the module keeps one
+    kv_heads_attr: str | None = None  # ... and the key/value head count (Phi-3 caches it)
     split_attr: str | None = None  # GPT-2 splits c_attn's output at this width
     num_heads_field: str = "num_attention_heads"
     num_kv_heads_field: str | None = None   # grouped-query attention (Llama family)
@@ -237,7 +238,6 @@ _OLMO2_QK = ("OLMo-2's q_norm and k_norm normalise all heads together (one RMSNo
              "so new heads would rescale the existing ones")
 _PHI3_GATE_UP = ("Phi-3's gate_up_proj holds [gate | up] halves split at its midpoint, so appended features "
                  "would move the split — widen_ffn grows both halves")
-_HIDDEN = "widen_hidden (engine.ops.hidden) does not yet handle "
 _PHI3_QKV = ("Phi-3 fuses q, k and v in qkv_proj and its attention module caches the key/value head count; "
              "add_heads grows separate q/k/v projections only")
 
@@ -261,9 +261,9 @@ FAMILIES = FAMILIES + (
             ffn=FFNLayout(module="mlp", up="gate_up_proj", down="down_proj", act="activation_fn",
                           gate="gate_up_proj", gate_up_fused=True),
             attention=AttentionLayout(module="self_attn", out="o_proj", qkv="qkv_proj",
-                                      num_kv_heads_field="num_key_value_heads"),
-            refused_ops={"add_heads": _PHI3_QKV, "concat_linear": _PHI3_GATE_UP,
-                         "widen_hidden": _HIDDEN + "Phi-3's fused qkv_proj and gate_up_proj"},
+                                      num_kv_heads_field="num_key_value_heads",
+                                      kv_heads_attr="num_key_value_heads"),
+            refused_ops={"add_heads": _PHI3_QKV, "concat_linear": _PHI3_GATE_UP},
             tiny_config=_TINY_IDS),
     # Gemma 2: RMSNorm gains stored as w in (1 + w), embeddings scaled by sqrt(d), a norm before
     # and after attention and FFN, tanh soft-capping of attention and final logits, sliding-window

@@ -353,9 +353,11 @@ def _whole_heads(view, extra: int, head_dim: int, what: str) -> tuple[int, int]:
     return extra // head_dim, extra // head_dim // group
 
 
-def _plan_exact(view, params: WidenHiddenParams) -> _Growth:
+def _plan_exact(view, params: WidenHiddenParams, head_repeats: int | None = None) -> _Growth:
     """duplicate / lossless: k = d'// d copies of the stream (heads repeated k times, head_dim
-    kept) and r = d' mod d pads (new heads where head_dim derives from the hidden size)."""
+    kept) and r = d' mod d pads (new heads where head_dim derives from the hidden size).
+    `head_repeats` < k: the heads repeat fewer times (where head_dim is stated); each head still
+    reads W/k of every copy, so it is exact too — for configs that cannot describe k x the heads."""
     hidden, heads, kv_heads = view.hidden_size, view.num_heads, view.num_kv_heads
     head_dim = _head_dim(view)
     copies, pads = divmod(hidden + params.size, hidden)
@@ -372,9 +374,10 @@ def _plan_exact(view, params: WidenHiddenParams) -> _Growth:
     if pads and view.family.attention.width_follows_hidden:
         new_heads, new_kv = _whole_heads(view, pads, head_dim,
                                          f"size beyond {copies - 1} x {hidden} must be a multiple of")
-    q = Axis(heads * head_dim, copies, new_heads * head_dim, write_fill="random", read_fill="zero")
-    kv = Axis(kv_heads * head_dim, copies, new_kv * head_dim, write_fill="random", read_fill="zero")
-    return _Growth(stream, q, kv, copies * heads + new_heads, copies * kv_heads + new_kv, head_dim)
+    repeats = copies if head_repeats is None else head_repeats
+    q = Axis(heads * head_dim, repeats, new_heads * head_dim, write_fill="random", read_fill="zero")
+    kv = Axis(kv_heads * head_dim, repeats, new_kv * head_dim, write_fill="random", read_fill="zero")
+    return _Growth(stream, q, kv, repeats * heads + new_heads, repeats * kv_heads + new_kv, head_dim)
 
 
 def _require_plain_model(model: nn.Module) -> None:
@@ -482,16 +485,35 @@ def _grow_attention(grower: _Grower, attn: nn.Module, layout, growth: _Growth) -
             grower.values(getattr(attn, name), "weight", axis)
     if layout.heads_attr:
         setattr(attn, layout.heads_attr, growth.heads)
+    if layout.kv_heads_attr:
+        setattr(attn, layout.kv_heads_attr, growth.kv_heads)
     for attr in (layout.split_attr, layout.width_attr):
         if attr:
             setattr(attn, attr, growth.q.new)
 
 
+@torch.no_grad()
+def _follow_qk_norm_eps(attn: nn.Module, layout, scale: float, scaled_eps: set[int]) -> None:
+    # scaled_eps: ids of the norms (and here projections) already scaled
+    """The q/k norms (Qwen3, OLMo-2, Gemma 3) read their epsilon from the config field that the
+    exact routes scale by s for the stream's norms, so on reload they get s·ε too. Queries and keys
+    scaled by √s keep them exact: (√s q) / sqrt(s·ms(q) + s·ε) = q / sqrt(ms(q) + ε)."""
+    root = math.sqrt(scale)
+    for name, projection in zip(layout.qk_norms, (layout.q, layout.k)):
+        module = getattr(attn, projection)
+        for p in (module.weight, getattr(module, "bias", None)):
+            if p is not None and id(p) not in scaled_eps:  # virtual blocks share the tensors: once
+                scaled_eps.add(id(p))
+                p.mul_(root)
+        _scale_eps(getattr(attn, name), scale, scaled_eps)
+
+
 def _grow_ffn(grower: _Grower, mlp: nn.Module, layout, stream: Axis) -> None:
     """up (and gate) read the stream, down writes it; the FFN's own width stays."""
-    units = _linear_shape(getattr(mlp, layout.up), layout.conv1d)[0]
-    for name in filter(None, (layout.up, layout.gate)):
-        grower.linear(getattr(mlp, name), [Axis(units)], stream, layout.conv1d)
+    for name in dict.fromkeys(filter(None, (layout.up, layout.gate))):  # once where fused (Phi-3 gate_up)
+        rows = _linear_shape(getattr(mlp, name), layout.conv1d)[0]  # a fused gate_up: 2 x the units
+        grower.linear(getattr(mlp, name), [Axis(rows)], stream, layout.conv1d)
+    units = _linear_shape(getattr(mlp, layout.down), layout.conv1d)[1]
     grower.linear(getattr(mlp, layout.down), [stream], Axis(units), layout.conv1d)
 
 
@@ -581,12 +603,16 @@ def _check_fits(view, params: WidenHiddenParams) -> tuple[_Growth, dict]:
         raise ValueError(f"init: the {view.family.name} family states no norm epsilon field (norm_eps_field), so "
                          "the scaled epsilon of init = \"lossless\" could not be exported — use init = "
                          "\"duplicate\" (a multiple of d_model)")
-    if exact and growth.variance_scale != 1 and getattr(view.family.attention, "qk_norms", ()):
-        raise ValueError(f"init: {view.family.name}'s q/k norms take their epsilon from the same config field "
-                         f"({eps_field}) as the stream's norms, which init = \"lossless\" scales by s "
-                         f"= {growth.variance_scale:.4g} — use init = \"duplicate\" (a multiple of d_model, s = 1)")
     changes = _config_changes(view, growth, eps_field)
     problem = config_problem(view.config, changes)
+    if problem and exact and not view.family.attention.width_follows_hidden:
+        # e.g. LlamaConfig wants d_model % heads == 0: 64 -> 200 with 8 heads fits 8 heads, not 24
+        for repeats in range(growth.stream.copies - 1, 0, -1):
+            fewer = _plan_exact(view, params, head_repeats=repeats)
+            fewer_changes = _config_changes(view, fewer, eps_field)
+            if config_problem(view.config, fewer_changes) is None:
+                growth, changes, problem = fewer, fewer_changes, None
+                break
     if problem:
         fits = _sizes_that_fit(view, params)
         hint = f"use size = {' or '.join(map(str, fits))}" if fits else "use another size"
@@ -709,7 +735,10 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
                 _scale_eps(get_submodule(block, norm), growth.variance_scale, scaled_eps)
             if params.init == "masked":
                 _wrap_masked(block, norm, stream, family, params.ramp_steps)
-        _grow_attention(grower, get_submodule(block, family.attention.module), family.attention, growth)
+        attn = get_submodule(block, family.attention.module)
+        _grow_attention(grower, attn, family.attention, growth)
+        if exact and family.attention.qk_norms and growth.variance_scale != 1:
+            _follow_qk_norm_eps(attn, family.attention, growth.variance_scale, scaled_eps)
         _grow_ffn(grower, get_submodule(block, family.ffn.module), family.ffn, stream)
 
     if exact:

@@ -450,8 +450,7 @@ class AddHeadsParams(LayeredOpParams):
                    "LayerNorm/RMSNorm now averages over more dimensions (measured, the note names the norms); "
                    "`masked`: yes at expansion, a plain norm once ramped (export refuses mid-ramp)",
              adds="every tensor touching the residual stream grows",
-             families="`lossless` is refused where the q/k norms read the stream's epsilon field (qwen3, olmo2, "
-                      "gemma3): `duplicate` only")
+             families="")
 class WidenHiddenParams(OpParams):
     """Grow d_model (the residual stream) of the whole model by `size` dimensions.
 
