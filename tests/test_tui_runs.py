@@ -116,7 +116,7 @@ class RunsApp(WidenApp):
         return super().notify(message, severity=severity, **kwargs)
 
 
-async def wait_until(pilot, condition, timeout: float = 10.0) -> None:
+async def wait_until(pilot, condition, timeout: float = 30.0) -> None:  # generous: CI shares 2 cores
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
