@@ -471,8 +471,14 @@ class Mirror:
             pass
 
     def __call__(self, event: dict) -> None:
+        try:
+            self._mirror(event)
+        except Exception as e:  # noqa: BLE001 - the mirror's own bug must not stop the run either
+            self._warn("mirror", f"an event was not mirrored to the trackers ({_error(e)})")
+
+    def _mirror(self, event: dict) -> None:
         kind = event.get("type")
-        if self.closed or kind == "warning":  # our own warnings are not mirrored back
+        if self.closed or kind == "warning":  # a failing tracker's warning is not sent to the others
             return
         if not self.opened:
             self._open(RunInfo.from_start(event, self.fallback_run))

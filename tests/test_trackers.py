@@ -20,6 +20,7 @@ from engine.events import read_all, validate_event
 from engine.plan import load_plan, validate_file
 from engine.train import Trainer
 from tests.conftest import ROOT, TINY_PLAN, widen
+from widen_tui.event_text import describe_event
 from widen_tui.launcher import create_run
 
 pytestmark = pytest.mark.slow
@@ -172,6 +173,7 @@ def test_a_failing_tracker_is_dropped_with_one_warning(tmp_path, monkeypatch):
     assert [w["source"] for w in warnings] == ["mlflow", "tensorboard"]
     assert warnings[0]["message"].startswith("tracker mlflow could not start (")
     assert "tracker tensorboard failed (OSError: [Errno 28] No space left on device)" in warnings[1]["message"]
+    assert describe_event(warnings[1]).startswith("warning (tensorboard): tracker tensorboard failed")
     assert [e for e in events if validate_event(e)] == []
     assert run.status()["state"] == "done" and events[-1] == {**events[-1], "type": "status", "state": "done"}
     assert len([e for e in events if e["type"] == "step"]) == 3
@@ -261,3 +263,19 @@ def test_wandb_offline(mirrored, tmp_path, monkeypatch):
             if "train/loss" in items:
                 logged[items["global_step"]] = items["train/loss"]
     assert logged == pytest.approx(_steps(mirrored))
+
+
+def test_a_variant_mirrors_the_stages_it_took_from_the_prefix_cache(tmp_path):
+    """Cached events are written before the trainer's first event: the mirror sends them first."""
+    cached = [{"type": "step", "t": 1.0, "stage": 0, "step": s, "global_step": s, "loss": 2.0 / s, "lr": 1e-3,
+               "tokens_per_s": 1.0, "tokens": s, "flops": s, "cached": True} for s in (1, 2)]
+    start = {"type": "start", "t": 2.0, "run": "v1", "plan": "p", "seed": 0, "device": "cpu", "pid": 1, "params": 10,
+             "stages": 2, "resumed": False, "prefix_cached": True}
+    step = {**cached[0], "stage": 1, "step": 1, "global_step": 3, "loss": 0.5, "cached": False}
+    mirror = trackers.Mirror(["csv"], lambda name, info: trackers.CsvTracker(info, tmp_path),
+                             lambda source, message: pytest.fail(message), cached=lambda: cached)
+    for event in (start, step, {"type": "status", "t": 3.0, "state": "done"}):
+        mirror(event)
+    with open(tmp_path / "scalars.csv", newline="") as f:
+        losses = {int(r["global_step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"}
+    assert losses == {1: 2.0, 2: 1.0, 3: 0.5}
