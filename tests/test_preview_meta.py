@@ -186,6 +186,32 @@ def test_a_seven_billion_parameter_config_previews_without_storage(tmp_path):
     assert preview.stages[0].trainable == widen.added + deepen.added
 
 
+SEVEN_B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def test_plan_show_counts_a_seven_billion_config_directory_on_meta(tmp_path):
+    """`widen plan show` on a directory with a config and no weights (SOLAR's depth up-scaling of a
+    7B Llama: 32 -> 48 blocks, 16 real copies) prints the exact counts, as the builder does."""
+    (tmp_path / "config.json").write_text(json.dumps(SEVEN_B))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'name = "dus"\n[model]\nsource = "{tmp_path}"\ntokenizer = "bytes"\n'
+                    '[tasks.t]\nsource = "builtin:stdlib-python"\n[[stages]]\ntask = "t"\nsteps = 1\n'
+                    '[[stages.expand]]\nop = "map_layers"\ndus = { copies = 2, drop = 8 }\nkinds = "real"\n')
+    widen = [sys.executable, "-m", "widen_tui.cli", "plan", "show", str(plan)]
+    shown = subprocess.run([*widen, "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    per_block = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert data["base_total"] == 6_738_415_616
+    [stage] = data["stages"]
+    assert stage["ops"][0]["added"] == 16 * per_block and stage["total_after"] == 6_738_415_616 + 16 * per_block
+    table = subprocess.run(widen, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "holds a config but no weights" in table.stdout and f"{16 * per_block:+,}" in table.stdout
+
+
 # -- the helper process and its client ------------------------------------------------------------
 
 

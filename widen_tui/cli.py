@@ -156,10 +156,16 @@ def plan_show(
     file: Annotated[Path, typer.Argument(help="plan TOML file")],
     set_: Annotated[list[str], typer.Option("--set", help="override a field: key.path=value (repeatable)")] = [],
     as_json: Annotated[bool, typer.Option("--json", help="print the per-operator reports as a JSON list")] = False,
+    meta: Annotated[bool, typer.Option("--meta", help="parameter counts only, on PyTorch's meta device: no "
+                                       "weights are loaded (large models; automatic for a directory "
+                                       "holding a config but no weights); no preservation figures")] = False,
 ):
     """Build the model and apply every stage's operators without training: parameters added,
     trainable share, and preservation (max |Δlogits|, loss before/after) per operator."""
     plan = _load_plan_or_exit(file, set_, None)
+    if meta or _config_only(plan.model.source):
+        _show_meta_preview(plan, as_json, why="" if meta else f"{plan.model.source} holds a config but no weights")
+        return
     from engine.expand import count_params
     from engine.export import build_from_plan, quiet_transformers
     from widen_tui.report import expansions_table
@@ -187,6 +193,41 @@ def plan_show(
                           highlight=False)
     if as_json:
         _print_json(everything[None] if list(everything) == [None] else everything)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def _config_only(source: str) -> bool:
+    """A local model directory with a config.json and no weight files (a shape to plan for)."""
+    path = Path(source)
+    return (path.is_dir() and (path / "config.json").is_file()
+            and not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES))
+
+
+def _show_meta_preview(plan, as_json: bool, why: str) -> None:
+    """The builder's parameter preview (engine.ops.preview: the real operators on a model without
+    storage): exact counts per stage and operator, in seconds for a 7B config."""
+    from rich.table import Table
+
+    from engine.models import load_config
+    from engine.ops.preview import preview_plan, to_json
+    from widen_tui.preview_rows import COLUMNS, preview_rows
+
+    preview = preview_plan(plan.model_dump(mode="json"), load_config=load_config)
+    if preview.base_total is None:
+        raise CLIError(f"{preview.error_field + ': ' if preview.error_field else ''}{preview.error}")
+    if as_json:
+        _print_json(to_json(preview))
+        return
+    console.print(f"{plan.name}: {plan.model.source}, parameter counts on the meta device "
+                  f"({why + '; ' if why else ''}no weights loaded, no preservation figures)", highlight=False)
+    table = Table(header_style="bold")
+    for label, _ in COLUMNS:
+        table.add_column(label, justify="left" if label in ("stage / op", "variant") else "right")
+    for row in preview_rows(preview):
+        table.add_row(*row.cells, style="bold" if row.kind == "stage" else None)
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------

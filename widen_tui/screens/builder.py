@@ -30,6 +30,7 @@ from textual.widgets import Collapsible, Footer, Label, Select, Static, TabbedCo
 from engine.ops.preview import PlanPreview
 from engine.plan import DistributedSpec, ModelSpec, Plan, PlanError, Problem, SweepSpec, TrainSpec
 from widen_tui.preview_client import shared_client
+from widen_tui.preview_rows import count, stage_line
 from widen_tui.plan_draft import (TOKENIZERS, UNSET, blank_plan, check_draft, check_model, check_schema, dotted,
                                   experiment_files, get_at, known_sources, load_draft, new_stage, new_task_name,
                                   new_variant, quiet_hub_logs, rename_task, set_at, stage_refs, to_toml, widget_id)
@@ -38,7 +39,7 @@ from widen_tui.widgets.dialogs import NEW_PLAN, Confirm, FileNamePrompt, PlanPic
 from widen_tui.widgets.layer_toggles import LayerToggles
 from widen_tui.widgets.mapping_editor import MAPPING_KEYS, MappingEditor
 from widen_tui.widgets.operator_editor import OperatorEditor
-from widen_tui.widgets.param_preview import ParamPreview, count, stage_line
+from widen_tui.widgets.param_preview import ParamPreview
 from widen_tui.widgets.problem_list import GoToField, ProblemList
 from widen_tui.widgets.schema_form import Edited, FieldRow, Hint, SchemaForm
 from widen_tui.widgets.source_suggester import SourceSuggester

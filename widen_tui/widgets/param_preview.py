@@ -10,31 +10,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from engine.ops.preview import PlanPreview, StagePreview
-
-
-def count(n: int | None, signed: bool = False) -> str:
-    if n is None:
-        return "?"
-    return f"{n:+,}" if signed else f"{n:,}"
-
-
-def percent(share: float | None) -> str:
-    return "?" if share is None else f"{share:.2%}"
-
-
-def stage_line(stage: StagePreview) -> str:
-    """One line for the status bar."""
-    trainable = f"trainable ? ({stage.note})" if stage.trainable is None else \
-        f"trainable {count(stage.trainable)} ({percent(stage.share)})"
-    missing = f" · {stage.uncounted} op{'s' * (stage.uncounted > 1)} not counted" if stage.uncounted else ""
-    return (f"{stage.label}{f' [{stage.variant}]' if stage.variant else ''}: {added(stage)}"
-            f" → {count(stage.total_after)} params · {trainable}{missing}")
-
-
-def added(stage: StagePreview) -> str:
-    """The stage's added parameters; `+?` marks operators left out (invalid settings)."""
-    return count(stage.added, signed=True) + (" +?" if stage.uncounted else "")
+from engine.ops.preview import PlanPreview
+from widen_tui.preview_rows import COLUMNS, preview_rows
 
 
 class ParamPreview(DataTable):
@@ -43,8 +20,7 @@ class ParamPreview(DataTable):
     def on_mount(self) -> None:
         self.cursor_type = "row"
         self.zebra_stripes = True
-        for label, key in (("stage / op", "what"), ("variant", "variant"), ("added", "added"),
-                           ("trainable", "trainable"), ("share", "share"), ("total", "total")):
+        for label, key in COLUMNS:
             self.add_column(label, key=key)
 
     def show(self, preview: PlanPreview | None) -> None:
@@ -54,12 +30,7 @@ class ParamPreview(DataTable):
         if preview.base_total is None:
             self.add_row(Text(f"no preview: {preview.error}"), "", "", "", "", "")
             return
-        self.add_row("base model", "", "", "", "", count(preview.base_total), key="base")
-        for stage in preview.stages:
-            self.add_row(Text(stage.label, style="bold"), Text(stage.variant or "shared"), added(stage),
-                         count(stage.trainable), percent(stage.share),
-                         count(stage.total_after), key=stage.path)
-            for op in stage.ops:
-                depth = ", ".join(f"{k + ' ' if k else ''}{v}" for k, v in op.depth.items())
-                what = f"  {op.op} (depth {depth})" + (f" — {op.note}" if op.note else "")
-                self.add_row(Text(what), "", count(op.added, signed=True), "", "", "", key=op.path)
+        for row in preview_rows(preview):
+            what, variant, *rest = row.cells
+            self.add_row(Text(what, style="bold" if row.kind == "stage" else ""),
+                         Text(variant) if row.kind == "stage" else variant, *rest, key=row.key)
