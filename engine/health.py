@@ -101,7 +101,9 @@ def twin_warning(report: dict, figures: dict, threshold: float = TWIN_WARNING) -
     if twin is None or twin <= threshold:
         return None
     what = f"growth {report['growth']} ({report['op']})" if report.get("growth") is not None else report["op"]
-    fix = ('set symmetry = "noise" on the operator' if report.get("settings", {}).get("symmetry") in (None, "none")
+    symmetry = report.get("settings", {}).get("symmetry")
+    fix = ('set symmetry = "noise" on the operator' if symmetry in (None, "none")
+           else "raise symmetry_scale" if symmetry == "noise"
            else "raise symmetry_scale or use symmetry = \"noise\"")
     return (f"stage {report['stage']}: {what}'s new units stayed twins of their sources after training "
             f"(max twin cosine {twin:.4f} > {threshold}) — they add width that learns nothing new; {fix}")

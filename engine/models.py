@@ -24,6 +24,17 @@ BUILTIN_MODELS: dict[str, dict] = {
         attention_dropout=0.0, resid_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
         tie_word_embeddings=True,
     ),
+    # The same family at a quarter of its width budget and half its depth (2 layers, d_model 64,
+    # 2 heads of 32, FFN 256): the start of experiments/progressive_growth.toml, which grows it
+    # to tiny-neo's shape (widen_hidden duplicate: 4 heads of 32; widen_ffn: 512; map_layers
+    # repeat = 2: global/local twice).
+    "tiny-neo-small": dict(
+        model_type="gpt_neo", vocab_size=259, hidden_size=64, num_layers=2, num_heads=2,
+        attention_types=[[["global", "local"], 1]], max_position_embeddings=512, window_size=64,
+        intermediate_size=256, activation_function="gelu_new", embed_dropout=0.0,
+        attention_dropout=0.0, resid_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        tie_word_embeddings=True,
+    ),
 }
 
 

@@ -170,6 +170,40 @@ def test_a_growths_default_copies_diverge_and_twins_get_a_warning():
     assert warning and "growth 0 (widen_ffn)" in warning and "1.0000" in warning and 'symmetry = "noise"' in warning
 
 
+@pytest.mark.parametrize("symmetry, fix", [("none", 'set symmetry = "noise"'), ("split", "use symmetry = \"noise\""),
+                                          ("noise", "raise symmetry_scale")])
+def test_the_twin_warning_asks_for_what_the_operator_does_not_have_yet(symmetry, fix):
+    """Copies still twins after training: the fix named is the one the operator lacks (noise
+    already set: only a larger symmetry_scale is left to ask for, never noise again)."""
+    report = {"stage": 0, "growth": 0, "op": "widen_ffn", "settings": {"symmetry": symmetry}}
+    warning = health.twin_warning(report, {"max_twin_cosine": 0.995})
+    assert fix in warning
+    if symmetry == "noise":
+        assert 'symmetry = "noise"' not in warning
+
+
+def test_tiny_neo_small_grows_to_tiny_neos_shape():
+    """builtin:tiny-neo-small (2 x 64, 2 heads, FFN 256) grown as experiments/progressive_growth.toml
+    grows it (widen_hidden duplicate, widen_ffn net2net, map_layers repeat = 2) has builtin:tiny-neo's
+    config and parameter count, and the width steps keep the function."""
+    from types import SimpleNamespace
+
+    from engine.models import load_model
+
+    model, view = load_model(SimpleNamespace(source="builtin:tiny-neo-small", revision=None, family=None), seed=0)
+    full, _ = load_model(SimpleNamespace(source="builtin:tiny-neo", revision=None, family=None), seed=0)
+    specs = [ExpandSpec(op="widen_hidden", size=64, init="duplicate", symmetry="noise"),
+             ExpandSpec(op="widen_ffn", size=256, init="net2net", mode="inplace", symmetry="noise"),
+             ExpandSpec(op="map_layers", repeat=2, kinds="real")]
+    x = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    probe = (x, torch.roll(x, -1, 1))
+    growth = apply_stage(model, view, 0, specs, probe, torch.Generator().manual_seed(0), measure=True)
+    assert [r["exact"] for r in growth.reports] == [True, True, False]
+    for field in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "attention_layers"):
+        assert getattr(model.config, field) == getattr(full.config, field), field
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in full.parameters())
+
+
 @pytest.mark.parametrize("symmetry", ["split", "noise"])
 def test_symmetry_routes_are_exact_and_the_split_shares_sum_to_one(symmetry):
     from engine.ops.width import outgoing_shares

@@ -181,7 +181,7 @@ def plan_show(
         everything[variant] = reports
         if as_json:
             continue
-        console.print(f"{plan.name}{' · variant ' + variant if variant else ''}: {plan.model.source} "
+        console.print(f"{plan.name}{' · variant ' + variant if variant else ''}: {resolved.model.source} "
                       f"({view.family.name}), {len(resolved.stages)} stages, {count_params(model):,} parameters "
                       "after every operator (no training)", highlight=False)
         if reports:
