@@ -6,7 +6,7 @@ state), so importing this module costs nothing and ``widen --help`` stays fast. 
 
 - ``loss_figure``: training loss and eval loss per task against global step, tokens seen or
   training FLOPs; dashed lines at stage boundaries; markers at expansions (a star where a stage
-  applies its operators, a triangle where a plateau triggered growth mid-stage). Several runs
+  applies its operators, a triangle where a trigger (plateau, at, budget) grew it mid-stage). Several runs
   overlay, one colour per run.
 - ``forgetting_figure``: bits per byte (or loss) per task after each stage, annotated.
 - ``mapping_figure``: rows = layer mappings best first, cells = source layer, perplexity at right.
@@ -142,7 +142,7 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
         ax.annotate(name, (bx, 1.0), xycoords=trans, xytext=(3, -4), textcoords="offset points", rotation=90,
                     va="top", ha="left", fontsize=8, color=colour)
 
-    # expansions: a star where a stage applied its operators, a triangle for growth on a plateau
+    # expansions: a star where a stage applied its operators, a triangle for a growth mid-stage
     for k, (c, colour) in enumerate(zip(curves, colours)):
         for stage in sorted({e["stage"] for e in c.expansions}):
             ops = [e for e in c.expansions if e["stage"] == stage]
@@ -157,14 +157,19 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
             names = ", ".join(dict.fromkeys(str(e.get("op")) for e in ops))
             ax.annotate(f"+{human(added)} params\n{names}", (px, clip(y)), xytext=(8, 4 + 22 * k),
                         textcoords="offset points", fontsize=7.5, color=colour, zorder=6, bbox=LABEL_BOX)
+        grouped: dict[tuple, list[dict]] = {}  # one marker per growth: its operators' events together
         for e in c.growths:
-            px = c.x_of(e, x)
-            y = e.get("loss_after") if _num(e.get("loss_after")) else c.train_loss_at(e["_g"])
+            grouped.setdefault((e.get("stage"), e.get("growth"), e["_g"]), []).append(e)
+        for (_, growth, g), ops in grouped.items():
+            px = c.x_of(ops[-1], x)
+            last = ops[-1].get("loss_after")
+            y = last if _num(last) else c.train_loss_at(g)
             if y is None:
                 continue
             ax.plot([px], [clip(y)], marker="^", ms=11, color=colour, mec="black", mew=0.7, ls="none", zorder=5)
-            tag = f" (growth {e['growth']})" if e.get("growth") is not None else ""
-            ax.annotate(f"+{human(e.get('params_added') or 0)} params{tag}", (px, clip(y)), xytext=(6, -13 - 11 * k),
+            tag = f" (growth {growth})" if growth is not None else ""
+            added = sum(e.get("params_added") or 0 for e in ops)
+            ax.annotate(f"+{human(added)} params{tag}", (px, clip(y)), xytext=(6, -13 - 11 * k),
                         textcoords="offset points", fontsize=7.5, color=colour, zorder=6, bbox=LABEL_BOX)
 
     if target is not None:
@@ -187,9 +192,10 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
     if any(c.expansions for c in curves):
         kinds.append(Line2D([], [], color="0.6", marker="*", ms=12, mec="black", ls="none",
                             label="expansion (stage start)"))
-    if any(c.growths for c in curves):
+    triggers = sorted({str(e.get("trigger")) for c in curves for e in c.growths})
+    if triggers:
         kinds.append(Line2D([], [], color="0.6", marker="^", ms=9, mec="black", ls="none",
-                            label="growth on plateau"))
+                            label=f"growth ({', '.join(triggers)} trigger)"))
     kinds.append(Line2D([], [], color="0.45", ls=(0, (4, 3)), lw=1.0, label="stage boundary"))
     if target is not None:
         kinds.append(Line2D([], [], color="crimson", ls=(0, (1, 1.5)), lw=1.4, marker="D", ms=6, mec="black",
