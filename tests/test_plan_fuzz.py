@@ -186,6 +186,12 @@ def tiny(raw: dict) -> dict:
         steps = stage.get("steps")
         if isinstance(steps, int) and not isinstance(steps, bool):
             stage["steps"] = min(steps, 2)
+            grow = stage.get("grow")
+            at = grow.get("at_steps") if isinstance(grow, dict) else None
+            if isinstance(at, list) and at and all(isinstance(s, int) and not isinstance(s, bool) for s in at) \
+                    and stage["steps"] >= 2 and max(at) >= stage["steps"]:
+                grow["at_steps"] = [1]  # growth points inside the shortened stage (one growth)
+                grow.pop("max_growths", None)
     for task in raw.get("tasks", {}).values():
         task["generate_examples"] = 0
         task["max_new_tokens"] = min(task.get("max_new_tokens", 8), 8)
