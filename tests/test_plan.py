@@ -53,7 +53,11 @@ def test_op_specific_rules():
 
 def test_unknown_model_is_a_field_error():
     _, problems = problems_of(QUICKSTART, "model.source=builtin:nope")
-    assert problems == ["model.source: unknown built-in model 'nope' — built-in models: builtin:tiny-neo, builtin:mlp"]
+    from engine.models import BUILTIN_MLPS, BUILTIN_MODELS
+
+    names = ", ".join(f"builtin:{n}" for n in [*BUILTIN_MODELS, *BUILTIN_MLPS])
+    assert "builtin:tiny-neo-small" in names and "builtin:mlp" in names
+    assert problems == [f"model.source: unknown built-in model 'nope' — built-in models: {names}"]
 
 
 def test_missing_required_fields(tmp_path):
