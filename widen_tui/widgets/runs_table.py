@@ -52,6 +52,16 @@ class RunsTable(DataTable):
         for key, label in self.DATA_COLUMNS:
             self.add_column(label, key=key)
 
+    async def _on_idle(self, event) -> None:
+        # DataTable measures new rows' widths when idle, but keys its rendered lines on content, not
+        # on column widths: a row drawn before the widths grew stayed cut ("runni") until its next
+        # change. Redraw everything when the widths moved.
+        widths = [column.content_width for column in self.ordered_columns]
+        await super()._on_idle(event)
+        if widths != [column.content_width for column in self.ordered_columns]:
+            self._clear_caches()
+            self.refresh()
+
     # -- contents --------------------------------------------------------------------------------
 
     @property
