@@ -32,9 +32,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.events import read_all  # noqa: E402
+from engine.runs.events import read_all  # noqa: E402
 from engine.plan import load_plan  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
+from engine.runs.rundir import RunDir  # noqa: E402
 from widen_tui.launcher import create_run, worker_command  # noqa: E402
 
 PLAN = """

@@ -34,9 +34,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.events import read_all  # noqa: E402
+from engine.runs.events import read_all  # noqa: E402
 from engine.plan import load_plan  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
+from engine.runs.rundir import RunDir  # noqa: E402
 from widen_tui.launcher import create_run, worker_command  # noqa: E402
 
 PLAN = """
@@ -101,7 +101,7 @@ def model_source(name: str, tmp: Path) -> str:
 def attention_used(plan) -> tuple[str, str | None]:
     """What load_model gives for the plan's train.attention (from the config: no weights loaded);
     the run's start event says it too, and wins where it does."""
-    from engine.models import BUILTIN_MLPS, choose_attention, load_config
+    from engine.model.sources import BUILTIN_MLPS, choose_attention, load_config
 
     if plan.model.source.removeprefix("builtin:") in BUILTIN_MLPS:
         return "none", None

@@ -23,9 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine import trackers
+from engine.runs import trackers
 from engine.plan import load_plan
-from engine.train import Trainer
+from engine.train.loop import Trainer
 from widen_tui.launcher import create_run
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
@@ -34,7 +34,7 @@ MIRROR_S = [0.0]  # seconds spent in the listener, this run
 
 
 def timed_attach(writer, names, run_dir):
-    """engine.trackers.attach, with the listener it installs timed."""
+    """engine.runs.trackers.attach, with the listener it installs timed."""
     _attach(writer, names, run_dir)
     listener = getattr(writer, "listener", None)
     if listener is not None:
@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    trackers.attach = timed_attach  # engine.train calls it as trackers.attach
+    trackers.attach = timed_attach  # engine.train.loop calls it as trackers.attach
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
     mirror: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:

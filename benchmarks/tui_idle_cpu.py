@@ -76,8 +76,8 @@ size = 16
 
 def monitor_only(root: str, run_id: str) -> None:
     """The child program for the `monitor` rows: an app that shows one run's monitor."""
-    from widen_tui.app import WidenApp
-    from widen_tui.screens.monitor import MonitorScreen
+    from widen_tui.tui.app import WidenApp
+    from widen_tui.tui.screens.monitor import MonitorScreen
 
     class MonitorOnly(WidenApp):
         CSS_PATH = str(ROOT / "widen_tui" / "app.tcss")

@@ -19,8 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine.expand import Freezer, apply_stage
-from engine.models import load_model
+from engine.grow.apply import Freezer, apply_stage
+from engine.model.sources import load_model
 from engine.plan import ExpandSpec, ModelSpec
 
 

@@ -2,10 +2,10 @@
 switch task modules, export a plain Hugging Face directory. docs/python.md has runnable examples.
 
 The functions are the plan's machinery without a plan: ``load`` is a plan's ``[model] source``
-(engine.models), ``expand`` one ``[[stages.expand]]`` table (its keyword parameters validated by
-the op's schema, ``OPS[op].schema``, and measured as a run measures it: engine.expand), ``freeze``
-a stage's ``freeze``, ``export`` ``widen export`` (engine.export), ``TaskModules`` the plan's
-``task_modules = true`` (engine.task_modules). Re-exported lazily by ``engine`` (torch is
+(engine.model.sources), ``expand`` one ``[[stages.expand]]`` table (its keyword parameters validated by
+the op's schema, ``OPS[op].schema``, and measured as a run measures it: engine.grow.apply), ``freeze``
+a stage's ``freeze``, ``export`` ``widen export`` (engine.exports.hf_directory), ``TaskModules`` the plan's
+``task_modules = true`` (engine.grow.task_modules). Re-exported lazily by ``engine`` (torch is
 imported on first use, not by ``import engine``).
 """
 
@@ -21,11 +21,12 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from engine.arch import ArchView
+from engine.model.view import ArchView
 from engine.errors import WidenError
-from engine.expand import Freezer, StageGrowth, apply_stage, count_params
+from engine.grow.apply import Freezer, StageGrowth, apply_stage
+from engine.model.view import count_params
 from engine.ops.params import OPS
-from engine.task_modules import TaskModules as _TaskModules
+from engine.grow.task_modules import TaskModules as _TaskModules
 
 __all__ = ["ExpandReport", "FreezeSummary", "OperatorParamsError", "TaskModules", "expand", "export", "freeze",
            "load", "param_groups", "probe_batch"]
@@ -49,7 +50,7 @@ def load(source: str, *, seed: int = 0, family: str | None = None, revision: str
     ``from_pretrained`` path as a local directory). `family`: a plan's ``[model] family``, for a
     model type widen does not know by name. Returns ``(model, view)``: the model in train mode
     and its architecture view (what ``expand`` operates on)."""
-    from engine.models import load_model
+    from engine.model.sources import load_model
     from engine.plan import ModelSpec
 
     spec = ModelSpec(source=str(source), family=family, revision=revision)
@@ -79,7 +80,7 @@ def _vocab_size(model) -> int:
 @dataclass
 class ExpandReport:
     """What one operator did, measured on the probe batch: the fields (and names) of a run's
-    ``expand`` event (engine.events). ``as_event()`` gives that dict; ``growth`` is what the op
+    ``expand`` event (engine.runs.events). ``as_event()`` gives that dict; ``growth`` is what the op
     added (for ``freeze(model, "base", report)`` and ``TaskModules.own``), not part of it."""
 
     stage: int
@@ -256,7 +257,7 @@ def export(model: torch.nn.Module, out_dir: Union[str, Path], *, tokenizer=None,
     ``probe_batch(model)``); returns the manifest (``widen_export.json``) with
     ``parity.max_abs_logit_delta``. The model you pass is left as it is (a copy is
     materialized) unless `in_place`."""
-    from engine import export as ex
+    from engine.exports import hf_directory as ex
 
     ex.quiet_transformers()
     batch = probe if probe is not None else probe_batch(model)
@@ -274,7 +275,7 @@ def export(model: torch.nn.Module, out_dir: Union[str, Path], *, tokenizer=None,
 
 
 class TaskModules(_TaskModules):
-    """Task-specific modules from Python (engine.task_modules.TaskModules with a directory):
+    """Task-specific modules from Python (engine.grow.task_modules.TaskModules with a directory):
     ``own(task, *reports)`` records what expansions added as `task`'s modules, ``switch(task)``
     turns on exactly its modules (None: all), ``save(task)`` / ``load(task)`` write and read
     ``<directory>/<task>.safetensors``. Only separate paths can belong to a task (``widen_ffn`` /

@@ -2,8 +2,8 @@
 loaders that build them, the plan schema and checker, and the plan builder. Imports nothing, so
 any of them can read it cheaply."""
 
-TEXT_CORPORA = ("pydoc", "stdlib-python")            # engine.data builds these
-GENERATION_CORPORA = ("docstring-code",)             # engine.generation builds these
+TEXT_CORPORA = ("pydoc", "stdlib-python")            # engine.train.data builds these
+GENERATION_CORPORA = ("docstring-code",)             # engine.train.generation builds these
 
 
 def sources(corpora: tuple[str, ...]) -> tuple[str, ...]:

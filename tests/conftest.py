@@ -98,9 +98,9 @@ def wait_for(run, states: tuple[str, ...] = ENDED, timeout: float = 150, poll: f
 
 
 def run_until_cancelled(trainer, should_cancel) -> None:
-    """Run `trainer` (an engine.train.Trainer) until an emitted event makes
+    """Run `trainer` (an engine.train.loop.Trainer) until an emitted event makes
     `should_cancel(kind, fields)` true, then end it as a cancel does (checkpoint, `cancelled`)."""
-    from engine.train import Cancelled
+    from engine.train.loop import Cancelled
 
     emit = trainer.emit
 

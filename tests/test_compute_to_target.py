@@ -1,4 +1,4 @@
-"""Compute to target (widen_tui.compute_to_target, `widen compare --target-loss`) on hand-made
+"""Compute to target (engine.runs.compute_to_target, `widen compare --target-loss`) on hand-made
 event streams: interpolation between eval points, not reached, auto from the baseline, mean ±
 std over seeds, ratios; the CLI through a real subprocess."""
 
@@ -11,14 +11,14 @@ import pytest
 
 from tests.conftest import widen
 from tests.test_tui_compare import fake_results, write_run
-from widen_tui import compute_to_target as ctt
+from engine.runs import compute_to_target as ctt
 
 BATCH_TOKENS, SPEED, FLOPS_PER_STEP = 256, 5000.0, 1000.0
 
 
 def stream(evals: dict[int, float], steps: int = 40, *, task: str = "python", flops_per_step: float = FLOPS_PER_STEP,
            stages: tuple[tuple[str, int], ...] | None = None) -> list[dict]:
-    """Events as engine/train.py writes them: a step event per step (tokens, FLOPs, speed), and a
+    """Events as engine/train/loop.py writes them: a step event per step (tokens, FLOPs, speed), and a
     held-out eval of `task` at each global step of `evals` (0: the initial model)."""
     stages = stages or ((task, steps),)
     events, t = [], [1000.0]
@@ -240,8 +240,8 @@ def test_compare_screen_shows_compute_to_target(tmp_path):
 def test_plot_draws_the_target_and_each_crossing(tmp_path):
     from matplotlib.figure import Figure
 
-    from widen_tui import plot as figures
-    from widen_tui.curves import curves_from_events
+    from widen_tui.views import plot as figures
+    from engine.runs.curves import curves_from_events
 
     runs = [run("base", stream({0: 5.0, 20: 4.0, 40: 3.0})), run("fast", stream({0: 5.0, 10: 3.0, 40: 2.0})),
             run("slow", stream({0: 5.0, 40: 4.5}))]

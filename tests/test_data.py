@@ -1,4 +1,4 @@
-"""engine.data: tokenizers, documents, the held-out split, the stream cache and batches.
+"""engine.train.data: tokenizers, documents, the held-out split, the stream cache and batches.
 Offline and fast: datasets are local files written to tmp_path, never downloads."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from engine import data as D
+from engine.train import data as D
 from engine.plan import TaskSpec
 
 TEXT = "Héllo, wörld ☃ — 𝄞 naïve\nsecond line\n"

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from conftest import wait_for, widen
-from engine.events import read_all
+from engine.runs.events import read_all
 from engine.plan import load_plan
-from engine.rundir import RunDir
-from engine.session import run as run_worker
+from engine.runs.rundir import RunDir
+from engine.train.session import run as run_worker
 from widen_tui.launcher import create_run
 
 pytestmark = pytest.mark.slow
@@ -171,7 +171,7 @@ def psutil_children_of_run(run: RunDir) -> list:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if "engine.worker" in cmdline and str(run.path) in cmdline:
+        if "engine.train.worker" in cmdline and str(run.path) in cmdline:
             found.append(proc)
     return found
 
@@ -206,8 +206,8 @@ def test_kill_9_of_one_rank_fails_the_run_naming_it_and_resume_finishes_like_a_s
 def test_watch_shows_the_world_size(runs):
     from rich.console import Console
 
-    from widen_tui.progress import RunProgress
-    from widen_tui.report import live_view
+    from engine.runs.progress import RunProgress
+    from widen_tui.views.report import live_view
 
     _, double = runs
     progress = RunProgress()

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from engine.events import read_all, validate_event
+from engine.runs.events import read_all, validate_event
 from engine.plan import load_plan
-from engine.rundir import RunDir
-from engine.train import Trainer
+from engine.runs.rundir import RunDir
+from engine.train.loop import Trainer
 from tests.conftest import run_until_cancelled, wait_for, widen
 from widen_tui.launcher import create_run
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from engine import metrics
-from engine.events import SCHEMA, EventReader, EventWriter, validate_event
-from engine.system import SystemMonitor
+from engine.runs import forgetting as metrics
+from engine.runs.events import SCHEMA, EventReader, EventWriter, validate_event
+from engine.train.system import SystemMonitor
 
 
 def test_reader_returns_only_new_events_and_waits_for_whole_lines(tmp_path):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.export import (ExportError, build_from_plan, export_model, load_run_model, reference_logits,
+from engine.exports.hf_directory import (ExportError, build_from_plan, export_model, load_run_model, reference_logits,
                            stage_probe)
 from engine.plan import load_plan
-from engine.train import Trainer
+from engine.train.loop import Trainer
 from tests.conftest import widen
 from tests.tiny_models import tiny_config
 from widen_tui.launcher import create_run
@@ -230,7 +230,7 @@ def test_exact_plans_export_the_original_function(tmp_path, widen_home, plain):
 def test_keep_adapters_writes_peft_directories(tmp_path, widen_home, family):
     from peft import PeftModel
 
-    from engine.arch.forward import forward_logits
+    from engine.model.forward import forward_logits
 
     expand = GROWTH.split("[[stages.expand]]\n    op = \"lora\"")[0].replace('mode = "parallel"', 'mode = "inplace"')
     expand += """
@@ -379,7 +379,7 @@ def test_uneven_widths_and_mixed_kept_adapters_get_one_clear_error(tmp_path, wid
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_one_clear_error(tmp_path, widen_home):
-    from engine.models import ModelLoadError
+    from engine.model.sources import ModelLoadError
 
     config = tiny_config("gpt2", 1, 2, 4, 8)  # 61 ids: the byte tokenizer's 259 do not fit
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "small-vocab")

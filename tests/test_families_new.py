@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.arch.families import family_named
-from engine.arch.forward import forward_logits
-from engine.data import ByteTokenizer
-from engine.expand import apply_stage
-from engine.export import export_model
-from engine.models import ModelLoadError, load_architecture, load_model
+from engine.model.families import family_named
+from engine.model.forward import forward_logits
+from engine.train.data import ByteTokenizer
+from engine.grow.apply import apply_stage
+from engine.exports.hf_directory import export_model
+from engine.model.sources import ModelLoadError, load_architecture, load_model
 from engine.plan import ExpandSpec, ModelSpec
 from tests.tiny_models import ALL_DECODER_FAMILIES, randomize, tiny_config, token_batch
 
@@ -50,7 +50,7 @@ def _build(family: str, vocab: int | None = None, seed: int = 0):
 
 @pytest.mark.parametrize("family", ALL_DECODER_FAMILIES)
 def test_operators_keep_the_function_and_export_reloads(family, tmp_path):
-    from engine.arch import ArchView
+    from engine.model.view import ArchView
 
     entry = family_named(family)
     model = _build(family)
@@ -80,7 +80,7 @@ REFUSED = [(f, op) for f in ALL_DECODER_FAMILIES for op in family_named(f).refus
 
 @pytest.mark.parametrize("family, op", REFUSED)
 def test_refused_ops_say_why_in_one_line(family, op):
-    from engine.arch import ArchView
+    from engine.model.view import ArchView
 
     message = family_named(family).refusal(op)
     assert "\n" not in message and family in message and op in message
@@ -95,7 +95,7 @@ def test_refused_ops_say_why_in_one_line(family, op):
 def test_post_norm_families_insert_identity_through_their_gains():
     """OLMo-2 and Gemma normalise a sub-layer's output before the residual add: the new block's
     post-norm gains are zero (Gemma: weight = -1 for its 1 + w) and its projections keep learning."""
-    from engine.arch import ArchView
+    from engine.model.view import ArchView
 
     for family, zero in (("olmo2", 0.0), ("gemma2", -1.0)):
         model = _build(family)
@@ -111,7 +111,7 @@ def test_post_norm_families_insert_identity_through_their_gains():
 @pytest.mark.parametrize("family", [f for f in ALL_DECODER_FAMILIES if f not in ("gpt_neo", "gpt2", "gpt_neox", "llama")])
 def test_a_plan_trains_the_family_from_a_local_directory(family, tiny_plan, widen_home, tmp_path):
     from engine.plan import load_plan
-    from engine.train import Trainer
+    from engine.train.loop import Trainer
     from widen_tui.launcher import create_run
 
     source = tmp_path / family
@@ -182,7 +182,7 @@ def test_plan_check_says_a_refusal_before_any_work(family, op, tiny_plan, tmp_pa
 def test_every_family_names_the_config_field_of_its_norms_epsilon():
     """d_model growth scales it (init = "lossless"): the fact lives in the family entry, and the
     field exists in each of its model types' configs."""
-    from engine.arch.families import FAMILIES
+    from engine.model.families import FAMILIES
 
     for family in FAMILIES:
         if family.kind == "mlp":

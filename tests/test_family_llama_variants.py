@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
-from engine.arch import ArchView
-from engine.arch.forward import forward_logits
-from engine.data import ByteTokenizer
-from engine.expand import apply_stage
-from engine.export import export_model, load_export
+from engine.model.view import ArchView
+from engine.model.forward import forward_logits
+from engine.train.data import ByteTokenizer
+from engine.grow.apply import apply_stage
+from engine.exports.hf_directory import export_model, load_export
 from engine.plan import ExpandSpec
 from tests.tiny_models import VOCAB, token_batch
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.expand import apply_stage
+from engine.grow.apply import apply_stage
 from engine.plan import ExpandSpec, ModelSpec, validate_file
 from tests.tiny_models import build_t5, token_batch
 
@@ -164,7 +164,7 @@ def test_add_heads_needs_every_block_and_a_stack_must_exist():
 
 
 def test_local_directory_loads_and_plan_check_uses_the_right_stack(tmp_path):
-    from engine.models import load_model
+    from engine.model.sources import load_model
 
     model, _ = build_t5(layers=2, decoder_layers=3)
     model.save_pretrained(tmp_path / "t5")
@@ -219,9 +219,9 @@ def test_local_directory_loads_and_plan_check_uses_the_right_stack(tmp_path):
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_grown_t5_exports_as_a_standard_seq2seq_directory(tmp_path, gated):
-    from engine.arch.forward import forward_logits
-    from engine.data import ByteTokenizer
-    from engine.export import export_model, load_export
+    from engine.model.forward import forward_logits
+    from engine.train.data import ByteTokenizer
+    from engine.exports.hf_directory import export_model, load_export
 
     model, view = build_t5(gated=gated)
     specs = [ExpandSpec(op="widen_ffn", size=3), ExpandSpec(op="widen_ffn", size=2, mode="inplace"),

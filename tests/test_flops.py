@@ -1,4 +1,4 @@
-"""engine.flops against torch's FlopCounterMode: one training step (forward and backward of the
+"""engine.grow.flops against torch's FlopCounterMode: one training step (forward and backward of the
 loss) of tiny models of every family in the family table, fully trainable and grown in the ways
 that change what the backward runs — a frozen base with a trainable parallel FFN path in one
 upper block, a frozen base with LoRA adapters, and weight-tied virtual blocks. Within 5 %."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine import flops
-from engine.arch.families import FAMILIES
-from engine.arch.forward import forward_logits, loss_of
-from engine.expand import Freezer, StageGrowth
+from engine.grow import flops
+from engine.model.families import FAMILIES
+from engine.model.forward import forward_logits, loss_of
+from engine.grow.apply import Freezer, StageGrowth
 from engine.ops.params import LoRAParams, MapLayersParams, ParallelLinearParams, WidenFFNParams, WidenMLPParams
 from engine.ops.registry import apply_operator
 from tests.tiny_models import build, build_t5, token_batch
@@ -82,7 +82,7 @@ def test_formula_matches_flop_counter(family, scenario):
 def test_activation_checkpointing_counts_the_recomputed_forward(family):
     """train.checkpointing: each block's forward runs again in the backward (torch may stop before
     a block's last projection, which the formula still counts: within the tolerance)."""
-    from engine import speed
+    from engine.train import speed
 
     model, view = tiny(family)
     grow(model, view, WidenFFNParams(size=8, mode="parallel", layers=[1]))
@@ -111,7 +111,7 @@ def test_mlp_families(family):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, 3))
-    from engine.arch import ArchView
+    from engine.model.view import ArchView
 
     view = ArchView.of(model)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))

@@ -1,4 +1,4 @@
-"""engine.fsdp under torchrun (2 CPU processes, gloo): sharding, tied blocks kept in the root's
+"""engine.train.fsdp under torchrun (2 CPU processes, gloo): sharding, tied blocks kept in the root's
 unit, whole state and optimizer moments gathered and scattered back exactly. The full FSDP runs
 (growth, resume, kill -9) are in test_distributed.py."""
 

@@ -1,4 +1,4 @@
-"""engine.generation: docstring -> code pairs, the split by module, continuation-only batches for
+"""engine.train.generation: docstring -> code pairs, the split by module, continuation-only batches for
 causal and seq2seq models, the cache, greedy decoding and exact match / BLEU-4. Tiny and offline."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import generation as G
-from engine.arch.forward import batch_to, forward_logits, loss_of, slice_batch
-from engine.data import ByteTokenizer, DataError, is_held_out
+from engine.train import generation as G
+from engine.model.forward import batch_to, forward_logits, loss_of, slice_batch
+from engine.train.data import ByteTokenizer, DataError, is_held_out
 from engine.plan import ModelSpec, TaskSpec
 
 PAD, EOS = 0, 1
@@ -44,7 +44,7 @@ def causal_data(byte_tok, cache_dir, pairs):
 
 @pytest.fixture(scope="module")
 def tiny_neo():
-    from engine.models import load_model
+    from engine.model.sources import load_model
 
     model, _ = load_model(ModelSpec(source="builtin:tiny-neo"), seed=0)
     return model.eval()

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from engine.plan import load_plan
-from engine.train import Trainer
+from engine.train.loop import Trainer
 from widen_tui.launcher import create_run
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.arch import ArchView
-from engine.expand import Freezer, StageGrowth, apply_stage
-from engine.growth import (PlateauDetector, carry_optimizer_state, combine_growth, continue_schedule, grow_model,
+from engine.model.view import ArchView
+from engine.grow.apply import Freezer, StageGrowth, apply_stage
+from engine.grow.growth import (PlateauDetector, carry_optimizer_state, combine_growth, continue_schedule, grow_model,
                            growth_generator)
 from engine.plan import ExpandSpec, GrowSpec
 
@@ -145,7 +145,7 @@ def variant(growth: StageGrowth, rule: str) -> StageGrowth:
     naive: no splits (old entries keep their state, copies start at zero moments);
     copy: copies get the source's moments unscaled;
     weights: the moments scaled like the weights (outgoing m/c, v/c²; incoming copied);
-    ours: the rule of engine.growth (incoming m/c, v/c²; outgoing m, c²·v)."""
+    ours: the rule of engine.grow.growth (incoming m/c, v/c²; outgoing m, c²·v)."""
     results = []
     for result in growth.results:
         splits = result.splits

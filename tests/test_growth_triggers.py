@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoConfig
 
-from engine import health
-from engine.arch import ArchView
-from engine.events import read_all
-from engine.expand import Freezer, apply_stage
-from engine.growth import AtTrigger, BudgetTrigger, PlateauDetector, Progress, make_trigger
-from engine.optim import lr_factor
+from engine.ops import health
+from engine.model.view import ArchView
+from engine.runs.events import read_all
+from engine.grow.apply import Freezer, apply_stage
+from engine.grow.growth import AtTrigger, BudgetTrigger, PlateauDetector, Progress, make_trigger
+from engine.train.optim import lr_factor
 from engine.plan import ExpandSpec, GrowSpec, PlanError, load_plan, plan_from_dict
-from engine.train import Trainer
+from engine.train.loop import Trainer
 from tests.conftest import run_until_cancelled
 from tests.tiny_models import train_steps
 from widen_tui.launcher import create_run
@@ -188,7 +188,7 @@ def test_tiny_neo_small_grows_to_tiny_neos_shape():
     config and parameter count, and the width steps keep the function."""
     from types import SimpleNamespace
 
-    from engine.models import load_model
+    from engine.model.sources import load_model
 
     model, view = load_model(SimpleNamespace(source="builtin:tiny-neo-small", revision=None, family=None), seed=0)
     full, _ = load_model(SimpleNamespace(source="builtin:tiny-neo", revision=None, family=None), seed=0)
@@ -223,7 +223,7 @@ def test_real_repeats_start_with_their_sources_state_and_virtual_ones_share_it()
     its state is simply moved."""
     from tests.test_growth import adamw_like, trained
 
-    from engine.growth import carry_optimizer_state
+    from engine.grow.growth import carry_optimizer_state
 
     for kinds, expected in (("real", "copied"), ("virtual", "moved")):
         model, view, optimizer, _ = trained("gpt_neo", steps=3)
@@ -388,7 +388,7 @@ def test_budget_triggered_depth_stacking_mid_run(tmp_path):
 
 
 def _block_params():
-    from engine.models import load_model
+    from engine.model.sources import load_model
     from engine.plan import ModelSpec
 
     model, view = load_model(ModelSpec(), 0)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoConfig
 
-from engine.arch import ArchView
-from engine.expand import Freezer, apply_stage
-from engine.health import max_pairwise_cosine, max_twin_cosine
+from engine.model.view import ArchView
+from engine.grow.apply import Freezer, apply_stage
+from engine.ops.health import max_pairwise_cosine, max_twin_cosine
 from engine.plan import ExpandSpec
 from tests.tiny_models import train_steps
 

@@ -17,8 +17,8 @@ pytest.importorskip("accelerate")  # transformers.Trainer needs it (pinned in co
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from engine.data import ByteTokenizer, list_documents  # noqa: E402
-from engine.events import read_all, validate_event  # noqa: E402
+from engine.train.data import ByteTokenizer, list_documents  # noqa: E402
+from engine.runs.events import read_all, validate_event  # noqa: E402
 from engine.integrations.hf import GrowthCallback, GrowthSettingsError, TaskModulesCallback  # noqa: E402
 from engine.plan import TaskSpec  # noqa: E402
 

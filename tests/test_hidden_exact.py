@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.arch import FAMILIES, ArchView, get_submodule
-from engine.arch.families import family_named
-from engine.data import ByteTokenizer
-from engine.expand import apply_stage
-from engine.export import export_model
-from engine.health import similarity_report
+from engine.model.view import FAMILIES, ArchView, get_submodule
+from engine.model.families import family_named
+from engine.train.data import ByteTokenizer
+from engine.grow.apply import apply_stage
+from engine.exports.hf_directory import export_model
+from engine.ops.health import similarity_report
 from engine.ops.hidden import _eps_field
 from engine.plan import ExpandSpec
 from tests import tiny_models
@@ -89,7 +89,7 @@ def logits(model, inputs):
 
 
 def export_reload(model, tmp_path):
-    """Export with engine.export, reload with plain transformers (no widen code)."""
+    """Export with engine.exports.hf_directory, reload with plain transformers (no widen code)."""
     export_model(model, ByteTokenizer(), tmp_path)
     return AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
 

@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.errors import RunCreateError, WidenError
-from engine.rundir import RunDir, list_run_dirs, write_json_atomic
-from widen_tui.registry import IndexWriteError, RunIndex
+from engine.runs.rundir import RunDir, list_run_dirs, write_json_atomic
+from widen_tui.index import IndexWriteError, RunIndex
 
 
 def make_run(root: Path, run_id: str, state: str = "done", ppl: float | None = 20.0) -> RunDir:
@@ -123,7 +123,7 @@ class _ReadOnlyLock:
 
 @pytest.mark.parametrize("failure", ["full disk", "read-only"])
 def test_listing_works_when_the_index_cannot_be_written(tmp_path, monkeypatch, failure):
-    import widen_tui.registry as registry
+    import widen_tui.index as registry
 
     make_run(tmp_path, "r1", "done", ppl=11.0)
     make_run(tmp_path, "r2", "running")
@@ -165,7 +165,7 @@ def _plan():
 @pytest.mark.parametrize("where", ["run.json", "rename", "index"])
 def test_create_run_on_a_full_disk_leaves_nothing_half_made(tmp_path, monkeypatch, where):
     import widen_tui.launcher as launcher
-    import widen_tui.registry as registry
+    import widen_tui.index as registry
 
     if where == "run.json":
         monkeypatch.setattr(launcher, "write_json_atomic", _no_space)

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import wait_for, widen
-from engine.events import read_all
-from engine.rundir import RunDir
+from engine.runs.events import read_all
+from engine.runs.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.rundir import HEARTBEAT_STALE_S, RunDir, effective_state, is_our_worker, write_json_atomic
+from engine.runs.rundir import HEARTBEAT_STALE_S, RunDir, effective_state, is_our_worker, write_json_atomic
 from widen_tui.launcher import cancel
-from widen_tui.registry import RunIndex
+from widen_tui.index import RunIndex
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import time
 import pytest
 
 from conftest import TINY_PLAN, run_until_cancelled, wait_for, widen
-from engine.events import read_all
+from engine.runs.events import read_all
 from engine.plan import PlanError, load_plan
-from engine.rundir import RunDir
-from engine.session import run as run_worker
-from engine.train import Trainer
+from engine.runs.rundir import RunDir
+from engine.train.session import run as run_worker
+from engine.train.loop import Trainer
 from widen_tui import launcher
 from widen_tui.launcher import create_run, worker_command
 
@@ -115,7 +115,7 @@ def test_the_command_on_several_machines(tmp_path, tiny_plan):
     run = create_run(plan, tiny_plan, tmp_path / "runs")
     args = worker_command(run, resume=True)
     assert args[1:] == ["-m", "torch.distributed.run", "--nnodes=3", "--nproc_per_node=2", "--rdzv-backend=c10d",
-                        "--rdzv-endpoint=node0:29500", f"--rdzv-id={run.id}", "-m", "engine.worker",
+                        "--rdzv-endpoint=node0:29500", f"--rdzv-id={run.id}", "-m", "engine.train.worker",
                         str(run.path), "--resume"]
     join, torchrun = launcher.join_lines(run)
     assert join == f"widen join {run.id}" and torchrun.startswith("python -m torch.distributed.run --nnodes=3")

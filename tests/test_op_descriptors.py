@@ -151,7 +151,7 @@ def test_docs_command_rewrites_only_the_table(tmp_path, monkeypatch):
 
 
 def test_builder_offers_the_ops_in_builder_order():
-    from widen_tui.widgets.operator_editor import op_choices, op_summary
+    from widen_tui.tui.widgets.operator_editor import op_choices, op_summary
 
     assert [name for name, _ in op_choices()] == sorted(OPS, key=lambda n: OPS[n].builder_order)
     assert op_summary("lora") == OPS["lora"].summary
@@ -160,7 +160,7 @@ def test_builder_offers_the_ops_in_builder_order():
 
 
 def test_task_module_message_lists_the_capable_ops():
-    from engine.task_modules import supported_text, task_module_problems
+    from engine.grow.task_modules import supported_text, task_module_problems
 
     text = supported_text()
     assert text.startswith('widen_ffn / widen_mlp with mode = "parallel", ')
@@ -171,7 +171,7 @@ def test_task_module_message_lists_the_capable_ops():
 
 
 def test_descriptors_stay_torch_free():
-    code = ("import sys; import engine.ops.params, engine.ops.docs, engine.task_modules, engine.plan; "
+    code = ("import sys; import engine.ops.params, engine.ops.docs, engine.grow.task_modules, engine.plan; "
             "engine.ops.params.operators_table_markdown(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.expand import Freezer, apply_stage, count_params
+from engine.grow.apply import Freezer, apply_stage
+from engine.model.view import count_params
 from engine.ops.adapters import (adapter_layers, adapter_names, adapter_state_dict, load_adapter_state,
                                  merge_adapters, role_module_names, set_active_adapters)
 from engine.ops.depth import layer_kinds

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from engine.arch import get_submodule
-from engine.expand import Freezer, apply_stage, count_params
+from engine.model.view import get_submodule
+from engine.grow.apply import Freezer, apply_stage
+from engine.model.view import count_params
 from engine.ops.depth import layer_kinds
 from engine.ops.params import MapLayersParams
 from engine.plan import ExpandSpec, validate_file

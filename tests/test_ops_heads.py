@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.expand import Freezer, apply_stage
+from engine.grow.apply import Freezer, apply_stage
 from engine.plan import ExpandSpec
 from tests.tiny_models import VOCAB, build, train_steps
 
@@ -97,9 +97,9 @@ def test_llama_heads_export_and_reload(tmp_path):
     """The issue's case, at a size the config describes: export, plain from_pretrained, same logits."""
     from transformers import AutoModelForCausalLM
 
-    from engine.arch.forward import forward_logits
-    from engine.data import ByteTokenizer
-    from engine.export import export_model
+    from engine.model.forward import forward_logits
+    from engine.train.data import ByteTokenizer
+    from engine.exports.hf_directory import export_model
 
     model, view = build("llama", 2, 4, 4, 16, 0)
     apply_stage(model, view, 0, [ExpandSpec(op="add_heads", size=4, init="random")], batch(),

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from engine.arch import ArchView, get_submodule
-from engine.expand import Freezer, apply_stage
-from engine.export import materialize
+from engine.model.view import ArchView, get_submodule
+from engine.grow.apply import Freezer, apply_stage
+from engine.exports.hf_directory import materialize
 from engine.ops.hidden import MaskedNorm
 from engine.ops.params import WidenHiddenParams
 from engine.plan import ExpandSpec
@@ -282,7 +282,7 @@ def test_export_materializes_a_stock_model(family):
     model, view = build(family, 2, 2, 4, 16, 0)
     widen(model, view, size=8, init="duplicate")
     reference = logits(model, token_batch()[0])
-    materialize(model)  # engine.export: untie, materialize, config check
+    materialize(model)  # engine.exports.hf_directory: untie, materialize, config check
     assert float((logits(model, token_batch()[0]) - reference).abs().max()) <= EXACT
     assert reload_delta(model, token_batch()[0]) <= EXACT
 
@@ -297,7 +297,7 @@ def test_bad_sizes_get_one_clear_error():
 
 
 def test_other_model_kinds_are_refused_by_name():
-    from engine.arch import ArchView
+    from engine.model.view import ArchView
     from engine.ops.hidden import widen_hidden
 
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

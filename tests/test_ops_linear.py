@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from engine.arch import ArchView, UnsupportedArchitecture, family_for
-from engine.arch.forward import forward_logits
-from engine.expand import Freezer, apply_stage, count_params, new_unit_health, probe
-from engine.export import _materialize_modules
-from engine.health import similarity_report
+from engine.model.view import ArchView, UnsupportedArchitecture, family_for
+from engine.model.forward import forward_logits
+from engine.grow.apply import Freezer, apply_stage, new_unit_health, probe
+from engine.model.view import count_params
+from engine.exports.hf_directory import _materialize_modules
+from engine.ops.health import similarity_report
 from engine.ops.linear import ConcatLinear, ParallelLinear, WiderInputLinear
 from engine.plan import ExpandSpec
 from tests.tiny_models import build, build_t5, families_for, token_batch

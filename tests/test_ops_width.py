@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.expand import Freezer, apply_stage, probe
+from engine.grow.apply import Freezer, apply_stage, probe
 from engine.ops.params import WidenFFNParams
 from engine.ops.registry import apply_operator, implementations
 from engine.plan import ExpandSpec

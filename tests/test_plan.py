@@ -53,7 +53,7 @@ def test_op_specific_rules():
 
 def test_unknown_model_is_a_field_error():
     _, problems = problems_of(QUICKSTART, "model.source=builtin:nope")
-    from engine.models import BUILTIN_MLPS, BUILTIN_MODELS
+    from engine.model.sources import BUILTIN_MLPS, BUILTIN_MODELS
 
     names = ", ".join(f"builtin:{n}" for n in [*BUILTIN_MODELS, *BUILTIN_MLPS])
     assert "builtin:tiny-neo-small" in names and "builtin:mlp" in names

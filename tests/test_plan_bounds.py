@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import plan_checks
+from engine.plan import checks as plan_checks
 from engine.plan import plan_from_dict, read_toml, validate_file
 from tests.conftest import ROOT
 

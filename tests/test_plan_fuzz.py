@@ -200,8 +200,8 @@ def tiny(raw: dict) -> dict:
 
 
 def tiny_run(raw: dict, touched: tuple, root: Path) -> dict:
-    from engine import session
-    from engine.rundir import RunDir
+    from engine.train import session
+    from engine.runs.rundir import RunDir
     from widen_tui.launcher import create_run
 
     plan = plan_from_dict(tiny(raw))  # the tiny settings are valid wherever the mutation is

@@ -1,4 +1,4 @@
-"""`widen plot` and widen_tui/plot.py: PNG figures from hand-written run directories (events and
+"""`widen plot` and widen_tui/views/plot.py: PNG figures from hand-written run directories (events and
 results.json in the documented shapes; no engine, no torch)."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import EventWriter
-from engine.rundir import RunDir, write_json_atomic
+from engine.runs.events import EventWriter
+from engine.runs.rundir import RunDir, write_json_atomic
 from tests.conftest import widen
-from widen_tui import curves as curve_model
-from widen_tui import plot
-from widen_tui.registry import RunIndex
+from engine.runs import curves as curve_model
+from widen_tui.views import plot
+from widen_tui.index import RunIndex
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = ("prose", "python")
@@ -32,7 +32,7 @@ def assert_png(path: Path, min_bytes: int = 8_000) -> None:
 
 def fake_events(*, steps=(20, 20), params=(900_000, 1_030_000), batch_tokens=128, eval_interval=5,
                 growth_at: int | None = None, legacy: bool = False, seed: int = 0) -> list[dict]:
-    """The events of a two-stage run (prose, then widen+python), written the way engine/train.py
+    """The events of a two-stage run (prose, then widen+python), written the way engine/train/loop.py
     writes them; `growth_at`: a plateau growth mid stage 2; `legacy`: no tokens/flops (older runs)."""
     events: list[dict] = []
     t = [1000.0]

@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_config  # noqa: E402
 
-from engine.arch.families import FAMILIES, family_named  # noqa: E402
+from engine.model.families import FAMILIES, family_named  # noqa: E402
 from engine.ops.params import OPS  # noqa: E402
-from engine.ops.preview import NOT_META_SAFE, PlanPreview, from_json, preview_plan, to_json  # noqa: E402
-from widen_tui.preview_client import PreviewClient  # noqa: E402
+from engine.grow.preview import NOT_META_SAFE, PlanPreview, from_json, preview_plan, to_json  # noqa: E402
+from widen_tui.tui.preview_client import PreviewClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES_VOCAB = 259  # the byte tokenizer's ids: the saved models must embed them all
@@ -96,11 +96,11 @@ def _fits(family, raw: dict) -> bool:
 
 def _measured(raw: dict, tmp_path: Path):
     """build_from_plan's reports, then one growth of the last stage on the built model."""
-    from engine.build import build_from_plan
-    from engine.expand import count_params
-    from engine.growth import grow_model, growth_generator
+    from engine.train.build import build_from_plan
+    from engine.model.view import count_params
+    from engine.grow.growth import grow_model, growth_generator
     from engine.plan import load_plan
-    from widen_tui.plan_draft import to_toml
+    from widen_tui.tui.plan_draft import to_toml
 
     path = tmp_path / "plan.toml"
     path.write_text(to_toml(raw))
@@ -216,7 +216,7 @@ def test_plan_show_counts_a_seven_billion_config_directory_on_meta(tmp_path):
 
 
 def _helper(lines: list[str]) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "engine.preview_worker"], input="".join(lines), capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "engine.grow.preview_worker"], input="".join(lines), capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     return [json.loads(line) for line in out.stdout.splitlines()]
 

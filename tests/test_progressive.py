@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from engine.events import read_all
+from engine.runs.events import read_all
 from engine.plan import load_plan
-from engine.train import Trainer
+from engine.train.loop import Trainer
 from tests.conftest import run_until_cancelled
 from widen_tui.launcher import create_run
 

@@ -1,4 +1,4 @@
-"""Per-rank memory: engine.system.rank_memory (RSS, and the GPU NVML sees for this rank's own
+"""Per-rank memory: engine.train.system.rank_memory (RSS, and the GPU NVML sees for this rank's own
 device), the `ranks` event of a distributed run (schema: a bad line is skipped, never a crash),
 and where it shows: `widen watch` (report.live_view), `widen logs` (event_text) and the monitor's
 System tab — on a single-process run none of them changes."""
@@ -14,13 +14,13 @@ import torch
 from rich.console import Console
 from textual.widgets import RichLog, Static
 
-from engine import system
-from engine.events import EventReader, check_event
+from engine.train import system
+from engine.runs.events import EventReader, check_event
 from tests.test_plot import fake_events, fake_results
 from tests.test_tui_monitor import MonitorApp, wait_until, write_run
-from widen_tui.event_text import describe_event
-from widen_tui.progress import RunProgress
-from widen_tui.report import live_view, rank_lines
+from widen_tui.views.event_text import describe_event
+from engine.runs.progress import RunProgress
+from widen_tui.views.report import live_view, rank_lines
 
 GB = 1024.0  # MB
 

@@ -1,4 +1,4 @@
-"""The runs index (widen_tui.registry): records, names, refresh from run dirs, and safety under
+"""The runs index (widen_tui.index): records, names, refresh from run dirs, and safety under
 concurrent writers and writers killed mid-write."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.rundir import RunDir, write_json_atomic
-from widen_tui.registry import RunIndex, RunNotFound
+from engine.runs.rundir import RunDir, write_json_atomic
+from widen_tui.index import RunIndex, RunNotFound
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,7 +229,7 @@ def test_concurrent_writers(root):
     start_at = time.time() + 1.0  # all start together, after their imports
     code = f"""
         import sys, time
-        from widen_tui.registry import RunIndex
+        from widen_tui.index import RunIndex
         w = int(sys.argv[1])
         index = RunIndex({str(root)!r})
         time.sleep(max(0.0, {start_at} - time.time()))
@@ -262,7 +262,7 @@ def test_a_writer_killed_mid_write_leaves_a_whole_index_and_no_stuck_lock(root, 
         # A biggish summary makes each write take a while, so kills often land inside one.
         code = f"""
             import sys
-            from widen_tui.registry import RunIndex
+            from widen_tui.index import RunIndex
             index = RunIndex({str(root)!r})
             summary = {{f"metric{{k}}": k / 7 for k in range(300)}}
             for i in range(100000):

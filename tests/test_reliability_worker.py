@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from conftest import ROOT, wait_for, widen
-from engine import checkpoint
-from engine.events import latest_segment, read_all
+from engine.train import checkpoint
+from engine.runs.events import latest_segment, read_all
 from engine.plan import load_plan
-from engine.rundir import RunDir
-from engine.session import run as run_engine
+from engine.runs.rundir import RunDir
+from engine.train.session import run as run_engine
 from widen_tui.launcher import create_run, create_runs
 
 pytestmark = pytest.mark.slow
@@ -232,14 +232,14 @@ def test_a_second_worker_on_a_run_is_refused_before_it_touches_anything(tmp_path
     from filelock import FileLock
 
     from engine.errors import RunStateError
-    from engine.worker import BUSY_EXIT, LOCK_FILE
+    from engine.train.worker import BUSY_EXIT, LOCK_FILE
     from widen_tui.launcher import start_worker
 
     root = tmp_path / "runs"
     run = create_run(load_plan(write_plan(tmp_path)), None, root=root)
     before = run.status_json.read_bytes() if run.status_json.exists() else None
     with FileLock(run.path / LOCK_FILE):
-        proc = subprocess.run([sys.executable, "-m", "engine.worker", str(run.path)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "engine.train.worker", str(run.path)], capture_output=True,
                               text=True, cwd=ROOT, timeout=60)
         assert proc.returncode == BUSY_EXIT and "already has a worker" in proc.stderr
         with pytest.raises(RunStateError, match="already has a worker"):
@@ -302,7 +302,7 @@ def test_a_swap_killed_half_way_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_an_unexpected_engine_error_is_one_line_with_stage_and_step(tmp_path, monkeypatch, capsys):
-    import engine.train as train  # the loop calls its own task_train_batch
+    import engine.train.loop as train  # the loop calls its own task_train_batch
 
     root = tmp_path / "runs"
     run = create_run(load_plan(write_plan(tmp_path)), None, root=root)

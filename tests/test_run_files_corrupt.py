@@ -26,7 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.errors import WidenError
-from engine.rundir import RunDir, write_json_atomic
+from engine.runs.rundir import RunDir, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,17 +56,17 @@ PLAN = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> tuple[Path, str, str]:
     """(runs root, the run to damage, a healthy twin): one finished run, trained once, and a copy."""
-    import engine.session
+    import engine.train.session
     from engine.plan import load_plan
     from widen_tui.launcher import create_run
-    from widen_tui.registry import RunIndex
+    from widen_tui.index import RunIndex
 
     base = tmp_path_factory.mktemp("made")
     plan_path = base / "tiny.toml"
     plan_path.write_text(PLAN)
     root = base / "runs"
     victim = create_run(load_plan(plan_path), plan_path, root, name="victim")
-    assert engine.session.run(victim.path) == 0
+    assert engine.train.session.run(victim.path) == 0
     victim.stderr.write_text("the worker's output\n")
     healthy = RunDir(root / (victim.id[:-4] + "beef"))
     shutil.copytree(victim.path, healthy.path)
@@ -223,7 +223,7 @@ def test_one_bad_file_breaks_only_its_own_run(made, tmp_path, file, how):
 
 
 def test_bad_event_lines_are_skipped_with_their_line_numbers(made, tmp_path):
-    from engine.events import EventReader, read_all
+    from engine.runs.events import EventReader, read_all
 
     root, victim, _ = copy_root(made, tmp_path)
     good = read_all(victim.events)
@@ -290,8 +290,8 @@ def test_real_cli_in_a_subprocess(made, tmp_path, file, how, args):
 def test_json_writers_write_strict_json(tmp_path):
     import numpy as np
 
-    from engine.events import EventWriter, read_all
-    from engine.rundir import dumps_json, read_json
+    from engine.runs.events import EventWriter, read_all
+    from engine.runs.rundir import dumps_json, read_json
 
     record = {"loss": float("nan"), "ppl": float("inf"), "nested": [{"x": float("-inf")}, (1.5, float("nan"))],
               "np": np.float32("nan"), "ok": 2.5}
@@ -330,9 +330,9 @@ def test_cli_json_output_is_strict_for_old_files_with_nan(made, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o002, 0o022])
 def test_files_and_dirs_follow_the_umask(tmp_path, umask):
-    from engine.events import EventWriter
-    from engine.rundir import make_dir_shared, mkdtemp_shared
-    from widen_tui.registry import RunIndex
+    from engine.runs.events import EventWriter
+    from engine.runs.rundir import make_dir_shared, mkdtemp_shared
+    from widen_tui.index import RunIndex
 
     old = os.umask(umask)
     try:
@@ -402,7 +402,7 @@ def rewound_events() -> list[dict]:
 
 
 def test_latest_segment_drops_what_a_resume_voided():
-    from engine.events import latest_segment, validate_event
+    from engine.runs.events import latest_segment, validate_event
 
     events = rewound_events()
     assert [e for e in events if validate_event(e)] == []
@@ -416,12 +416,12 @@ def test_latest_segment_drops_what_a_resume_voided():
 
 
 def test_every_reader_shows_each_step_once_after_a_resume():
-    from widen_tui.compare import compare_runs
-    from widen_tui.compare_data import LoadedRun
-    from widen_tui.curves import CurveFolder, curves_from_events, matrix_from_events
-    from widen_tui.lineage import train_steps
-    from widen_tui.progress import RunProgress
-    from widen_tui.screens.monitor import LiveRun
+    from engine.runs.compare import compare_runs
+    from engine.runs.compare_data import LoadedRun
+    from engine.runs.curves import CurveFolder, curves_from_events, matrix_from_events
+    from widen_tui.views.lineage import train_steps
+    from engine.runs.progress import RunProgress
+    from widen_tui.tui.screens.monitor import LiveRun
 
     events = rewound_events()
     want = [(1, 4.9), (2, 4.8), (3, 4.7), (4, 4.6), (5, 4.3), (6, 4.2)]
@@ -463,7 +463,7 @@ def test_every_reader_shows_each_step_once_after_a_resume():
 
 
 def test_a_resume_without_a_checkpoint_starts_over():
-    from engine.events import latest_segment
+    from engine.runs.events import latest_segment
 
     events = rewound_events()[:12] + [_start(30, resumed=True),
                                       {"type": "resume", "t": 30, "stage": 0, "step": 0, "global_step": 0,

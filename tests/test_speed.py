@@ -1,4 +1,4 @@
-"""engine.speed and train.attention: the speed settings change how fast, never what is computed.
+"""engine.train.speed and train.attention: the speed settings change how fast, never what is computed.
 
 Every check runs on the CPU; the same checks run on CUDA where there is a GPU (skipped here)."""
 
@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from engine import speed
-from engine.arch import FAMILIES, ArchView
-from engine.arch.forward import forward_logits, loss_of
-from engine.models import load_model
-from engine.optim import Precision
+from engine.train import speed
+from engine.model.view import FAMILIES, ArchView
+from engine.model.forward import forward_logits, loss_of
+from engine.model.sources import load_model
+from engine.train.optim import Precision
 from engine.plan import ModelSpec
 from tests import tiny_models
 
@@ -239,7 +239,7 @@ SDPA_TYPES = ["gpt2", "gpt_neox", "llama", "t5"]
                          ids=lambda spec: spec["op"])
 @pytest.mark.parametrize("model_type", SDPA_TYPES)
 def test_exact_operators_stay_exact_under_sdpa(model_type, op):
-    from engine.expand import apply_stage
+    from engine.grow.apply import apply_stage
     from engine.plan import ExpandSpec
 
     if op["op"] == "widen_hidden" and model_type == "t5":
@@ -261,9 +261,9 @@ def test_gradient_accumulation_trains_like_the_whole_batch_in_the_loop(tmp_path)
     """grad_accum = 4 in a real run: each step's batch in 4 micro-batches, the gradients summed,
     one optimizer step — the same step losses as the whole batch at once (up to rounding), and
     a widening with checkpointing on still exact."""
-    from engine.events import read_all
+    from engine.runs.events import read_all
     from engine.plan import load_plan
-    from engine.train import Trainer
+    from engine.train.loop import Trainer
     from widen_tui.launcher import create_run
 
     plan = tmp_path / "plan.toml"

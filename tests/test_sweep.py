@@ -9,9 +9,9 @@ from math import comb
 import pytest
 import torch
 
-from engine.expand import apply_stage
+from engine.grow.apply import apply_stage
 from engine.plan import ExpandSpec
-from engine.sweep import (SweepError, count_mappings, default_mappings, load_mappings, mapping_sweep,
+from engine.grow.sweep import (SweepError, count_mappings, default_mappings, load_mappings, mapping_sweep,
                           stretched_mapping)
 from tests.conftest import widen
 from tests.tiny_models import ALL_DECODER_FAMILIES, build, build_t5, token_batch

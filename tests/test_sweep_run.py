@@ -8,7 +8,7 @@ import json
 import pytest
 
 from engine.plan import load_plan
-from engine.train import Trainer
+from engine.train.loop import Trainer
 from tests.conftest import widen
 from widen_tui.launcher import create_run
 

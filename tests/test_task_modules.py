@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from engine.arch import ArchView
-from engine.expand import Freezer, apply_stage
+from engine.model.view import ArchView
+from engine.grow.apply import Freezer, apply_stage
 from engine.ops.adapters import adapter_names
 from engine.ops.linear import ConcatLinear, ParallelLinear, WiderInputLinear
 from engine.ops.params import OPS, AddHeadsParams, IA3Params, LoRAParams, WidenFFNParams
 from engine.ops.width import FFNWithNewUnits
 from engine.plan import ExpandSpec, GrowSpec, StageSpec
-from engine.task_modules import TaskModules, stage_problems, task_module_problems
+from engine.grow.task_modules import TaskModules, stage_problems, task_module_problems
 from tests.tiny_models import build, token_batch, train_steps
 
 EVAL = token_batch(seed=99)[0]
@@ -253,7 +253,7 @@ def test_json_record_restores_switching_on_a_rebuilt_model(tmp_path):
 
 
 def test_materialize_merges_only_active_paths():
-    from engine.export import materialize
+    from engine.exports.hf_directory import materialize
 
     for task in ("B", "C", None):
         model, _, tm, seen = three_tasks("gpt_neo")

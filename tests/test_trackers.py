@@ -1,4 +1,4 @@
-"""Metrics mirrored to trackers (engine.trackers, engine.metrics_export): a real tiny run with
+"""Metrics mirrored to trackers (engine.runs.trackers, engine.runs.metrics_export): a real tiny run with
 report_to = ["tensorboard", "mlflow"], read back with each tool's own reader; a tracker that
 fails; `widen export-metrics` through the real CLI; W&B offline, read back from its run file."""
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import trackers
-from engine.events import read_all, validate_event
+from engine.runs import trackers
+from engine.runs.events import read_all, validate_event
 from engine.plan import load_plan, validate_file
-from engine.train import Trainer
+from engine.train.loop import Trainer
 from tests.conftest import ROOT, TINY_PLAN, widen
-from widen_tui.event_text import describe_event
+from widen_tui.views.event_text import describe_event
 from widen_tui.launcher import create_run
 
 pytestmark = pytest.mark.slow

@@ -14,21 +14,21 @@ from pathlib import Path
 
 import pytest
 
-import widen_tui.app
-from engine.ops.preview import preview_plan
+import widen_tui.tui.app
+from engine.grow.preview import preview_plan
 from engine.plan import load_plan, plan_from_dict
-from engine.rundir import RunDir, read_json
-from widen_tui.app import WidenApp
+from engine.runs.rundir import RunDir, read_json
+from widen_tui.tui.app import WidenApp
 from widen_tui.launcher import cancel
-from widen_tui.plan_draft import stage_refs
-from widen_tui.screens.builder import BuilderScreen
-from widen_tui.widgets.param_preview import ParamPreview
+from widen_tui.tui.plan_draft import stage_refs
+from widen_tui.tui.screens.builder import BuilderScreen
+from widen_tui.tui.widgets.param_preview import ParamPreview
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-APP_CSS = str(Path(widen_tui.app.__file__).parent / "app.tcss")  # a subclass here would look beside this file
+APP_CSS = str(Path(widen_tui.tui.app.__file__).parent / "app.tcss")  # a subclass here would look beside this file
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def anyio_backend():
 @pytest.fixture(autouse=True)
 def quick_checks(monkeypatch):
     """Check after 20 ms of quiet instead of the interactive 300 ms (the pilot types fast)."""
-    import widen_tui.screens.builder as builder
+    import widen_tui.tui.screens.builder as builder
 
     monkeypatch.setattr(builder, "CHECK_DELAY", 0.02)
 
@@ -343,7 +343,7 @@ async def test_compare_strategies_loads_and_saves_back_unchanged(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.toml")))
 def test_every_ready_plan_round_trips_through_the_draft(name, tmp_path):
-    from widen_tui.plan_draft import load_draft, to_toml
+    from widen_tui.tui.plan_draft import load_draft, to_toml
 
     raw, header = load_draft(EXPERIMENTS / name)
     assert tomllib.loads(to_toml(raw, header)) == tomllib.loads((EXPERIMENTS / name).read_text())
@@ -491,7 +491,7 @@ def test_param_preview_equals_the_measured_parameters(text, tmp_path, widen_home
     each stage's total and trainable equal build_from_plan's measurements exactly — including a
     tensor grown twice in one stage (the first growth no longer trainable) and a parallel delta
     merged away by an in-place widening. (Every family and operator: tests/test_preview_meta.py.)"""
-    from engine.export import build_from_plan
+    from engine.exports.hf_directory import build_from_plan
 
     path = tmp_path / "plan.toml"
     path.write_text(text)
@@ -515,7 +515,7 @@ def test_preview_is_lenient_and_the_builder_torch_free():
                                                            {"op": "widen_ffn", "size": 8, "layers": [0]}]}]}
     stage = preview_plan(raw).stages[0]
     assert [(op.added, op.note) for op in stage.ops] == [(None, "invalid settings"), (8 * 257, "")]
-    code = "import sys, widen_tui.screens.builder, widen_tui.cli; print('torch' in sys.modules)"
+    code = "import sys, widen_tui.tui.screens.builder, widen_tui.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
     assert preview_plan({}).base_total == 890_496  # the default model: builtin:tiny-neo

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from engine.rundir import RunDir
+from engine.runs.rundir import RunDir
 from tests.conftest import widen
 from tests.conftest import wait_for
 from tests.test_tui_runs import wait_until
-from widen_tui.app import WidenApp
-from widen_tui.screens.runs import RunsScreen
-from widen_tui.widgets.runs_table import RunsTable
+from widen_tui.tui.app import WidenApp
+from widen_tui.tui.screens.runs import RunsScreen
+from widen_tui.tui.widgets.runs_table import RunsTable
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import EventWriter
-from engine.rundir import RunDir, write_json_atomic
-from widen_tui.app import WidenApp
-from widen_tui.compare_data import comparison, load_runs
-from widen_tui.lineage import build_lineage, charted_nodes, lineage_curves
-from widen_tui.widgets.comparison_table import comparison_sections
+from engine.runs.events import EventWriter
+from engine.runs.rundir import RunDir, write_json_atomic
+from widen_tui.tui.app import WidenApp
+from engine.runs.compare_data import comparison, load_runs
+from widen_tui.views.lineage import build_lineage, charted_nodes, lineage_curves
+from widen_tui.tui.widgets.comparison_table import comparison_sections
 
 # -- hand-written runs ---------------------------------------------------------------------------
 
@@ -25,7 +25,7 @@ from widen_tui.widgets.comparison_table import comparison_sections
 def growth_events(*, stages: tuple[tuple[str, int], ...] = (("python", 40),), growths_at: tuple[int, ...] = (),
                   params: int = 100_000, added: int = 20_000, batch_tokens: int = 256, offset: float = 0.0,
                   cached_stages: int = 0) -> list[dict]:
-    """A run's events as engine/train.py writes them: `stages` (name, steps), all on "python";
+    """A run's events as engine/train/loop.py writes them: `stages` (name, steps), all on "python";
     step events carry params, tokens and FLOPs; a plateau growth at each global step of
     `growths_at` adds `added` parameters (an expand event with trigger "plateau"); the events of
     the first `cached_stages` stages carry "cached": true (copied from a shared prefix)."""
@@ -123,7 +123,7 @@ def with_compare(root: Path, run_ids: list[str], check, size=(80, 24)) -> None:
 
 
 async def wait_for_data(pilot) -> None:
-    from widen_tui.screens.compare import CompareScreen
+    from widen_tui.tui.screens.compare import CompareScreen
 
     for _ in range(200):
         await pilot.pause(0.02)
@@ -159,7 +159,7 @@ def real_runs(tiny_plan, widen_home, tmp_path) -> list[str]:
     """A variant group (lora, ffn) whose second run starts from the cached shared stage, and a
     plain run of the tiny plan (prose, then widening + python)."""
     from engine.plan import load_plan
-    from engine.session import run as run_worker
+    from engine.train.session import run as run_worker
     from tests.test_variants import VARIANT_PLAN
     from widen_tui.launcher import create_run, create_runs
 
@@ -174,7 +174,7 @@ def real_runs(tiny_plan, widen_home, tmp_path) -> list[str]:
 def test_compare_real_runs_table_axis_and_lineage(real_runs, widen_home):
     from textual.widgets import DataTable, TabbedContent
 
-    from widen_tui.widgets.loss_chart import LossChart
+    from widen_tui.tui.widgets.loss_chart import LossChart
 
     lora, ffn, plain = real_runs
 
@@ -248,9 +248,9 @@ def test_plateau_growths_are_branch_points(tmp_path):
         assert mark.kind == "growth" and mark.x == before[-1][0]
 
     data = comparison(loaded.runs)  # equal compute from the events in memory, as compare_runs has it
-    from widen_tui.compare import compare_runs
+    from engine.runs.compare import compare_runs
 
-    from engine.events import read_all
+    from engine.runs.events import read_all
 
     disk = compare_runs([(r.info, r.status, r.results) for r in loaded.runs],
                         [read_all(tmp_path / r.id / "events.jsonl") for r in loaded.runs])
@@ -261,7 +261,7 @@ def test_plateau_growths_are_branch_points(tmp_path):
 
 
 def test_growth_run_shows_its_branch_points_in_the_app(tmp_path):
-    from widen_tui.widgets.loss_chart import LossChart
+    from widen_tui.tui.widgets.loss_chart import LossChart
 
     ids = growth_pair(tmp_path)
 

@@ -1,4 +1,4 @@
-"""The run monitor (widen_tui/screens/monitor.py), its curve model (widen_tui/curves.py) and chart.
+"""The run monitor (widen_tui/tui/screens/monitor.py), its curve model (engine/runs/curves.py) and chart.
 
 Real tiny runs (in-process, and detached through the CLI while the monitor watches), a run whose
 worker died (`lost`), the follower reading only new bytes, and snapshots from a hand-written run
@@ -18,17 +18,17 @@ import pytest
 from textual.widgets import DataTable, RichLog, Static, TabbedContent
 
 from engine.plan import load_plan
-from engine.rundir import RunDir, write_json_atomic
-from engine.train import Trainer
+from engine.runs.rundir import RunDir, write_json_atomic
+from engine.train.loop import Trainer
 from tests.conftest import widen
 from tests.test_plot import fake_events, fake_results
-from widen_tui import curves
-from widen_tui import app as app_module
-from widen_tui.app import WidenApp
+from engine.runs import curves
+from widen_tui.tui import app as app_module
+from widen_tui.tui.app import WidenApp
 from widen_tui.launcher import create_run
-from widen_tui.screens import monitor as monitor_module
-from widen_tui.screens.monitor import MonitorScreen
-from widen_tui.widgets.loss_chart import LossChart
+from widen_tui.tui.screens import monitor as monitor_module
+from widen_tui.tui.screens.monitor import MonitorScreen
+from widen_tui.tui.widgets.loss_chart import LossChart
 
 SNAPSHOT_RUN = "20250101-000000-tiny-aaaa"
 
@@ -178,7 +178,7 @@ def test_monitor_shows_a_finished_real_run(finished_run, widen_home):
 
 
 def test_widen_tui_run_opens_the_monitor_over_the_runs_list(finished_run, widen_home):
-    pytest.importorskip("widen_tui.screens.runs")
+    pytest.importorskip("widen_tui.tui.screens.runs")
 
     async def main():
         app = WidenApp(widen_home, run=finished_run.id)

@@ -18,15 +18,15 @@ import pytest
 from rich.console import Console
 from textual.widgets import Footer
 
-import widen_tui.app
-from engine.rundir import RunDir
-from widen_tui.app import WidenApp
-from widen_tui.registry import RunIndex
-from widen_tui.screens.runs import RunsScreen
-from widen_tui.widgets.binding_commands import BindingCommands
-from widen_tui.widgets.confirm import ConfirmScreen
-from widen_tui.widgets.run_rows import fmt_age
-from widen_tui.widgets.runs_table import RunsTable
+import widen_tui.tui.app
+from engine.runs.rundir import RunDir
+from widen_tui.tui.app import WidenApp
+from widen_tui.index import RunIndex
+from widen_tui.tui.screens.runs import RunsScreen
+from widen_tui.tui.widgets.binding_commands import BindingCommands
+from widen_tui.tui.widgets.confirm import ConfirmScreen
+from widen_tui.tui.widgets.run_rows import fmt_age
+from widen_tui.tui.widgets.runs_table import RunsTable
 
 pytestmark = pytest.mark.anyio  # the async tests run on anyio's pytest plugin, with asyncio
 
@@ -37,7 +37,7 @@ def anyio_backend():
 
 
 # A subclass defined here would look for app.tcss next to this file: name the app's own.
-APP_CSS = str(Path(widen_tui.app.__file__).parent / "app.tcss")
+APP_CSS = str(Path(widen_tui.tui.app.__file__).parent / "app.tcss")
 NOW = time.mktime(time.strptime("2024-03-01T12:00:00", "%Y-%m-%dT%H:%M:%S"))  # the frozen clock
 
 
@@ -268,7 +268,7 @@ async def test_enter_opens_the_monitor_and_n_s_open_builder_and_sweep(tmp_path):
         await pilot.press("n")
         assert app.opened[-1] == ("builder", None)
         await pilot.press("s")
-        from widen_tui.screens.sweep import SweepScreen
+        from widen_tui.tui.screens.sweep import SweepScreen
 
         assert isinstance(app.screen, SweepScreen)
         await pilot.press("escape")

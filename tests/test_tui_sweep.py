@@ -11,8 +11,8 @@ import pytest
 
 from tests.test_sweep import save_byte_level_neo
 from tests.test_tui_runs import APP_CSS, make_run, screen_text, wait_until
-from widen_tui.app import WidenApp
-from widen_tui.screens.sweep import SweepScreen, SweepSourceError, load_sweep, sweep_command
+from widen_tui.tui.app import WidenApp
+from widen_tui.tui.screens.sweep import SweepScreen, SweepSourceError, load_sweep, sweep_command
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 from engine.plan import PlanError, load_plan, plan_from_dict, read_toml
-from engine.rundir import RunDir
-from widen_tui.compare import compare_runs, loss_at
+from engine.runs.rundir import RunDir
+from engine.runs.compare import compare_runs, loss_at
 
 VARIANT_PLAN = textwrap.dedent("""
     name = "tiny-variants"
@@ -134,8 +134,8 @@ def test_second_variant_starts_from_the_cached_prefix_and_matches_an_uncached_ru
     """The cache changes nothing but time: variant B from the cache == variant B trained alone."""
     import shutil
 
-    from engine.events import read_all
-    from engine.session import run
+    from engine.runs.events import read_all
+    from engine.train.session import run
     from widen_tui.launcher import create_runs
 
     first, second = create_runs(load_plan(variant_plan), variant_plan)
@@ -231,7 +231,7 @@ def test_a_variant_waiting_for_its_turn_is_queued_and_can_be_cancelled(variant_p
     import socket
     import time
 
-    from engine.rundir import write_json_atomic
+    from engine.runs.rundir import write_json_atomic
     from tests.conftest import widen
     from widen_tui.launcher import create_runs, start_worker
 

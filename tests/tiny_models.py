@@ -1,15 +1,15 @@
 """Tiny random models of every supported family, built from configs (no downloads).
 
 The family list and each family's config fields come from the family table
-(engine.arch.families): adding a family there adds it to every test that takes these lists."""
+(engine.model.families): adding a family there adds it to every test that takes these lists."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.arch import ArchView
-from engine.arch.families import FAMILIES, family_named
+from engine.model.view import ArchView
+from engine.model.families import FAMILIES, family_named
 
 # every decoder-only family; an operator's tests take FAMILIES_FOR(op): those it applies to
 ALL_DECODER_FAMILIES = [f.name for f in FAMILIES if f.kind == "causal_lm"]

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from engine.plan import Plan
 from engine.errors import RunCreateError
-from engine.rundir import (LIVE_STATES, RunDir, is_our_worker, process_create_time, read_json, runs_root,
+from engine.runs.rundir import (LIVE_STATES, RunDir, is_our_worker, process_create_time, read_json, runs_root,
                            write_json_atomic)
-from widen_tui.registry import RunIndex
+from widen_tui.index import RunIndex
 
 
 def new_run_id(name: str) -> str:
@@ -106,10 +106,10 @@ def create_runs(plan: Plan, plan_path: Path | str | None, seeds: list[int] | Non
 
 
 def worker_command(run: RunDir, resume: bool = False) -> list[str]:
-    """`python -m engine.worker RUN_DIR`, under torchrun (`python -m torch.distributed.run`)
+    """`python -m engine.train.worker RUN_DIR`, under torchrun (`python -m torch.distributed.run`)
     when the plan asks for several processes: `--standalone` on one machine, the plan's c10d
     rendezvous (the run id as its id) on several. Every machine of a run runs the same command."""
-    worker = ["-m", "engine.worker", str(run.path)] + (["--resume"] if resume else [])
+    worker = ["-m", "engine.train.worker", str(run.path)] + (["--resume"] if resume else [])
     spec = _distributed(run)
     nproc, nnodes = (spec.nproc, spec.nnodes) if spec else (1, 1)
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
@@ -146,7 +146,7 @@ def join_lines(run: RunDir, resume: bool = False) -> list[str]:
 
 
 def start_worker(run: RunDir, resume: bool = False) -> int:
-    """Spawn the run's worker detached (engine.worker, or torchrun over N of them); returns its pid."""
+    """Spawn the run's worker detached (engine.train.worker, or torchrun over N of them); returns its pid."""
     from engine.errors import RunStateError
 
     if _lock_held(run):
@@ -229,7 +229,7 @@ def _await_run_lock(proc: subprocess.Popen, run: RunDir, timeout_s: float = 30.0
     """Wait until the new worker holds the run's lock (it takes it before importing torch, in a
     fraction of a second); a second worker on one run exits at once, which is refused here."""
     from engine.errors import RunStateError
-    from engine.worker import BUSY_EXIT, OWNER_FILE
+    from engine.train.worker import BUSY_EXIT, OWNER_FILE
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -262,7 +262,7 @@ def _lock_held(run: RunDir) -> bool:
     """Whether a worker holds the run's lock now (a try that gives it back at once)."""
     from filelock import FileLock, Timeout
 
-    from engine.worker import LOCK_FILE
+    from engine.train.worker import LOCK_FILE
 
     lock = FileLock(run.path / LOCK_FILE, timeout=0)
     try:

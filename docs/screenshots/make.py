@@ -12,8 +12,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from engine.rundir import list_run_dirs, runs_root
-from widen_tui.app import WidenApp
+from engine.runs.rundir import list_run_dirs, runs_root
+from widen_tui.tui.app import WidenApp
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = HERE.parents[1] / "experiments"

@@ -2,11 +2,11 @@
 
 ``GrowthCallback`` is a plan's ``[stages.grow]`` as a ``TrainerCallback``: the operators (tables
 as in ``[[stages.grow.expand]]``, validated by their schemas) and the trigger settings
-(engine.plan.GrowSpec: "plateau", "at", "budget"; engine.triggers decides when). At a growth the
-model grows in place (engine.growth.grow_model, measured on a fixed probe batch), and the
+(engine.plan.GrowSpec: "plateau", "at", "budget"; engine.grow.triggers decides when). At a growth the
+model grows in place (engine.grow.growth.grow_model, measured on a fixed probe batch), and the
 Trainer's optimizer and learning-rate schedule are rebuilt with the AdamW state carried over
 (carry_optimizer_state) and the schedule continued (continue_schedule) — the rule of
-engine/growth.py, so training goes on where it was. Each growth is logged through the Trainer
+engine/grow/growth.py, so training goes on where it was. Each growth is logged through the Trainer
 (``trainer.log``: ``state.log_history`` and every ``report_to`` tracker) and, with `run_dir`, the
 whole training is written as a widen run directory (start, stage, step, eval, expand, status
 events; status.json with a heartbeat; results.json), which ``widen runs`` / ``watch`` / ``show`` /
@@ -32,12 +32,13 @@ from typing import Any, Sequence
 import torch
 from transformers import TrainerCallback
 
-from engine.arch import ArchView
-from engine.arch.forward import IGNORE_INDEX
+from engine.model.view import ArchView
+from engine.model.forward import IGNORE_INDEX
 from engine.errors import WidenError
-from engine.expand import Freezer, StageGrowth, count_params
-from engine.growth import carry_optimizer_state, combine_growth, continue_schedule, grow_model, growth_generator
-from engine.triggers import Progress, make_trigger
+from engine.grow.apply import Freezer, StageGrowth
+from engine.model.view import count_params
+from engine.grow.growth import carry_optimizer_state, combine_growth, continue_schedule, grow_model, growth_generator
+from engine.grow.triggers import Progress, make_trigger
 
 __all__ = ["GrowthCallback", "GrowthSettingsError", "TaskModulesCallback"]
 
@@ -91,12 +92,12 @@ def _new_run_dir(root: Path, name: str) -> Path:
 
 class _RunWriter:
     """The widen run directory of a Trainer run: run.json, status.json (heartbeat), events.jsonl,
-    results.json at the end (engine.rundir's layout, as a worker writes it)."""
+    results.json at the end (engine.runs.rundir's layout, as a worker writes it)."""
 
     def __init__(self, path: Path, name: str, seed: int):
-        from engine.events import EventWriter
-        from engine.rundir import RunDir, write_json_atomic
-        from engine.status import StatusFile
+        from engine.runs.events import EventWriter
+        from engine.runs.rundir import RunDir, write_json_atomic
+        from engine.runs.status import StatusFile
 
         self.run = RunDir(path)
         path.mkdir(parents=True, exist_ok=False)
@@ -113,8 +114,8 @@ class _RunWriter:
         return self.events.emit(kind, **fields)
 
     def finish(self, state: str, history: dict, tasks: list[str], params: int) -> None:
-        from engine.results import build_results
-        from engine.rundir import write_json_atomic
+        from engine.runs.results import build_results
+        from engine.runs.rundir import write_json_atomic
 
         identity = {"run": self.run.id, "plan": self.name, "state": state, "seed": self.seed,
                     "variant": None, "group": None}
@@ -139,7 +140,7 @@ class GrowthCallback(TrainerCallback):
     of the evaluation dataset, else of the training dataset); `freeze`: None keeps each tensor's
     ``requires_grad`` (grown tensors inherit theirs, new ones train), or a stage's policy
     ("none", "base", name globs) applied after every growth; `seed`: the operators' draws
-    (engine.growth.growth_generator). `run_dir`: a directory to write the run to (it must not
+    (engine.grow.growth.growth_generator). `run_dir`: a directory to write the run to (it must not
     exist), or True for a new one under the runs root ($WIDEN_HOME or ./runs); `run_name` names it.
     `bytes_per_token` (1.0 for a byte-level tokenizer) turns evaluation losses into bits per byte,
     widen's comparable loss; without it results.json has no evaluation matrix (the events keep
@@ -199,7 +200,7 @@ class GrowthCallback(TrainerCallback):
         if self.probe is None:
             self.probe = self._default_probe(trainer)
         if self.run_dir:
-            from engine.rundir import runs_root
+            from engine.runs.rundir import runs_root
 
             path = _new_run_dir(runs_root(), self.run_name) if self.run_dir is True else Path(self.run_dir)
             self.writer = _RunWriter(path, self.run_name, args.seed)

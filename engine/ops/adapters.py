@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from engine.arch import get_submodule
+from engine.model.view import get_submodule
 from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams
 from engine.ops.registry import OpResult
 from engine.ops.width import shapes_only

@@ -25,7 +25,7 @@ virtual: a block is tied when it holds a Parameter that another block also holds
 
 Export: blocks are plain modules, so no ``materialize()`` is needed, but shared tensors must be
 untied before saving (safetensors refuses tensors that share memory, and a reload would tie
-nothing). ``engine.export`` should call ``untie(model)`` first, and in any case BEFORE merging
+nothing). ``engine.exports.hf_directory`` should call ``untie(model)`` first, and in any case BEFORE merging
 adapters into base weights: merging LoRA of twin A into a tensor twin B also holds would merge
 it twice. ``untie`` leaves the intended input/output embedding tie alone.
 
@@ -47,7 +47,7 @@ import copy
 import torch
 from torch import nn
 
-from engine.arch import get_submodule
+from engine.model.view import get_submodule
 from engine.ops.params import InsertIdentityParams, MapLayersParams, SplitResidualParams, UnshareParams
 from engine.ops.registry import OpResult
 

@@ -86,8 +86,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from engine.arch import get_submodule
-from engine.health import NewUnits
+from engine.model.view import get_submodule
+from engine.ops.health import NewUnits
 from engine.ops.params import WidenHiddenParams
 from engine.ops.registry import OpResult
 from engine.ops.width import mask_on, shapes_only, value_std
@@ -683,7 +683,7 @@ def _refuse_family(view, model) -> None:
     family = getattr(view, "family", None)
     if family is not None and family.kind == "causal_lm" and not family.stacks:
         return
-    from engine.arch.families import FAMILIES
+    from engine.model.families import FAMILIES
 
     supported = ", ".join(f.name for f in FAMILIES if f.kind == "causal_lm" and not f.stacks
                           and "widen_hidden" not in getattr(f, "refused_ops", {}))

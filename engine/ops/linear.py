@@ -13,7 +13,7 @@ Each computes what one plain Linear would (GPT-2 Conv1D layout respected); they 
 ``materialize()`` returns that plain module, so an export holds only standard layers (the
 protocol of ``engine.ops.registry``).
 
-Each has an ``active`` switch (default True; task-specific modules, ``engine.task_modules``):
+Each has an ``active`` switch (default True; task-specific modules, ``engine.grow.task_modules``):
 inactive, the new tensors contribute nothing — ConcatLinear's new features are zeros (the width
 stays, so the reader's slicing holds), WiderInputLinear ignores its new input features,
 ParallelLinear computes W x. ``linear_tensors`` (hence ``materialize``) follows: the Linear the
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.arch import get_submodule
-from engine.health import NewUnits
+from engine.model.view import get_submodule
+from engine.ops.health import NewUnits
 from engine.ops.params import (ADAPTER_ROLES, ConcatLinearParams, LinearOpParams, ParallelLinearParams,
                                WidenMLPParams, concat_consumer_message)
 from engine.ops.registry import OpResult
@@ -316,7 +316,7 @@ def widen_mlp(view, params: WidenMLPParams, gen: torch.Generator) -> OpResult:
         view.set_linear(layer, wide.up)
         view.set_linear(layer + 1, wide.down)
         result.grown.extend(wide.grown)
-        result.splits.extend(wide.splits)  # splitting inits: the optimizer state follows (engine.growth)
+        result.splits.extend(wide.splits)  # splitting inits: the optimizer state follows (engine.grow.growth)
         result.units.append(wide.units)
     if merged:
         result.note = (f"{', '.join(dict.fromkeys(merged))} held tensors added before (a parallel path); growing "

@@ -53,7 +53,7 @@ class OpParams(BaseModel):
     stack: str | None = Field(None, description='models with several stacks (T5): "encoder" or "decoder"; '
                               "default: every stack")
 
-    # the model kinds (engine.arch.forward: causal_lm, seq2seq, mlp) the op applies to;
+    # the model kinds (engine.model.forward: causal_lm, seq2seq, mlp) the op applies to;
     # engine.ops.registry.apply_operator refuses the others with one clear error
     model_kinds: ClassVar[tuple[str, ...]] = ("causal_lm", "seq2seq")
 
@@ -123,7 +123,7 @@ class OpDescriptor:
     adds: str                    # the parameters it adds
     families: str                # a note on where it applies (the list itself comes from the family table)
     # capabilities
-    task_module: bool = False    # its additions are separate, switchable paths (engine.task_modules)
+    task_module: bool = False    # its additions are separate, switchable paths (engine.grow.task_modules)
     parallel_mode: bool = False  # ... only with mode = "parallel" (in place it rewrites the base)
 
     @property
@@ -183,10 +183,10 @@ OPERATORS_TABLE_HEADER = ("| op | what it does | exact | parameters it adds | fa
 
 
 def applicable_families(d: OpDescriptor) -> list[str]:
-    """The families an op applies to, from the family table (engine.arch.families): those of a
+    """The families an op applies to, from the family table (engine.model.families): those of a
     model kind its schema takes that do not refuse it. Model types a family entry also serves
     follow in brackets: "llama (mistral, qwen2)"."""
-    from engine.arch.families import FAMILIES
+    from engine.model.families import FAMILIES
 
     return [f.name + (f" ({', '.join(f.model_types[1:])})" if len(f.model_types) > 1 and f.kind != "mlp" else "")
             for f in FAMILIES if f.kind in d.schema.model_kinds and f.refusal(d.name) is None]

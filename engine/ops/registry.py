@@ -5,7 +5,7 @@ freezing policies ("only what this stage added trains") and reports need no know
 Export protocol: a module an operator inserts that is not a plain Hugging Face module (a
 parallel path, a virtual layer, an adapter wrapper) has a method ``materialize(self) -> nn.Module``
 returning a plain module with the same function and its own tensors (wider matrices, a real copy);
-``engine.export`` replaces every such module, innermost first, then updates the config.
+``engine.exports.hf_directory`` replaces every such module, innermost first, then updates the config.
 
 Every op is described once, on its parameter schema in ``engine.ops.params`` (torch-free; the
 plan checker imports only that): its descriptor (``OPS[name]``) names the implementation by
@@ -29,7 +29,7 @@ class Split:
     divided by `divisor[i]`; at the same function its gradient is `grad_scale[i]` times the
     source's. A replicated unit's incoming weights: divisor 1, grad_scale 1/copies (each copy's
     output is read through 1/copies of the outgoing weight); its outgoing weights: divisor copies,
-    grad_scale 1. ``engine.growth.carry_optimizer_state`` grows the optimizer state with it."""
+    grad_scale 1. ``engine.grow.growth.carry_optimizer_state`` grows the optimizer state with it."""
 
     param: torch.nn.Parameter
     dim: int
@@ -49,12 +49,12 @@ class OpResult:
     exact: bool = True          # preserves the function by construction (measured anyway)
     note: str = ""
     config_changes: dict = field(default_factory=dict)
-    units: list = field(default_factory=list)  # engine.health.NewUnits per widened layer
+    units: list = field(default_factory=list)  # engine.ops.health.NewUnits per widened layer
     # tensors whose entries copy (split) old units: how each entry derives from the old tensor
     splits: list[Split] = field(default_factory=list)
     # new tensors that are real copies of a live one, (copy, source): a real repeat of a block
     # (map_layers). The optimizer state follows the weights: the copy starts with its source's
-    # moments and step (Staged Training's rule for depth), engine.growth.carry_optimizer_state
+    # moments and step (Staged Training's rule for depth), engine.grow.growth.carry_optimizer_state
     copies: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = field(default_factory=list)
 
 

@@ -13,7 +13,7 @@ learn (the on-the-fly-expansion note's failure modes):
 - copy_halve copy distinct units once and halve the outgoing weights of both twins.
 
 Copies have the same incoming weights, hence the same activation and — read through equal
-outgoing shares — the same gradients: they stay twins (engine.health measures it). `symmetry`
+outgoing shares — the same gradients: they stay twins (engine.ops.health measures it). `symmetry`
 breaks that exactly, on the outgoing side where the copies' equal activations make any change
 that sums to the source's column invisible: "split" gives the slots of a unit unequal shares
 (LEMON), "noise" adds paired noise that cancels over them (HyperCloning). The incoming weights
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from engine.health import NewUnits
+from engine.ops.health import NewUnits
 from engine.ops.params import WidenFFNParams
 from engine.ops.registry import OpResult, Split
 
@@ -45,7 +45,7 @@ class FFNWithNewUnits(nn.Module):
     """An FFN plus `size` new hidden units beside it: base(x) + down(act(gate(x)) * up(x)).
 
     ``active`` (default True) switches the new path: when False the module computes base(x) alone
-    (task-specific modules, ``engine.task_modules``); ``materialize`` follows the function the
+    (task-specific modules, ``engine.grow.task_modules``); ``materialize`` follows the function the
     module computes, so an inactive path is dropped rather than merged."""
 
     active: bool = True  # class default: modules built before the switch existed are active
@@ -136,7 +136,7 @@ def _layout_of(mlp: nn.Module):
     """The family FFN layout that describes this MLP module (attribute names, Conv1D or not)."""
     from transformers.pytorch_utils import Conv1D
 
-    from engine.arch.families import ffn_layouts
+    from engine.model.families import ffn_layouts
 
     # gated layouts first: a gated MLP may also carry the attribute names of an ungated one
     for layout in sorted(ffn_layouts(), key=lambda layout: layout.gate is None):
@@ -444,7 +444,7 @@ def _mask_like(weight: torch.Tensor, unit_mask: torch.Tensor, rows: bool) -> tor
     return (unit_mask[:, None] if rows else unit_mask[None, :]).expand_as(weight).clone()
 
 
-# -- meta tensors (engine.ops.preview runs the operators on weights without storage) -------------
+# -- meta tensors (engine.grow.preview runs the operators on weights without storage) -------------
 
 
 def value_std(t: torch.Tensor) -> float:

@@ -1,0 +1,221 @@
+"""The model a run trains, with what belongs to it: its ArchView, what the current stage added
+(freezing and unit health read it), the freezing, the task-specific modules, and where its
+parameters live — whole on every rank (one process, DDP) or sharded (FSDP2, ``engine.train.fsdp``).
+
+The loop changes the model's shape only while it is whole: at a stage's start (its operators),
+and at a growth, for which an FSDP run first gathers the model (``gather``: the weights and the
+optimizer state, whole, into a rebuilt plain model — the way a resume rebuilds it), grows it as
+one process would, and shards it again (``shard``), carrying the optimizer state with it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from engine.train import fsdp
+from engine.train import speed
+from engine.train.build import Prepared, replay_expansions
+from engine.grow.apply import op_generator
+from engine.train.checkpoint import WholeWeights
+from engine.train.distributed import World
+from engine.grow.apply import Freezer, StageGrowth, apply_stage
+from engine.grow.growth import combine_growth, grow_model, growth_generator
+from engine.train.optim import make_optimizer
+from engine.plan import Plan
+from engine.grow.task_modules import TaskModules
+
+
+class TrainedModel:
+    def __init__(self, plan: Plan, prepared: Prepared, world: World):
+        self.plan, self.world, self.device = plan, world, prepared.device
+        self.module, self.view = prepared.model, prepared.view
+        self.growth = StageGrowth()      # what the current stage added (its operators and growths)
+        self.freezer = Freezer()
+        self.task_modules = TaskModules() if plan.task_modules else None
+        self.active_task: str | None = None
+        self.fsdp = world.distributed and plan.train.strategy == "fsdp"
+        self.sharded = False
+        self.stage_index, self.policy = 0, "none"
+        self.restarts: list[int] = []   # stage steps where the lr schedule went back to its peak (rewarm)
+        if plan.train.checkpointing:
+            speed.enable_checkpointing(self.module, self.view)
+
+    # ------------------------------------------------------------------ task modules
+    def activate(self, task: str | None) -> None:
+        """With task-specific modules, switch the model to `task`'s own modules."""
+        if self.task_modules is not None and task != self.active_task:
+            self.task_modules.activate(self.module, task)
+            self.active_task = task
+
+    def _claim(self, task: str, growth: StageGrowth) -> None:
+        """What a stage (or a growth) added belongs to its task; the first stage shapes the base."""
+        if self.task_modules is not None:
+            self.task_modules.claim(task, self.module, growth, allow_shared=self.stage_index == 0)
+            self.active_task = None  # the new modules are on: switch again
+            self.activate(task)
+
+    # ------------------------------------------------------------------ shape (whole model only)
+    def expand(self, index: int, probe) -> list[dict]:
+        """Apply stage `index`'s operators, measured on `probe`; returns their reports."""
+        stage = self.plan.stages[index]
+        self.stage_index = index
+        self.activate(stage.task)  # expansions are measured on the task's own model
+        self.growth = apply_stage(self.module, self.view, index, stage.expand, probe, op_generator(self.plan.seed, index))
+        self._after_shape_change(stage.task, self.growth)
+        self.freeze(index)
+        return self.growth.reports
+
+    def grow(self, index: int, k: int, probe) -> tuple[StageGrowth, dict]:
+        """Growth number `k` of stage `index`; returns it and the parameters before it."""
+        stage = self.plan.stages[index]
+        before = dict(self.module.named_parameters())
+        growth = grow_model(self.module, self.view, stage.grow.expand, index, k, probe,
+                            growth_generator(self.plan.seed, index, k))
+        self._after_shape_change(stage.task, growth)
+        self.growth = combine_growth(self.growth, growth, before, self.module)
+        self.freeze(index)
+        return growth, before
+
+    def _after_shape_change(self, task: str, growth: StageGrowth) -> None:
+        self.module.to(self.device)
+        self._claim(task, growth)
+        if self.plan.train.checkpointing:
+            speed.enable_checkpointing(self.module, self.view)  # new blocks too
+
+    def freeze(self, index: int) -> None:
+        self.stage_index, self.policy = index, self.plan.stages[index].freeze
+        self.freezer.apply(self.module, self.policy, self.growth)
+
+    def rebuild(self, stages: int, growths: list[dict], weights: dict | None = None,
+                task_modules: dict | None = None) -> None:
+        """A plain model of the shape the first `stages` stages (and `growths`) gave, with `weights`
+        (or, when None, the caller loads them): a resume's model, or an FSDP run's gathered one."""
+        if self.sharded or weights is not None:  # a fresh module: the sharded one cannot be unsharded
+            from engine.model.sources import load_model
+
+            self.module, self.view = load_model(self.plan.model, self.plan.seed, attention=self.plan.train.attention)
+            self.sharded = False
+        self.growth = replay_expansions(self.module, self.view, self.plan, stages, growths)
+        if self.task_modules is not None and task_modules:
+            self.task_modules = TaskModules.from_json(task_modules, self.module)
+            self.active_task = None
+        self.module.to(self.device)
+        if weights is not None:
+            self.module.load_state_dict(weights)
+        if self.plan.train.checkpointing:
+            speed.enable_checkpointing(self.module, self.view)
+
+    # ------------------------------------------------------------------ placement
+    def make_optimizer(self, stage):
+        return make_optimizer(self.module, self.freezer.masked, self.plan.train, stage, self.restarts)
+
+    def shard(self, optimizer=None, scheduler=None):
+        """FSDP: shard the whole model (and move `optimizer`'s state, if given, to a new optimizer
+        over the shards). Otherwise nothing. Returns the optimizer and schedule to go on with."""
+        if not self.fsdp or self.sharded:
+            return optimizer, scheduler
+        state = optimizer.state_dict() if optimizer is not None else None
+        schedule = scheduler.state_dict() if scheduler is not None else None
+        masks = self.freezer.masks_by_name(self.module)
+        fsdp.shard(self.module, self.view)
+        self.sharded = True
+        self.freezer.remask(self.module, masks, fsdp.shard_like)
+        if optimizer is None:
+            return None, None
+        optimizer, scheduler = self.make_optimizer(self.plan.stages[self.stage_index])
+        fsdp.load_optimizer_state(optimizer, state)
+        scheduler.load_state_dict(schedule)
+        return optimizer, scheduler
+
+    def gather(self, stages: int, growths: list[dict], optimizer=None, scheduler=None):
+        """FSDP: the model whole again, on every rank (rebuilt, with the gathered weights); with
+        `optimizer`, a new one over the whole model carrying its gathered state. Otherwise nothing."""
+        if not self.sharded:
+            return optimizer, scheduler
+        weights = fsdp.full_state_dict(self.module)
+        state = fsdp.full_optimizer_state(optimizer) if optimizer is not None else None
+        schedule = scheduler.state_dict() if scheduler is not None else None
+        self.rebuild(stages, growths, weights, self.task_modules.to_json() if self.task_modules else None)
+        self.freeze(self.stage_index)
+        if optimizer is None:
+            return None, None
+        optimizer, scheduler = self.make_optimizer(self.plan.stages[self.stage_index])
+        optimizer.load_state_dict(state)
+        scheduler.load_state_dict(schedule)
+        return optimizer, scheduler
+
+    def trainee(self) -> torch.nn.Module:
+        """What the steps run through: DDP over the model (re-made after each shape change: DDP
+        hooks the parameters it was built with), the sharded model itself, compiled if asked."""
+        module = self.module if self.fsdp else self.world.wrap(self.module)
+        return speed.compiled(module, self.plan.train)
+
+    def no_sync(self, trainee, last: bool):
+        """Gradient accumulation: no gradient exchange but at the last micro-batch of a step."""
+        if last or not self.world.distributed:
+            return nullcontext()
+        if self.fsdp:
+            return _without_gradient_sync(self.module)
+        return trainee.no_sync() if hasattr(trainee, "no_sync") else nullcontext()
+
+    def forward_backward(self, trainee, batch, precision, optimizer, trainable: int):
+        """Forward and backward of this rank's rows of a step, in `grad_accum` micro-batches (the
+        gradients exchanged once, at the last); returns this rank's mean loss, the gradient norm
+        (clipped to `grad_clip`) and the vocabulary size."""
+        from engine.model.forward import batch_to, forward_logits, loss_of
+
+        train, scaler = self.plan.train, precision.scaler
+        accum, losses, grad_norm = train.grad_accum, [], None
+        for i, micro in enumerate(speed.micro_batches(batch, accum)):
+            inputs, targets = batch_to(micro, self.device)
+            with self.no_sync(trainee, last=i == accum - 1):
+                with precision.autocast():
+                    logits = forward_logits(trainee, inputs)
+                loss = loss_of(logits, targets)
+                if trainable:
+                    scaler.scale(loss / accum if accum > 1 else loss).backward()
+            losses.append(loss.detach())
+        if trainable:
+            self.freezer.mask_gradients(self.module)
+            grads = [p for p in self.module.parameters() if p.requires_grad]
+            if train.grad_clip:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(grads, train.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads if p.grad is not None])
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss = losses[0] if accum == 1 else torch.stack(losses).mean()
+        return loss, grad_norm, logits.shape[-1]
+
+    # ------------------------------------------------------------------ checkpoint contents
+    def weights(self):
+        """What a checkpoint saves: the model, or (FSDP) its whole state gathered (a collective)."""
+        return WholeWeights(fsdp.full_state_dict(self.module)) if self.sharded else self.module
+
+    def optimizer_state(self, optimizer) -> dict:
+        return fsdp.full_optimizer_state(optimizer) if self.sharded else optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        if self.sharded:
+            fsdp.load_optimizer_state(optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
+
+    def task_tensors(self) -> dict | None:
+        """Each task's own tensors (whole: gathered under FSDP), for the checkpoint's tasks/ files."""
+        if self.task_modules is None:
+            return None
+        memo: dict = {}
+        return {task: {k: fsdp.whole(v, memo).detach() for k, v in self.task_modules.state_dict(task, self.module).items()}
+                for task in self.task_modules.tasks()}
+
+
+@contextmanager
+def _without_gradient_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

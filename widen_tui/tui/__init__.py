@@ -1,0 +1,1 @@
+"""`widen tui`: the Textual app (screens/, widgets/, app.tcss) and its view-models."""
