@@ -32,8 +32,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.runs.events import read_all  # noqa: E402
 from engine.plan import load_plan  # noqa: E402
+from engine.runs.events import read_all  # noqa: E402
+from engine.runs.records import StepEvent  # noqa: E402
 from engine.runs.rundir import RunDir  # noqa: E402
 from widen_tui.launcher import create_run, worker_command  # noqa: E402
 
@@ -85,11 +86,11 @@ def one_run(root: Path, plan_path: Path, nproc: int, threads: int = 1, strategy:
 
 def figures(run: RunDir) -> dict:
     events = read_all(run.events)
-    steps = [e for e in events if e["type"] == "step"]
+    steps = [e for e in events if isinstance(e, StepEvent)]
     growths = (run.results() or {}).get("growths", [])
-    return {"tokens_per_s": statistics.median(e["tokens_per_s"] for e in steps[1:]),
+    return {"tokens_per_s": statistics.median(e.tokens_per_s for e in steps[1:]),
             "growth_steps": [g["step"] for g in growths],
-            "losses": [(e["global_step"], e["loss"]) for e in steps],
+            "losses": [(e.global_step, e.loss) for e in steps],
             "growth_s": [e.get("seconds") for e in growths],
             "state": run.status()["state"]}
 

@@ -34,8 +34,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.runs.events import read_all  # noqa: E402
 from engine.plan import load_plan  # noqa: E402
+from engine.runs.events import read_all  # noqa: E402
+from engine.runs.records import StartEvent, StepEvent  # noqa: E402
 from engine.runs.rundir import RunDir  # noqa: E402
 from widen_tui.launcher import create_run, worker_command  # noqa: E402
 
@@ -122,19 +123,19 @@ def one_run(root: Path, plan_path: Path, overrides: list[str]) -> tuple[RunDir, 
 
 def figures(run: RunDir, device: str) -> dict:
     events = read_all(run.events)
-    steps = [e for e in events if e["type"] == "step"]
-    start = next((e for e in events if e["type"] == "start"), {})
-    by_stage: dict[int, list[dict]] = {}
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    start = next((e for e in events if isinstance(e, StartEvent)), None)
+    by_stage: dict[int, list[StepEvent]] = {}
     for event in steps:
-        by_stage.setdefault(event["stage"], []).append(event)
-    steady = [e["tokens_per_s"] for events in by_stage.values() for e in events[1:]]
+        by_stage.setdefault(event.stage, []).append(event)
+    steady = [e.tokens_per_s for events in by_stage.values() for e in events[1:]]
     results = run.results() or {}
     summary = results.get("summary", {})
     status = run.status()
     return {"state": status.get("state"), "error": status.get("error") or status.get("message"),
-            "attention": start.get("attention"),  # what the run's model got, as its start event says
+            "attention": getattr(start, "attention", None),  # what the run's model got, as its start event says
             "tokens_per_s": statistics.median(steady) if steady else None,
-            "after_growth": by_stage[1][0]["tokens_per_s"] if len(by_stage.get(1, [])) > 0 else None,
+            "after_growth": by_stage[1][0].tokens_per_s if len(by_stage.get(1, [])) > 0 else None,
             "peak_mb": summary.get("torch_peak_mb" if device == "cuda" else "peak_rss_mb")}
 
 

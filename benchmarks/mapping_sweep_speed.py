@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, GPTNeoConfig
 
-from engine.model.sources import BUILTIN_MODELS
 from engine.grow.sweep import default_mappings, mapping_sweep
+from engine.model.sources import BUILTIN_MODELS
 
 CASES = [(4, 4, None), (4, 8, None), (6, 8, None), (8, 12, 60)]   # (source layers, depth, limit)
 

@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine.runs import trackers
 from engine.plan import load_plan
+from engine.runs import trackers
 from engine.train.loop import Trainer
 from widen_tui.launcher import create_run
 

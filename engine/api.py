@@ -21,12 +21,11 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from engine.model.view import ArchView
 from engine.errors import WidenError
 from engine.grow.apply import Freezer, StageGrowth, apply_stage
-from engine.model.view import count_params
-from engine.ops.params import OPS
 from engine.grow.task_modules import TaskModules as _TaskModules
+from engine.model.view import ArchView, count_params
+from engine.ops.params import OPS
 
 __all__ = ["ExpandReport", "FreezeSummary", "OperatorParamsError", "TaskModules", "expand", "export", "freeze",
            "load", "param_groups", "probe_batch"]
@@ -80,8 +79,8 @@ def _vocab_size(model) -> int:
 @dataclass
 class ExpandReport:
     """What one operator did, measured on the probe batch: the fields (and names) of a run's
-    ``expand`` event (engine.runs.events). ``as_event()`` gives that dict; ``growth`` is what the op
-    added (for ``freeze(model, "base", report)`` and ``TaskModules.own``), not part of it."""
+    ``expand`` event (engine.runs.records.ExpandEvent). ``as_event()`` gives that dict; ``growth`` is
+    what the op added (for ``freeze(model, "base", report)`` and ``TaskModules.own``), not part of it."""
 
     stage: int
     op: str

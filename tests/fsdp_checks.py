@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc_per_node 2` by tests/test_fsdp.py: engine.train.fsdp's pieces against a
+"""Run under `torchrun --nproc_per_node 2` by tests/engine/train/test_fsdp.py: engine.train.fsdp's pieces against a
 plain copy of the same model. Prints one line "ok" from each rank, or fails with an assertion."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from engine.train import checkpoint
-from engine.train import fsdp
 from engine.model.sources import load_model
+from engine.train import checkpoint, fsdp
 
 
 def plain_and_sharded(tie: bool):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.model.view import ArchView
 from engine.model.families import FAMILIES, family_named
+from engine.model.view import ArchView
 
 # every decoder-only family; an operator's tests take FAMILIES_FOR(op): those it applies to
 ALL_DECODER_FAMILIES = [f.name for f in FAMILIES if f.kind == "causal_lm"]

@@ -11,6 +11,7 @@ directory (a shared runs root), and writes nothing of the run but its own log.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -22,10 +23,17 @@ import sys
 import time
 from pathlib import Path
 
+from engine.errors import RunCreateError, WidenError
 from engine.plan import Plan
-from engine.errors import RunCreateError
-from engine.runs.rundir import (LIVE_STATES, RunDir, is_our_worker, process_create_time, read_json, runs_root,
-                           write_json_atomic)
+from engine.runs.rundir import (
+    LIVE_STATES,
+    RunDir,
+    is_our_worker,
+    process_create_time,
+    read_json,
+    runs_root,
+    write_json_atomic,
+)
 from widen_tui.index import RunIndex
 
 
@@ -103,6 +111,31 @@ def create_runs(plan: Plan, plan_path: Path | str | None, seeds: list[int] | Non
                 pass
         raise
     return runs
+
+
+class SeedsError(WidenError, ValueError):
+    """`--seeds` that are not distinct integers."""
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2` as [0, 1, 2] (None: the plan's seed)."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SeedsError(f"--seeds '{text}': give integers separated by commas, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SeedsError(f"--seeds '{text}': give distinct integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def distributed_overrides(nproc: int | None, nnodes: int | None, rdzv_endpoint: str | None) -> list[str]:
+    """--nproc / --nnodes / --rdzv-endpoint as `--set` overrides (the endpoint quoted: a TOML string)."""
+    extra = [f"train.distributed.nproc={nproc}"] if nproc else []
+    extra += [f"train.distributed.nnodes={nnodes}"] if nnodes else []
+    extra += [f"train.distributed.rdzv_endpoint={json.dumps(rdzv_endpoint)}"] if rdzv_endpoint else []
+    return extra
 
 
 def worker_command(run: RunDir, resume: bool = False) -> list[str]:

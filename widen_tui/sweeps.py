@@ -1,33 +1,21 @@
-"""`widen sweep mapping`: score stacked models built from a source by layer mappings, without
-training, and show them as a heatmap (rows = mappings, cells = source layer, last = perplexity).
+"""Mapping sweeps (`widen sweep mapping`, the TUI's sweep screen): score stacked models built from
+a source by layer mappings, without training, and show them as a heatmap (rows = mappings, cells =
+source layer, last = perplexity). The verb and its options are widen_tui.cli.sweep's.
 
-Start-up stays light: torch, transformers and engine.grow.sweep are imported inside the command.
-Errors print one line (`error: ...`) and exit 1 through typer.Exit, which `widen_tui.cli.main`
-passes through unchanged (this module cannot raise cli.CLIError: under `python -m widen_tui.cli`
-that class lives in `__main__`, not in an importable module).
+Start-up stays light: torch, transformers and engine.grow.sweep are imported inside the functions.
+A problem with the inputs raises SweepError (one line for the user).
 """
 
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
 
-import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from engine.errors import WidenError
 from engine.runs.rundir import dumps_json
-
-sweep_app = typer.Typer(help="Score grown models without training.", no_args_is_help=True)
-
-console = Console()
-if not console.is_terminal:
-    console = Console(width=160)
-err = Console(stderr=True)
 
 # One colour per source layer, from the 16 standard ANSI colours (any terminal shows them), each
 # with a text colour that stays readable on it; layers beyond the palette reuse it (the index is
@@ -38,13 +26,8 @@ PALETTE = ("black on bright_white", "white on blue", "black on green", "white on
            "black on bright_yellow", "white on bright_black")
 
 
-
-class _Fail(Exception):
-    pass
-
-
-def _fail(message: str) -> None:
-    raise _Fail(message)
+class SweepError(WidenError, ValueError):
+    """A sweep that cannot run as asked (a source, task, device or sequence length); one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +51,7 @@ def _as_run(source: str):
         return None
     run = RunDir(runs_root() / run_id)
     if not run.exists():
-        _fail(f"run {run_id} is in the index but its directory is gone — `widen db rebuild`")
+        raise SweepError(f"run {run_id} is in the index but its directory is gone — `widen db rebuild`")
     return run
 
 
@@ -76,15 +59,15 @@ def _load_source(source: str, tokenizer_spec: str | None, device: str):
     """(model, tokenizer, plan or None, run id or None): a run's trained model with its plan's
     tokenizer, or a model by name / directory / builtin (engine.model.sources.load_model: hub and local
     alike)."""
-    from engine.train.data import load_tokenizer
+    from engine.grow.sweep import StackReplay
     from engine.model.sources import check_vocabulary, load_model
     from engine.plan import ModelSpec
-    from engine.grow.sweep import StackReplay
+    from engine.train.data import load_tokenizer
 
     run = _as_run(source)
     if run is not None:
         if tokenizer_spec is not None:
-            _fail("--tokenizer: a run uses its plan's tokenizer — leave --tokenizer out")
+            raise SweepError("--tokenizer: a run uses its plan's tokenizer — leave --tokenizer out")
         from engine.exports.hf_directory import load_run_model  # the training stack: only for runs
 
         model, _, tokenizer, plan = load_run_model(run.path, device=device)
@@ -103,14 +86,14 @@ def _task_spec(task: str, plan):
     if plan is not None and task in plan.tasks:
         return task, plan.tasks[task]
     if plan is not None and not task.startswith("builtin:") and not Path(task).expanduser().exists():
-        _fail(f"--task '{task}' is not a task of the run's plan ({', '.join(plan.tasks)}), a builtin "
-              "corpus (builtin:pydoc) or a local text file/directory")
+        raise SweepError(f"--task '{task}' is not a task of the run's plan ({', '.join(plan.tasks)}), a builtin "
+                         "corpus (builtin:pydoc) or a local text file/directory")
     return "sweep", TaskSpec(source=task)
 
 
 def _batches(task_spec, name: str, tokenizer, batch_size: int, seq_len: int, n_batches: int):
-    from engine.train.data import eval_batches, load_task
     from engine.runs.rundir import runs_root
+    from engine.train.data import eval_batches, load_task
 
     data = load_task(name, task_spec, tokenizer, runs_root() / ".cache")
     return eval_batches(data.eval, batch_size, seq_len, n_batches)
@@ -123,7 +106,8 @@ def _check_positions(model, seq_len: int) -> None:
     path = ArchView.of(model).family.position_embeddings
     positions = get_submodule(model, path).num_embeddings if path else None
     if positions is not None and seq_len > positions:
-        _fail(f"--seq-len {seq_len}: the model has {positions} learned positions — use --seq-len {positions} or less")
+        raise SweepError(f"--seq-len {seq_len}: the model has {positions} learned positions — "
+                         f"use --seq-len {positions} or less")
 
 
 def _device(choice: str) -> str:
@@ -132,7 +116,7 @@ def _device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda: torch sees no CUDA device — use --device cpu")
+        raise SweepError("--device cuda: torch sees no CUDA device — use --device cpu")
     return choice
 
 
@@ -209,73 +193,14 @@ def write_csv(result: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the command
+# the sweep
 
 
-@sweep_app.command("mapping")
-def mapping(
-    model_ref: Annotated[str, typer.Option("--model", "-m", metavar="SRC",
-                                           help="hub name, local model directory, builtin:tiny-neo, or a run "
-                                                "(id, prefix, last, name, run directory: its trained model)")],
-    depth: Annotated[int, typer.Option("--depth", "-d", min=1, help="layers of the stacked models")],
-    keep_ends: Annotated[bool, typer.Option("--keep-ends/--no-keep-ends",
-                                            help="generated mappings keep the first and last source layers "
-                                                 "in place")] = True,
-    mappings_file: Annotated[Optional[Path], typer.Option("--mappings", metavar="FILE",
-                                                          help="JSON or TOML file with a list of mappings "
-                                                               "(instead of the generated non-decreasing "
-                                                               "ones)")] = None,
-    task: Annotated[str, typer.Option("--task", "-t",
-                                      help="held-out text: builtin:pydoc, builtin:stdlib-python, a local text "
-                                           "file/dir, or a task of the run's plan")] = "builtin:pydoc",
-    limit: Annotated[Optional[int], typer.Option("--limit", "-k", min=1,
-                                                 help="at most K mappings, evenly spread (the most "
-                                                      "identity-like kept)")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer",
-                                                     help='"bytes" (default) or a tokenizer directory / hub name; '
-                                                          "a run uses its plan's")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=2)] = 64,
-    batches: Annotated[int, typer.Option("--batches", min=1, help="fixed eval batches per mapping")] = 2,
-    naive: Annotated[bool, typer.Option("--naive/--no-naive",
-                                        help="also time each mapping from layer 0, to report the "
-                                             "prefix-sharing speed-up")] = True,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", metavar="FILE",
-                                                     help="also write the rows as CSV")] = None,
-):
-    """Score stacked models built from SRC by layer mappings (entry i of a mapping: the source layer
-    that target layer i runs) by held-out perplexity, without training: a heatmap of mappings, best
-    first, with the unexpanded model as reference, and the speed-up of sharing common prefixes."""
-    try:
-        result = _sweep(model_ref, depth, keep_ends, mappings_file, task, limit, tokenizer,
-                        batch_size, seq_len, batches, naive, device)
-    except _Fail as e:
-        _exit_with(str(e))
-    except WidenError as e:
-        _exit_with(str(e))
-    if csv_path is not None:
-        write_csv(result, csv_path)
-    if as_json:
-        sys.stdout.write(to_json(result) + "\n")
-        return
-    source = result["model"] + (f" (run {result['run']})" if result["run"] not in (None, result["model"]) else "")
-    console.print(f"{source} on {result['task']}: {result['source_layers']} -> {result['depth']} "
-                  f"layers, no training; {result['tokens']:,} tokens per mapping", highlight=False, soft_wrap=True)
-    console.print(heatmap(result))
-    console.print(speedup_line(result), highlight=False, soft_wrap=True)
-    if csv_path is not None:
-        console.print(f"wrote {csv_path}", highlight=False)
-
-
-def _exit_with(message: str) -> None:
-    err.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _sweep(model_ref, depth, keep_ends, mappings_file, task, limit, tokenizer, batch_size, seq_len,
-           n_batches, naive, device) -> dict:
+def run_mapping_sweep(model_ref: str, depth: int, keep_ends: bool, mappings_file: Path | None, task: str,
+                      limit: int | None, tokenizer: str | None, batch_size: int, seq_len: int, n_batches: int,
+                      naive: bool, device: str) -> dict:
+    """The sweep's result (JSON-ready): the source, the options, and one row per mapping with its
+    perplexity (engine.grow.sweep.mapping_sweep), the unexpanded model's row first."""
     import torch
     import transformers
 
@@ -284,7 +209,7 @@ def _sweep(model_ref, depth, keep_ends, mappings_file, task, limit, tokenizer, b
     transformers.logging.set_verbosity_error()  # no warnings or progress bars on the table
     transformers.utils.logging.disable_progress_bar()
     if mappings_file is not None and not mappings_file.exists():
-        _fail(f"--mappings {mappings_file}: no such file — give a JSON or TOML file of mappings")
+        raise SweepError(f"--mappings {mappings_file}: no such file — give a JSON or TOML file of mappings")
     device = _device(device)
     model, tok, plan, run_id = _load_source(model_ref, tokenizer, device)
     num_layers = StackReplay(model).num_layers  # also refuses T5 / non-transformers, in one line

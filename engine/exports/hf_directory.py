@@ -26,14 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.model.view import ArchView, get_submodule
-from engine.train.build import BuildError, build_from_plan, load_run_model, stage_probe  # noqa: F401  (export's API)
 from engine.grow.apply import probe
-from engine.model.view import count_params
+from engine.model.view import ArchView, count_params, get_submodule
 from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
 from engine.ops.depth import compact_attention_types, untie
 from engine.plan import Plan
 from engine.runs.rundir import dumps_json
+from engine.train.build import BuildError, build_from_plan, load_run_model, stage_probe  # noqa: F401  (export's API)
 
 EXPORT_MANIFEST = "widen_export.json"
 ADAPTER_DIR = "adapter"

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.ops import health as health_metrics
-from engine.model.forward import forward_logits, loss_of
 from engine.errors import WidenError
+from engine.model.forward import forward_logits, loss_of
 from engine.model.view import count_params
+from engine.ops import health as health_metrics
 from engine.ops.registry import OpResult, apply_operator
 
 

@@ -182,8 +182,8 @@ def profile(model: nn.Module, view=None, sample_inputs=None, checkpointing: bool
     model is unchanged after. `sample_inputs`: a batch's inputs, needed only for a plain MLP
     (its input width); `checkpointing`: train.checkpointing (checkpointed blocks run their forward
     again during the backward)."""
-    from engine.model.view import ArchView
     from engine.model.forward import forward_logits, model_kind
+    from engine.model.view import ArchView
 
     kind = model_kind(model)
     view = view if view is not None else ArchView.of(model)

@@ -105,7 +105,7 @@ In general, per split axis, an entry whose value was divided by `divisor` and wh
 several split axes multiply). Dividing the outgoing moments by c and c² like the weights (the
 literal reading of "the same transformation") does not shrink the step: m/c over sqrt(v/c²) is
 the source's full step again (the sum still moves c times), with the fresh gradient weighted c
-times more. tests/test_growth.py measures these rules against each other and naive carrying.
+times more. tests/engine/grow/test_growth.py measures these rules against each other and naive carrying.
 
 Splitting operators that record no splits fall back to the mask rule (old entries keep their
 state unscaled): widen_mlp in place (engine/ops/linear.py would need
@@ -127,8 +127,8 @@ import warnings
 import torch
 
 from engine.grow.apply import StageGrowth, apply_stage
-from engine.ops.registry import OpResult, Split
 from engine.grow.triggers import AtTrigger, BudgetTrigger, PlateauDetector, Progress, make_trigger
+from engine.ops.registry import OpResult, Split
 
 __all__ = ["AtTrigger", "BudgetTrigger", "PlateauDetector", "Progress", "carry_optimizer_state", "combine_growth",
            "continue_schedule", "grow_model", "growth_generator", "make_trigger"]

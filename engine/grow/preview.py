@@ -163,8 +163,8 @@ def meta_model(spec, config=None) -> MetaModel:
     import torch
     import transformers
 
-    from engine.model.view import ArchView, UnsupportedArchitecture
     from engine.model.sources import BUILTIN_MLPS, ModelLoadError, build_builtin_mlp, check_module_tree, load_config
+    from engine.model.view import ArchView, UnsupportedArchitecture
 
     name = spec.source.removeprefix("builtin:")
     if spec.source.startswith("builtin:") and name in BUILTIN_MLPS:

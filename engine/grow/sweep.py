@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.model.view import get_submodule
-from engine.model.families import UnsupportedArchitecture, family_of
 from engine.errors import WidenError
+from engine.model.families import UnsupportedArchitecture, family_of
+from engine.model.view import get_submodule
 from engine.runs.forgetting import perplexity
 
 # Without --limit, more generated mappings than this is almost surely a mistake (32 -> 48 layers
@@ -419,7 +419,7 @@ def mapping_sweep(model: nn.Module, batches, mappings: list[list[int]], measure_
                         loss, seconds = _timed(steps[kind], device)
                         sums[kind][i] += loss
                         elapsed[kind] += seconds
-                del walk, recorded
+                walk = recorded = None  # the cached hidden states go before the rows are built
     finally:
         model.train(was_training)
     rows = [_row(None, reference_sum, tokens, reference=True)]

@@ -8,10 +8,10 @@ activates exactly t's modules and bypasses all others, so a task's outputs do no
 stages add modules for other tasks: forgetting is zero when the task is known at evaluation.
 
 Which ops qualify (their descriptors' ``task_module`` and ``parallel_mode`` capabilities,
-``engine.ops.params.OPS``; ``task_module_problems``): only those that leave the base untouched and
-whose additions can be switched off. In-place widening, new heads, d_model growth
-and depth operators rewrite the shared base, so they are refused after the first stage (the first
-stage may still shape the base: ``stage_problems``).
+``engine.ops.params.OPS``; the plan check ``engine.plan.checks.task_module_problems``): only those
+that leave the base untouched and whose additions can be switched off. In-place widening, new heads,
+d_model growth and depth operators rewrite the shared base, so they are refused after the first
+stage (the first stage may still shape the base: ``engine.plan.checks.stage_problems``).
 
 How modules are named (stable keys). A switchable module is a wrapper that keeps what it wraps as
 ``.base`` (``FFNWithNewUnits``, ``ConcatLinear``, ``WiderInputLinear``, ``ParallelLinear``) or a
@@ -32,7 +32,7 @@ it merges only that task's paths (inactive wrappers are dropped, inactive adapte
 ``merge_adapters`` already does) — that is a task's export.
 
 Modules nobody claimed (a plan without task_modules, or the base's own stage) are left on for
-every task. This module imports no torch at import time (the plan checker uses its checks).
+every task. This module imports no torch at import time.
 """
 
 from __future__ import annotations
@@ -42,95 +42,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# plan checks (torch-free)
-
-
-def supported_text() -> str:
-    """The ops whose additions are separate, switchable paths, as a message lists them (from the
-    descriptors: ``task_module``, and ``parallel_mode``: only with mode = "parallel")."""
-    from engine.ops.params import OPS
-
-    parallel = [d.name for d in OPS.values() if d.task_module and d.parallel_mode]
-    others = [d.name for d in OPS.values() if d.task_module and not d.parallel_mode]
-    return ", ".join(([" / ".join(parallel) + ' with mode = "parallel"'] if parallel else []) + others)
-
-
-def _op_settings(op_params) -> dict:
-    """The op's settings as a dict with the schema's defaults filled in (where they validate)."""
-    from engine.ops.params import OPS
-
-    if isinstance(op_params, Mapping):
-        data = dict(op_params)
-    elif hasattr(op_params, "model_dump"):
-        data = op_params.model_dump()
-    else:
-        raise TypeError(f"expected op parameters (OpParams, ExpandSpec or a dict), got {type(op_params).__name__}")
-    descriptor = OPS.get(data.get("op"))
-    schema = descriptor.schema if descriptor is not None else None
-    if schema is not None:
-        try:  # defaults that follow other settings (widen_ffn's mode follows its init) come out resolved
-            return schema.model_validate(data).model_dump()
-        except ValueError:
-            pass
-        for name, field in schema.model_fields.items():
-            if name not in data and not field.is_required():
-                data[name] = field.get_default(call_default_factory=True)
-    return data
-
-
-def task_module_problems(op_params) -> list[tuple[str, str]]:
-    """(field, message) for an op that cannot be a task-specific module; [] if it can.
-
-    `op_params`: an ``OpParams`` (``ExpandSpec.params()``), an ``ExpandSpec`` or the raw table.
-    Unknown ops give [] (the plan checker reports those itself)."""
-    from engine.ops.params import OPS
-
-    data = _op_settings(op_params)
-    op = data.get("op")
-    descriptor = OPS.get(op) if isinstance(op, str) else None
-    if descriptor is None:
-        return []  # an unknown op is the plan checker's own error
-    if descriptor.task_module and descriptor.parallel_mode:
-        if data.get("mode") != "parallel":
-            return [("mode", f'task_modules needs mode = "parallel" (in-place widening changes the shared base, '
-                             f'which every task uses) — set mode = "parallel" on this {op}')]
-        return []
-    if descriptor.task_module:
-        return []
-    return [("op", f"{op} changes the shared base, which task_modules keeps frozen and shared by every task — "
-                   f"task-specific modules are {supported_text()}; use one of them, apply {op} in the first "
-                   "stage (it then shapes the base), or set task_modules = false")]
-
-
-def stage_problems(index: int, stage) -> list[tuple[str, str]]:
-    """(field, message) for stage `index` of a task_modules plan (fields relative to the stage:
-    ``freeze``, ``expand[1].mode``, ``grow.expand[0].op``). The first stage builds the shared base
-    (any op, any freezing; its switchable modules belong to its task); every later stage must keep
-    the base frozen and add only task-specific modules."""
-    if index == 0:
-        return []
-    problems = []
-    freeze = _get(stage, "freeze", "none")
-    if freeze != "base":
-        shown = f'"{freeze}"' if isinstance(freeze, str) else str(freeze)
-        problems.append(("freeze", f"task_modules keeps the shared base frozen after the first stage: freeze = {shown} "
-                                   "would let this stage change every task's model — set freeze = \"base\""))
-    groups = [("expand", _get(stage, "expand", []) or [])]
-    grow = _get(stage, "grow", None)
-    if grow is not None:
-        groups.append(("grow.expand", _get(grow, "expand", []) or []))
-    for prefix, specs in groups:
-        for i, spec in enumerate(specs):
-            for field, message in task_module_problems(spec):
-                problems.append((f"{prefix}[{i}].{field}", message))
-    return problems
-
-
-def _get(obj, key, default):
-    return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +193,7 @@ class TaskModules:
         builds the base): then it joins the shared base. Returns {"modules", "adapters", "params"}
         of this claim."""
         from engine.ops.adapters import adapter_names
+        from engine.plan.checks import supported_text
 
         model = self._model(model)
         results = list(getattr(growth, "results", growth or []))

@@ -32,13 +32,12 @@ from typing import Any, Sequence
 import torch
 from transformers import TrainerCallback
 
-from engine.model.view import ArchView
-from engine.model.forward import IGNORE_INDEX
 from engine.errors import WidenError
 from engine.grow.apply import Freezer, StageGrowth
-from engine.model.view import count_params
 from engine.grow.growth import carry_optimizer_state, combine_growth, continue_schedule, grow_model, growth_generator
 from engine.grow.triggers import Progress, make_trigger
+from engine.model.forward import IGNORE_INDEX
+from engine.model.view import ArchView, count_params
 
 __all__ = ["GrowthCallback", "GrowthSettingsError", "TaskModulesCallback"]
 
@@ -110,7 +109,7 @@ class _RunWriter:
         self.events = EventWriter(self.run.events)
         self.name, self.seed, self.started = name, seed, now
 
-    def emit(self, kind: str, **fields) -> dict:
+    def emit(self, kind: str, **fields):
         return self.events.emit(kind, **fields)
 
     def finish(self, state: str, history: dict, tasks: list[str], params: int) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from engine.model.view import ArchView, UnsupportedArchitecture, module_tree_differences
-from engine.model.families import FAMILY_OVERRIDE_ATTR
 from engine.errors import WidenError
+from engine.model.families import FAMILY_OVERRIDE_ATTR
+from engine.model.view import ArchView, UnsupportedArchitecture, module_tree_differences
 
 # A tiny model in the layout of TinyStories-33M (GPT-Neo, alternating global/local attention),
 # sized for a 2-core CPU. vocab 259 = the byte tokenizer (ByT5 layout).

@@ -7,9 +7,20 @@ model (for the operators).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from engine.model.families import (FAMILIES, ArchFamily, AttentionLayout, FFNLayout, UnsupportedArchitecture,
-                                  family_for, family_of)
+from engine.model.families import (
+    FAMILIES,
+    ArchFamily,
+    AttentionLayout,
+    FFNLayout,
+    UnsupportedArchitecture,
+    family_for,
+    family_of,
+)
+
+if TYPE_CHECKING:  # torch is imported on use: plan checks read configs without it
+    from torch import nn
 
 __all__ = ["ArchView", "ArchFamily", "AttentionLayout", "FFNLayout", "FAMILIES", "UnsupportedArchitecture", "family_for",
            "family_of", "module_tree_differences"]
@@ -226,7 +237,7 @@ MLP_OPS_HINT = "an nn.Sequential MLP has no transformer blocks — grow it with 
 
 class MLPView(ArchView):
     def __init__(self, config=None, model=None, stack: str | None = None):
-        from torch import nn  # imported on use: plan checks read configs without torch
+        from torch import nn
 
         if not isinstance(model, nn.Sequential):
             raise UnsupportedArchitecture(f"a model without a config must be a plain nn.Sequential MLP — got "

@@ -51,7 +51,6 @@ from engine.model.view import get_submodule
 from engine.ops.params import InsertIdentityParams, MapLayersParams, SplitResidualParams, UnshareParams
 from engine.ops.registry import OpResult
 
-
 # ---------------------------------------------------------------------------------------------
 # copies
 

@@ -101,7 +101,7 @@ class MaskedNorm(nn.Module):
     def __init__(self, norm: nn.Module, old: int, kind: str, ramp_steps: int, offset: float = 0.0):
         super().__init__()
         self.norm, self.old, self.kind, self.ramp_steps, self.offset = norm, old, kind, ramp_steps, offset
-        self.eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+        self.eps = getattr(norm, "eps", None) or norm.variance_epsilon
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # saved with the weights
 
     @property

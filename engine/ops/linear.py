@@ -34,12 +34,24 @@ from torch.nn import functional as F
 
 from engine.model.view import get_submodule
 from engine.ops.health import NewUnits
-from engine.ops.params import (ADAPTER_ROLES, ConcatLinearParams, LinearOpParams, ParallelLinearParams,
-                               WidenMLPParams, concat_consumer_message)
+from engine.ops.params import (
+    ADAPTER_ROLES,
+    ConcatLinearParams,
+    LinearOpParams,
+    ParallelLinearParams,
+    WidenMLPParams,
+    concat_consumer_message,
+)
 from engine.ops.registry import OpResult
-from engine.ops.width import (_linear_weight, _make_linear, _new_unit_weights, grow_units_inplace, preserving_init,
-                              shapes_only, value_std)
-
+from engine.ops.width import (
+    _linear_weight,
+    _make_linear,
+    _new_unit_weights,
+    grow_units_inplace,
+    preserving_init,
+    shapes_only,
+    value_std,
+)
 
 # ---------------------------------------------------------------------------------------------
 # modules standing for one plain Linear

@@ -212,7 +212,7 @@ def operators_table_markdown(descriptors=None) -> str:
 WidthInit = Literal["zero_out", "net2net", "copy_halve", "zeros", "constant", "random"]
 # How copies break their symmetry inside [stages.grow] when the plan does not say (growth_defaults).
 # "noise", not "split": under Adam a split leaves the copies' incoming gradients proportional, and
-# Adam's update does not see a gradient's scale (measured, tests/test_growth_triggers.py).
+# Adam's update does not see a gradient's scale (measured, tests/engine/grow/test_growth_triggers.py).
 GROWTH_SYMMETRY = "noise"
 
 

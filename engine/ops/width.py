@@ -20,7 +20,7 @@ that sums to the source's column invisible: "split" gives the slots of a unit un
 then get different gradients and the copies diverge — with "noise" at once; with "split" barely
 under Adam: the copies' incoming gradients stay proportional (share × the source's) while the
 outgoing columns are, and Adam's step ignores a gradient's scale. Inside ``[stages.grow]``
-"noise" is the default (``WidenFFNParams.growth_defaults``); tests/test_growth_triggers.py
+"noise" is the default (``WidenFFNParams.growth_defaults``); tests/engine/grow/test_growth_triggers.py
 measures both against "none".
 
 `mode = "parallel"` keeps the original FFN untouched and adds the new units as a separate path

@@ -14,6 +14,7 @@ import statistics
 
 from engine.runs.events import latest_segment
 from engine.runs.forgetting import FORGETTING_DEFINITION, SIGN_CONVENTION
+from engine.runs.records import EventRecord, StepEvent, is_number
 
 # the per-run figures that are averaged over seeds (dotted: per-task dictionaries)
 SCALARS = ("params", "params_added", "trainable", "trainable_share", "acc", "bwt", "fwt", "wall_s",
@@ -50,14 +51,10 @@ def _unit_health(report: dict) -> dict:
             "max_twin_cosine_after": after.get("max_twin_cosine")}
 
 
-def _curve(events: list[dict], axis: str) -> list[tuple[float, float]]:
+def _curve(events: list[EventRecord], axis: str) -> list[tuple[float, float]]:
     """(x, training loss) points of a run, x = cumulative tokens or FLOPs."""
-    return [(e[axis], e["loss"]) for e in latest_segment(events)
-            if e.get("type") == "step" and _finite(e.get(axis)) and _finite(e.get("loss"))]
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return [(e.number(axis), e.loss) for e in latest_segment(events)
+            if isinstance(e, StepEvent) and e.number(axis) is not None and is_number(e.loss)]
 
 
 def loss_at(curve: list[tuple[float, float]], x: float) -> float | None:
@@ -78,7 +75,7 @@ def _mean_std(values: list) -> dict | None:
             "n": len(values)}
 
 
-def compare_runs(runs: list[tuple[dict, dict, dict | None]], events: list[list[dict]] | None = None) -> dict:
+def compare_runs(runs: list[tuple[dict, dict, dict | None]], events: list[list[EventRecord]] | None = None) -> dict:
     """`runs`: (run.json info, status, results) per run; `events`: each run's event stream, in
     the same order (for the equal-compute losses; None: those stay empty). Returns rows, seed
     groups and the conventions the figures follow."""
@@ -106,7 +103,7 @@ def compare_runs(runs: list[tuple[dict, dict, dict | None]], events: list[list[d
             "sign_convention": SIGN_CONVENTION}
 
 
-def _add_equal_compute(rows: list[dict], events: list[list[dict]]) -> None:
+def _add_equal_compute(rows: list[dict], events: list[list[EventRecord]]) -> None:
     """Training loss of each run at the smallest total FLOPs / tokens among the runs."""
     curves = [(_curve(stream, "flops"), _curve(stream, "tokens")) for stream in events]
     budgets = {}

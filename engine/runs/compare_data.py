@@ -11,10 +11,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.runs.events import latest_segment, read_all
-from engine.runs.rundir import RunDir
 from engine.runs import compare
 from engine.runs.compute_to_target import RunInput, TargetError, compute_to_target
+from engine.runs.events import latest_segment, read_all
+from engine.runs.records import EventRecord, ExpandEvent, StepEvent
+from engine.runs.rundir import RunDir
 
 
 @dataclass
@@ -26,7 +27,7 @@ class LoadedRun:
     info: dict
     status: dict
     results: dict | None
-    events: list[dict] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
     label: str = ""  # unique among the runs compared (legend, table, lineage)
 
     def __post_init__(self):
@@ -37,8 +38,8 @@ class LoadedRun:
         """Whether the model grew mid-way (a stage's operators or a plateau growth changed its
         parameter count between steps): steps and tokens then undercount what it cost, and only
         training FLOPs make it comparable with other runs."""
-        params = {e.get("params") for e in self.events if e.get("type") == "step" and e.get("params")}
-        return len(params) > 1 or any(e.get("type") == "expand" and e.get("trigger") for e in self.events)
+        params = {e.params for e in self.events if isinstance(e, StepEvent) and e.params}
+        return len(params) > 1 or any(isinstance(e, ExpandEvent) and e.trigger for e in self.events)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine.errors import WidenError
 from engine.runs.curves import RunCurves, _interp, curves_from_events, is_number
+from engine.runs.records import EventRecord, StageEvent
 
 AXES = ("flops", "tokens", "time_s")
 
@@ -41,7 +42,7 @@ class RunInput:
 
     id: str
     info: dict
-    events: Sequence[dict]
+    events: Sequence[EventRecord]
 
 
 @dataclass
@@ -102,8 +103,8 @@ class TargetReport:
 
 def eval_points(curves: RunCurves, task: str) -> list[tuple[float, float]]:
     """(global step, held-out loss) of every eval of `task`, in order."""
-    return [(float(e["_g"]), float(e["loss"])) for e in curves.evals
-            if str(e.get("task")) == task and is_number(e.get("loss")) and is_number(e.get("_g"))]
+    return [(float(p.g), float(p.event.loss)) for p in curves.evals
+            if p.event.task == task and is_number(p.event.loss) and is_number(p.g)]
 
 
 def time_axis(curves: RunCurves) -> tuple[list[float], list[float]] | None:
@@ -111,12 +112,12 @@ def time_axis(curves: RunCurves) -> tuple[list[float], list[float]] | None:
     speed (older runs)."""
     xs, ys, tokens, seconds = [0.0], [0.0], 0.0, 0.0
     for e in curves.steps:
-        speed, now = e.get("tokens_per_s"), e.get("tokens")
+        speed, now = e.tokens_per_s, e.tokens
         if not (is_number(speed) and is_number(now) and speed > 0):
             return None
         seconds += max(float(now) - tokens, 0.0) / float(speed)
         tokens = float(now)
-        xs.append(float(e["global_step"]))
+        xs.append(float(e.global_step))
         ys.append(seconds)
     return xs, ys
 
@@ -160,9 +161,9 @@ def _group_key(info: dict, run_id: str) -> str:
 # choosing the task and the target
 
 
-def _last_stage_task(events: Sequence[dict]) -> str | None:
-    stages = [e for e in events if e.get("type") == "stage" and isinstance(e.get("stage"), int)]
-    return str(max(stages, key=lambda e: e["stage"]).get("task")) if stages else None
+def _last_stage_task(events: Sequence[EventRecord]) -> str | None:
+    stages = [e for e in events if isinstance(e, StageEvent)]
+    return max(stages, key=lambda e: e.stage).task if stages else None
 
 
 def choose_task(runs: Sequence[RunInput], curves: Sequence[RunCurves], task: str | None) -> tuple[str, str]:

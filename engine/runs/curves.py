@@ -1,13 +1,14 @@
 """Events -> curves: the one model of a run's loss curves, shared by the PNG figures
 (``widen_tui.views.plot``), the TUI's chart (``widgets.loss_chart``) and the Compare screen.
 
-Pure Python: no matplotlib, no Textual, no torch. Events are the dicts of ``engine.runs.events``.
+Pure Python: no matplotlib, no Textual, no torch. Events are the records of ``engine.runs.records``.
 
 - ``curves_from_events(label, events)`` -> ``RunCurves``: step, eval, stage and expand events,
   deduplicated (a resumed run repeats what came after its checkpoint) and placed on a common
   global-step axis; ``CurveFolder`` builds the same thing incrementally for a live run.
 - ``RunCurves`` answers where things sit on any x axis (``X_AXES``: steps, tokens, flops):
-  ``train_series``, ``eval_series``, ``stage_marks``, ``expansion_marks``.
+  ``train_series``, ``eval_series``, ``stage_marks``, ``expansion_marks``. Evals, stage begins and
+  growths are ``Placed``: the event with the global step it sits at.
 - ``downsample(points, max_points)``: min-max bucketing, so a long history stays cheap to draw
   and keeps its spikes.
 - ``matrix_from_events(events)``: the evaluation (forgetting) matrix before results.json exists.
@@ -15,24 +16,29 @@ Pure Python: no matplotlib, no Textual, no torch. Events are the dicts of ``engi
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from engine.runs.events import latest_segment, voided_by
+from engine.runs.records import (
+    EvalEvent,
+    EventRecord,
+    ExpandEvent,
+    ResumeEvent,
+    StageEvent,
+    StartEvent,
+    StepEvent,
+    is_number,
+)
 
 X_AXES = {"steps": "global step", "tokens": "tokens seen", "flops": "training FLOPs"}  # docs/flops.md
 
 Point = tuple[float, float]
 
 
-def is_number(value) -> bool:
-    """A finite int or float (not a bool): what a plotted value must be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-_num = is_number  # the name plot.py has always used
+_num = is_number  # the name plot.py has always used (a finite int or float, not a bool)
 
 
 def human(n: float) -> str:
@@ -55,6 +61,17 @@ class Mark:
     params_added: int = 0
 
 
+E = TypeVar("E", bound=EventRecord)
+
+
+@dataclass(frozen=True)
+class Placed(Generic[E]):
+    """An event and the global step it sits at: its own, or its stage's start plus its step."""
+
+    event: E
+    g: float
+
+
 @dataclass
 class RunCurves:
     """One run's events, deduplicated and placed on a common global-step axis."""
@@ -62,11 +79,11 @@ class RunCurves:
     label: str
     stage_steps: dict[int, int] = field(default_factory=dict)
     stage_names: dict[int, str] = field(default_factory=dict)
-    stage_begins: dict[int, dict] = field(default_factory=dict)  # stage events, phase begin (+ "_g")
-    steps: list[dict] = field(default_factory=list)       # step events, by global step
-    evals: list[dict] = field(default_factory=list)       # eval events (+ "_g": global step)
-    expansions: list[dict] = field(default_factory=list)  # stage-start expand events
-    growths: list[dict] = field(default_factory=list)     # expand events with a trigger (mid-stage)
+    stage_begins: dict[int, Placed[StageEvent]] = field(default_factory=dict)  # phase begin, at its stage's start
+    steps: list[StepEvent] = field(default_factory=list)        # by global step
+    evals: list[Placed[EvalEvent]] = field(default_factory=list)
+    expansions: list[ExpandEvent] = field(default_factory=list)   # stage-start operators
+    growths: list[Placed[ExpandEvent]] = field(default_factory=list)  # with a trigger (mid-stage)
     _axis_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def offset(self, stage: int) -> int:
@@ -78,20 +95,20 @@ class RunCurves:
         if key == "steps":
             return True
         if ("has", key) not in self._axis_cache:
-            self._axis_cache[("has", key)] = all(is_number(e.get(key)) for e in self.steps)
+            self._axis_cache[("has", key)] = all(e.number(key) is not None for e in self.steps)
         return self._axis_cache[("has", key)]
 
     @property
     def tasks(self) -> list[str]:
-        return list(dict.fromkeys(str(e.get("task")) for e in self.evals))
+        return list(dict.fromkeys(p.event.task for p in self.evals))
 
     def _axis(self, key: str) -> tuple[list[float], list[float]]:
         # (global steps, key values) starting at (0, 0); cached: `at` is called per eval and mark
         if key not in self._axis_cache:
             xs, ys = [0.0], [0.0]
             for e in self.steps:
-                xs.append(float(e["global_step"]))
-                ys.append(float(e[key]))
+                xs.append(float(e.global_step))
+                ys.append(float(getattr(e, key)))
             self._axis_cache[key] = (xs, ys)
         return self._axis_cache[key]
 
@@ -101,12 +118,11 @@ class RunCurves:
             return float(g)
         return _interp(float(g), *self._axis(key))
 
-    def x_of(self, e: dict, key: str) -> float:
+    def x_of(self, placed: Placed, key: str) -> float:
         """Where an eval, expand or stage event sits: its own tokens / flops when it carries them,
-        else interpolated at its global step (`_g`)."""
-        if key != "steps" and is_number(e.get(key)):
-            return float(e[key])
-        return self.at(e["_g"], key)
+        else interpolated at its global step."""
+        own = placed.event.number(key) if key != "steps" else None
+        return float(own) if own is not None else self.at(placed.g, key)
 
     def stage_x(self, stage: int, key: str) -> float:
         begin = self.stage_begins.get(stage)
@@ -123,16 +139,17 @@ class RunCurves:
         """Training loss per stage (a task switch is never joined by a line): stage -> points."""
         out: dict[int, list[Point]] = {}
         for e in self.steps:
-            px = float(e["global_step"]) if x == "steps" else float(e[x])
-            out.setdefault(e["stage"], []).append((px, float(e["loss"])))
+            px = float(e.global_step) if x == "steps" else float(getattr(e, x))
+            out.setdefault(e.stage, []).append((px, float(e.loss)))
         return out
 
     def eval_series(self, x: str = "steps", metric: str = "loss") -> dict[str, list[Point]]:
         """Held-out eval `metric` per task: task -> points."""
         out: dict[str, list[Point]] = {}
-        for e in self.evals:
-            if is_number(e.get(metric)):
-                out.setdefault(str(e.get("task")), []).append((self.x_of(e, x), float(e[metric])))
+        for placed in self.evals:
+            value = placed.event.number(metric)
+            if value is not None:
+                out.setdefault(placed.event.task, []).append((self.x_of(placed, x), float(value)))
         return out
 
     def stage_marks(self, x: str = "steps") -> list[Mark]:
@@ -143,18 +160,18 @@ class RunCurves:
         """A mark per stage that applied operators (kind "expansion", at its start) and per
         plateau growth (kind "growth"), at the loss just after."""
         marks = []
-        for stage in sorted({e["stage"] for e in self.expansions}):
-            ops = [e for e in self.expansions if e["stage"] == stage]
-            after = [e.get("loss_after") for e in ops if is_number(e.get("loss_after"))]
+        for stage in sorted({e.stage for e in self.expansions}):
+            ops = [e for e in self.expansions if e.stage == stage]
+            after = [e.loss_after for e in ops if is_number(e.loss_after)]
             y = after[-1] if after else self.train_loss_at(self.offset(stage))
-            names = ", ".join(dict.fromkeys(str(e.get("op")) for e in ops))
-            added = sum(e.get("params_added") or 0 for e in ops)
+            names = ", ".join(dict.fromkeys(e.op for e in ops))
+            added = sum(e.params_added or 0 for e in ops)
             marks.append(Mark(self.stage_x(stage, x), y, names, "expansion", int(added)))
-        for e in self.growths:
-            y = e.get("loss_after") if is_number(e.get("loss_after")) else self.train_loss_at(e["_g"])
-            tag = f"growth {e['growth'] + 1}" if isinstance(e.get("growth"), int) else "growth"  # 0-based
-            marks.append(Mark(self.x_of(e, x), y, f"{e.get('op')} ({tag})", "growth",
-                              int(e.get("params_added") or 0)))
+        for placed in self.growths:
+            e = placed.event
+            y = e.loss_after if is_number(e.loss_after) else self.train_loss_at(placed.g)
+            tag = f"growth {e.growth + 1}" if e.growth is not None else "growth"  # 0-based
+            marks.append(Mark(self.x_of(placed, x), y, f"{e.op} ({tag})", "growth", int(e.params_added or 0)))
         return marks
 
 
@@ -180,56 +197,51 @@ class CurveFolder:
         self.label = label
         self._stage_steps: dict[int, int] = {}
         self._stage_names: dict[int, str] = {}
-        self._stage_begins: dict[int, dict] = {}
-        self._steps: dict[tuple, dict] = {}
-        self._evals: dict[tuple, dict] = {}
-        self._growths: dict[tuple, dict] = {}
-        self._stage_ops: dict[int, tuple[int, list[dict]]] = {}
+        self._stage_begins: dict[int, StageEvent] = {}
+        self._steps: dict[tuple, StepEvent] = {}
+        self._evals: dict[tuple, EvalEvent] = {}
+        self._growths: dict[tuple, ExpandEvent] = {}
+        self._stage_ops: dict[int, tuple[int, list[ExpandEvent]]] = {}
         self._segment = 0
         self.version = 0  # bumped by every event that changes a curve: redraw only when it moves
         self.expand_events = 0  # expand events taken in (a table of them redraws when it moves)
 
-    def add(self, events: Iterable[dict]) -> None:
+    def add(self, events: Iterable[EventRecord]) -> None:
         for e in events:
             self._add(e)
 
-    def _add(self, e: dict) -> None:
-        kind = e.get("type")
-        stage = e.get("stage")
-        if kind == "start":
+    def _add(self, e: EventRecord) -> None:
+        if isinstance(e, StartEvent):
             self._segment += 1
-            for i, n in enumerate(e.get("stage_steps") or []):
+            for i, n in enumerate(e.stage_steps or []):
                 if isinstance(n, int) and not isinstance(n, bool):
                     self._stage_steps.setdefault(i, n)
-        elif kind == "resume":
+        elif isinstance(e, ResumeEvent):
             self._segment += 1
             self._resume(e)
-        elif kind == "stage" and isinstance(stage, int):
-            if isinstance(e.get("steps"), int):
-                self._stage_steps[stage] = e["steps"]
-            self._stage_names[stage] = str(e.get("name") or f"stage {stage + 1}")
-            if e.get("phase", "begin") == "begin":
-                self._stage_begins[stage] = e
-        elif kind == "step" and is_number(e.get("loss")) and isinstance(stage, int):
-            self._steps[(stage, e.get("step"))] = e
-        elif kind == "eval" and is_number(e.get("loss")) and isinstance(stage, int):
-            # placed once here when it carries its global step (the trainer's do), not per redraw
-            self._evals[(stage, e.get("step"), e.get("task"))] = {**e, "_g": e["global_step"]} \
-                if is_number(e.get("global_step")) else e
-        elif kind == "expand" and isinstance(stage, int):
+        elif isinstance(e, StageEvent):
+            self._stage_steps[e.stage] = e.steps
+            self._stage_names[e.stage] = e.name or f"stage {e.stage + 1}"
+            if e.phase == "begin":
+                self._stage_begins[e.stage] = e
+        elif isinstance(e, StepEvent) and is_number(e.loss):
+            self._steps[(e.stage, e.step)] = e
+        elif isinstance(e, EvalEvent) and is_number(e.loss):
+            self._evals[(e.stage, e.step, e.task)] = e
+        elif isinstance(e, ExpandEvent):
             self.expand_events += 1
-            if e.get("trigger") or e.get("global_step") is not None:
-                self._growths[(stage, e.get("global_step"), e.get("growth"), e.get("op"))] = e
+            if e.trigger or e.global_step is not None:
+                self._growths[(e.stage, e.global_step, e.growth, e.op)] = e
             else:
-                seg, ops = self._stage_ops.get(stage, (self._segment, []))
+                seg, ops = self._stage_ops.get(e.stage, (self._segment, []))
                 if seg != self._segment:
                     ops = []  # a resume re-applies the stage's operators: keep one set
-                self._stage_ops[stage] = (self._segment, ops + [e])
+                self._stage_ops[e.stage] = (self._segment, ops + [e])
         else:
             return
         self.version += 1
 
-    def _resume(self, resume: dict) -> None:
+    def _resume(self, resume: ResumeEvent) -> None:
         """Drop the voided tail: steps, evals, growths, stage begins and operators past the point."""
         for store in (self._steps, self._evals, self._growths):
             for key in [k for k, e in store.items() if voided_by(e, resume)]:
@@ -246,22 +258,21 @@ class CurveFolder:
     def curves(self) -> RunCurves:
         run = RunCurves(self.label, dict(self._stage_steps), dict(self._stage_names))
 
-        def g_of(e: dict) -> float:
-            g = e.get("global_step")
-            return g if is_number(g) else run.offset(e["stage"]) + (e.get("step") or 0)
+        def g_of(e: StepEvent | EvalEvent | ExpandEvent) -> float:
+            g = e.global_step
+            return g if is_number(g) else run.offset(e.stage) + (e.step or 0)
 
-        # copies only for events that lack a global step (older runs); the rest are shared, read-only
-        run.steps = sorted((e if is_number(e.get("global_step")) else {**e, "global_step": g_of(e)}
-                            for e in self._steps.values()), key=lambda e: e["global_step"])
-        run.evals = sorted((e if "_g" in e else {**e, "_g": g_of(e)} for e in self._evals.values()),
-                           key=lambda e: e["_g"])
-        run.stage_begins = {s: {**e, "_g": run.offset(s)} for s, e in self._stage_begins.items()}
+        # the records are shared, read-only; a copy only for a step without a finite global step
+        run.steps = sorted((e if is_number(e.global_step) else e.model_copy(update={"global_step": g_of(e)})
+                            for e in self._steps.values()), key=lambda e: e.global_step)
+        run.evals = sorted((Placed(e, g_of(e)) for e in self._evals.values()), key=lambda p: p.g)
+        run.stage_begins = {s: Placed(e, run.offset(s)) for s, e in self._stage_begins.items()}
         run.expansions = [e for _, (_, ops) in sorted(self._stage_ops.items()) for e in ops]
-        run.growths = sorted(({**e, "_g": g_of(e)} for e in self._growths.values()), key=lambda e: e["_g"])
+        run.growths = sorted((Placed(e, g_of(e)) for e in self._growths.values()), key=lambda p: p.g)
         return run
 
 
-def curves_from_events(label: str, events: Sequence[dict]) -> RunCurves:
+def curves_from_events(label: str, events: Sequence[EventRecord]) -> RunCurves:
     """Sort a run's events into curves (see ``CurveFolder``)."""
     folder = CurveFolder(label)
     folder.add(events)
@@ -294,7 +305,7 @@ def downsample(points: Sequence[Point], max_points: int) -> list[Point]:
     return out
 
 
-def matrix_from_events(events: Sequence[dict]) -> dict | None:
+def matrix_from_events(events: Sequence[EventRecord]) -> dict | None:
     """The evaluation matrix so far, from a run's events (before results.json exists): the
     initial evaluation, then the evaluations at each finished stage's end (step == its steps).
     Besides rows/tasks/loss/ppl/bpb it has "trained": the task each row's stage trained.
@@ -302,15 +313,14 @@ def matrix_from_events(events: Sequence[dict]) -> dict | None:
     events = latest_segment(events)
     c = curves_from_events("", events)
     ends = dict(c.stage_steps)
-    finished = sorted({e["stage"] for e in events if e.get("type") == "stage" and e.get("phase") == "end"
-                       and isinstance(e.get("stage"), int)})
-    stage_tasks = {e["stage"]: e.get("task") for e in events if e.get("type") == "stage"
-                   and isinstance(e.get("stage"), int)}
-    rows: list[tuple[str, dict[str, dict]]] = []
+    stages = [e for e in events if isinstance(e, StageEvent)]
+    finished = sorted({e.stage for e in stages if e.phase == "end"})
+    stage_tasks = {e.stage: e.task for e in stages}
+    rows: list[tuple[str, dict[str, EvalEvent]]] = []
     trained: list[str | None] = []
     for stage in [-1] + finished:
-        cells = {e["task"]: e for e in c.evals
-                 if e["stage"] == stage and (stage < 0 or e.get("step") == ends.get(stage))}
+        cells = {p.event.task: p.event for p in c.evals
+                 if p.event.stage == stage and (stage < 0 or p.event.step == ends.get(stage))}
         if cells:
             rows.append(("initial" if stage < 0 else f"after {c.stage_names.get(stage, stage + 1)}", cells))
             trained.append(stage_tasks.get(stage))
@@ -319,5 +329,5 @@ def matrix_from_events(events: Sequence[dict]) -> dict | None:
     tasks = list(dict.fromkeys(t for _, cells in rows for t in cells))
     out: dict = {"rows": [label for label, _ in rows], "tasks": tasks, "trained": trained}
     for metric in ("loss", "ppl", "bpb"):
-        out[metric] = [[cells.get(t, {}).get(metric) for t in tasks] for _, cells in rows]
+        out[metric] = [[getattr(cells[t], metric) if t in cells else None for t in tasks] for _, cells in rows]
     return out

@@ -1,11 +1,11 @@
 """The event stream: ``events.jsonl`` is append-only, one JSON object per line.
 
 The worker writes (``EventWriter``); the CLI and TUI read only the bytes they have not seen yet
-(``EventReader``), so following a long run costs nothing per refresh. ``SCHEMA`` is the contract:
-the keys every event of a type carries (more keys may be present); ``TYPES`` says what each holds.
-The reader checks every line against both and drops (and reports, ``EventReader.problems``) a
-line that is not UTF-8, not JSON, not an object, or lacks a key or has one of the wrong type — so
-whoever folds events can trust the keys and types of the events it gets.
+(``EventReader``), so following a long run costs nothing per refresh. The contract is one typed
+record per event type (``engine.runs.records``): the writer builds the record, so a wrong field
+fails there; the reader gives records, and drops (and reports, ``EventReader.problems``) a line
+that is not UTF-8, not JSON, not an object, or lacks a key or has one of the wrong type — so
+whoever folds events can trust the attributes of the records it gets.
 
 **Segments.** A resumed run appends a ``resume`` event: "continuing from stage S step K (global
 step G); anything logged earlier at a later position is void". ``latest_segment(events)`` keeps
@@ -21,168 +21,50 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from engine.runs.rundir import dumps_json
-
-SCHEMA: dict[str, tuple[str, ...]] = {
-    "start": ("run", "plan", "seed", "device", "pid", "params", "stages", "resumed"),
-    "stage": ("stage", "name", "task", "steps", "phase"),          # phase: begin | end
-    "step": ("stage", "step", "global_step", "loss", "lr", "tokens_per_s", "tokens", "flops"),
-    "eval": ("stage", "step", "task", "loss", "ppl", "bpb"),
-    "expand": ("stage", "op", "params_before", "params_after", "params_added", "trainable",
-               "exact", "max_abs_logit_delta", "loss_before", "loss_after"),
-    "health": ("stage", "op", "max_pairwise_cosine", "max_twin_cosine"),   # new units after training
-    "system": ("rss_mb", "cpu_percent", "gpus", "gpu_status", "torch_peak_mb"),
-    "checkpoint": ("stage", "step", "path", "reason"),
-    "status": ("state",),                                           # + error when failed / diverged
-    "sweep": ("task", "depth", "rows", "best"),                     # a mapping sweep after the stages
-    "resume": ("stage", "step", "global_step"),                     # a resumed run continues from here
-    # a distributed run, at each logged step: every rank's memory, one object per rank (RANK_FIELDS)
-    "ranks": ("stage", "step", "global_step", "ranks"),
-    # something went wrong beside the run, which goes on: a tracker (engine.runs.trackers) that failed
-    "warning": ("source", "message"),
-}
-COMMON = ("type", "t")
-
-# What the keys hold: "int" (not bool), "num" (int or float, not bool), "str", "list", "dict";
-# a trailing "?" also allows null (a non-finite value is written as null). Keys not named here
-# may hold anything. Optional keys (not in SCHEMA) are checked only when present.
-TYPES: dict[str, str] = {
-    "t": "num", "stage": "int", "step": "int", "global_step": "num", "steps": "int",
-    "run": "str", "plan": "str", "device": "str", "params": "num?", "stages": "int",
-    "name": "str", "task": "str", "phase": "str", "op": "str", "state": "str", "reason": "str",
-    "path": "str", "error": "str?",
-    "loss": "num?", "lr": "num?", "tokens_per_s": "num?", "tokens": "num?", "flops": "num?", "ppl": "num?",
-    "bpb": "num?", "params_before": "num?", "params_after": "num?", "params_added": "num?",
-    "trainable": "num?", "trainable_share": "num?", "max_abs_logit_delta": "num?", "loss_before": "num?",
-    "loss_after": "num?", "max_pairwise_cosine": "num?", "max_twin_cosine": "num?",
-    "rss_mb": "num?", "cpu_percent": "num?", "gpus": "list", "gpu_status": "str?", "torch_peak_mb": "num?",
-    "depth": "int", "rows": "int", "best": "dict?", "growth": "int?", "stage_steps": "list?",
-    "ranks": "list", "source": "str", "message": "str",
-}
-# What each object of a ``ranks`` event holds (rank is required; host is None when not gathered,
-# gpu_mem_mb None without a GPU).
-RANK_FIELDS: dict[str, str] = {"rank": "int", "host": "str?", "rss_mb": "num?", "gpu_mem_mb": "num?"}
-# per event type, where a key means something else
-_TYPE_OVERRIDES: dict[str, dict[str, str]] = {
-    "start": {"plan": "str", "seed": "int?", "pid": "int?"},
-    "sweep": {"task": "str"},
-}
-
-
-def _type_ok(value, kind: str) -> bool:
-    if kind.endswith("?"):
-        if value is None:
-            return True
-        kind = kind[:-1]
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "num":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "list":
-        return isinstance(value, list)
-    if kind == "dict":
-        return isinstance(value, dict)
-    return True
-
-
-def validate_event(event: dict) -> list[str]:
-    """Problems with one event against the schema (empty if it conforms)."""
-    if not isinstance(event, dict):
-        return [f"not an object but a JSON {type(event).__name__}"]
-    kind = event.get("type")
-    if kind not in SCHEMA:
-        return [f"unknown event type {kind!r}"]
-    missing = [k for k in COMMON + SCHEMA[kind] if k not in event]
-    if missing:
-        return [f"{kind} event lacks {', '.join(missing)}"]
-    return _type_problems(kind, event)
-
-
-def _type_problems(kind: str, event: dict) -> list[str]:
-    overrides = _TYPE_OVERRIDES.get(kind, {})
-    wrong = []
-    for key, value in event.items():
-        expected = overrides.get(key) or TYPES.get(key)
-        if expected and not _type_ok(value, expected):
-            wrong.append(f"{key} is {_what(value)}, not {_NAMES[expected.rstrip('?')]}")
-    if kind == "system" and not wrong and not all(isinstance(g, dict) for g in event["gpus"]):
-        wrong.append("gpus holds something other than objects")
-    if kind == "ranks" and not wrong:
-        wrong += _rank_problems(event["ranks"])
-    return [f"{kind} event: {', '.join(wrong)}"] if wrong else []
-
-
-def _rank_problems(ranks: list) -> list[str]:
-    """Every item an object with an integer rank >= 0, each rank once, its fields of their types."""
-    if not ranks:
-        return ["ranks is empty"]
-    seen = set()
-    for i, item in enumerate(ranks):
-        if not isinstance(item, dict):
-            return [f"ranks[{i}] is {_what(item)}, not an object"]
-        if "rank" not in item:
-            return [f"ranks[{i}] lacks rank"]
-        for key, expected in RANK_FIELDS.items():
-            if key in item and not _type_ok(item[key], expected):
-                return [f"ranks[{i}].{key} is {_what(item[key])}, not {_NAMES[expected.rstrip('?')]}"]
-        if item["rank"] < 0 or item["rank"] in seen:
-            return [f"ranks[{i}].rank {item['rank']} is {'negative' if item['rank'] < 0 else 'repeated'}"]
-        seen.add(item["rank"])
-    return []
-
-
-_NAMES = {"int": "an integer", "num": "a number", "str": "a string", "list": "a list", "dict": "an object"}
-
-
-def _what(value) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def check_event(event) -> str | None:
-    """Why a parsed line cannot be used as an event (None if it can). Unlike ``validate_event``,
-    an object with an unknown type (from a newer engine) is fine: readers skip what they do not
-    know, but every known type must carry its keys with the right types."""
-    if not isinstance(event, dict):
-        return f"not an object but {_what(event)}"
-    kind = event.get("type")
-    if not isinstance(kind, str):
-        return "no event type" if kind is None else f"type is {_what(kind)}"
-    if kind not in SCHEMA:
-        return None
-    problems = validate_event(event)
-    return problems[0] if problems else None
+from engine.runs.records import (
+    EventError,
+    EventRecord,
+    ExpandEvent,
+    GenericEvent,
+    HealthEvent,
+    ResumeEvent,
+    StageEvent,
+    StartEvent,
+    StatusEvent,
+    SweepEvent,
+    SystemEvent,
+    build_event,
+    parse_event,
+)
+from engine.runs.rundir import dumps_json, strict_json
 
 
 class EventWriter:
     """Appends events as strict JSON (a NaN loss is written as null); flushes every line so readers
     see it at once, fsyncs the important ones. `listener` (engine.runs.trackers' mirror) is called
-    with every emitted event once it is written."""
+    with every emitted record once it is written."""
 
     DURABLE = frozenset({"start", "stage", "expand", "checkpoint", "status", "resume"})
 
-    def __init__(self, path: Path | str, listener: Callable[[dict], None] | None = None):
+    def __init__(self, path: Path | str, listener: Callable[[EventRecord], None] | None = None):
         self.path = Path(path)
         self._file = open(self.path, "a", buffering=1)
         self.listener = listener
 
-    def emit(self, kind: str, **fields) -> dict:
-        event = {"type": kind, "t": round(time.time(), 3), **fields}
-        self._file.write(dumps_json(event) + "\n")
-        self._file.flush()
+    def emit(self, kind: str, **fields) -> EventRecord:
+        """Write one event of a known type; a missing or wrong field raises ``EventError`` here,
+        before anything is written. Numpy / torch scalars become numbers, non-finite ones null."""
+        record = build_event(kind, strict_json({"type": kind, "t": round(time.time(), 3), **fields}))
+        self.write_raw(record)
         if kind in self.DURABLE:
             os.fsync(self._file.fileno())
         if self.listener is not None:
-            self.listener(event)
-        return event
+            self.listener(record)
+        return record
 
-    def write_raw(self, event: dict) -> None:
-        """Append an event as it is (events copied from a cached prefix keep their times)."""
-        self._file.write(dumps_json(event) + "\n")
+    def write_raw(self, record: EventRecord) -> None:
+        """Append a record as it is (events copied from a cached prefix keep their times)."""
+        self._file.write(dumps_json(record.to_json()) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -211,7 +93,7 @@ class EventReader:
         self._counted = 0
         self.read_error: str | None = None
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list[EventRecord]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
@@ -242,7 +124,7 @@ class EventReader:
                 events.append(event)
         return events
 
-    def read_rest(self) -> list[dict]:
+    def read_rest(self) -> list[EventRecord]:
         """``read_new()``, then the last line even without its newline — for a run that has ended
         (nothing more will come): a torn last line is reported, not waited for."""
         events = self.read_new()
@@ -275,20 +157,22 @@ class EventReader:
         return count
 
 
-def _parse_line(line: bytes) -> tuple[dict | None, str | None]:
+def _parse_line(line: bytes) -> tuple[EventRecord | None, str | None]:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, f"not UTF-8 (byte {e.start})"
     try:
-        event = json.loads(text)
+        data = json.loads(text)
     except (ValueError, RecursionError):
         return None, "not valid JSON (a line torn by a crash, or garbage)"
-    problem = check_event(event)
-    return (None, problem) if problem else (event, None)
+    try:
+        return parse_event(data), None
+    except EventError as e:
+        return None, str(e)
 
 
-def read_all(path: Path | str) -> list[dict]:
+def read_all(path: Path | str) -> list[EventRecord]:
     return EventReader(path).read_new()
 
 
@@ -296,15 +180,11 @@ def read_all(path: Path | str) -> list[dict]:
 # segments: a resumed run voids what was logged past its resume point
 
 
-def resume_point(resume: dict) -> tuple[int, int]:
-    return int(resume.get("stage", 0)), int(resume.get("step", 0))
+def resume_point(resume: ResumeEvent) -> tuple[int, int]:
+    return resume.stage, resume.step
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def voided_by(event: dict, resume: dict) -> bool:
+def voided_by(event: EventRecord, resume: ResumeEvent) -> bool:
     """Whether `event`, logged before the ``resume`` event `resume`, no longer holds.
 
     The resume point is (stage S, step K): steps, evals, checkpoints and plateau growths at a
@@ -314,55 +194,54 @@ def voided_by(event: dict, resume: dict) -> bool:
     without that key, a re-applied set replaces them — see ``latest_segment``); an earlier final
     ``status`` and a ``sweep`` are void (the run went on). A resume that did not come from a
     checkpoint (``from_checkpoint: false``) starts over: everything positional is void. ``start``,
-    ``system`` and earlier ``resume`` events stay."""
-    kind = event.get("type")
-    if kind in ("start", "system", "resume"):
+    ``system`` and earlier ``resume`` events stay, and so do events without a stage (warnings) and
+    events of unknown types."""
+    if isinstance(event, (StartEvent, SystemEvent, ResumeEvent, GenericEvent)):
         return False
-    if kind in ("status", "sweep"):
+    if isinstance(event, (StatusEvent, SweepEvent)):
         return True
-    if kind not in SCHEMA:
+    stage = getattr(event, "stage", None)
+    if stage is None:
         return False
-    stage = event.get("stage")
-    if not _is_int(stage):
-        return False
-    if resume.get("from_checkpoint") is False:
+    if resume.from_checkpoint is False:
         return True  # from the very start: the initial evaluation is redone too
     s, k = resume_point(resume)
-    if kind == "expand" and not event.get("trigger"):
-        return stage > s or (stage == s and k == 0 and resume.get("ops_applied") is False)
-    if kind == "stage":
-        return stage >= s if event.get("phase") == "end" else stage > s
-    if kind == "health":
+    if isinstance(event, ExpandEvent) and not event.trigger:
+        return stage > s or (stage == s and k == 0 and resume.ops_applied is False)
+    if isinstance(event, StageEvent):
+        return stage >= s if event.phase == "end" else stage > s
+    if isinstance(event, HealthEvent):
         return stage >= s
-    step = event.get("step")
-    if _is_int(step):
+    step = getattr(event, "step", None)
+    if step is not None:
         return (stage, step) > (s, k)
-    g, rg = event.get("global_step"), resume.get("global_step")
-    if isinstance(g, (int, float)) and isinstance(rg, (int, float)) and math.isfinite(g):
+    g, rg = getattr(event, "global_step", None), resume.global_step
+    if g is not None and math.isfinite(g):
         return g > rg
     return stage > s
 
 
-def latest_segment(events: Iterable[dict]) -> list[dict]:
+def _stage_start_op(event: EventRecord, stage: int) -> bool:
+    return isinstance(event, ExpandEvent) and not event.trigger and event.stage == stage
+
+
+def latest_segment(events: Iterable[EventRecord]) -> list[EventRecord]:
     """The events that still hold after every ``resume``: each resume drops what was logged before
     it at a later position (``voided_by``). Stage-start operators of the resume's own stage, at
     step 0, that the resumed worker applies again replace the earlier set. The resume events stay
     (a log can say where the run resumed). Idempotent; a stream without resumes is returned as is."""
     events = list(events)
-    if not any(e.get("type") == "resume" for e in events):
+    if not any(isinstance(e, ResumeEvent) for e in events):
         return events
-    out: list[dict] = []
+    out: list[EventRecord] = []
     pending: dict[int, int] = {}  # stage -> index in `out` before which its stage-start ops may be void
     for e in events:
-        kind = e.get("type")
-        if kind == "resume":
+        if isinstance(e, ResumeEvent):
             out = [x for x in out if not voided_by(x, e)]
             s, k = resume_point(e)
-            pending = {s: len(out)} if k == 0 and "ops_applied" not in e else {}
-        elif kind == "expand" and not e.get("trigger") and e.get("stage") in pending:
-            cut = pending.pop(e["stage"])
-            stage = e["stage"]
-            out = [x for i, x in enumerate(out) if i >= cut or not (x.get("type") == "expand" and not x.get("trigger")
-                                                                   and x.get("stage") == stage)]
+            pending = {s: len(out)} if k == 0 and "ops_applied" not in e.model_fields_set else {}
+        elif isinstance(e, ExpandEvent) and not e.trigger and e.stage in pending:
+            cut = pending.pop(e.stage)
+            out = [x for i, x in enumerate(out) if i >= cut or not _stage_start_op(x, e.stage)]
         out.append(e)
     return out

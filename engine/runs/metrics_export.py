@@ -1,6 +1,6 @@
 """`widen export-metrics RUN --to tensorboard|mlflow|csv`: a run's metrics mirrored after the fact.
 
-The run's ``events.jsonl`` is read with engine.runs.events (checked line by line, never unpickled;
+The run's ``events.jsonl`` is read with engine.runs.events (typed records checked line by line, never unpickled;
 what a resume voided is left out) and fed to the same ``Mirror`` a live run uses
 (engine.runs.trackers), then its results.json's matrix. Every file written has a name chosen here or
 by the tool, inside the output directory: names from the run's files are reduced to safe key
@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import WidenError
+from engine.plan.checks import INSTALL_HINT, missing_package
 from engine.runs.events import EventReader, latest_segment
+from engine.runs.records import StatusEvent
 from engine.runs.rundir import RunDir
-from engine.runs.trackers import INSTALL_HINT, REGISTRY, MlflowTracker, Mirror, RunInfo, missing_package
+from engine.runs.trackers import REGISTRY, Mirror, MlflowTracker, RunInfo
 
 EXPORT_TOOLS = ("tensorboard", "mlflow", "csv")
 
@@ -72,8 +74,8 @@ def export_run(run_dir: Path | str, tool: str, out: Path | None = None) -> Expor
     state = None
     for event in events:
         mirror(event)
-        if event.get("type") == "status":
-            state = event.get("state")
+        if isinstance(event, StatusEvent):
+            state = event.state
         if failures:
             break
     mirror.close(state)

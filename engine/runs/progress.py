@@ -12,6 +12,19 @@ import time
 from dataclasses import dataclass, field
 
 from engine.runs.events import voided_by
+from engine.runs.records import (
+    EvalEvent,
+    EventRecord,
+    ExpandEvent,
+    RankRow,
+    RanksEvent,
+    ResumeEvent,
+    StageEvent,
+    StartEvent,
+    StatusEvent,
+    StepEvent,
+    SystemEvent,
+)
 
 
 @dataclass
@@ -31,18 +44,18 @@ class RunProgress:
     lr: float | None = None
     tokens_per_s: float | None = None
     tokens: int = 0
-    eval: dict[str, dict] = field(default_factory=dict)          # task -> latest eval
+    eval: dict[str, EvalEvent] = field(default_factory=dict)     # task -> latest eval
     train_curve: list[tuple[int, float]] = field(default_factory=list)   # (global step, loss)
     eval_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     stage_bounds: list[int] = field(default_factory=list)        # global steps where stages begin
-    expansions: list[dict] = field(default_factory=list)
-    system: dict = field(default_factory=dict)
-    ranks: list[dict] = field(default_factory=list)     # the latest `ranks` event's rows, by rank
+    expansions: list[ExpandEvent] = field(default_factory=list)
+    system: SystemEvent | None = None                   # the latest sample
+    ranks: list[RankRow] = field(default_factory=list)  # the latest `ranks` event's rows, by rank
     ranks_at: tuple[int, int] | None = None            # (stage, step) they were measured at
     started: float | None = None
     last_t: float | None = None          # time of the latest event (a finished run's end)
     _rate: list[tuple[float, int]] = field(default_factory=list)  # (time, global step) samples
-    _evals: list[dict] = field(default_factory=list)       # every eval event of the latest segment
+    _evals: list[EvalEvent] = field(default_factory=list)  # every eval event of the latest segment
     _segment: int = 0                                      # bumped by start and resume events
     _expansion_segments: dict[int, int] = field(default_factory=dict)  # stage -> segment of its ops
 
@@ -54,77 +67,75 @@ class RunProgress:
     def global_step(self) -> int:
         return sum(self.stage_steps[: self.stage]) + self.step
 
-    def update(self, event: dict) -> None:
-        kind = event.get("type")
-        if isinstance(event.get("t"), (int, float)) and not event.get("cached"):
-            self.last_t = max(self.last_t or 0.0, float(event["t"]))
-        if kind == "start":
-            self.run, self.plan, self.device = event["run"], event["plan"], event["device"]
-            world = event.get("world_size")
+    def update(self, event: EventRecord) -> None:
+        if isinstance(event.t, (int, float)) and not event.cached:
+            self.last_t = max(self.last_t or 0.0, float(event.t))
+        if isinstance(event, StartEvent):
+            self.run, self.plan, self.device = event.run, event.plan, event.device
+            world = event.world_size
             self.world_size = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
-            self.stage_steps = [int(n) for n in event.get("stage_steps") or [] if isinstance(n, int)]
-            self.started = self.started or event["t"]
+            self.stage_steps = [int(n) for n in event.stage_steps or [] if isinstance(n, int)]
+            self.started = self.started or event.t
             self.ranks, self.ranks_at = [], None  # a resume may run on another number of processes
             self.state = "running"
             self.error = None
             self._segment += 1
-        elif kind == "resume":
+        elif isinstance(event, ResumeEvent):
             self._resume(event)
-        elif kind == "stage" and event["phase"] == "begin":
-            self.stage, self.stage_name, self.task = event["stage"], event["name"], event["task"]
+        elif isinstance(event, StageEvent) and event.phase == "begin":
+            self.stage, self.stage_name, self.task = event.stage, event.name, event.task
             self.step = 0
             bound = sum(self.stage_steps[: self.stage])
             if bound not in self.stage_bounds:
                 self.stage_bounds.append(bound)
-        elif kind == "step":
-            self.stage, self.step = event["stage"], event["step"]
-            self.loss, self.lr, self.tokens_per_s = event["loss"], event["lr"], event["tokens_per_s"]
-            self.tokens = event["tokens"] or 0
-            if event["loss"] is not None:
-                self.train_curve.append((event["global_step"], event["loss"]))
-            if not event.get("cached"):  # copied from a cached prefix: its times are not this run's pace
-                self._rate = (self._rate + [(event["t"], event["global_step"])])[-20:]
-        elif kind == "eval":
-            self.eval[event["task"]] = event
+        elif isinstance(event, StepEvent):
+            self.stage, self.step = event.stage, event.step
+            self.loss, self.lr, self.tokens_per_s = event.loss, event.lr, event.tokens_per_s
+            self.tokens = event.tokens or 0
+            if event.loss is not None:
+                self.train_curve.append((event.global_step, event.loss))
+            if not event.cached:  # copied from a cached prefix: its times are not this run's pace
+                self._rate = (self._rate + [(event.t, event.global_step)])[-20:]
+        elif isinstance(event, EvalEvent):
+            self.eval[event.task] = event
             self._evals.append(event)
-            if event["ppl"] is not None:
-                self.eval_curves.setdefault(event["task"], []).append((self._eval_x(event), event["ppl"]))
-        elif kind == "expand":
-            if not event.get("trigger"):  # a resume that applies a stage's operators again: one set
-                seen = self._expansion_segments.get(event["stage"])
+            if event.ppl is not None:
+                self.eval_curves.setdefault(event.task, []).append((self._eval_x(event), event.ppl))
+        elif isinstance(event, ExpandEvent):
+            if not event.trigger:  # a resume that applies a stage's operators again: one set
+                seen = self._expansion_segments.get(event.stage)
                 if seen is not None and seen != self._segment:
-                    self.expansions = [e for e in self.expansions
-                                       if e.get("trigger") or e.get("stage") != event["stage"]]
-                self._expansion_segments[event["stage"]] = self._segment
+                    self.expansions = [e for e in self.expansions if e.trigger or e.stage != event.stage]
+                self._expansion_segments[event.stage] = self._segment
             self.expansions.append(event)
-        elif kind == "system":
+        elif isinstance(event, SystemEvent):
             self.system = event
-        elif kind == "ranks":
-            self.ranks = sorted(event["ranks"], key=lambda r: r["rank"])
-            self.ranks_at = (event["stage"], event["step"])
-        elif kind == "status":
-            self.state = event["state"]
-            self.error = event.get("error")
+        elif isinstance(event, RanksEvent):
+            self.ranks = sorted(event.ranks, key=lambda r: r.rank)
+            self.ranks_at = (event.stage, event.step)
+        elif isinstance(event, StatusEvent):
+            self.state = event.state
+            self.error = event.error
 
-    def _eval_x(self, event: dict) -> int:
-        return sum(self.stage_steps[: event["stage"]]) + event["step"] if event["stage"] >= 0 else 0
+    def _eval_x(self, event: EvalEvent) -> int:
+        return sum(self.stage_steps[: event.stage]) + event.step if event.stage >= 0 else 0
 
-    def _resume(self, resume: dict) -> None:
+    def _resume(self, resume: ResumeEvent) -> None:
         """Forget what the run logged past the resume point: it is done again from there."""
         self._segment += 1
         self.state, self.error = "running", None
         self.ranks, self.ranks_at = [], None
-        g = resume["global_step"]
+        g = resume.global_step
         self.train_curve = [(x, y) for x, y in self.train_curve if x <= g]
         self._evals = [e for e in self._evals if not voided_by(e, resume)]
         self.eval, self.eval_curves = {}, {}
         for e in self._evals:
-            self.eval[e["task"]] = e
-            if e["ppl"] is not None:
-                self.eval_curves.setdefault(e["task"], []).append((self._eval_x(e), e["ppl"]))
+            self.eval[e.task] = e
+            if e.ppl is not None:
+                self.eval_curves.setdefault(e.task, []).append((self._eval_x(e), e.ppl))
         self.expansions = [e for e in self.expansions if not voided_by(e, resume)]
         self.stage_bounds = [b for b in self.stage_bounds if b <= g]
-        self.stage, self.step = resume["stage"], resume["step"]
+        self.stage, self.step = resume.stage, resume.step
         self._rate = []  # the pace before the resume is not this process's
 
     def seconds_per_step(self) -> float | None:

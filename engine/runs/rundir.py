@@ -40,6 +40,9 @@ FINAL_STATES = ("done", "failed", "cancelled", "diverged")
 DERIVED_STATES = ("lost", "stale")
 # The states in which a process may still be working on the run (cancel signals it; delete refuses).
 LIVE_STATES = RUNNING_STATES + ("stale",)
+# The states in which none is, the others: nothing more will come (a follower stops following,
+# results.json is there if the run wrote one).
+ENDED_STATES = FINAL_STATES + ("lost",)
 # A running run whose heartbeat is older than this is `stale` (its process exists) or `lost`.
 HEARTBEAT_STALE_S = 60.0
 # status.json's create_time and the process's may differ by rounding; a reused pid differs by more.

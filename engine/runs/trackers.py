@@ -7,14 +7,14 @@ to every tracker. A tracker that raises is dropped after one ``warning`` event n
 error: a tracker never stops a run. ``widen export-metrics`` feeds a finished run's events to the
 same mirror (engine.runs.metrics_export).
 
-Nothing here imports a tracker's package (or torch) until a tracker is opened, so the plan check
-and the CLI stay light: ``missing_package`` asks importlib where the package would be.
+Nothing here imports a tracker's package (or torch) until a tracker is opened, so the CLI stays
+light. What ``report_to`` takes is engine.plan.schema.TRACKER_NAMES; whether a tracker's package is
+installed, the plan check asks importlib (engine.plan.checks.missing_package).
 """
 
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import math
 import os
 import re
@@ -24,32 +24,22 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from engine.names import label_problem, name_problem
+from engine.runs.records import (
+    EvalEvent,
+    EventRecord,
+    ExpandEvent,
+    ResumeEvent,
+    StageEvent,
+    StartEvent,
+    StatusEvent,
+    StepEvent,
+    SystemEvent,
+    WarningEvent,
+)
 
-# What `report_to` takes, and the package each needs (the module importlib looks for).
-TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
-INSTALL_HINT = "pip install 'widen[trackers]'"
 # Where a live mirror writes, under the run directory (names every tool's users recognise).
 LIVE_DIRS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb", "csv": "metrics"}
 MATRIX_METRICS = ("loss", "ppl", "bpb", "exact_match", "bleu")  # results.json matrix keys mirrored
-
-
-def missing_package(name: str) -> str | None:
-    """The package tracker `name` needs when it is not installed (None when it is)."""
-    package = PACKAGES.get(name)
-    if package is None:
-        return None
-    try:
-        found = importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):  # a broken half-install
-        found = False
-    return None if found else package
-
-
-def package_problem(name: str) -> str | None:
-    """One line for the plan check when tracker `name` cannot be opened here."""
-    package = missing_package(name)
-    return f"'{name}' needs the {package} package — {INSTALL_HINT}" if package else None
 
 
 def safe_name(value: object) -> str:
@@ -117,12 +107,12 @@ class RunInfo:
     variant: str | None = None
 
     @classmethod
-    def from_start(cls, event: dict, fallback: str) -> "RunInfo":
-        if event.get("type") != "start":
+    def from_start(cls, event: EventRecord, fallback: str) -> "RunInfo":
+        if not isinstance(event, StartEvent):
             return cls(run=safe_name(fallback), plan="widen")
-        variant = event.get("variant")
-        return cls(run=safe_name(event["run"]), plan=safe_name(event["plan"]), seed=event.get("seed"),
-                   params=event.get("params"), device=event.get("device"),
+        variant = event.variant
+        return cls(run=safe_name(event.run), plan=safe_name(event.plan), seed=event.seed,
+                   params=event.params, device=event.device,
                    variant=safe_name(variant) if isinstance(variant, str) else None)
 
     def config(self) -> dict:
@@ -334,11 +324,12 @@ def _num(value) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _figures(event: dict, keys: dict[str, str]) -> dict[str, float]:
-    """{tag: value} of the event's finite numbers (a NaN loss is written as null: left out)."""
+def _figures(source: EventRecord | dict, keys: dict[str, str]) -> dict[str, float]:
+    """{tag: value} of the finite numbers of an event (or of one GPU's sample, a dict) under `keys`
+    (a NaN loss is written as null: left out)."""
     out = {}
     for key, tag in keys.items():
-        value = _num(event.get(key))
+        value = _num(source.get(key) if isinstance(source, dict) else source.number(key))
         if value is not None:
             out[tag] = value
     return out
@@ -364,50 +355,47 @@ class Translator:
     def __init__(self):
         self.global_step = 0
 
-    def _at(self, event: dict) -> int:
-        g = _num(event.get("global_step"))
+    def _at(self, event: EventRecord) -> int:
+        g = event.number("global_step")
         if g is not None:
             self.global_step = int(g)
         return self.global_step
 
-    def records(self, event: dict) -> list[Record]:
-        kind = event.get("type")
-        stage = event.get("stage")
-        label = f"stage {stage + 1}" if isinstance(stage, int) and not isinstance(stage, bool) and stage >= 0 \
-            else "initial"
-        if kind == "step":
+    def records(self, event: EventRecord) -> list[Record]:
+        stage = getattr(event, "stage", None)
+        label = f"stage {stage + 1}" if isinstance(stage, int) and stage >= 0 else "initial"
+        if isinstance(event, StepEvent):
             return [Scalars(self._at(event), _figures(event, STEP_FIGURES))]
-        if kind == "eval":
-            task = safe_name(event["task"])
+        if isinstance(event, EvalEvent):
+            task = safe_name(event.task)
             keys = {k: f"eval/{task}/{k}" for k in ("loss", "ppl", "bpb", "exact_match", "bleu")}
             return [Scalars(self._at(event), _figures(event, keys))]
-        if kind == "expand":
+        if isinstance(event, ExpandEvent):
             step = self._at(event)
-            what = (f"growth {event['growth'] + 1} ({safe_name(event.get('trigger'))})"
-                    if isinstance(event.get("growth"), int) else "expand")
-            text = (f"{label} {what} {safe_name(event['op'])}: +{_fmt(event['params_added'], ',')} params "
-                    f"({_fmt(event['params_before'], ',')} → {_fmt(event['params_after'], ',')}), "
-                    f"max |Δlogits| {_fmt(event['max_abs_logit_delta'], '.2e')}, "
-                    f"loss {_fmt(event['loss_before'], '.4f')} → {_fmt(event['loss_after'], '.4f')}")
+            what = f"growth {event.growth + 1} ({safe_name(event.trigger)})" if event.growth is not None else "expand"
+            text = (f"{label} {what} {safe_name(event.op)}: +{_fmt(event.params_added, ',')} params "
+                    f"({_fmt(event.params_before, ',')} → {_fmt(event.params_after, ',')}), "
+                    f"max |Δlogits| {_fmt(event.max_abs_logit_delta, '.2e')}, "
+                    f"loss {_fmt(event.loss_before, '.4f')} → {_fmt(event.loss_after, '.4f')}")
             return [Scalars(step, _figures(event, EXPAND_FIGURES)), Note(step, "expansions", text)]
-        if kind == "stage":
+        if isinstance(event, StageEvent):
             step = self._at(event)
-            return [Note(step, "stages", f"{label} {safe_name(event['phase'])}: {safe_label(event['name'])} on "
-                                         f"{safe_name(event['task'])}, {event['steps']} steps")]
-        if kind == "system":
+            return [Note(step, "stages", f"{label} {safe_name(event.phase)}: {safe_label(event.name)} on "
+                                         f"{safe_name(event.task)}, {event.steps} steps")]
+        if isinstance(event, SystemEvent):
             values = _figures(event, SYSTEM_FIGURES)
-            for gpu in event["gpus"]:
+            for gpu in event.gpus:
                 index = gpu.get("index")
                 if isinstance(index, int) and not isinstance(index, bool):
                     values.update(_figures(gpu, {"mem_used_mb": f"system/gpu{index}/mem_used_mb",
                                                  "util_percent": f"system/gpu{index}/util_percent"}))
             return [Scalars(self.global_step, values)] if values else []
-        if kind == "resume":
+        if isinstance(event, ResumeEvent):
             step = self._at(event)
-            return [Note(step, "stages", f"resumed from {label} step {event['step']}")]
-        if kind == "status":
-            error = event.get("error")
-            return [Note(self.global_step, "stages", f"run {safe_name(event['state'])}"
+            return [Note(step, "stages", f"resumed from {label} step {event.step}")]
+        if isinstance(event, StatusEvent):
+            error = event.error
+            return [Note(self.global_step, "stages", f"run {safe_name(event.state)}"
                                                       + (f": {error[:300]}" if isinstance(error, str) else ""))]
         return []
 
@@ -456,7 +444,7 @@ class Mirror:
     open_tracker: Callable[[str, RunInfo], Tracker]
     warn: Callable[[str, str], None]
     results: Callable[[], dict | None] = lambda: None
-    cached: Callable[[], list[dict]] = lambda: []
+    cached: Callable[[], list[EventRecord]] = lambda: []
     fallback_run: str = "run"
     trackers: list[Tracker] = field(default_factory=list)
     opened: bool = False
@@ -470,25 +458,24 @@ class Mirror:
         except Exception:  # noqa: BLE001 - the warning cannot be written (a full disk): the run decides
             pass
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: EventRecord) -> None:
         try:
             self._mirror(event)
         except Exception as e:  # noqa: BLE001 - the mirror's own bug must not stop the run either
             self._warn("mirror", f"an event was not mirrored to the trackers ({_error(e)})")
 
-    def _mirror(self, event: dict) -> None:
-        kind = event.get("type")
-        if self.closed or kind == "warning":  # a failing tracker's warning is not sent to the others
+    def _mirror(self, event: EventRecord) -> None:
+        if self.closed or isinstance(event, WarningEvent):  # a failing tracker's warning is not sent to the others
             return
         if not self.opened:
             self._open(RunInfo.from_start(event, self.fallback_run))
-            if event.get("prefix_cached"):
+            if isinstance(event, StartEvent) and event.prefix_cached:
                 self._forward(self._quietly(self.cached) or [])
         self._forward([event])
-        if kind == "status":
-            self.close(event.get("state"))
+        if isinstance(event, StatusEvent):
+            self.close(event.state)
 
-    def _forward(self, events: list[dict]) -> None:
+    def _forward(self, events: list[EventRecord]) -> None:
         records = []
         for event in events:
             try:
@@ -568,4 +555,4 @@ def attach(writer, names: list[str], run_dir: Path) -> None:
     writer.listener = Mirror(
         list(names), lambda name, info: REGISTRY[name](info, run.path / LIVE_DIRS[name]),
         lambda source, message: writer.emit("warning", source=source, message=f"{message} — left out, the run goes on"),
-        results=run.results, cached=lambda: [e for e in read_all(run.events) if e.get("cached")], fallback_run=run.id)
+        results=run.results, cached=lambda: [e for e in read_all(run.events) if e.cached], fallback_run=run.id)

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from engine.train import checkpoint
-from engine.model.forward import batch_to, slice_batch
-from engine.train.data import eval_batches, load_task, load_tokenizer, train_batch
 from engine.errors import WidenError
 from engine.grow.apply import Freezer, StageGrowth, apply_stage, op_generator
-from engine.model.view import count_params
 from engine.grow.growth import combine_growth, grow_model, growth_generator
+from engine.model.forward import batch_to, slice_batch
+from engine.model.view import count_params
 from engine.plan import Plan, load_plan
 from engine.runs.rundir import RunDir, runs_root
+from engine.train import checkpoint
+from engine.train.data import eval_batches, load_task, load_tokenizer, train_batch
 
 PROBE_SEQUENCES = 4          # sequences in the fixed probe batch used to measure expansions
 

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from engine.runs import forgetting as metrics
 from engine.model.forward import forward_logits
+from engine.runs import forgetting as metrics
 from engine.runs.results import GENERATION_SCORES
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,17 @@ from pathlib import Path
 import numpy as np
 
 from engine.builtins import GENERATION_CORPORA
-from engine.train.data import (DATA_SUFFIXES, DataError, FORMAT_VERSION as DATA_FORMAT_VERSION, _hash_int, _load_dataset,
-                         _local_fingerprint, _stdlib_documents, is_held_out, split_documents,
-                         write_dir_atomic)
+from engine.train.data import (
+    DATA_SUFFIXES,
+    DataError,
+    _hash_int,
+    _load_dataset,
+    _local_fingerprint,
+    _stdlib_documents,
+    split_documents,
+    write_dir_atomic,
+)
+from engine.train.data import FORMAT_VERSION as DATA_FORMAT_VERSION
 
 # Bump when the way pairs, splits or token arrays are built changes: it invalidates every cache.
 FORMAT_VERSION = "1"

@@ -20,25 +20,22 @@ from typing import Callable
 
 import torch
 
-from engine.train import checkpoint
-from engine.grow import flops
+from engine.grow import flops, sweep
+from engine.grow.growth import Progress, carry_optimizer_state, continue_schedule, make_trigger
+from engine.model.view import count_params
 from engine.ops import health
-from engine.runs import results
-from engine.train import speed
-from engine.grow import sweep
-from engine.runs import trackers
+from engine.plan import Plan, load_plan
+from engine.runs import results, trackers
+from engine.runs.events import EventWriter
+from engine.runs.rundir import RunDir
+from engine.runs.status import StatusFile
+from engine.train import checkpoint, speed
 from engine.train.build import prepare, probe_batch, stage_seed, task_train_batch
 from engine.train.checkpoint import History, Position, TrainerState
 from engine.train.distributed import World
 from engine.train.divergence import Diverged, check_step
 from engine.train.evaluation import Evaluator
-from engine.runs.events import EventWriter
-from engine.model.view import count_params
-from engine.grow.growth import Progress, carry_optimizer_state, continue_schedule, make_trigger
 from engine.train.optim import Precision
-from engine.plan import Plan, load_plan
-from engine.runs.rundir import RunDir
-from engine.runs.status import StatusFile
 from engine.train.system import SystemMonitor, rank_rows
 from engine.train.trained_model import TrainedModel
 

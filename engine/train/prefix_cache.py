@@ -22,8 +22,9 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.train import checkpoint as ckpt
+from engine.runs.records import EventRecord
 from engine.runs.rundir import dumps_json, mkdtemp_shared
+from engine.train import checkpoint as ckpt
 
 ENTRY_FILES = (ckpt.WEIGHTS_FILE, ckpt.TENSORS_FILE, ckpt.STATE_FILE)
 
@@ -54,7 +55,7 @@ def _copy_checkpoint(source: Path, target: Path) -> None:
                 shutil.copyfile(item, target / ckpt.TASKS_DIR / item.name, follow_symlinks=False)
 
 
-def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], meta: dict) -> Path:
+def publish(runs_root: Path, key: str, checkpoint: Path, events: list[EventRecord], meta: dict) -> Path:
     """Store `checkpoint` (a checkpoints/latest directory) and the prefix's events under `key`."""
     final = entry_dir(runs_root, key)
     if lookup(runs_root, key):
@@ -65,7 +66,7 @@ def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], met
         _copy_checkpoint(checkpoint, tmp)
         with open(tmp / "events.jsonl", "w") as f:
             for event in events:
-                f.write(dumps_json(event) + "\n")
+                f.write(dumps_json(event.to_json()) + "\n")
         (tmp / "meta.json").write_text(dumps_json(meta, indent=1))
         os.rename(tmp, final)
     except OSError:
@@ -76,7 +77,7 @@ def publish(runs_root: Path, key: str, checkpoint: Path, events: list[dict], met
     return final
 
 
-def restore(entry: Path, checkpoint: Path) -> tuple[list[dict], dict]:
+def restore(entry: Path, checkpoint: Path) -> tuple[list[EventRecord], dict]:
     """Copy a cached entry in as `checkpoint` (checkpoints/latest); returns (events, meta)."""
     from engine.runs.events import read_all
 

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import torch
 
-from engine.train import checkpoint
-from engine.train import distributed
-from engine.train import prefix_cache
-from engine.train.divergence import Diverged
 from engine.errors import WidenError
 from engine.names import child_path, name_problem
 from engine.runs.rundir import RunDir
 from engine.runs.status import StatusFile, identity, record_ending
+from engine.train import checkpoint, distributed, prefix_cache
+from engine.train.divergence import Diverged
 from engine.train.loop import Cancelled, Trainer
 
 TURN_POLL_S = 1.0
@@ -160,7 +158,7 @@ class SharedPrefix:
 
         writer = EventWriter(self.run.events)
         for event in events:
-            writer.write_raw({**event, "cached": True})
+            writer.write_raw(event.model_copy(update={"cached": True}))
         writer.close()
         return True
 
@@ -169,8 +167,9 @@ class SharedPrefix:
         if index != self.stages - 1 or not trainer.is_main:
             return
         from engine.runs.events import read_all
+        from engine.runs.records import StartEvent, StatusEvent, SystemEvent
 
-        events = [e for e in read_all(self.run.events) if e.get("type") not in ("start", "status", "system")]
+        events = [e for e in read_all(self.run.events) if not isinstance(e, StartEvent | StatusEvent | SystemEvent)]
         prefix_cache.publish(self.run.path.parent, self.key, self.run.checkpoints / "latest", events,
                              {"run": self.run.id, "stages": self.stages, "key": self.key,
                               "wall_s": trainer.history.wall_s})

@@ -14,17 +14,15 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from engine.train import fsdp
-from engine.train import speed
+from engine.grow.apply import Freezer, StageGrowth, apply_stage, op_generator
+from engine.grow.growth import combine_growth, grow_model, growth_generator
+from engine.grow.task_modules import TaskModules
+from engine.plan import Plan
+from engine.train import fsdp, speed
 from engine.train.build import Prepared, replay_expansions
-from engine.grow.apply import op_generator
 from engine.train.checkpoint import WholeWeights
 from engine.train.distributed import World
-from engine.grow.apply import Freezer, StageGrowth, apply_stage
-from engine.grow.growth import combine_growth, grow_model, growth_generator
 from engine.train.optim import make_optimizer
-from engine.plan import Plan
-from engine.grow.task_modules import TaskModules
 
 
 class TrainedModel:

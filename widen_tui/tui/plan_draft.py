@@ -42,7 +42,7 @@ KeyPath = tuple  # a path into the raw dict: ("stages", 1, "expand", 0, "size")
 BUILTIN_MODELS = ("builtin:tiny-neo", "builtin:mlp")
 BUILTIN_TASK_SOURCES = builtins.sources(builtins.TEXT_CORPORA + builtins.GENERATION_CORPORA)
 TOKENIZERS = ("bytes",)
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def dotted(path: KeyPath) -> str:

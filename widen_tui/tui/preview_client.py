@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.grow.preview import PlanPreview, from_json
 
 ANSWER_TIMEOUT = 120.0  # seconds: a hub config may take long to load; past this the helper is restarted
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def helper_command() -> list[str]:

@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.runs.compare_data import LoadedRun
+from engine.runs.curves import Placed, RunCurves, is_number
 from engine.runs.events import latest_segment
-from engine.runs.curves import RunCurves, is_number
+from engine.runs.records import EventRecord, ExpandEvent, StageEvent, StepEvent
 from widen_tui.views.report import fmt_num
 
 
@@ -32,19 +33,20 @@ class LineageNode:
     label: str
     kind: str                                  # "group" | "base" | "run" | "growth"
     run_id: str | None = None                  # the run whose step events make `points`
-    points: list[dict] = field(default_factory=list)
+    points: list[StepEvent] = field(default_factory=list)
     detail: str = ""                           # one line for the status bar
     short: str = ""                            # the chart legend's name for this segment
     children: list[LineageNode] = field(default_factory=list)
     parent: LineageNode | None = field(default=None, repr=False)
-    events: list[dict] = field(default_factory=list, repr=False)  # expand events where it begins
+    events: list[ExpandEvent] = field(default_factory=list, repr=False)  # expand events where it begins
+    begins: dict[int, StageEvent] = field(default_factory=dict, repr=False)  # their stages' begin events
 
     def add(self, child: LineageNode) -> LineageNode:
         child.parent = self
         self.children.append(child)
         return child
 
-    def branch_point(self) -> dict | None:
+    def branch_point(self) -> StepEvent | None:
         """The last point of the nearest ancestor with a curve: where this segment joins it."""
         node = self.parent
         while node is not None:
@@ -53,7 +55,7 @@ class LineageNode:
             node = node.parent
         return None
 
-    def joined_points(self) -> list[dict]:
+    def joined_points(self) -> list[StepEvent]:
         """The segment, starting at the branch point so that it continues its parent's curve."""
         start = self.branch_point()
         return ([start] if start and self.points else []) + self.points
@@ -84,11 +86,11 @@ def build_lineage(runs: list[LoadedRun]) -> list[LineageNode]:
     return roots
 
 
-def train_steps(events: list[dict]) -> list[dict]:
+def train_steps(events: list[EventRecord]) -> list[StepEvent]:
     """Step events (with a finite loss) by global step, of the latest segment (what a resume
     voided is dropped); where steps repeat, the later copy wins."""
-    by_step = {e["global_step"]: e for e in latest_segment(events)
-               if e.get("type") == "step" and is_number(e.get("global_step")) and is_number(e.get("loss"))}
+    by_step = {e.global_step: e for e in latest_segment(events)
+               if isinstance(e, StepEvent) and is_number(e.global_step) and is_number(e.loss)}
     return [by_step[g] for g in sorted(by_step)]
 
 
@@ -114,7 +116,7 @@ def _bases(members: list[LoadedRun], shared: int) -> list[list[LoadedRun]]:
     bases: list[tuple[tuple, list[LoadedRun]]] = []
     for run in members:
         seed = run.info.get("seed")
-        mine = tuple((e["global_step"], round(float(e["loss"]), 5)) for e in _prefix(run, shared))
+        mine = tuple((e.global_step, round(float(e.loss), 5)) for e in _prefix(run, shared))
         for i, (key, runs) in enumerate(bases):
             theirs = key[1]
             if key[0] == seed and (theirs[:len(mine)] == mine or mine[:len(theirs)] == theirs):
@@ -126,19 +128,17 @@ def _bases(members: list[LoadedRun], shared: int) -> list[list[LoadedRun]]:
     return [runs for _, runs in bases]
 
 
-def _prefix(run: LoadedRun, shared: int) -> list[dict]:
-    return [e for e in train_steps(run.events) if int(e.get("stage", 0)) < shared]
+def _prefix(run: LoadedRun, shared: int) -> list[StepEvent]:
+    return [e for e in train_steps(run.events) if e.stage < shared]
 
 
 def _base_node(runs: list[LoadedRun], shared: int, short: str) -> LineageNode:
     # the run that trained the shared stages itself (its copy is not cached), else the longest copy
-    source = max(runs, key=lambda r: (not any(e.get("cached") for e in _prefix(r, shared)),
-                                      len(_prefix(r, shared))))
+    source = max(runs, key=lambda r: (not any(e.cached for e in _prefix(r, shared)), len(_prefix(r, shared))))
     points = _prefix(source, shared)
-    names = [e.get("name") for e in source.events if e.get("type") == "stage" and e.get("phase") == "begin"
-             and int(e.get("stage", 0)) < shared]
+    names = [e.name for e in source.events if isinstance(e, StageEvent) and e.phase == "begin" and e.stage < shared]
     names = list(dict.fromkeys(n for n in names if n))
-    params = points[-1].get("params") if points else None
+    params = points[-1].params if points else None
     label = f"base: {', '.join(names) or f'{shared} shared stage(s)'}"
     seed = runs[0].info.get("seed")
     label += f" · seed {seed}" if seed is not None else ""
@@ -148,9 +148,9 @@ def _base_node(runs: list[LoadedRun], shared: int, short: str) -> LineageNode:
                               f"{source.label}" + (f"; {', '.join(cached)} start from the prefix cache"
                                                   if cached else ""))
     _add_growths(base, source, points)
-    branch = points[-1]["global_step"] if points else 0
+    branch = points[-1].global_step if points else 0
     for run in runs:
-        own = [e for e in train_steps(run.events) if e["global_step"] > branch]
+        own = [e for e in train_steps(run.events) if e.global_step > branch]
         _attach(base, _run_node(run, own, branched_at=branch))
     return base
 
@@ -162,64 +162,82 @@ def _attach(parent: LineageNode, child: LineageNode) -> None:
     parent.add(child)
 
 
-def _run_node(run: LoadedRun, points: list[dict], branched_at: int | None = None) -> LineageNode:
+def _run_node(run: LoadedRun, points: list[StepEvent], branched_at: int | None = None) -> LineageNode:
     state = run.status.get("state", "?")
-    begins = {e.get("stage"): e for e in run.events if e.get("type") == "stage" and e.get("phase") == "begin"}
+    begins = {e.stage: e for e in run.events if isinstance(e, StageEvent) and e.phase == "begin"}
     # the run's own stage-start expansions (not the cached shared ones), each with its stage's
     # begin event: where it sits on any axis
-    ops = [{**e, "_begin": begins.get(e.get("stage"), {})} for e in run.events
-           if e.get("type") == "expand" and not e.get("trigger") and not e.get("cached")]
-    ops = [e for e in ops if branched_at is None or int(e["_begin"].get("global_step", 0)) >= branched_at]
-    added = sum(int(e.get("params_added") or 0) for e in ops)
-    grown = f" · +{added:,} params ({', '.join(dict.fromkeys(str(e.get('op')) for e in ops))})" if ops else ""
+    ops = [e for e in run.events if isinstance(e, ExpandEvent) and not e.trigger and not e.cached]
+    ops = [e for e in ops if branched_at is None or _begin_step(begins.get(e.stage)) >= branched_at]
+    added = sum(int(e.params_added or 0) for e in ops)
+    grown = f" · +{added:,} params ({', '.join(dict.fromkeys(e.op for e in ops))})" if ops else ""
     where = f" · branches at step {branched_at}" if branched_at is not None else ""
     node = LineageNode(f"{run.label} ({state})", "run", run.id, short=run.label, events=ops,
+                       begins={e.stage: begins[e.stage] for e in ops if e.stage in begins},
                        detail=f"{run.label} · {run.id} · {state}{where}{grown}")
     node.points = _add_growths(node, run, points)
     return node
 
 
-def growths(run: LoadedRun) -> list[dict]:
+def _begin_step(begin: StageEvent | None) -> float:
+    """The global step at which a stage began (0 when its begin event does not say)."""
+    return begin.global_step if begin is not None and is_number(begin.global_step) else 0
+
+
+@dataclass
+class Growth:
+    """One automatic growth: its operators' expand events together."""
+
+    stage: int
+    growth: int | None
+    global_step: float | None
+    tokens: float | None
+    flops: float | None
+    trigger: object
+    params_before: float | None
+    params_after: float | None = None
+    params_added: int = 0
+    ops: list[str] = field(default_factory=list)
+    events: list[ExpandEvent] = field(default_factory=list)
+
+
+def growths(run: LoadedRun) -> list[Growth]:
     """One entry per automatic growth (several operators of one growth log one expand each):
     its stage, index, global step, tokens, FLOPs, params before/after and the ops."""
-    found: dict[tuple, dict] = {}
+    found: dict[tuple, Growth] = {}
     for e in run.events:
-        if e.get("type") != "expand" or not e.get("trigger"):
+        if not isinstance(e, ExpandEvent) or not e.trigger:
             continue
-        key = (e.get("stage"), e.get("growth"), e.get("global_step"))
-        entry = found.setdefault(key, {"stage": e.get("stage"), "growth": e.get("growth"),
-                                       "global_step": e.get("global_step"), "tokens": e.get("tokens"),
-                                       "flops": e.get("flops"), "trigger": e.get("trigger"),
-                                       "params_before": e.get("params_before"), "params_added": 0, "ops": [],
-                                       "events": []})
-        entry["params_added"] += int(e.get("params_added") or 0)
-        entry["params_after"] = e.get("params_after")
-        entry["ops"].append(str(e.get("op")))
-        entry["events"].append(e)
-    return sorted(found.values(), key=lambda g: g["global_step"] or 0)
+        entry = found.setdefault((e.stage, e.growth, e.global_step),
+                                 Growth(e.stage, e.growth, e.global_step, e.tokens, e.flops, e.trigger,
+                                        e.params_before))
+        entry.params_added += int(e.params_added or 0)
+        entry.params_after = e.params_after
+        entry.ops.append(e.op)
+        entry.events.append(e)
+    return sorted(found.values(), key=lambda g: g.global_step or 0)
 
 
-def _add_growths(node: LineageNode, run: LoadedRun, points: list[dict]) -> list[dict]:
+def _add_growths(node: LineageNode, run: LoadedRun, points: list[StepEvent]) -> list[StepEvent]:
     """Split `points` at the run's growths inside them: `node` keeps the part before the first,
     each growth becomes a child of the one before. Returns (and sets) `node`'s own points."""
-    first, last = (points[0]["global_step"], points[-1]["global_step"]) if points else (None, None)
-    inside = [g for g in growths(run) if points and g["global_step"] is not None
-              and first <= g["global_step"] < last]
-    cuts = [g["global_step"] for g in inside]
-    node.points = [p for p in points if not cuts or p["global_step"] <= cuts[0]]
+    first, last = (points[0].global_step, points[-1].global_step) if points else (None, None)
+    inside = [g for g in growths(run) if points and g.global_step is not None and first <= g.global_step < last]
+    cuts = [g.global_step for g in inside]
+    node.points = [p for p in points if not cuts or p.global_step <= cuts[0]]
     parent = node
     for k, growth in enumerate(inside):
         end = cuts[k + 1] if k + 1 < len(cuts) else None
-        segment = [p for p in points if p["global_step"] > cuts[k] and (end is None or p["global_step"] <= end)]
-        index = growth["growth"] if isinstance(growth["growth"], int) else k
-        label = (f"growth {index + 1} @ step {growth['global_step']}: "
-                 f"+{growth['params_added']:,} → {fmt_num(growth.get('params_after'))}")
-        detail = (f"{run.label}: {growth['trigger']} growth at step {growth['global_step']} "
-                  f"({fmt_num(growth.get('tokens'))} tokens, {_sci(growth.get('flops'))} FLOPs) · "
-                  f"{'+'.join(growth['ops'])} · {fmt_num(growth.get('params_before'))} → "
-                  f"{fmt_num(growth.get('params_after'))} params")
+        segment = [p for p in points if p.global_step > cuts[k] and (end is None or p.global_step <= end)]
+        index = growth.growth if growth.growth is not None else k
+        label = (f"growth {index + 1} @ step {growth.global_step}: "
+                 f"+{growth.params_added:,} → {fmt_num(growth.params_after)}")
+        detail = (f"{run.label}: {growth.trigger} growth at step {growth.global_step} "
+                  f"({fmt_num(growth.tokens)} tokens, {_sci(growth.flops)} FLOPs) · "
+                  f"{'+'.join(growth.ops)} · {fmt_num(growth.params_before)} → "
+                  f"{fmt_num(growth.params_after)} params")
         parent = parent.add(LineageNode(label, "growth", run.id, segment, detail=detail,
-                                        short=f"{run.label} g{index + 1}", events=growth["events"]))
+                                        short=f"{run.label} g{index + 1}", events=growth.events))
     return node.points
 
 
@@ -241,11 +259,13 @@ def lineage_curves(roots: list[LineageNode]) -> list[RunCurves]:
     for node in charted_nodes(roots):
         points = node.joined_points()
         # one stage id: the chart joins a segment's points even across a task switch
-        curve = RunCurves(node.short or node.label, steps=[{**p, "stage": 0} for p in points])
+        curve = RunCurves(node.short or node.label, steps=[p.model_copy(update={"stage": 0}) for p in points])
         # a variant's operators (◆) where their stage began, a growth (▲) where it happened
-        ops = [e for e in node.events if not e.get("trigger")]
-        curve.stage_begins = {e["stage"]: {**e["_begin"], "_g": e["_begin"].get("global_step", 0)} for e in ops}
+        ops = [e for e in node.events if not e.trigger]
+        curve.stage_begins = {e.stage: Placed(node.begins[e.stage], _begin_step(node.begins[e.stage]))
+                              for e in ops if e.stage in node.begins}
         curve.expansions = ops
-        curve.growths = [{**e, "_g": e.get("global_step", 0)} for e in node.events if e.get("trigger")]
+        curve.growths = [Placed(e, e.global_step if e.global_step is not None else 0)
+                         for e in node.events if e.trigger]
         out.append(curve)
     return out

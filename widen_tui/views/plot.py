@@ -21,7 +21,9 @@ from pathlib import Path
 from engine.errors import WidenError
 
 # The events -> curves model lives in engine.runs.curves (shared with the TUI).
-from engine.runs.curves import X_AXES, _num, curves_from_events, human, matrix_from_events
+from engine.runs.curves import X_AXES, _num, curves_from_events, human
+from engine.runs.forgetting import matrix_for
+from engine.runs.records import EvalEvent, EventRecord, StepEvent
 
 MAX_MAPPING_ROWS = 40
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}
@@ -67,7 +69,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: str = "steps",
+def loss_figure(runs: Sequence[tuple[str, Sequence[EventRecord]]], out: Path | str, x: str = "steps",
                 warn: Warn | None = None, target=None) -> Path:
     """Training loss and eval loss per task of each run against `x` (steps | tokens | flops).
 
@@ -95,16 +97,16 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
     fig = _figure(12, 6.2)
     ax = fig.add_subplot()
     colours = [f"C{i % 10}" for i in range(len(curves))]
-    tasks = list(dict.fromkeys(e.get("task") for c in curves for e in c.evals))
+    tasks = list(dict.fromkeys(p.event.task for c in curves for p in c.evals))
     style = {t: EVAL_STYLES[i % len(EVAL_STYLES)] for i, t in enumerate(tasks)}
     ys: list[float] = []
 
     for c, colour in zip(curves, colours):
         # training loss, one segment per stage so a task switch is never smoothed over
-        for stage in sorted({e["stage"] for e in c.steps}):
-            seg = [e for e in c.steps if e["stage"] == stage]
-            xs = [float(e["global_step"] if x == "steps" else e[x]) for e in seg]
-            loss = [float(e["loss"]) for e in seg]
+        for stage in sorted({e.stage for e in c.steps}):
+            seg = [e for e in c.steps if e.stage == stage]
+            xs = [float(e.global_step if x == "steps" else getattr(e, x)) for e in seg]
+            loss = [float(e.loss) for e in seg]
             ys += loss
             if len(c.steps) > 60 and len(seg) > 5:
                 ax.plot(xs, loss, color=colour, lw=0.8, alpha=0.25)
@@ -113,7 +115,7 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
                 ax.plot(xs, loss, color=colour, lw=1.6)
         # eval loss per task
         for task in tasks:
-            pts = [(c.x_of(e, x), float(e["loss"])) for e in c.evals if e.get("task") == task]
+            pts = [(c.x_of(p, x), float(p.event.loss)) for p in c.evals if p.event.task == task]
             if pts:
                 ls, marker = style[task]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, ls=ls, marker=marker,
@@ -144,31 +146,31 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
 
     # expansions: a star where a stage applied its operators, a triangle for a growth mid-stage
     for k, (c, colour) in enumerate(zip(curves, colours)):
-        for stage in sorted({e["stage"] for e in c.expansions}):
-            ops = [e for e in c.expansions if e["stage"] == stage]
+        for stage in sorted({e.stage for e in c.expansions}):
+            ops = [e for e in c.expansions if e.stage == stage]
             g = c.offset(stage)
-            after = [e.get("loss_after") for e in ops if _num(e.get("loss_after"))]
+            after = [e.loss_after for e in ops if _num(e.loss_after)]
             y = after[-1] if after else c.train_loss_at(g)
             if y is None:
                 continue
-            added = sum(e.get("params_added") or 0 for e in ops)
+            added = sum(e.params_added or 0 for e in ops)
             px = c.stage_x(stage, x)
             ax.plot([px], [clip(y)], marker="*", ms=15, color=colour, mec="black", mew=0.7, ls="none", zorder=5)
-            names = ", ".join(dict.fromkeys(str(e.get("op")) for e in ops))
+            names = ", ".join(dict.fromkeys(e.op for e in ops))
             ax.annotate(f"+{human(added)} params\n{names}", (px, clip(y)), xytext=(8, 4 + 22 * k),
                         textcoords="offset points", fontsize=7.5, color=colour, zorder=6, bbox=LABEL_BOX)
-        grouped: dict[tuple, list[dict]] = {}  # one marker per growth: its operators' events together
-        for e in c.growths:
-            grouped.setdefault((e.get("stage"), e.get("growth"), e["_g"]), []).append(e)
+        grouped: dict[tuple, list] = {}  # one marker per growth: its operators' events together
+        for placed in c.growths:
+            grouped.setdefault((placed.event.stage, placed.event.growth, placed.g), []).append(placed)
         for (_, growth, g), ops in grouped.items():
             px = c.x_of(ops[-1], x)
-            last = ops[-1].get("loss_after")
+            last = ops[-1].event.loss_after
             y = last if _num(last) else c.train_loss_at(g)
             if y is None:
                 continue
             ax.plot([px], [clip(y)], marker="^", ms=11, color=colour, mec="black", mew=0.7, ls="none", zorder=5)
             tag = f" (growth {growth})" if growth is not None else ""
-            added = sum(e.get("params_added") or 0 for e in ops)
+            added = sum(p.event.params_added or 0 for p in ops)
             ax.annotate(f"+{human(added)} params{tag}", (px, clip(y)), xytext=(6, -13 - 11 * k),
                         textcoords="offset points", fontsize=7.5, color=colour, zorder=6, bbox=LABEL_BOX)
 
@@ -192,7 +194,7 @@ def loss_figure(runs: Sequence[tuple[str, Sequence[dict]]], out: Path | str, x: 
     if any(c.expansions for c in curves):
         kinds.append(Line2D([], [], color="0.6", marker="*", ms=12, mec="black", ls="none",
                             label="expansion (stage start)"))
-    triggers = sorted({str(e.get("trigger")) for c in curves for e in c.growths})
+    triggers = sorted({str(p.event.trigger) for c in curves for p in c.growths})
     if triggers:
         kinds.append(Line2D([], [], color="0.6", marker="^", ms=9, mec="black", ls="none",
                             label=f"growth ({', '.join(triggers)} trigger)"))
@@ -397,24 +399,32 @@ def mapping_figure(sweep, out: Path | str, title: str = "", warn: Warn | None = 
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. one run's figures (the TUI monitor's `p`)
+# 4. what to draw for runs (`widen plot`, the TUI monitor's `p`)
 
 
-def run_figures(label: str, events: Sequence[dict], results: dict | None, out_dir: Path | str,
+def run_labels(runs: Sequence[tuple[str, dict]]) -> dict[str, str]:
+    """A legend label per run id, from (run id, run.json) pairs: the run's name (with its variant
+    when the name does not say it), the id added where two runs would read the same."""
+    names = {}
+    for run_id, info in runs:
+        name = str(info.get("name") or run_id)
+        variant = info.get("variant")
+        names[run_id] = f"{name}/{variant}" if variant and str(variant) not in name else name
+    return {rid: (n if list(names.values()).count(n) == 1 else f"{n} [{rid}]") for rid, n in names.items()}
+
+
+def run_figures(label: str, events: Sequence[EventRecord], results: dict | None, out_dir: Path | str,
                 x: str = "steps", warn: Warn | None = None) -> list[Path]:
     """What `widen plot RUN` writes for one run: loss.png, forgetting-<label>.png (from results.json,
     else from the evaluations so far) and mapping-<label>.png when the run swept mappings."""
     out_dir, results = Path(out_dir), results or {}
     written: list[Path] = []
-    if any(e.get("type") in ("step", "eval") for e in events):
+    if any(isinstance(e, StepEvent | EvalEvent) for e in events):
         written.append(loss_figure([(label, events)], out_dir / "loss.png", x=x, warn=warn))
-    matrix = results.get("matrix") if isinstance(results.get("matrix"), dict) else None
-    if matrix is None and events:
-        matrix = matrix_from_events(events)
-    if matrix and matrix.get("rows"):
-        stages = results.get("stages") if isinstance(results.get("stages"), list) else []
-        trained = [None] + [s.get("task") for s in stages] if stages else matrix.get("trained", ())
-        written.append(forgetting_figure(matrix, out_dir / f"forgetting-{label}.png", run=label, trained=trained))
+    matrix = matrix_for(results, events)
+    if matrix is not None:
+        written.append(forgetting_figure(matrix.grid, out_dir / f"forgetting-{label}.png", run=label,
+                                         trained=matrix.trained))
     if results.get("sweep"):
         written.append(mapping_figure(results["sweep"], out_dir / f"mapping-{label}.png", title=label, warn=warn))
     if not written:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from rich.table import Table
+
 from engine.grow.preview import PlanPreview, StagePreview
 
 COLUMNS = (("stage / op", "what"), ("variant", "variant"), ("added", "added"), ("trainable", "trainable"),
@@ -59,3 +61,13 @@ def preview_rows(preview: PlanPreview) -> Iterator[PreviewRow]:
             depth = ", ".join(f"{k + ' ' if k else ''}{v}" for k, v in op.depth.items())
             what = f"  {op.op} (depth {depth})" + (f" — {op.note}" if op.note else "")
             yield PreviewRow(op.path, "op", (what, "", count(op.added, signed=True), "", "", ""))
+
+
+def preview_table(preview: PlanPreview) -> Table:
+    """The rows as one Rich table (`widen plan show --meta`): stages in bold, operators beneath."""
+    table = Table(header_style="bold")
+    for label, _ in COLUMNS:
+        table.add_column(label, justify="left" if label in ("stage / op", "variant") else "right")
+    for row in preview_rows(preview):
+        table.add_row(*row.cells, style="bold" if row.kind == "stage" else None)
+    return table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.panel import Panel
@@ -10,7 +11,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from engine.runs.progress import RunProgress
+if TYPE_CHECKING:  # the event records (pydantic) are not needed to list runs: `widen runs` stays quick
+    from engine.runs.progress import RunProgress
+    from engine.runs.records import RankRow
 
 STATE_STYLE = {"done": "green", "running": "cyan", "queued": "yellow", "failed": "red",
                "cancelled": "magenta", "lost": "red", "stale": "yellow", "diverged": "red"}
@@ -68,30 +71,29 @@ def fmt_mb(mb) -> str:
     return f"{mb:.0f} MB" if mb < 1024 else f"{mb / 1024:.1f} GB"
 
 
-def rank_rows(ranks: list[dict]) -> list[tuple[str, str, str | None]]:
+def rank_rows(ranks: list[RankRow]) -> list[tuple[str, str, str | None]]:
     """(label, rss, gpu) per rank of a `ranks` event: "rank 0" (with its host when the run
     gathered hostnames), its RSS, its GPU's memory — None for every rank of a run on CPUs, "–"
     for one rank that has no figure."""
-    gpus = any(_is_num(r.get("gpu_mem_mb")) for r in ranks)
+    gpus = any(_is_num(r.gpu_mem_mb) for r in ranks)
     rows = []
     for r in ranks:
-        host = r.get("host")
-        label = f"rank {r.get('rank')}" + (f" ({host})" if isinstance(host, str) and host else "")
-        rows.append((label, fmt_mb(r.get("rss_mb")), fmt_mb(r.get("gpu_mem_mb")) if gpus else None))
+        label = f"rank {r.rank}" + (f" ({r.host})" if r.host else "")
+        rows.append((label, fmt_mb(r.rss_mb), fmt_mb(r.gpu_mem_mb) if gpus else None))
     return rows
 
 
-def rank_overflow(ranks: list[dict], shown: int = MAX_RANK_ROWS) -> str | None:
+def rank_overflow(ranks: list[RankRow], shown: int = MAX_RANK_ROWS) -> str | None:
     """The line for the ranks past the first `shown`: how many, and the most memory among them."""
     rest = ranks[shown:]
     if not rest:
         return None
     peaks = [f"{name} up to {fmt_mb(max(values))}" for name, key in (("rss", "rss_mb"), ("gpu", "gpu_mem_mb"))
-             if (values := [r[key] for r in rest if _is_num(r.get(key))])]
+             if (values := [getattr(r, key) for r in rest if _is_num(getattr(r, key))])]
     return f"… {len(rest)} more ranks" + (f": {', '.join(peaks)}" if peaks else "")
 
 
-def rank_lines(ranks: list[dict], shown: int = MAX_RANK_ROWS) -> list[str]:
+def rank_lines(ranks: list[RankRow], shown: int = MAX_RANK_ROWS) -> list[str]:
     """One aligned line per rank: `rank 0  rss 812 MB  gpu 10.2 GB` (no gpu on CPUs)."""
     rows = rank_rows(ranks[:shown])
     width = max((len(label) for label, _, _ in rows), default=0)
@@ -114,13 +116,12 @@ def live_view(p: RunProgress) -> Panel:
     head.add_row("elapsed", fmt_duration(p.elapsed_s()), "ETA", fmt_duration(p.eta_s()))
     sysinfo = p.system
     if sysinfo:
-        gpus = sysinfo.get("gpus") or []
         gpu = "; ".join(f"GPU{g.get('index')} {_fmt(g.get('mem_used_mb'), '.0f')}/{_fmt(g.get('mem_total_mb'), '.0f')} "
-                        f"MB {g.get('util_percent', 0)}%" for g in gpus if isinstance(g, dict)) \
-            or sysinfo.get("gpu_status") or "no GPU"
-        head.add_row("memory", f"RSS {fmt_num(sysinfo.get('rss_mb'))} MB", "gpu", gpu)
-        if sysinfo.get("torch_peak_mb") is not None:
-            head.add_row("torch peak", f"{_fmt(sysinfo['torch_peak_mb'], '.0f')} MB", "", "")
+                        f"MB {g.get('util_percent', 0)}%" for g in sysinfo.gpus) \
+            or sysinfo.gpu_status or "no GPU"
+        head.add_row("memory", f"RSS {fmt_num(sysinfo.rss_mb)} MB", "gpu", gpu)
+        if sysinfo.torch_peak_mb is not None:
+            head.add_row("torch peak", f"{_fmt(sysinfo.torch_peak_mb, '.0f')} MB", "", "")
     for label, rss, gpu in rank_rows(p.ranks[:MAX_RANK_ROWS]):  # a distributed run: each process's own
         head.add_row(label, f"rss {rss}", "" if gpu is None else "gpu", gpu or "")
     if rank_overflow(p.ranks):
@@ -129,19 +130,20 @@ def live_view(p: RunProgress) -> Panel:
 
     evals = Table("task", "loss", "ppl", "bits/byte", "at", box=None, header_style="bold")
     for task, e in p.eval.items():
-        at = "initial" if e["stage"] < 0 else f"stage {e['stage'] + 1} step {e['step']}"
-        evals.add_row(task, fmt_num(e.get("loss")), fmt_num(e.get("ppl")), fmt_num(e.get("bpb")), at)
+        at = "initial" if e.stage < 0 else f"stage {e.stage + 1} step {e.step}"
+        evals.add_row(task, fmt_num(e.loss), fmt_num(e.ppl), fmt_num(e.bpb), at)
     parts = [head, bar, Text("")]
     if p.eval:
         parts.append(evals)
     if p.expansions:
-        parts += [Text(""), expansions_table(p.expansions)]
+        parts += [Text(""), expansions_table([e.to_json() for e in p.expansions])]
     if p.error:
         parts += [Text(""), Text(f"error: {p.error}", style="red")]
     return Panel(Group(*parts), title=f"{p.plan or 'run'} · {p.run}", border_style=STATE_STYLE.get(p.state, ""))
 
 
 def expansions_table(reports: list[dict]) -> Table:
+    """Expansion reports as results.json and `widen preview` have them (an expand event's fields)."""
     table = Table(title="expansions (measured on a fixed probe batch)", title_justify="left",
                   header_style="bold")
     for col in ("stage", "op", "added", "trainable", "exact", "max|Δlogits|", "loss before→after",

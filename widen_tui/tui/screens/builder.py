@@ -29,11 +29,29 @@ from textual.widgets import Collapsible, Footer, Label, Select, Static, TabbedCo
 
 from engine.grow.preview import PlanPreview
 from engine.plan import DistributedSpec, ModelSpec, Plan, PlanError, Problem, SweepSpec, TrainSpec
+from widen_tui.tui.plan_draft import (
+    TOKENIZERS,
+    UNSET,
+    blank_plan,
+    check_draft,
+    check_model,
+    check_schema,
+    dotted,
+    experiment_files,
+    get_at,
+    known_sources,
+    load_draft,
+    new_stage,
+    new_task_name,
+    new_variant,
+    quiet_hub_logs,
+    rename_task,
+    set_at,
+    stage_refs,
+    to_toml,
+    widget_id,
+)
 from widen_tui.tui.preview_client import shared_client
-from widen_tui.views.preview_rows import count, stage_line
-from widen_tui.tui.plan_draft import (TOKENIZERS, UNSET, blank_plan, check_draft, check_model, check_schema, dotted,
-                                  experiment_files, get_at, known_sources, load_draft, new_stage, new_task_name,
-                                  new_variant, quiet_hub_logs, rename_task, set_at, stage_refs, to_toml, widget_id)
 from widen_tui.tui.widgets.binding_commands import BindingCommands
 from widen_tui.tui.widgets.dialogs import NEW_PLAN, Confirm, FileNamePrompt, PlanPicker
 from widen_tui.tui.widgets.layer_toggles import LayerToggles
@@ -45,6 +63,7 @@ from widen_tui.tui.widgets.schema_form import Edited, FieldRow, Hint, SchemaForm
 from widen_tui.tui.widgets.source_suggester import SourceSuggester
 from widen_tui.tui.widgets.stage_editor import StageEditor
 from widen_tui.tui.widgets.task_editor import TaskEditor, TaskRenamed
+from widen_tui.views.preview_rows import count, stage_line
 
 CHECK_DELAY = 0.3  # seconds of quiet typing before the plan is checked again
 

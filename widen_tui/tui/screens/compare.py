@@ -23,11 +23,11 @@ from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from engine.runs.compare_data import Loaded, comparison, load_runs
 from engine.runs.curves import X_AXES, RunCurves, curves_from_events
-from widen_tui.views.lineage import LineageNode, build_lineage, lineage_curves
 from widen_tui.tui.widgets.binding_commands import BindingCommands
 from widen_tui.tui.widgets.comparison_table import ComparisonTable
 from widen_tui.tui.widgets.lineage import LineageView
 from widen_tui.tui.widgets.loss_chart import LossChart
+from widen_tui.views.lineage import LineageNode, build_lineage, lineage_curves
 
 AXIS_ORDER = ("steps", "tokens", "flops")
 AXIS_NAME = {"steps": "steps", "tokens": "tokens", "flops": "FLOPs"}

@@ -1,11 +1,11 @@
 """Run monitor: one run, live — whoever started it, wherever it runs (a shared runs root works).
 
-A thread worker follows the run directory: the history is read once, then only the bytes appended
-to ``events.jsonl`` since the last read (``EventReader``), plus ``status.json`` for the effective
-state (``lost`` when the worker died without a final status). It posts a ``RunUpdate`` message
-when something changed; the UI thread folds the events (``LiveRun``) and redraws at most twice a
-second, the chart only when a curve moved. A finished run is polled slowly, so watching it costs
-next to nothing.
+A thread worker follows the run directory (``engine.runs.follow.Follower``): the history is read
+once, then only the bytes appended to ``events.jsonl`` since the last read, plus ``status.json``
+for the effective state (``lost`` when the worker died without a final status). It posts a
+``RunUpdate`` message when something changed; the UI thread folds the records
+(``widen_tui.views.live_run.LiveRun``) and redraws at most twice a second, the chart only when a
+curve moved. A finished run is polled slowly, so watching it costs next to nothing.
 
 Layout (usable at 80×24): a summary on top (state, progress bars with ETA for the stage and the
 whole run, loss, tokens/s, a one-line system summary), then tabs: Loss chart · Forgetting ·
@@ -30,15 +30,16 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, RichLog, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from engine.runs.events import EventReader
-from engine.runs.rundir import FINAL_STATES, LIVE_STATES, RUNNING_STATES, RunDir
-from engine.runs.curves import X_AXES, CurveFolder, is_number, matrix_from_events
-from widen_tui.views.event_text import describe_event
+from engine.runs.curves import X_AXES, is_number
+from engine.runs.follow import Follower
 from engine.runs.progress import RunProgress
-from widen_tui.views.report import STATE_STYLE, fmt_duration, fmt_num, rank_overflow, rank_rows
+from engine.runs.records import EventRecord, SystemEvent
+from engine.runs.rundir import LIVE_STATES, RUNNING_STATES, RunDir
 from widen_tui.tui.widgets.binding_commands import BindingCommands
 from widen_tui.tui.widgets.confirm import ConfirmScreen
 from widen_tui.tui.widgets.loss_chart import LossChart
+from widen_tui.views.live_run import LiveRun
+from widen_tui.views.report import STATE_STYLE, fmt_duration, fmt_num, rank_overflow, rank_rows
 
 POLL_S = 0.5            # a running run: look for new bytes this often
 IDLE_POLL_S = 2.0       # a finished (or lost) run: it only changes if someone resumes it
@@ -46,147 +47,13 @@ HEARTBEAT_S = 5.0       # a quiet running run still refreshes "last event … ag
 REDRAW_MIN_S = 0.5      # at most two redraws a second, however fast events arrive
 CHART_COST_SHARE = 0.05  # a long history redraws the chart less often: at most ~5% of a core on it
 LOG_HISTORY_LINES = 400  # the log shows the tail of a long history (`widen logs` has it all)
-STEP_LOG_EVERY_S = 5.0  # step lines in the log: one per this much run time (and each stage's last)
 RANK_ROWS = 32          # the System tab lists this many ranks, then one line for the rest
 
 FORGETTING_NOTE = ("bits per byte per task after each stage (lower = better) · forgetting = final − best "
                    "earlier value since the task was trained: positive = worse retention")
 
 Clock = Callable[[], float]
-
-
-# ---------------------------------------------------------------------------------------------
-# the run's state, folded from events (no Textual here)
-
-
-class LiveRun:
-    """Everything the monitor shows, folded from events, status.json and results.json."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-        self.info: dict = {}
-        self.progress = RunProgress()
-        self.curves = CurveFolder(run_id)
-        self.status: dict = {"state": "queued"}
-        self.results: dict | None = None
-        self.events_read = 0
-        self._matrix_events: list[dict] = []  # eval and stage events: all the forgetting table needs
-        self.matrix_version = 0
-        self._last_step_logged: float | None = None
-
-    @property
-    def state(self) -> str:
-        return str(self.status.get("state") or self.progress.state)
-
-    @property
-    def label(self) -> str:
-        return str(self.info.get("name") or self.run_id)
-
-    def fold(self, events: list[dict], status: dict | None = None, results: dict | None = None,
-             info: dict | None = None) -> list[str]:
-        """Take in what the follower read; returns the new event-log lines."""
-        if info:
-            self.info = info
-            self.curves.label = self.label
-        if status:
-            self.status = status
-        if results:
-            self.results = results
-            self.matrix_version += 1
-        lines = []
-        for e in events:
-            self.events_read += 1
-            try:
-                self.progress.update(e)
-            except (KeyError, TypeError, IndexError):
-                pass  # an event from another version of the engine: show what can be shown
-            self.curves.add([e])
-            if e.get("type") in ("eval", "stage", "resume"):  # a resume voids rows past its point
-                self._matrix_events.append(e)
-                # rows appear when a stage begins (the initial evaluation) or ends: redraw then only
-                self.matrix_version += e.get("type") == "stage"
-            line = self._log_line(e)
-            if line:
-                lines.append(line)
-        return lines
-
-    def _log_line(self, e: dict) -> str | None:
-        kind = e.get("type")
-        if kind in ("system", "ranks"):
-            return None  # the System tab shows them
-        if kind == "step":
-            t = e.get("t") or 0.0
-            last_of_stage = (isinstance(e.get("stage"), int) and e["stage"] < len(self.progress.stage_steps)
-                             and e.get("step") == self.progress.stage_steps[e["stage"]])
-            if not last_of_stage and self._last_step_logged is not None \
-                    and t - self._last_step_logged < STEP_LOG_EVERY_S:
-                return None
-            self._last_step_logged = t
-        try:
-            text = describe_event(e)
-        except (KeyError, TypeError, ValueError):
-            text = f"{kind} event"
-        when = e.get("t")
-        started = self.progress.started
-        # cached prefix events keep their original (earlier) times: clamp, never a negative stamp
-        stamp = f"+{fmt_duration(max(when - started, 0))}" if is_number(when) and started else "       "
-        return f"{stamp} {'(cached) ' if e.get('cached') else ''}{text}"
-
-    # -- views ------------------------------------------------------------------------------------
-    def forgetting(self) -> dict | None:
-        """The forgetting table: {"source", "metric", "rows", "tasks", "values", "trained",
-        "forgetting": {task: value | None}, "continual": {...}} — from results.json at the end,
-        from the stage-end evaluations while the run goes on."""
-        results = self.results or {}
-        matrix = results.get("matrix") if isinstance(results.get("matrix"), dict) else None
-        if matrix and matrix.get("rows"):
-            stages = results.get("stages") if isinstance(results.get("stages"), list) else []
-            trained = [None] + [s.get("task") for s in stages]
-            source = "results.json"
-        else:
-            matrix = matrix_from_events(self._matrix_events)
-            if not matrix:
-                return None
-            trained = matrix["trained"]
-            source = "evaluations so far"
-        tasks, rows = list(matrix["tasks"]), list(matrix["rows"])
-        metric = "bpb" if _complete(matrix.get("bpb")) else "loss"
-        values = matrix.get(metric) or [[None] * len(tasks) for _ in rows]
-        forgetting = {}
-        given = ((results.get("forgetting") or {}).get(metric) or {}) if source == "results.json" else {}
-        for j, task in enumerate(tasks):
-            if task in given:
-                f = given[task]
-                forgetting[task] = f.get("absolute") if isinstance(f, dict) else None
-            else:
-                forgetting[task] = _forgetting(values, trained, j, task)
-        return {"source": source, "metric": metric, "rows": rows, "tasks": tasks, "values": values,
-                "trained": list(trained) + [None] * (len(rows) - len(trained)), "forgetting": forgetting,
-                "continual": results.get("continual") or {}}
-
-    def expansion_rows(self) -> list[dict]:
-        """Stage-start expansions then plateau growths, in the order they happened."""
-        curves = self.curves.curves()
-        rows = [{**e, "_growth": False, "_g": curves.offset(e["stage"])} for e in curves.expansions]
-        rows += [{**e, "_growth": True} for e in curves.growths]
-        return sorted(rows, key=lambda e: (e["_g"], e["_growth"]))
-
-
-def _complete(grid) -> bool:
-    return bool(grid) and any(is_number(v) for row in grid for v in row)
-
-
-def _forgetting(values: list[list], trained: list, j: int, task: str) -> float | None:
-    """Final value minus the best value since the row where `task` was first trained (before the
-    final row); None while the task has not been trained before the latest stage."""
-    final = len(values) - 1
-    first = next((i for i, t in enumerate(trained) if t == task), None)
-    if first is None or first >= final:
-        return None
-    earlier = [values[i][j] for i in range(first, final) if is_number(values[i][j])]
-    if not earlier or not is_number(values[final][j]):
-        return None
-    return values[final][j] - min(earlier)
+_UNDRAWN = object()  # a panel not drawn yet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +63,7 @@ def _forgetting(values: list[list], trained: list, j: int, task: str) -> float |
 class RunUpdate(Message):
     """What the follower read since its last message (posted from its thread)."""
 
-    def __init__(self, events: list[dict], status: dict, results: dict | None, info: dict | None,
+    def __init__(self, events: list[EventRecord], status: dict, results: dict | None, info: dict | None,
                  now: float, first: bool, problems: list[str] | None = None):
         super().__init__()
         self.events, self.status, self.results, self.info = events, status, results, info
@@ -244,7 +111,8 @@ class MonitorScreen(Screen):
         self._last_chart = 0.0
         self._redraw_timer = None
         self._pending_log: list[str] = []
-        self._drawn = {"chart": None, "matrix": None, "expansions": None, "system": None, "ranks": None}
+        # what each panel last showed (the system panel also shows that there is no sample yet)
+        self._drawn = {"chart": None, "matrix": None, "expansions": None, "system": _UNDRAWN, "ranks": None}
 
     @property
     def run(self) -> RunDir:
@@ -299,33 +167,22 @@ class MonitorScreen(Screen):
     @work(thread=True, exclusive=True, group="follow")
     def _follow(self, run: RunDir) -> None:
         worker = get_current_worker()
-        reader = EventReader(run.events)
+        follower = Follower(run)
         info = run.info()
-        last_status: dict | None = None
         last_post = 0.0
-        results_seen = False
         first = True
-        said: set[str] = set()  # file problems already shown
         while not (worker.is_cancelled or self._stopping):
-            events = reader.read_new()
-            status = run.status()
-            problems = [f"warning: {p} — skipped" for p in reader.new_problems()]
-            problems += [f"warning: {p}" for p in run.problems() if p not in said]
-            said.update(run.problems())
-            results = None
-            final = status.get("state") in FINAL_STATES
-            if final and not results_seen:
-                results = run.results()
-                results_seen = results is not None
-            elif not final:
-                results_seen = False  # resumed: a new results.json will come
+            update = follower.poll()
+            problems = [f"warning: {p} — skipped" for p in update.skipped]
+            problems += [f"warning: {p}" for p in update.file_problems]
             now = self.clock()
-            running = status.get("state") in RUNNING_STATES
-            if first or events or results or problems or status != last_status \
+            running = update.state in RUNNING_STATES
+            if first or update.records or update.results or problems or update.status is not None \
                     or (running and now - last_post >= HEARTBEAT_S):
-                self.post_message(RunUpdate(events, status, results, info if first else None, now, first, problems))
-                last_status, last_post, first = status, now, False
-            if self._wake.wait(POLL_S if running or events else IDLE_POLL_S) and not self._stopping:
+                self.post_message(RunUpdate(update.records, follower.status, update.results, info if first else None,
+                                            now, first, problems))
+                last_post, first = now, False
+            if self._wake.wait(POLL_S if running or update.records else IDLE_POLL_S) and not self._stopping:
                 self._wake.clear()  # woken early (after a cancel): look now, then sleep as before
 
     def on_run_update(self, message: RunUpdate) -> None:
@@ -456,43 +313,45 @@ class MonitorScreen(Screen):
             table.add_column("task")
             continual.update("no evaluation yet: rows fill in as each stage ends")
             return
-        metric = "bits/byte" if view["metric"] == "bpb" else "loss"
+        metric = "bits/byte" if view.metric == "bpb" else "loss"
         table.add_column("task", key="task")
-        for i, label in enumerate(view["rows"]):
+        for i, label in enumerate(view.rows):
             table.add_column(label, key=f"row{i}")
         table.add_column(f"forgetting ({metric})", key="forgetting")
-        for j, task in enumerate(view["tasks"]):
+        for j, task in enumerate(view.tasks):
             cells: list = [task]
-            for i in range(len(view["rows"])):
-                value = view["values"][i][j]
+            for i in range(len(view.rows)):
+                value = view.values[i][j]
                 text = Text(fmt_num(value, 4), justify="right")
-                if view["trained"][i] == task:
+                if view.trained[i] == task:
                     text.stylize("bold underline")  # the stage that trained this task
                 cells.append(text)
-            f = view["forgetting"].get(task)
+            f = view.forgetting.get(task)
             style = "red" if is_number(f) and f > 0 else "green" if is_number(f) else ""
             cells.append(Text("–" if f is None else f"{f:+.4f}", style=style, justify="right"))
             table.add_row(*cells, key=task)
-        c = view["continual"]
+        c = view.continual
         extra = (f" · ACC {fmt_num(c.get('acc'), 4)} · BWT {fmt_num(c.get('bwt'), 4)} · FWT "
                  f"{fmt_num(c.get('fwt'), 4)} (BWT/FWT: positive = better)" if c else "")
-        continual.update(f"from {view['source']}; underlined: the stage that trained the task{extra}")
+        continual.update(f"from {view.source}; underlined: the stage that trained the task{extra}")
 
     def _draw_expansions(self) -> None:
         table = self.query_one("#expansion-table", DataTable)
         table.clear(columns=True)
         for name in ("stage", "op", "added", "max|Δlogits|", "loss before→after", "when"):
             table.add_column(name, key=name)
-        for k, e in enumerate(self.live.expansion_rows()):
-            before, after = e.get("loss_before"), e.get("loss_after")
+        for k, row in enumerate(self.live.expansion_rows()):
+            e = row.event
+            before, after = e.loss_before, e.loss_after
             loss = f"{before:.4f}→{after:.4f}" if is_number(before) and is_number(after) else "–"
-            delta = e.get("max_abs_logit_delta")
-            if e["_growth"]:
-                growth = e.get("growth")  # 0-based in the events, as `widen logs` counts: from 1
-                when = f"▲ growth {growth + 1 if isinstance(growth, int) else '?'} · step {e.get('step', '?')}"
+            delta = e.max_abs_logit_delta
+            if row.growth:
+                growth = e.growth  # 0-based in the events, as `widen logs` counts: from 1
+                step = "?" if e.step is None else e.step
+                when = f"▲ growth {growth + 1 if growth is not None else '?'} · step {step}"
             else:
                 when = "◆ stage start"
-            table.add_row(str(e["stage"] + 1), str(e.get("op")), fmt_num(e.get("params_added")),
+            table.add_row(str(e.stage + 1), e.op, fmt_num(e.params_added),
                           f"{delta:.2e}" if is_number(delta) else "–", loss, when, key=str(k))
 
     # -- actions --------------------------------------------------------------------------------------
@@ -555,20 +414,20 @@ class MonitorScreen(Screen):
 # system views (Rich renderables)
 
 
-def system_line(system: dict) -> Text:
+def system_line(system: SystemEvent | None) -> Text:
     """One line: GPU memory and utilisation (or a clear "no GPU"), RSS and CPU."""
     line = Text()
     if not system:
         return Text("system: waiting for the first sample", style="dim")
-    gpus = [g for g in system.get("gpus") or [] if "mem_total_mb" in g]
+    gpus = [g for g in system.gpus if "mem_total_mb" in g]
     if gpus:
         line.append(" · ".join(f"GPU{g['index']} {g['mem_used_mb'] / 1024:.1f}/{g['mem_total_mb'] / 1024:.1f} GB "
                                f"{g.get('util_percent', 0)}%" for g in gpus))
     else:
         line.append("no GPU", style="bold yellow")
-    if is_number(system.get("torch_peak_mb")):
-        line.append(f" · torch peak {system['torch_peak_mb']:,.0f} MB")
-    line.append(f" · RSS {_mb(system.get('rss_mb'))} · CPU {_percent(system.get('cpu_percent'))}")
+    if is_number(system.torch_peak_mb):
+        line.append(f" · torch peak {system.torch_peak_mb:,.0f} MB")
+    line.append(f" · RSS {_mb(system.rss_mb)} · CPU {_percent(system.cpu_percent)}")
     return line
 
 
@@ -588,16 +447,16 @@ def _no_gpu_reason(status: str | None) -> str:
     return text or "none found"
 
 
-def system_view(system: dict, p: RunProgress) -> Table | Text:
+def system_view(system: SystemEvent | None, p: RunProgress) -> Table | Text:
     """The System tab: per GPU memory used/total and utilisation, torch's peak, RSS and CPU."""
     if not system:
         return Text("no system sample yet (the worker writes one every few seconds)", style="dim")
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    gpus = system.get("gpus") or []
+    gpus = system.gpus
     if not gpus:
-        table.add_row("GPU", Text(f"no GPU — {_no_gpu_reason(system.get('gpu_status'))}", style="bold yellow"))
+        table.add_row("GPU", Text(f"no GPU — {_no_gpu_reason(system.gpu_status)}", style="bold yellow"))
     for g in gpus:
         if "mem_total_mb" not in g:
             table.add_row(f"GPU {g.get('index')}", Text(f"unreadable: {g.get('error', '?')}", style="yellow"))
@@ -608,12 +467,12 @@ def system_view(system: dict, p: RunProgress) -> Table | Text:
         table.add_row(f"GPU {g['index']}", f"{g.get('name', '')}")
         table.add_row("  memory", f"{bar} {used:,.0f} / {total:,.0f} MB ({100 * share:.0f}%)")
         table.add_row("  utilisation", f"{g.get('util_percent', 0)}%")
-    peak = system.get("torch_peak_mb")
+    peak = system.torch_peak_mb
     table.add_row("torch peak", f"{peak:,.0f} MB allocated by the run's process" if is_number(peak)
                   else "– (no CUDA in the run's process)")
-    table.add_row("process", f"RSS {_mb(system.get('rss_mb'))} · CPU {_percent(system.get('cpu_percent'))} "
+    table.add_row("process", f"RSS {_mb(system.rss_mb)} · CPU {_percent(system.cpu_percent)} "
                              f"(100% = one core)")
-    when = system.get("t")
+    when = system.t
     if is_number(when) and p.started:
         table.add_row("sampled", f"+{fmt_duration(when - p.started)} into the run")
     return table

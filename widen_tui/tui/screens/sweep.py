@@ -27,7 +27,7 @@ from textual.widgets import Checkbox, Footer, Header, Input, Label, LoadingIndic
 from engine.errors import WidenError
 from widen_tui.tui.widgets.binding_commands import BindingCommands
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]
 REQUIRED_KEYS = ("rows", "source_layers", "depth")
 
 

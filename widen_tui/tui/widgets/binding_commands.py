@@ -29,7 +29,7 @@ def own_actions(node) -> set[str]:
 class BindingCommands(Provider):
     def _commands(self):
         seen = set()
-        for key, active in self.screen.active_bindings.items():
+        for active in self.screen.active_bindings.values():
             binding = active.binding
             if not binding.description or binding.system or (active.node, binding.action) in seen:
                 continue

@@ -15,8 +15,8 @@ from textual.message import Message
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
-from widen_tui.views.lineage import LineageNode, charted_nodes
 from widen_tui.tui.widgets.loss_chart import RUN_COLOURS
+from widen_tui.views.lineage import LineageNode, charted_nodes
 
 # the kind of node, shown before its label (plain characters: no true colour or emoji needed)
 KIND_MARK = {"group": "", "base": "● ", "run": "○ ", "growth": "▲ "}

@@ -123,7 +123,7 @@ class LossChart(PlotextPlot):
                 labelled = True
             if series and compact:
                 key.append(f"⠤ {run.label}" if several else "⠤ train")
-            for j, (task, points) in enumerate(run.eval_series(x).items()):
+            for task, points in run.eval_series(x).items():
                 tcolour = colour if several else TASK_COLOURS[tasks.index(task) % len(TASK_COLOURS)]
                 points = downsample(points, budget)
                 xs_all += [p[0] for p in points]

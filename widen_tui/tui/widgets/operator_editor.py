@@ -20,6 +20,7 @@ from widen_tui.tui.widgets.layer_toggles import LayerToggles
 from widen_tui.tui.widgets.mapping_editor import MAPPING_KEYS, MappingEditor
 from widen_tui.tui.widgets.schema_form import Edited, Hint, SchemaForm
 
+
 def op_choices() -> list[tuple[str, str]]:
     """The ops offered, in their descriptors' builder order (as docs/operators.md lists them)."""
     return [(d.name, d.name) for d in sorted(OPS.values(), key=lambda d: d.builder_order)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.runs.events import EventReader, voided_by
+from engine.runs.records import EvalEvent, ExpandEvent, ResumeEvent, StageEvent
 from engine.runs.rundir import RunDir
 from widen_tui.index import RunIndex
 
@@ -50,7 +51,7 @@ class _Live:
 
     reader: EventReader
     ppl: dict[str, float] = field(default_factory=dict)
-    evals: dict[str, dict] = field(default_factory=dict)  # task -> the eval event its ppl came from
+    evals: dict[str, EvalEvent] = field(default_factory=dict)  # task -> the eval event its ppl came from
     trainable_share: float | None = None
 
 
@@ -117,18 +118,16 @@ class RunRowsLoader:
         if live is None:
             live = self._live[run_id] = _Live(EventReader(RunDir(self.root / run_id).events))
         for event in live.reader.read_new():
-            kind = event.get("type")
-            if kind == "eval" and event.get("ppl") is not None:
-                live.ppl[event["task"]] = event["ppl"]
-                live.evals[event["task"]] = event
-            elif kind == "resume":  # evaluations past the resume point are void
+            if isinstance(event, EvalEvent) and event.ppl is not None:
+                live.ppl[event.task] = event.ppl
+                live.evals[event.task] = event
+            elif isinstance(event, ResumeEvent):  # evaluations past the resume point are void
                 for task in [t for t, e in live.evals.items() if voided_by(e, event)]:
                     del live.evals[task], live.ppl[task]
-            elif kind == "expand" and event.get("trainable_share") is not None:
-                live.trainable_share = event["trainable_share"]
-            elif kind == "stage" and isinstance(event.get("params"), (int, float)) and event["params"] \
-                    and isinstance(event.get("trainable"), (int, float)):
-                live.trainable_share = event["trainable"] / event["params"]
+            elif isinstance(event, ExpandEvent) and event.trainable_share is not None:
+                live.trainable_share = event.trainable_share
+            elif isinstance(event, StageEvent) and event.params and event.trainable is not None:
+                live.trainable_share = event.trainable / event.params
         return live
 
     def _stage_cell(self, run_id: str, stage) -> str:

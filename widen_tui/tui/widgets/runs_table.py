@@ -15,8 +15,8 @@ from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import DataTable
 
-from widen_tui.views.report import ALERT_STATES, STATE_STYLE
 from widen_tui.tui.widgets.run_rows import RunRow
+from widen_tui.views.report import ALERT_STATES, STATE_STYLE
 
 MARK = "●"
 

@@ -1,0 +1,103 @@
+"""`widen export` (a grown model as a Hugging Face directory, checked for parity) and
+`widen export-metrics` (a run's metrics mirrored to TensorBoard, MLflow or CSV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.errors import WidenError
+from engine.runs.rundir import RunDir
+from widen_tui.cli.common import CLIError, console, find_run, load_plan_or_exit, warn
+
+commands = typer.Typer()
+
+PARITY_TOLERANCE = 1e-4
+
+
+@commands.command()
+def export(
+    source: Annotated[str, typer.Argument(metavar="PLAN_OR_RUN",
+                                          help="a plan .toml (built and expanded, not trained) or a run (id, prefix, "
+                                               "last, name, or run directory)")],
+    out_dir: Annotated[Path, typer.Argument(help="directory to write the Hugging Face model to")],
+    keep_adapters: Annotated[bool, typer.Option("--keep-adapters",
+                                                help="keep adapters separate (PEFT format in OUT_DIR/adapter) "
+                                                     "instead of merging them")] = False,
+    set_: Annotated[list[str], typer.Option("--set", help="override a field of a plan file: key.path=value")] = [],
+    variant: Annotated[Optional[str], typer.Option("--variant", help="a plan with variants: the one to build")] = None,
+):
+    """Export a grown model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads
+    it; AutoModelForSeq2SeqLM for T5): widened layers merged into wider matrices, copied layers
+    materialized, adapters merged — or, with --keep-adapters, each saved under OUT_DIR/adapter/<name>
+    (PEFT format; widen_export.json lists which are active)."""
+    path = Path(source)
+    is_plan = source.endswith(".toml")
+    if is_plan:
+        if not path.is_file():
+            raise CLIError(f"{source}: no such plan file")
+        plan = load_plan_or_exit(path, set_, None)
+        if plan.variants:
+            if not variant:
+                raise CLIError(f"{source} has variants ({', '.join(v.name for v in plan.variants)}) — "
+                               "pick one with --variant NAME")
+            try:
+                plan = plan.for_variant(variant)
+            except KeyError as e:
+                raise CLIError(f"--variant: {e.args[0]}") from None
+    else:
+        if set_:
+            raise CLIError("--set applies to a plan file; a run's plan is fixed")
+        run = RunDir(path) if path.is_dir() and (path / "plan.toml").exists() else find_run(source)
+    from engine.exports import hf_directory as ex
+
+    ex.quiet_transformers()
+    try:
+        if is_plan:
+            model, view, tokenizer, reports = ex.build_from_plan(plan)
+            origin = {"plan": str(path.resolve()), "plan_name": plan.name, "overrides": list(set_),
+                      "trained": False}
+        else:
+            model, view, tokenizer, plan = ex.load_run_model(run.path)
+            reports = (run.results() or {}).get("expansions") or ex.plan_op_summary(plan)
+            origin = {"run": run.id, "run_dir": str(run.path), "plan_name": plan.name,
+                      "run_state": run.status().get("state"), "trained": True}
+        stage = len(plan.stages) - 1
+        batch = ex.stage_probe(plan, stage, tokenizer)
+        reference = ex.reference_logits(model, batch)
+        manifest = ex.export_model(model, tokenizer, out_dir, keep_adapters=keep_adapters,
+                                   source=origin, reports=reports)
+        delta = ex.verify_export(out_dir, batch, reference)
+    except WidenError as e:
+        raise CLIError(str(e)) from None
+    console.print(f"wrote {out_dir}: {manifest['model_type']} model, {manifest['num_layers']} layers, FFN "
+                  f"{manifest['ffn_size']}, {manifest['params']:,} parameters, adapters {manifest['adapters']}",
+                  highlight=False)
+    loader = manifest["model_class"] + (" + PeftModel" if manifest["kept_adapters"] else "")
+    console.print(f"parity: max |Δlogits| {delta:.2e} — reloaded with {loader}.from_pretrained vs "
+                  f"the in-widen model, on {batch[0].shape[0]} probe sequences of task "
+                  f"'{plan.stages[stage].task}'", highlight=False)
+    if not delta <= PARITY_TOLERANCE:
+        raise CLIError(f"export parity failed: max |Δlogits| {delta:.2e} > {PARITY_TOLERANCE:g} — the "
+                       f"export in {out_dir} does not compute what the grown model computes")
+
+
+@commands.command("export-metrics")
+def export_metrics(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="a run: id, prefix, last, name, or run directory")],
+    to: Annotated[str, typer.Option("--to", metavar="tensorboard|mlflow|csv", help="where to mirror the metrics")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory (default: RUN_DIR/export-TOOL; "
+                                                "mlflow: MLFLOW_TRACKING_URI when set)")] = None,
+):
+    """Mirror a run's metrics after the fact (engine.runs.metrics_export): loss, lr, tokens/s, evals per
+    task, expansions and growths, memory samples, and the final forgetting matrix."""
+    from engine.runs.metrics_export import export_run
+
+    path = Path(run_ref)
+    run = RunDir(path) if path.is_dir() and (path / "plan.toml").exists() else find_run(run_ref)
+    summary = export_run(run.path, to, out)
+    for problem in summary.problems[:5]:
+        warn(f"{run.id}: skipped {problem}")
+    console.print(summary.line(), highlight=False)
