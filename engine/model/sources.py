@@ -214,3 +214,14 @@ def check_vocabulary(model, tokenizer) -> None:
     if tokenizer.vocab_size > vocab:
         raise ModelLoadError(f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} ids but the model's "
                              f"vocabulary has {vocab} — use the model's own tokenizer", field="tokenizer")
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def is_config_only(source: str) -> bool:
+    """A local model directory with a config.json and no weight files: a shape to plan for
+    (``widen plan show`` previews it on the meta device)."""
+    path = Path(source)
+    return (path.is_dir() and (path / "config.json").is_file()
+            and not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES))

@@ -12,7 +12,6 @@ from widen_tui.cli.common import CLIError, console, load_plan_or_exit, print_jso
 
 plan_app = typer.Typer(help="Check expansion plans.", no_args_is_help=True)
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 @plan_app.command("check")
@@ -46,7 +45,9 @@ def plan_show(
     """Build the model and apply every stage's operators without training: parameters added,
     trainable share, and preservation (max |Δlogits|, loss before/after) per operator."""
     plan = load_plan_or_exit(file, set_, None)
-    if meta or _config_only(plan.model.source):
+    from engine.model.sources import is_config_only
+
+    if meta or is_config_only(plan.model.source):
         _show_meta_preview(plan, as_json, why="" if meta else f"{plan.model.source} holds a config but no weights")
         return
     from engine.exports.hf_directory import build_from_plan, quiet_transformers
@@ -76,13 +77,6 @@ def plan_show(
                           highlight=False)
     if as_json:
         print_json(everything[None] if list(everything) == [None] else everything)
-
-
-def _config_only(source: str) -> bool:
-    """A local model directory with a config.json and no weight files (a shape to plan for)."""
-    path = Path(source)
-    return (path.is_dir() and (path / "config.json").is_file()
-            and not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES))
 
 
 def _show_meta_preview(plan, as_json: bool, why: str) -> None:
