@@ -25,6 +25,42 @@ class Diverged(WidenError):
                          f"continue with a lower learning rate: widen resume {run_id} --set train.lr=...")
 
 
+class DivergenceWatch:
+    """The divergence check of one stage's steps, read on the host once per window: each step's
+    loss and gradient norm stay on the device (``add``: no sync), and ``check`` reads the whole
+    window at once and raises Diverged at its first bad step. The loop checks at every log step,
+    before an evaluation, a growth or a checkpoint, and at the stage's end, so on a GPU the step
+    loop waits for the device once per ``log_interval``, and nothing non-finite is ever saved."""
+
+    def __init__(self, stage: int, run_id: str):
+        self.stage, self.run_id = stage, run_id
+        self._steps: list[int] = []
+        self._values: list[torch.Tensor] = []   # per step: [loss, gradient norm (NaN-free 0 if none)]
+        self._vocab = 2
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, vocab: int, step: int) -> None:
+        values = loss.detach().float().reshape(1)
+        norm = grad_norm.detach().float().reshape(1).to(values.device) if grad_norm is not None \
+            else torch.zeros_like(values)
+        self._values.append(torch.cat([values, norm]))
+        self._steps.append(step)
+        self._vocab = vocab
+
+    def check(self) -> None:
+        """Raise Diverged at the window's first bad step; forget the window when all are good."""
+        if not self._values:
+            return
+        window, steps = torch.stack(self._values), self._steps
+        self._values, self._steps = [], []
+        bound = DIVERGED_LOSS_FACTOR * math.log(max(self._vocab, 2))
+        bad = ~torch.isfinite(window).all(dim=1) | (window[:, 0] > bound)
+        if not bool(bad.any()):  # the one sync of the window
+            return
+        first = int(bad.nonzero()[0, 0])
+        loss, norm = (float(v) for v in window[first])
+        check_step(torch.tensor(loss), torch.tensor(norm), self._vocab, self.stage, steps[first], self.run_id)
+
+
 def check_step(loss: torch.Tensor, grad_norm: torch.Tensor | None, vocab: int, stage: int, step: int,
                run_id: str) -> None:
     """Raise Diverged unless the loss (and the gradient norm, when given) is finite and the loss

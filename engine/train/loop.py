@@ -33,7 +33,7 @@ from engine.train import checkpoint, speed
 from engine.train.build import prepare, probe_batch, stage_seed, task_train_batch
 from engine.train.checkpoint import History, Position, TrainerState
 from engine.train.distributed import World
-from engine.train.divergence import Diverged, check_step
+from engine.train.divergence import Diverged, DivergenceWatch
 from engine.train.evaluation import Evaluator
 from engine.train.optim import Precision
 from engine.train.system import SystemMonitor, rank_rows
@@ -232,11 +232,13 @@ class Trainer:
         window_start, window_tokens = time.time(), 0
         trainable, total_params = self.m.freezer.trainable(self.model), count_params(self.model)
         trigger = make_trigger(stage.grow, self.plateau_state) if stage.grow else None
-        check_losses: list[float] = []
+        check_losses: list[torch.Tensor] = []   # on the device until a plateau check reads them
+        watch = DivergenceWatch(index, self.run.id)  # read once per log interval (engine.train.divergence)
         stage_start = time.time()
         while self.position.step < stage.steps:
             step = self.position.step
             if world.broadcast_flag(self.is_main and (self.cancel_requested or self.run.cancel_request.exists())):
+                watch.check()
                 self.save_checkpoint("cancel", optimizer, scheduler)
                 raise Cancelled()
             whole = task_train_batch(data, train, self.plan.seed, index, step)  # the global batch: its FLOPs
@@ -244,7 +246,7 @@ class Trainer:
             loss, grad_norm, vocab = self.m.forward_backward(trainee, batch, self.precision, optimizer, trainable)
             if world.distributed:  # the global batch's loss: every rank decides alike
                 loss = torch.tensor(world.all_sum([float(loss)])[0] / world.size)
-            check_step(loss, None if self.precision.scaler.is_enabled() else grad_norm, vocab, index, step, self.run.id)
+            watch.add(loss, None if self.precision.scaler.is_enabled() else grad_norm, vocab, step)
             if trainable:
                 self.precision.scaler.step(optimizer)
                 self.precision.scaler.update()
@@ -255,8 +257,9 @@ class Trainer:
             self.history.flops += self.flop_profile.step_flops(whole[0])  # docs/flops.md
             window_tokens += tokens_per_step
             if trigger is not None:
-                check_losses.append(float(loss))
+                check_losses.append(loss.detach())
             if done % train.log_interval == 0 or done == stage.steps:
+                watch.check()
                 elapsed = time.time() - window_start
                 self.emit("step", stage=index, step=done, global_step=self._global_step(index, done),
                           loss=float(loss), lr=scheduler.get_last_lr()[0],
@@ -270,19 +273,24 @@ class Trainer:
                     self.status.write(step=done)
             if trigger is not None:  # the plateau test reads the mean loss of each check interval
                 checked = done % stage.grow.check_interval == 0
+                mean = sum(torch.stack(check_losses).tolist()) / len(check_losses) if checked else None
                 grow_now = trigger.update(Progress(step=done, tokens=self.history.tokens, flops=self.history.flops,
-                                                   loss=sum(check_losses) / len(check_losses) if checked else None))
+                                                   loss=mean))
                 check_losses = [] if checked else check_losses
                 self.plateau_state = trigger.state_dict()
                 if grow_now and done < stage.steps:
+                    watch.check()
                     optimizer, scheduler = self.grow(index, optimizer, scheduler)
                     trainable, total_params = self.m.freezer.trainable(self.model), count_params(self.model)
                     trainee = self.m.trainee()  # unwrap, grow, re-wrap (re-compile)
             if train.eval_interval and done % train.eval_interval == 0 and done < stage.steps:
+                watch.check()
                 self.evaluate_all(stage=index, step=done, score=False)
             if train.checkpoint_interval and done % train.checkpoint_interval == 0 and done < stage.steps:
+                watch.check()
                 self.save_checkpoint("interval", optimizer, scheduler)
             self._maybe_system_sample()
+        watch.check()  # the stage's last steps, before its end evaluation and checkpoint
         self.history.wall_s += time.time() - stage_start
 
     def grow(self, index: int, optimizer, scheduler):
