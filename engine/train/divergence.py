@@ -46,25 +46,27 @@ class DivergenceWatch:
         self._steps.append(step)
         self._vocab = vocab
 
-    def check(self) -> None:
-        """Raise Diverged at the window's first bad step; forget the window when all are good."""
+    def check(self) -> float | None:
+        """Raise Diverged at the window's first bad step; forget the window when all are good.
+        Returns the last step's loss as read (None for an empty window), for the step event."""
         if not self._values:
-            return
-        window, steps = torch.stack(self._values), self._steps
+            return None
+        window = torch.stack(self._values).cpu()  # the window's one read from the device
+        steps = self._steps
         self._values, self._steps = [], []
         bound = DIVERGED_LOSS_FACTOR * math.log(max(self._vocab, 2))
         bad = ~torch.isfinite(window).all(dim=1) | (window[:, 0] > bound)
-        if not bool(bad.any()):  # the one sync of the window
-            return
-        first = int(bad.nonzero()[0, 0])
-        loss, norm = (float(v) for v in window[first])
-        check_step(torch.tensor(loss), torch.tensor(norm), self._vocab, self.stage, steps[first], self.run_id)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            check_step(window[first, 0], window[first, 1], self._vocab, self.stage, steps[first], self.run_id)
+        return float(window[-1, 0])
 
 
 def check_step(loss: torch.Tensor, grad_norm: torch.Tensor | None, vocab: int, stage: int, step: int,
                run_id: str) -> None:
     """Raise Diverged unless the loss (and the gradient norm, when given) is finite and the loss
-    at most DIVERGED_LOSS_FACTOR·ln(vocab). One device sync for all of it."""
+    at most DIVERGED_LOSS_FACTOR·ln(vocab), naming what is wrong. The loop checks a window of
+    steps at once (DivergenceWatch), which calls this with the first bad step's values."""
     values = loss.detach().float().reshape(1)
     if grad_norm is not None:
         values = torch.cat([values, grad_norm.detach().float().reshape(1).to(values.device)])

@@ -259,10 +259,10 @@ class Trainer:
             if trigger is not None:
                 check_losses.append(loss.detach())
             if done % train.log_interval == 0 or done == stage.steps:
-                watch.check()
+                logged_loss = watch.check()  # this step's loss, read with the window's check
                 elapsed = time.time() - window_start
                 self.emit("step", stage=index, step=done, global_step=self._global_step(index, done),
-                          loss=float(loss), lr=scheduler.get_last_lr()[0],
+                          loss=logged_loss, lr=scheduler.get_last_lr()[0],
                           tokens_per_s=window_tokens / max(elapsed, 1e-9),
                           tokens=self.history.tokens, flops=self.history.flops, params=total_params)
                 if world.distributed:  # each rank's memory
