@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -155,3 +157,41 @@ def rank_rows(world, device) -> list[dict]:
     rows = world.all_gather(rank_memory(device))
     return [{"rank": r, "host": None, "rss_mb": rss, "gpu_mem_mb": gpu if gpu >= 0 else None}
             for r, (rss, gpu) in enumerate(rows)]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of `widen doctor`: what was checked, what was found, and whether it is fine."""
+
+    name: str
+    found: str
+    ok: bool = True
+
+
+def readiness(runs_root: Path) -> list[Check]:
+    """Is this machine ready to run: Python, torch, CUDA, NVML and each GPU, the runs root, the
+    free disk under it (at least 1 GiB)."""
+    import shutil
+
+    checks = [Check("python", sys.version.split()[0])]
+    try:
+        import torch
+
+        checks.append(Check("torch", torch.__version__))
+        if torch.cuda.is_available():
+            names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+            checks.append(Check("CUDA", f"{torch.version.cuda}: {names}"))
+        else:
+            checks.append(Check("CUDA", "no GPU (torch sees no CUDA device) — runs use the CPU"))
+    except ImportError as e:
+        checks.append(Check("torch", f"missing ({e}) — run `make setup`", False))
+    monitor = SystemMonitor()
+    checks.append(Check("NVML", monitor.gpu_status))
+    for gpu in monitor.gpus():
+        checks.append(Check(f"GPU{gpu['index']}", f"{gpu.get('name')}: {gpu.get('mem_used_mb')}/"
+                                                  f"{gpu.get('mem_total_mb')} MB, {gpu.get('util_percent')}% busy"))
+    probe = runs_root if runs_root.exists() else Path.cwd()
+    free_gb = shutil.disk_usage(probe).free / 2**30
+    checks.append(Check("runs root", f"{runs_root} ({'exists' if runs_root.exists() else 'created on first run'})"))
+    checks.append(Check("disk free", f"{free_gb:.1f} GiB", free_gb > 1))
+    return checks
