@@ -31,6 +31,7 @@ import json
 import time
 import tomllib
 from dataclasses import dataclass, field
+from fractions import Fraction
 from math import comb
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def _count_non_decreasing(length: int, low: int, num_layers: int) -> int:
 
 def _unrank(rank: int, length: int, num_layers: int, low: int = 0) -> list[int]:
     """The rank-th (lexicographic) non-decreasing sequence of `length` values >= low."""
-    out = []
+    out, asked = [], rank
     for position in range(length):
         remaining = length - position - 1
         for value in range(low, num_layers):
@@ -80,6 +81,8 @@ def _unrank(rank: int, length: int, num_layers: int, low: int = 0) -> list[int]:
                 low = value
                 break
             rank -= count
+    if len(out) != length:
+        raise ValueError(f"rank {asked} is past the last non-decreasing sequence of {length} values")
     return out
 
 
@@ -142,7 +145,9 @@ def default_mappings(num_layers: int, depth: int, keep_ends: bool = True, limit:
             raise SweepError(f"{total:,} mappings of {depth} layers over {num_layers} — too many to score "
                              f"all: pass a limit (--limit 50) or a mappings file")
         return [mapping_at(r) for r in range(total)]
-    ranks = sorted({round(i * (total - 1) / max(limit - 1, 1)) for i in range(limit)})
+    # exact: in floats, i·(total−1)/(limit−1) rounds past the last rank once total is large (2·10^17
+    # mappings of 30 layers at depth 31), and that rank unranks to a shorter mapping
+    ranks = sorted({round(Fraction(i * (total - 1), max(limit - 1, 1))) for i in range(limit)})
     stretched = stretched_mapping(num_layers, depth)
     inner = stretched[1:-1] if fixed_ends else stretched
     anchor = _rank(inner, num_layers)

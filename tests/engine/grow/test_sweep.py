@@ -76,6 +76,16 @@ def test_limit_spreads_evenly_and_keeps_the_most_identity_like(layers, depth, li
         assert all(m in everything for m in mappings)
 
 
+@pytest.mark.parametrize("depth", range(31, 61))
+def test_every_depth_of_a_30_block_model_gets_mappings_of_that_depth(depth):
+    """SmolLM2's 30 blocks stretched to 31..60: 10^17 and more candidates, where spreading the
+    picks in floats rounded past the last rank (a shorter mapping: 'mappings of different depths')."""
+    mappings = default_mappings(30, depth, limit=20)
+    assert len(mappings) == 20 and {len(m) for m in mappings} == {depth}
+    assert all(m[0] == 0 and m[-1] == 29 and m == sorted(m) for m in mappings)
+    assert stretched_mapping(30, depth) in mappings
+
+
 def test_stretched_mapping_is_the_source_notes_choice():
     assert stretched_mapping(4, 8) == [0, 1, 1, 1, 2, 2, 2, 3]
     assert stretched_mapping(4, 4) == [0, 1, 2, 3]
