@@ -355,11 +355,6 @@ def builtin_corpora() -> dict[str, tuple[str, ...]]:
     return {"text": builtins.TEXT_CORPORA, "generation": builtins.GENERATION_CORPORA}
 
 
-def builtin_task_sources() -> tuple[str, ...]:
-    """Every `builtin:` task source, text corpora first."""
-    return tuple(f"builtin:{name}" for names in builtin_corpora().values() for name in names)
-
-
 def _exists(path: Path) -> bool:
     try:
         return path.exists()
