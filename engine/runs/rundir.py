@@ -43,6 +43,8 @@ LIVE_STATES = RUNNING_STATES + ("stale",)
 # The states in which none is, the others: nothing more will come (a follower stops following,
 # results.json is there if the run wrote one).
 ENDED_STATES = FINAL_STATES + ("lost",)
+# ended without finishing, with an error to show: `widen watch` exits 1, `widen logs` shows stderr
+FAILED_STATES = ("failed", "lost", "diverged")
 # A running run whose heartbeat is older than this is `stale` (its process exists) or `lost`.
 HEARTBEAT_STALE_S = 60.0
 # status.json's create_time and the process's may differ by rounding; a reused pid differs by more.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from engine.runs.rundir import RunDir
+from engine.runs.rundir import FAILED_STATES, RunDir
 from widen_tui.cli.common import console, err, find_run, warn, warn_files, warn_skipped
 from widen_tui.views.event_text import describe_event
 
@@ -79,7 +79,7 @@ def follow_run(run: RunDir, live: bool | None = None, show_results: bool = True)
     if progress.state != "done":
         err.print(f"run {run.id} ended {progress.state}"
                   + (f": {progress.error}" if progress.error else "")
-                  + (f" — see `widen logs {run.id}`" if progress.state in ("failed", "lost", "diverged") else ""),
+                  + (f" — see `widen logs {run.id}`" if progress.state in FAILED_STATES else ""),
                   highlight=False, markup=False)
     return progress.state
 
@@ -106,7 +106,7 @@ class _LinePrinter:
 def watch(run_ref: Annotated[str, typer.Argument(metavar="RUN")] = "last"):
     """Live view of a run (rich; works over SSH). Ctrl-C stops watching, not the run."""
     state = follow_run(find_run(run_ref))
-    if state in ("failed", "lost", "diverged"):
+    if state in FAILED_STATES:
         raise typer.Exit(1)
 
 
@@ -136,7 +136,7 @@ def logs(
         return
     warn_files(run)
     state = update.state
-    if state in ("failed", "lost", "diverged") and run.stderr.is_file():
+    if state in FAILED_STATES and run.stderr.is_file():
         try:
             tail = run.stderr.read_text(errors="replace").splitlines()[-30:]
         except OSError as e:
