@@ -6,6 +6,7 @@ change of any logit, and the loss just before and after. Preservation is a numbe
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -70,6 +71,20 @@ class StageGrowth:
 
     results: list[OpResult] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
+
+    def moved(self, names: dict[int, str], params: dict[str, torch.nn.Parameter]) -> "StageGrowth":
+        """The same growth over the model's new parameter objects (FSDP's shards replace them):
+        `names` maps each old parameter's id to its name, `params` holds the new ones by name.
+        Masks stay whole (``Freezer.apply`` cuts them)."""
+        def new(p):
+            return params[names[id(p)]]
+
+        results = [dataclasses.replace(
+            r, new_params=[new(p) for p in r.new_params], grown=[(new(p), m) for p, m in r.grown],
+            units=[dataclasses.replace(u, up=new(u.up), down=new(u.down)) for u in r.units],
+            splits=[dataclasses.replace(s, param=new(s.param)) for s in r.splits],
+            copies=[(new(c), new(src)) for c, src in r.copies]) for r in self.results]
+        return StageGrowth(results, self.reports)
 
 
 class OperatorError(WidenError, ValueError):
@@ -153,9 +168,11 @@ class Freezer:
             handle.remove()
         self._hooks, self.masked, self._counts = [], {}, {}
 
-    def apply(self, model, policy, growth: StageGrowth) -> None:
+    def apply(self, model, policy, growth: StageGrowth, cut=None) -> None:
+        """`cut(mask, param)`: the model is sharded (FSDP) and each whole mask is cut as its
+        parameter is; the gradients are then masked in `mask_gradients`, as after `remask`."""
         self._reset()
-        self.hooked = True
+        self.hooked = cut is None
         if policy == "none":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -167,7 +184,10 @@ class Freezer:
                     p.requires_grad_(True)
                 for p, mask in result.grown:
                     p.requires_grad_(True)
-                    self._mask(p, mask)
+                    if cut is None:
+                        self._mask(p, mask)
+                    else:
+                        self._mask(p, cut(mask, p), true_entries(mask))
         else:  # a list of globs naming what to freeze
             for name, p in model.named_parameters():
                 p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in policy))

@@ -252,10 +252,15 @@ def profile(model: nn.Module, view=None, sample_inputs=None, checkpointing: bool
             attention.append((stream, seen, bias_ids, owners.get(id(att))))
 
     was_training = model.training
+    no_grad = [p for p in model.parameters() if p.grad is None]
     try:
         model.eval()
         with torch.enable_grad():
-            forward_logits(model, inputs)
+            logits = forward_logits(model, inputs)
+            if logits.requires_grad:  # a model that hooks its backward (FSDP) must see it run
+                logits.sum().mul(0).backward()
+        for p in no_grad:
+            p.grad = None
     finally:
         for handle in handles:
             handle.remove()

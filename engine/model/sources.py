@@ -7,6 +7,7 @@ name and a local directory alike.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,12 +159,81 @@ def choose_attention(auto, config, requested: str = "sdpa") -> tuple[str, str | 
     return "sdpa", None
 
 
-def load_model(spec, seed: int, attention: str = "sdpa"):
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory) and their buffers
+    real: the non-persistent ones (rotary frequencies, causal masks) are in no weight file, so a
+    model built this way is whole once its parameters are filled (``engine.train.fsdp.load_sharded``).
+    A parameter already on meta is kept as is, so weight tying keeps one tensor."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def materialize_skeleton(model, device) -> None:
+    """Give a skeleton's meta parameters memory on `device` (uninitialized: the caller fills them),
+    keeping its real buffers' values (``to_empty`` alone would leave them uninitialized too)."""
+    import torch
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    owners, ties = {}, []  # a tied parameter: one tensor in two modules (to_empty makes two of it)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                if id(p) in owners:
+                    ties.append((module, name, owners[id(p)]))
+                else:
+                    owners[id(p)] = (module, name)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    for module, name, (owner, owner_name) in ties:
+        if module._parameters[name] is not owner._parameters[owner_name]:
+            setattr(module, name, owner._parameters[owner_name])
+
+
+def placeholder_model(spec, seed: int, attention: str = "sdpa"):
+    """The plan's model with placeholder values (a fixed small normal draw), nothing read from
+    its source: the shape to replay a run's expansions on before its own weights are loaded in
+    (a resume, an FSDP run's gather) — a 7B model is not read from disk again mid-run."""
+    import torch
+
+    model, view = load_model(spec, seed, attention=attention, skeleton=True)
+    if any(p.is_meta for p in model.parameters()):
+        materialize_skeleton(model, "cpu")
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(0.02))
+    return model, view
+
+
+def safetensors_files(source: str) -> list[Path]:
+    """A local model directory's safetensors weight files (none for a hub name or other formats)."""
+    path = Path(source)
+    return sorted(path.glob("*.safetensors")) if path.is_dir() else []
+
+
+def load_model(spec, seed: int, attention: str = "sdpa", skeleton: bool = False):
     """Build (built-in) or load (hub name or local directory: the same call) the model with the
     Auto class of its family's kind (causal LM, or seq2seq for T5); returns (model, ArchView).
 
     `attention` is train.attention: "sdpa" uses PyTorch's fused attention where the family has it,
-    else eager; `model.attention_fallback` then holds the one-line reason (None when as asked)."""
+    else eager; `model.attention_fallback` then holds the one-line reason (None when as asked).
+    `skeleton`: the same model with its parameters on the meta device and nothing read from the
+    weight files (``parameters_on_meta``): the shape to shard before its values are streamed in."""
     import torch
     import transformers
 
@@ -179,6 +249,9 @@ def load_model(spec, seed: int, attention: str = "sdpa"):
     implementation, fallback = choose_attention(auto, config, attention)
 
     def build(implementation: str):
+        if skeleton:
+            with parameters_on_meta():
+                return auto.from_config(config, attn_implementation=implementation)
         if spec.source.startswith("builtin:"):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 
 
+def _whole(param) -> torch.Tensor:
+    """A parameter's values, whole: a sharded one (FSDP's DTensor) is gathered — one layer's
+    tensor at a time, a collective every rank joins."""
+    value = param.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 @dataclass
 class NewUnits:
     """One layer's new hidden units: their rows of `up` and columns of `down` (Linear layout;
@@ -30,12 +37,12 @@ class NewUnits:
         return torch.cat([incoming, outgoing], dim=1).float()
 
     def vectors(self) -> torch.Tensor:
-        return self._vectors(self.up.detach(), self.down.detach(), self.rows)
+        return self._vectors(_whole(self.up), _whole(self.down), self.rows)
 
     def source_vectors(self) -> torch.Tensor | None:
         if self.sources is None:
             return None
-        return self._vectors(self.up.detach(), self.down.detach(), self.sources)
+        return self._vectors(_whole(self.up), _whole(self.down), self.sources)
 
     def grad_vectors(self) -> torch.Tensor | None:
         if self.up.grad is None or self.down.grad is None:

@@ -46,12 +46,20 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def load_tokenizer_and_model(plan: Plan, device: str | torch.device = "cpu"):
-    """(tokenizer, model on `device`, its ArchView) for the plan's model, before any stage."""
+def load_tokenizer_and_model(plan: Plan, device: str | torch.device = "cpu", world=None):
+    """(tokenizer, model on `device`, its ArchView) for the plan's model, before any stage. In an
+    FSDP run (`world` distributed, strategy fsdp) the model comes sharded, loaded unit by unit
+    (``engine.train.fsdp.load_sharded``): no rank ever holds it whole."""
     from engine.model.sources import check_vocabulary, load_model
 
     tokenizer = load_tokenizer(plan.model.tokenizer)
-    model, view = load_model(plan.model, plan.seed, attention=plan.train.attention)
+    if world is not None and world.distributed and plan.train.strategy == "fsdp":
+        from engine.train import fsdp
+
+        model, view = fsdp.load_sharded(plan.model, plan.seed, plan.train.attention, torch.device(device),
+                                        world.is_main)
+    else:
+        model, view = load_model(plan.model, plan.seed, attention=plan.train.attention)
     check_vocabulary(model, tokenizer)
     return tokenizer, model.to(device), view
 
@@ -156,7 +164,8 @@ def build_from_plan(plan: Plan, upto_stage: int | None = None, device: str = "cp
 
 def load_run_model(run_dir: Path | str, device: str = "cpu"):
     """A run's latest weights: build from the run's plan.toml, replay the expansions its
-    checkpoint had (as a resume does), load checkpoints/latest/model.safetensors.
+    checkpoint had (as a resume does), load checkpoints/latest's weights — model.safetensors, or
+    an FSDP run's DCP shards (read whole in this one process: no process group needed).
 
     Returns (model, view, tokenizer, plan)."""
     run = RunDir(run_dir)
@@ -201,11 +210,12 @@ class Prepared:
     bytes_per_token: dict[str, float]
 
 
-def prepare(plan: Plan, cache: Path) -> Prepared:
+def prepare(plan: Plan, cache: Path, world=None) -> Prepared:
     from engine.model.forward import model_kind
 
     device = pick_device(plan.train.device)
-    tokenizer, model, view = load_tokenizer_and_model(plan, "cpu")
+    fsdp_run = world is not None and world.distributed and plan.train.strategy == "fsdp"
+    tokenizer, model, view = load_tokenizer_and_model(plan, device if fsdp_run else "cpu", world)
     kind = model_kind(model)
     start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
     tasks = {name: load_plan_task(name, spec, tokenizer, cache, kind, start) for name, spec in plan.tasks.items()}

@@ -33,13 +33,83 @@ def _own_blocks(model, view) -> list[torch.nn.Module]:
     return [block for block in blocks if all(users[id(p)] == 1 for p in block.parameters())]
 
 
-def shard(model, view) -> None:
-    """FSDP2 over `model`, in place: its own blocks one unit each, then the root."""
+def shard(model, view) -> list[torch.nn.Module]:
+    """FSDP2 over `model`, in place: its own blocks one unit each, then the root. Returns the
+    blocks' units (the root is the last unit)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in _own_blocks(model, view):
+    units = _own_blocks(model, view)
+    for block in units:
         fully_shard(block)
     fully_shard(model)
+    return units
+
+
+# ---------------------------------------------------------------------------------------------
+# loading sharded
+
+
+class _WeightSource:
+    """Rank 0's reader of the model's initial values, a few tensors at a time: straight from the
+    safetensors files of a local directory whose names are the model's (a tied parameter may be
+    stored once), else — a built-in or config-only model (random, seeded), a hub name, ``.bin``
+    weights — from the model loaded whole on rank 0 alone, the ordinary way."""
+
+    def __init__(self, spec, seed: int, attention: str, skeleton: torch.nn.Module):
+        from engine.model.sources import load_model, safetensors_files
+
+        self.files: dict[str, object] = {}
+        for path in safetensors_files(spec.source):
+            from safetensors import safe_open
+
+            handle = safe_open(str(path), framework="pt")
+            self.files.update({name: handle for name in handle.keys()})
+        entries = skeleton.state_dict(keep_vars=True)
+        stored = {id(value) for name, value in entries.items() if name in self.files}
+        self.whole = None
+        if not self.files or not all(name in self.files or id(value) in stored for name, value in entries.items()):
+            self.whole, _ = load_model(spec, seed, attention=attention)
+            self.files = {}
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        if self.whole is not None:
+            values = self.whole.state_dict()
+            return {name: values[name] for name in names}
+        return {name: self.files[name].get_tensor(name) for name in names if name in self.files}
+
+
+def load_sharded(spec, seed: int, attention: str, device: torch.device, is_main: bool):
+    """The plan's model, sharded from the start (a collective): built with its parameters on the
+    meta device, sharded, then filled unit by unit — rank 0 reads a unit's tensors whole and
+    ``set_model_state_dict(..., broadcast_from_rank0=True)`` hands every rank its slices. No rank
+    but 0 holds a tensor it does not own longer than that one tensor's broadcast, and rank 0 reads
+    one unit at a time (a model without a weight file of its own names is loaded whole on rank 0,
+    ``_WeightSource``). The values equal the ordinary load's: the same files, the same seed.
+    Returns (model, view)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from engine.model.sources import load_model, materialize_skeleton
+
+    model, view = load_model(spec, seed, attention=attention, skeleton=True)
+    if not any(p.is_meta for p in model.parameters()):  # a built-in MLP: built whole (it is tiny)
+        shard(model, view)
+        return model.to(device), view
+    units = shard(model, view)
+    materialize_skeleton(model, device)
+    source = _WeightSource(spec, seed, attention, model) if is_main else None
+    names = {id(m): n for n, m in model.named_modules()}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    in_units = set()
+    for unit in units:
+        prefix = names[id(unit)] + "."
+        keys = list(unit.state_dict().keys())
+        in_units.update(prefix + k for k in keys)
+        chunk = {k.removeprefix(prefix): v for k, v in source.tensors([prefix + k for k in keys]).items()} \
+            if source is not None else {}
+        set_model_state_dict(unit, chunk, options=options)
+    rest = [k for k in model.state_dict().keys() if k not in in_units]
+    set_model_state_dict(model, source.tensors(rest) if source is not None else {}, options=options)
+    return model, view
 
 
 def is_sharded(model) -> bool:

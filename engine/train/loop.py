@@ -61,7 +61,7 @@ class Trainer:
         self.events = EventWriter(self.run.events) if self.is_main else None
         trackers.attach(self.events, self.plan.train.report_to, self.run.path)  # a copy of the metrics, if asked
         self.monitor = SystemMonitor(SYSTEM_SAMPLE_S)
-        prepared = prepare(self.plan, self.run.path.parent / ".cache")
+        prepared = prepare(self.plan, self.run.path.parent / ".cache", self.world)
         self.device, self.tokenizer, self.tasks = prepared.device, prepared.tokenizer, prepared.tasks
         self.eval_sets, self.bytes_per_token = prepared.eval_sets, prepared.bytes_per_token
         self.m = TrainedModel(self.plan, prepared, self.world)
@@ -94,20 +94,28 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, reason: str, optimizer=None, scheduler=None, stage: int | None = None,
                         step: int | None = None):
-        """Save weights + trainer state (gathered whole under FSDP: every rank takes part); rank 0
-        writes. `stage`/`step` label the event. Non-finite weights are never saved."""
+        """Save weights + trainer state; `stage`/`step` label the event. Non-finite weights are
+        never saved. A sharded model (FSDP) is saved sharded — a collective: every rank checks
+        and writes its own shards (DCP), rank 0 the rest, nothing is gathered but the small task
+        modules. A whole model is written by rank 0 alone."""
         weights, tasks = self.m.weights(), self.m.task_tensors()
         moments = self.m.optimizer_state(optimizer) if optimizer else None
-        if not self.is_main:
+        sharded = isinstance(weights, checkpoint.ShardedWeights)
+        if not sharded and not self.is_main:
             return
-        if not checkpoint.finite_weights(weights):
+        finite = checkpoint.finite_weights(weights)
+        if sharded:  # every rank's shards: the ranks stop alike
+            finite = self.world.all_sum([0.0 if finite else 1.0])[0] == 0
+        if not finite:
             raise Diverged(self.position.stage, self.position.step, "the weights are not finite", self.run.id)
         state = TrainerState(
             position=self.position, history=self.history, optimizer=moments,
             scheduler=scheduler.state_dict() if scheduler else None, plateau=self.plateau_state,
             task_modules=self.m.task_modules.to_json() if self.m.task_modules else None,
             scaler=self.precision.scaler.state_dict(), rng=checkpoint.capture_rng())
-        final = checkpoint.save(self.run.checkpoints / "latest", weights, state, tasks)
+        latest = self.run.checkpoints / "latest"
+        final = checkpoint.save_sharded(latest, self.world, weights, state, tasks) if sharded else \
+            checkpoint.save(latest, weights, state, tasks)
         self.emit("checkpoint", stage=self.position.stage if stage is None else stage,
                   step=self.position.step if step is None else step,
                   path=str(final.relative_to(self.run.path)), reason=reason)
@@ -121,6 +129,7 @@ class Trainer:
         self.position, self.history, self.plateau_state = state.position, state.history, state.plateau
         stages = state.position.stage + (1 if state.position.ops_applied else 0)
         self.m.rebuild(stages, self.history.growths, task_modules=state.task_modules)
+        self.m.shard()  # FSDP: the weights load straight into the shards (each rank reads its own)
         checkpoint.load_weights(self.model, self.run.checkpoints / "latest", self.device)
         return state
 
@@ -153,6 +162,7 @@ class Trainer:
         for index in range(start_stage, len(plan.stages)):
             self.run_stage(index, saved if index == start_stage else None)
         if plan.sweep:
+            self.m.gather(len(plan.stages), self.history.growths)  # FSDP: the sweep maps whole blocks
             self.sweep_result = sweep.sweep_after_training(self)
         self.finish("done")
 
@@ -165,7 +175,8 @@ class Trainer:
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="begin",
                   global_step=self._global_step(index, 0), tokens=self.history.tokens, flops=self.history.flops)
         if not self.position.ops_applied:  # its operators, then its freezing
-            self._log_expansions(index, self.m.expand(index, probe_batch(self.eval_sets[stage.task])))
+            self._log_expansions(index, self.m.expand(index, probe_batch(self.eval_sets[stage.task]),
+                                                      self.history.growths))
             self.position.ops_applied, self.position.step, self.position.growths = True, 0, 0
             self.plateau_state = None
         else:
@@ -182,7 +193,8 @@ class Trainer:
         else:
             torch.manual_seed(stage_seed(plan.seed, index))
         self.train_steps(index, stage, optimizer, scheduler)
-        self.m.gather(index + 1, self.history.growths)  # FSDP: whole again for evaluation and the next stage
+        if self.m.task_modules is not None:  # FSDP: swapping a task's modules needs the model whole
+            self.m.gather(index + 1, self.history.growths)
 
         total, trainable = count_params(self.model), self.m.freezer.trainable(self.model)
         for report, units in health.after_training(self.history.expansions, self.m.growth, index):

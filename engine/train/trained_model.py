@@ -21,7 +21,7 @@ from engine.grow.task_modules import TaskModules
 from engine.plan import Plan
 from engine.train import fsdp, speed
 from engine.train.build import Prepared, replay_expansions
-from engine.train.checkpoint import WholeWeights
+from engine.train.checkpoint import ShardedMoments, load_sharded_moments, sharded_moments, sharded_weights
 from engine.train.distributed import World
 from engine.train.optim import make_optimizer
 
@@ -35,7 +35,7 @@ class TrainedModel:
         self.task_modules = TaskModules() if plan.task_modules else None
         self.active_task: str | None = None
         self.fsdp = world.distributed and plan.train.strategy == "fsdp"
-        self.sharded = False
+        self.sharded = fsdp.is_sharded(self.module)   # FSDP loads it sharded (engine.train.fsdp.load_sharded)
         self.stage_index, self.policy = 0, "none"
         self.restarts: list[int] = []   # stage steps where the lr schedule went back to its peak (rewarm)
         self._trains: tuple[weakref.ref, list] | None = None  # (optimizer, its parameters that train)
@@ -57,9 +57,12 @@ class TrainedModel:
             self.activate(task)
 
     # ------------------------------------------------------------------ shape (whole model only)
-    def expand(self, index: int, probe) -> list[dict]:
-        """Apply stage `index`'s operators, measured on `probe`; returns their reports."""
+    def expand(self, index: int, probe, growths: list[dict]) -> list[dict]:
+        """Apply stage `index`'s operators, measured on `probe`; returns their reports. A sharded
+        model is gathered whole first when the stage has operators (`growths`: the run's so far)."""
         stage = self.plan.stages[index]
+        if stage.expand and self.sharded:
+            self.gather(index, growths)
         self.stage_index = index
         self.activate(stage.task)  # expansions are measured on the task's own model
         self.growth = apply_stage(self.module, self.view, index, stage.expand, probe, op_generator(self.plan.seed, index))
@@ -86,16 +89,17 @@ class TrainedModel:
 
     def freeze(self, index: int) -> None:
         self.stage_index, self.policy = index, self.plan.stages[index].freeze
-        self.freezer.apply(self.module, self.policy, self.growth)
+        self.freezer.apply(self.module, self.policy, self.growth, cut=fsdp.shard_like if self.sharded else None)
 
     def rebuild(self, stages: int, growths: list[dict], weights: dict | None = None,
                 task_modules: dict | None = None) -> None:
         """A plain model of the shape the first `stages` stages (and `growths`) gave, with `weights`
         (or, when None, the caller loads them): a resume's model, or an FSDP run's gathered one."""
         if self.sharded or weights is not None:  # a fresh module: the sharded one cannot be unsharded
-            from engine.model.sources import load_model
+            from engine.model.sources import placeholder_model
 
-            self.module, self.view = load_model(self.plan.model, self.plan.seed, attention=self.plan.train.attention)
+            self.module, self.view = placeholder_model(self.plan.model, self.plan.seed,
+                                                       attention=self.plan.train.attention)
             self.sharded = False
         self.growth = replay_expansions(self.module, self.view, self.plan, stages, growths)
         if self.task_modules is not None and task_modules:
@@ -119,8 +123,10 @@ class TrainedModel:
         state = optimizer.state_dict() if optimizer is not None else None
         schedule = scheduler.state_dict() if scheduler is not None else None
         masks = self.freezer.masks_by_name(self.module)
+        names = {id(p): name for name, p in self.module.named_parameters(remove_duplicate=False)}
         fsdp.shard(self.module, self.view)
         self.sharded = True
+        self.growth = self.growth.moved(names, dict(self.module.named_parameters(remove_duplicate=False)))
         self.freezer.remask(self.module, masks, fsdp.shard_like)
         if optimizer is None:
             return None, None
@@ -200,14 +206,21 @@ class TrainedModel:
 
     # ------------------------------------------------------------------ checkpoint contents
     def weights(self):
-        """What a checkpoint saves: the model, or (FSDP) its whole state gathered (a collective)."""
-        return WholeWeights(fsdp.full_state_dict(self.module)) if self.sharded else self.module
+        """What a checkpoint saves: the model, or (sharded) this rank's shards of its state dict
+        (``checkpoint.ShardedWeights``: written by every rank into DCP, never gathered)."""
+        return sharded_weights(self.module) if self.sharded else self.module
 
-    def optimizer_state(self, optimizer) -> dict:
-        return fsdp.full_optimizer_state(optimizer) if self.sharded else optimizer.state_dict()
+    def optimizer_state(self, optimizer) -> dict | ShardedMoments:
+        """torch's state_dict(), or (sharded) this rank's shards of it keyed by FQN."""
+        return sharded_moments(self.module, optimizer) if self.sharded else optimizer.state_dict()
 
-    def load_optimizer_state(self, optimizer, state: dict) -> None:
-        if self.sharded:
+    def load_optimizer_state(self, optimizer, state: dict | ShardedMoments) -> None:
+        """A checkpoint's optimizer state into `optimizer`, whichever layout saved it and however
+        the model is placed now: DCP moments are read as each parameter is laid out (sharded:
+        its slices, a collective); whole moments are cut to the shards, or loaded as they are."""
+        if isinstance(state, ShardedMoments):
+            load_sharded_moments(self.module, optimizer, state)
+        elif self.sharded:
             fsdp.load_optimizer_state(optimizer, state)
         else:
             optimizer.load_state_dict(state)
