@@ -355,7 +355,7 @@ def _cancel_waiting(run: RunDir, status: dict) -> str:
 
 # What a resume may change: settings the checkpoint does not depend on. The model, the tasks and
 # the stages' operators shape the checkpoint, so they stay as the run began.
-# The checkpoint is whole (gathered on rank 0, also under FSDP), so the processes may change too.
+# A checkpoint (whole, or an FSDP run's DCP shards) loads on any N and strategy, so those may change too.
 RESUMABLE_FIELDS = re.compile(r"^(train\.(lr|grad_clip|eval_interval|log_interval|checkpoint_interval)"
                               r"|train\.distributed\.(nproc|nnodes|rdzv_endpoint|strategy)|stages\.\d+\.lr)$")
 

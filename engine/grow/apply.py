@@ -37,6 +37,11 @@ def probe(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -
     return logits, loss
 
 
+def whole_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value: a sharded one (FSDP's DTensor) gathered (a collective)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def new_unit_health(model, result: OpResult, inputs, targets) -> dict:
     """At expansion: gradient norm of what the operator added (zero: the units cannot learn), the
     share of dead new units, and how alike the new units are."""
@@ -53,10 +58,10 @@ def new_unit_health(model, result: OpResult, inputs, targets) -> dict:
     total = 0.0
     for p in result.new_params:
         if p.grad is not None:
-            total += float(p.grad.float().pow(2).sum())
+            total += float(whole_tensor(p.grad).float().pow(2).sum())
     for p, mask in result.grown:
         if p.grad is not None:
-            total += float((p.grad.float() * mask).pow(2).sum())
+            total += float((whole_tensor(p.grad).float() * mask).pow(2).sum())
     health = {"new_grad_norm": math.sqrt(total), "dead_share": health_metrics.dead_share(result.units),
               **health_metrics.similarity_report(result.units)}
     for p in model.parameters():
@@ -76,8 +81,13 @@ class StageGrowth:
         """The same growth over the model's new parameter objects (FSDP's shards replace them):
         `names` maps each old parameter's id to its name, `params` holds the new ones by name.
         Masks stay whole (``Freezer.apply`` cuts them)."""
+        return self.replaced({id_: params[name] for id_, name in names.items()}, strict=True)
+
+    def replaced(self, new_of: dict[int, torch.nn.Parameter], strict: bool = False) -> "StageGrowth":
+        """The same growth with each parameter whose id `new_of` maps replaced by its new object
+        (`strict`: every parameter must be mapped)."""
         def new(p):
-            return params[names[id(p)]]
+            return new_of[id(p)] if strict or id(p) in new_of else p
 
         results = [dataclasses.replace(
             r, new_params=[new(p) for p in r.new_params], grown=[(new(p), m) for p, m in r.grown],
@@ -93,8 +103,10 @@ class OperatorError(WidenError, ValueError):
 
 
 def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Generator,
-                measure: bool = True) -> StageGrowth:
-    """Apply the stage's operators in order. With `measure`, each gets a report (no training)."""
+                measure: bool = True, applier=None) -> StageGrowth:
+    """Apply the stage's operators in order. With `measure`, each gets a report (no training).
+    `applier` (engine.train.unit_growth.UnitByUnit: a sharded model grown one unit at a time)
+    applies each operator instead of ``apply_operator`` and holds the model as it is after it."""
     growth = StageGrowth()
     inputs, targets = batch if measure else (None, None)
     view.stage_index = stage_index  # adapters name themselves after their stage ("lora_stage1")
@@ -104,7 +116,12 @@ def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Ge
         if measure:
             logits_before, loss_before = probe(model, inputs, targets)
         try:
-            result = apply_operator(view, params, generator)
+            if applier is None:
+                result = apply_operator(view, params, generator)
+            else:  # the earlier operators' tensors that it re-made with their values follow
+                result = applier(params, generator)
+                model, view = applier.module, applier.view
+                growth.results = growth.replaced(applier.remade).results
         except ValueError as e:  # operators state what does not fit the model as a ValueError
             raise OperatorError(f"stage {stage_index}: {params.op}: {str(e).splitlines()[0]}") from e
         for key, value in result.config_changes.items():

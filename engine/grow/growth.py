@@ -148,11 +148,12 @@ def growth_generator(seed: int, stage: int, growth: int) -> torch.Generator:
 
 
 def grow_model(model, view, specs, stage_index: int, growth_index: int, probe_batch,
-               generator: torch.Generator) -> StageGrowth:
+               generator: torch.Generator, applier=None) -> StageGrowth:
     """apply_stage for one growth: each report is measured on `probe_batch` (parameters added,
     max |Δlogits|, loss before/after, new-unit health) and tagged ``growth = growth_index``.
     `probe_batch` None: unmeasured (replaying a checkpoint's growths)."""
-    growth = apply_stage(model, view, stage_index, specs, probe_batch, generator, measure=probe_batch is not None)
+    growth = apply_stage(model, view, stage_index, specs, probe_batch, generator, measure=probe_batch is not None,
+                         applier=applier)
     for report in growth.reports:
         report["growth"] = growth_index
     return growth

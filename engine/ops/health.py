@@ -47,7 +47,7 @@ class NewUnits:
     def grad_vectors(self) -> torch.Tensor | None:
         if self.up.grad is None or self.down.grad is None:
             return None
-        return self._vectors(self.up.grad, self.down.grad, self.rows)
+        return self._vectors(_whole(self.up.grad), _whole(self.down.grad), self.rows)
 
 
 def dead_share(groups: list[NewUnits]) -> float | None:

@@ -125,6 +125,10 @@ class OpDescriptor:
     # capabilities
     task_module: bool = False    # its additions are separate, switchable paths (engine.grow.task_modules)
     parallel_mode: bool = False  # ... only with mode = "parallel" (in place it rewrites the base)
+    # applied to layers [a, b, ...] it does what it does applied to [a], then [b], ... with the same
+    # generator (each block's draws in layer order, nothing outside the blocks): an FSDP run grows
+    # it one unit at a time (engine.train.unit_growth), never holding the whole model
+    per_block: bool = False
 
     @property
     def summary(self) -> str:
@@ -148,7 +152,7 @@ OPS: dict[str, OpDescriptor] = {}
 
 
 def register_op(*, implementation: str, builder_order: int, does: str, exact: str, adds: str, families: str,
-                task_module: bool = False, parallel_mode: bool = False):
+                task_module: bool = False, parallel_mode: bool = False, per_block: bool = False):
     """Class decorator: describe the op whose schema it decorates (its name: the default of the
     schema's `op` field) and register it in ``OPS``."""
 
@@ -169,7 +173,8 @@ def register_op(*, implementation: str, builder_order: int, does: str, exact: st
             raise ValueError(f"{schema.__name__}: " + "; ".join(problems))
         descriptor = OpDescriptor(name=name, schema=schema, implementation=implementation,
                                   builder_order=builder_order, does=does, exact=exact, adds=adds,
-                                  families=families, task_module=task_module, parallel_mode=parallel_mode)
+                                  families=families, task_module=task_module, parallel_mode=parallel_mode,
+                                  per_block=per_block)
         ordered = sorted([*OPS.values(), descriptor], key=lambda d: d.builder_order)
         OPS.clear()
         OPS.update((d.name, d) for d in ordered)
@@ -216,7 +221,7 @@ WidthInit = Literal["zero_out", "net2net", "copy_halve", "zeros", "constant", "r
 GROWTH_SYMMETRY = "noise"
 
 
-@register_op(implementation="engine.ops.width:widen_ffn", builder_order=10, task_module=True, parallel_mode=True,
+@register_op(implementation="engine.ops.width:widen_ffn", per_block=True, builder_order=10, task_module=True, parallel_mode=True,
              does='adds `size` hidden units to each chosen block\'s FFN; `mode = "parallel"` (separate trainable '
                   'path beside the frozen FFN) or `"inplace"` (wider matrices, gradient-masked)',
              exact="yes for `zero_out`, `zeros`, `constant`, `net2net`/`copy_halve` without noise; no for `random`",
@@ -332,7 +337,7 @@ class LinearOpParams(LayeredOpParams):
         return []
 
 
-@register_op(implementation="engine.ops.linear:concat_linear", builder_order=50, task_module=True,
+@register_op(implementation="engine.ops.linear:concat_linear", per_block=True, builder_order=50, task_module=True,
              does="a Linear's output gains `size` features from a trainable expansion; the Linear reading it "
                   "(from the architecture data) gets `size` zero input columns",
              exact="yes",
@@ -369,7 +374,7 @@ def concat_consumer_message(name, where: str) -> str:
             "add_heads, the residual stream with widen_hidden")
 
 
-@register_op(implementation="engine.ops.linear:parallel_linear", builder_order=60, task_module=True,
+@register_op(implementation="engine.ops.linear:parallel_linear", per_block=True, builder_order=60, task_module=True,
              does="y = W x + D x with W frozen-able and D full-rank trainable",
              exact="yes (`zeros`), no (`random`, `std`)",
              adds="one W-shaped D per module",
@@ -420,7 +425,7 @@ def _check_roles(roles: list[str]) -> list[str]:
     return roles
 
 
-@register_op(implementation="engine.ops.heads:add_heads", builder_order=30,
+@register_op(implementation="engine.ops.heads:add_heads", per_block=True, builder_order=30,
              does="adds `size` attention heads per layer, zero output columns; GQA: whole groups with their own "
                   "k/v heads",
              exact="yes (`zero_out`), no (`random`)",
@@ -537,7 +542,7 @@ class AdapterOpParams(LayeredOpParams):
         return problems
 
 
-@register_op(implementation="engine.ops.adapters:lora", builder_order=110, task_module=True,
+@register_op(implementation="engine.ops.adapters:lora", per_block=True, builder_order=110, task_module=True,
              does="PEFT LoRA on roles `q k v o up down gate` (fused qkv in gpt2/neox: one adapter covers it); "
                   "each virtual twin its own adapter",
              exact="yes (B = 0)",
@@ -553,7 +558,7 @@ class LoRAParams(AdapterOpParams):
     dropout: Float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
 
 
-@register_op(implementation="engine.ops.adapters:ia3", builder_order=120, task_module=True,
+@register_op(implementation="engine.ops.adapters:ia3", per_block=True, builder_order=120, task_module=True,
              does="PEFT IA3 scaling vectors (ones at init)",
              exact="yes",
              adds="fan-out (fan-in for `feedforward` roles) per module",

@@ -41,8 +41,18 @@ def shard(model, view) -> list[torch.nn.Module]:
     units = _own_blocks(model, view)
     for block in units:
         fully_shard(block)
-    fully_shard(model)
+    shard_root(model)
     return units
+
+
+def shard_root(model) -> None:
+    """The root unit (its blocks already units). It reshards after every forward, as the blocks
+    do: FSDP2's default keeps a root's parameters gathered after a forward without gradients (an
+    evaluation), and its modules then hold those whole tensors, not the shards the optimizer,
+    the freezing masks and a growth know them by."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, reshard_after_forward=True)
 
 
 # ---------------------------------------------------------------------------------------------

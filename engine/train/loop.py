@@ -312,13 +312,19 @@ class Trainer:
         split units), log it, go on."""
         started, stage = time.perf_counter(), self.plan.stages[index]
         k, step = self.position.growths, self.position.step
-        optimizer, scheduler = self.m.gather(index + 1, self.history.growths, optimizer, scheduler)
-        growth, before = self.m.grow(index, k, probe_batch(self.eval_sets[stage.task]))
+        by_units = self.m.grows_by_units(stage.grow.expand)
+        if not by_units:  # FSDP: whole on every rank for operators that are not per block
+            optimizer, scheduler = self.m.gather(index + 1, self.history.growths, optimizer, scheduler)
+        growth, before = self.m.grow(index, k, probe_batch(self.eval_sets[stage.task]), self.history.growths,
+                                     optimizer if by_units else None)
         self._profile_flops(stage.task)
         if stage.grow.schedule_after == "rewarm":  # the new schedule restarts at this step (engine.train.optim)
             self.m.restarts = [*self.m.restarts, step]
         new_optimizer, new_scheduler = self.m.make_optimizer(stage)
-        carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth, masked=self.m.freezer.masked)
+        if by_units:  # the moments were carried block by block, as the blocks grew
+            self.m.load_carried(new_optimizer)
+        else:
+            carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth, masked=self.m.freezer.masked)
         continue_schedule(scheduler, new_scheduler)
         self._log_expansions(index, growth.reports, trigger=stage.grow.trigger, growth=k, step=step,
                              global_step=self._global_step(index, step), tokens=self.history.tokens,

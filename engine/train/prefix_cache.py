@@ -11,8 +11,9 @@ Publishing is atomic (a temporary directory renamed into place), so a reader see
 or none; two runs racing to publish the same key leave one (identical) entry.
 
 The runs root may be shared, so an entry is untrusted input: only the checkpoint's own files are
-copied (regular files, no links), and they are loaded as any checkpoint is — JSON and
-safetensors, never pickle (``engine.train.checkpoint``).
+copied (regular files, no links; a sharded checkpoint's ``dcp/`` folder too, its ``.metadata`` and
+``__<r>_<n>.distcp`` files only), and they are loaded as any checkpoint is — JSON, safetensors and
+checked DCP metadata, never unrestricted pickle (``engine.train.checkpoint``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engine.runs.records import EventRecord
 from engine.runs.rundir import dumps_json, mkdtemp_shared
 from engine.train import checkpoint as ckpt
 
-ENTRY_FILES = (ckpt.WEIGHTS_FILE, ckpt.TENSORS_FILE, ckpt.STATE_FILE)
+ENTRY_FILES = (ckpt.TENSORS_FILE, ckpt.STATE_FILE)   # and the weights: WEIGHTS_FILE, or DCP_DIR (sharded)
 
 
 def entry_dir(runs_root: Path, key: str) -> Path:
@@ -37,9 +38,15 @@ def lookup(runs_root: Path, key: str) -> Path | None:
     """The cached entry for `key`, if a whole one exists."""
     entry = entry_dir(runs_root, key)
     names = (*ENTRY_FILES, "meta.json", "events.jsonl")
-    if all((entry / name).is_file() and not (entry / name).is_symlink() for name in names):
+    if all(_regular(entry / name) for name in names) and (
+            _regular(entry / ckpt.WEIGHTS_FILE) or _regular(entry / ckpt.DCP_DIR / ckpt.DCP_METADATA)):
         return entry
     return None
+
+
+def _regular(path: Path) -> bool:
+    """A regular file, reached through no link."""
+    return path.is_file() and not path.is_symlink() and not path.parent.is_symlink()
 
 
 def _copy_checkpoint(source: Path, target: Path) -> None:
@@ -47,6 +54,14 @@ def _copy_checkpoint(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in ENTRY_FILES:
         shutil.copyfile(source / name, target / name, follow_symlinks=False)
+    if _regular(source / ckpt.WEIGHTS_FILE):
+        shutil.copyfile(source / ckpt.WEIGHTS_FILE, target / ckpt.WEIGHTS_FILE, follow_symlinks=False)
+    shards = source / ckpt.DCP_DIR
+    if shards.is_dir() and not shards.is_symlink():
+        (target / ckpt.DCP_DIR).mkdir()
+        for item in shards.iterdir():
+            if (item.name == ckpt.DCP_METADATA or ckpt.DCP_SHARD.fullmatch(item.name)) and _regular(item):
+                shutil.copyfile(item, target / ckpt.DCP_DIR / item.name, follow_symlinks=False)
     tasks = source / ckpt.TASKS_DIR
     if tasks.is_dir() and not tasks.is_symlink():
         (target / ckpt.TASKS_DIR).mkdir()

@@ -19,7 +19,7 @@ from engine.grow.apply import Freezer, StageGrowth, apply_stage, op_generator
 from engine.grow.growth import combine_growth, grow_model, growth_generator
 from engine.grow.task_modules import TaskModules
 from engine.plan import Plan
-from engine.train import fsdp, speed
+from engine.train import fsdp, speed, unit_growth
 from engine.train.build import Prepared, replay_expansions
 from engine.train.checkpoint import ShardedMoments, load_sharded_moments, sharded_moments, sharded_weights
 from engine.train.distributed import World
@@ -39,6 +39,7 @@ class TrainedModel:
         self.stage_index, self.policy = 0, "none"
         self.restarts: list[int] = []   # stage steps where the lr schedule went back to its peak (rewarm)
         self._trains: tuple[weakref.ref, list] | None = None  # (optimizer, its parameters that train)
+        self.carried: dict[str, dict] | None = None  # a unit-by-unit growth's moments, by name (load_carried)
         if plan.train.checkpointing:
             speed.enable_checkpointing(self.module, self.view)
 
@@ -61,21 +62,55 @@ class TrainedModel:
         """Apply stage `index`'s operators, measured on `probe`; returns their reports. A sharded
         model is gathered whole first when the stage has operators (`growths`: the run's so far)."""
         stage = self.plan.stages[index]
-        if stage.expand and self.sharded:
+        applier = self.unit_by_unit(stage.expand, index, growths)
+        if stage.expand and self.sharded and applier is None:
             self.gather(index, growths)
         self.stage_index = index
         self.activate(stage.task)  # expansions are measured on the task's own model
-        self.growth = apply_stage(self.module, self.view, index, stage.expand, probe, op_generator(self.plan.seed, index))
+        self.growth = apply_stage(self.module, self.view, index, stage.expand, probe, op_generator(self.plan.seed, index),
+                                  applier=applier)
+        if applier is not None:
+            self.module, self.view = applier.module, applier.view
         self._after_shape_change(stage.task, self.growth)
         self.freeze(index)
         return self.growth.reports
 
-    def grow(self, index: int, k: int, probe) -> tuple[StageGrowth, dict]:
-        """Growth number `k` of stage `index`; returns it and the parameters before it."""
+    def grows_by_units(self, specs) -> bool:
+        """Whether `specs` grow this model one unit at a time (sharded, and they all allow it)."""
+        return self.sharded and self.task_modules is None and unit_growth.applies(specs, self.view)
+
+    def unit_by_unit(self, specs, index: int, growths: list[dict], optimizer=None):
+        """A sharded model's operators, one unit at a time (engine.train.unit_growth), when they all
+        allow it; None when the model must be gathered whole for them (or is not sharded). The
+        model's shape before them: the first `index` stages' operators with `growths` — under
+        `optimizer`, mid-stage, the current stage's as well."""
+        if not self.grows_by_units(specs):
+            return None
+        from engine.model.sources import load_model
+        from engine.train.build import replay_expansions
+
+        shape, shape_view = load_model(self.plan.model, self.plan.seed, attention=self.plan.train.attention,
+                                       skeleton=True)
+        stages = index + 1 if optimizer is not None else index
+        replay_expansions(shape, shape_view, self.plan, stages, growths)
+        return unit_growth.UnitByUnit(self.module, self.view, shape, shape_view, self.device, optimizer)
+
+    def grow(self, index: int, k: int, probe, growths: list[dict] | None = None,
+             optimizer=None) -> tuple[StageGrowth, dict]:
+        """Growth number `k` of stage `index`; returns it and the parameters before it. A sharded
+        model (with its `optimizer` and the run's `growths` so far) grows one unit at a time; its
+        carried moments are then in `self.carried` (``load_carried``)."""
         stage = self.plan.stages[index]
         before = dict(self.module.named_parameters())
+        applier = self.unit_by_unit(stage.grow.expand, index, growths or [], optimizer) if optimizer else None
         growth = grow_model(self.module, self.view, stage.grow.expand, index, k, probe,
-                            growth_generator(self.plan.seed, index, k))
+                            growth_generator(self.plan.seed, index, k), applier=applier)
+        self.carried = None
+        if applier is not None:
+            self.module, self.view, self.carried = applier.module, applier.view, applier.moments
+            # the root's parameters were re-sharded with the same values: the same tensors, anew
+            before = {name: applier.rehoused.get(id(p), p) for name, p in before.items()}
+            self.growth = self.growth.replaced(applier.rehoused)
         self._after_shape_change(stage.task, growth)
         self.growth = combine_growth(self.growth, growth, before, self.module)
         self.freeze(index)
@@ -110,6 +145,27 @@ class TrainedModel:
             self.module.load_state_dict(weights)
         if self.plan.train.checkpointing:
             speed.enable_checkpointing(self.module, self.view)
+
+    def load_carried(self, optimizer) -> None:
+        """Give `optimizer` (new, over the sharded model grown unit by unit) the moments carried
+        then (``self.carried``, by name); entries whose gradient is masked get zero moments, as
+        ``carry_optimizer_state`` gives them."""
+        from engine.grow.growth import MOMENTS, _fit_group
+
+        params = dict(self.module.named_parameters())
+        for group in optimizer.param_groups:
+            trains = {id(p) for p in group["params"]}
+            for name, p in params.items():
+                state = (self.carried or {}).get(name)
+                if id(p) in trains and state:
+                    optimizer.state[p] = _fit_group(dict(state), group, p)
+        for p, state in optimizer.state.items():
+            mask = self.freezer.masked.get(id(p))
+            if mask is not None and state:
+                for key in MOMENTS:
+                    if key in state:
+                        state[key] = state[key] * mask.to(state[key].dtype)
+        self.carried = None
 
     # ------------------------------------------------------------------ placement
     def make_optimizer(self, stage):

@@ -106,13 +106,13 @@ def demo(
 def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN")],
            set_: Annotated[list[str], typer.Option("--set", help="change a training setting first, e.g. "
                                                    "train.lr=1e-4 after a divergence (repeatable)")] = [],
-           nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="continue on N processes (the "
-                                                        "checkpoint is whole: any N that divides the batch)")] = None,
+           nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="continue on N processes (any N "
+                                                        "that divides the batch: checkpoints reshard)")] = None,
            nnodes: Annotated[Optional[int], typer.Option("--nnodes", min=1, help=NNODES_HELP)] = None,
            rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", metavar="HOST:PORT",
                                                                 help=RDZV_HELP)] = None):
     """Continue a cancelled, failed, diverged or lost run from its latest checkpoint (on as many
-    processes and machines as the options say: the checkpoint is whole)."""
+    processes and machines as the options say, under either strategy: checkpoints reshard)."""
     from widen_tui.launcher import distributed_overrides
     from widen_tui.launcher import resume as resume_run
 

@@ -1,0 +1,145 @@
+"""Peak memory per rank under FSDP2 for 1, 2 and 4 processes, on a model of about 113M parameters.
+
+    .venv/bin/python benchmarks/memory.py [--nproc 1 2 4] [--layers 12] [--hidden 768]
+
+One run per process count of the same plan, as real runs (`widen`'s worker, under
+`python -m torch.distributed.run` for more than one process, strategy fsdp): load a random Llama
+from a local Hugging Face directory (written once, next to the runs), train one stage of 6 steps,
+grow at step 3 (widen_ffn +512, trigger "at"), evaluate and checkpoint at the stage's end.
+
+Each process's peak resident memory is its kernel high-water mark (``VmHWM`` in
+``/proc/<pid>/status``), read every 20 ms while it lives: the last reading before it exits is its
+peak. On a GPU the run's own `ranks` events give the CUDA memory at each log step. The table
+gives the largest rank's peak and its ratio to one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.plan import load_plan  # noqa: E402
+from engine.runs.events import read_all  # noqa: E402
+from engine.runs.rundir import RunDir  # noqa: E402
+from widen_tui.launcher import create_run, worker_command  # noqa: E402
+
+PLAN = """
+name = "memory-bench"
+seed = 0
+[model]
+source = "{model}"
+tokenizer = "bytes"
+[tasks.prose]
+source = "builtin:pydoc"
+max_docs = 40
+[train]
+batch_size = 4
+seq_len = 64
+lr = 1e-4
+eval_interval = 0
+eval_batches = 2
+log_interval = 1
+device = "auto"
+[[stages]]
+task = "prose"
+steps = 6
+[stages.grow]
+trigger = "at"
+at_steps = [3]
+[[stages.grow.expand]]
+op = "widen_ffn"
+size = 512
+"""
+
+
+def write_model(directory: Path, layers: int, hidden: int) -> int:
+    """A random Llama (byte vocabulary) saved as a Hugging Face directory; returns its parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=259, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if not (directory / "config.json").exists():
+        model.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_hwm(pids: dict[int, str], peaks: dict[str, float]) -> None:
+    for pid, rank in list(pids.items()):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peaks[rank] = max(peaks.get(rank, 0.0), int(line.split()[1]) / 1024 ** 2)  # GiB
+        except OSError:
+            pids.pop(pid)
+
+
+def one_run(root: Path, plan_path: Path, nproc: int) -> tuple[RunDir, dict[str, float]]:
+    overrides = [f"train.distributed.nproc={nproc}", "train.distributed.strategy=fsdp"] if nproc > 1 else []
+    run = create_run(load_plan(plan_path, overrides), plan_path, root)
+    process = subprocess.Popen(worker_command(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: dict[int, str] = {}
+    peaks: dict[str, float] = {}
+    while process.poll() is None:
+        try:
+            for child in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+                if child.pid not in pids and "engine.train.worker" in " ".join(child.cmdline()):
+                    pids[child.pid] = child.environ().get("RANK", "0")
+        except psutil.Error:
+            pass
+        peak_hwm(pids, peaks)
+        time.sleep(0.02)
+    return run, peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        params = write_model(model_dir, args.layers, args.hidden)
+        plan_path = Path(tmp) / "plan.toml"
+        plan_path.write_text(textwrap.dedent(PLAN.format(model=model_dir)))
+        rows = []
+        for nproc in args.nproc:
+            run, peaks = one_run(Path(tmp) / "runs", plan_path, nproc)
+            events = read_all(run.events)
+            growths = sum(e.type == "expand" for e in events)
+            checkpoint = "dcp" if (run.checkpoints / "latest" / "dcp").is_dir() else "whole"
+            rows.append((nproc, run.status()["state"], growths, checkpoint, peaks))
+    base = max(rows[0][4].values())
+    table = Table(title=f"Peak resident memory per rank, FSDP2 on CPU (gloo): a {params / 1e6:.0f}M-parameter Llama "
+                        f"loaded, grown mid-stage (widen_ffn +512), evaluated, checkpointed")
+    for column in ("processes", "state", "growths", "checkpoint", "each rank's peak (GiB)", "largest",
+                   "÷ one process"):
+        table.add_column(column, justify="right")
+    for nproc, state, growths, checkpoint, peaks in rows:
+        largest = max(peaks.values())
+        table.add_row(str(nproc), state, str(growths), checkpoint,
+                      " ".join(f"{peaks[r]:.2f}" for r in sorted(peaks)), f"{largest:.2f}", f"{largest / base:.2f}")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,216 @@
+"""Growing a sharded (FSDP2) model one unit at a time: no rank ever holds the whole model.
+
+An operator whose descriptor says ``per_block`` (applied to layers [a, b, ...] it does what it
+does to [a], then to [b], with the same generator) runs here block by block:
+
+1. the model's current shape is rebuilt on the meta device (the base model's config, the run's
+   operators and growths replayed without values: no memory);
+2. for each chosen block, in layer order: its values are gathered from its FSDP unit (one block,
+   whole), the operator is applied to that block alone (``layers = [j]``), the block's AdamW
+   moments are gathered and carried onto the grown block by the rules of a single process
+   (``engine.grow.growth.carry_optimizer_state``), then the block is sharded (``fully_shard``)
+   and its carried moments cut as its new shards are;
+3. the other blocks, and the root's own parameters (embeddings, final norm, head: one unit),
+   are gathered into the new model one unit at a time and sharded again with the same values and
+   moments (an FSDP unit stays bound to the root it first ran under, so none is reused).
+
+The values are those of the single process: the same operator code, the same generator, the
+same draws in the same order (tests/engine/train/test_unit_growth.py compares them). The
+operator's config changes and note come from the operator applied to all its layers at once on
+the meta shape (values are never drawn there).
+
+Operators that change every block at once (widen_hidden) or the block list (map_layers,
+insert_identity, split_residual, unshare) are not ``per_block``: the loop gathers the model whole
+for them (``TrainedModel.gather``), as for task-specific modules and multi-stack models (T5).
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import torch
+
+from engine.grow.apply import StageGrowth
+from engine.grow.growth import carry_optimizer_state
+from engine.model.view import ArchView
+from engine.ops.params import OPS
+from engine.ops.registry import apply_operator
+from engine.train import fsdp
+
+
+def applies(specs, view: ArchView) -> bool:
+    """Whether these operators can grow the sharded model of `view` one unit at a time."""
+    try:
+        single_stack = len(view.stacks()) == 1 and getattr(view.stacks()[0], "stack", None) is None
+        view.blocks()
+    except (RuntimeError, AttributeError):
+        return False
+    return bool(specs) and single_stack and all(OPS[spec.op].per_block for spec in specs)
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+class UnitByUnit:
+    """One stage's (or growth's) operators applied unit by unit; pass it as ``apply_stage``'s
+    `applier`. `module` and `view` are the sharded model as it is after each operator;
+    `moments` (name -> AdamW state, cut as the parameter is) what the new optimizer starts from;
+    `rehoused` (old parameter id -> new one): what kept its values but is a new tensor (the root's
+    parameters, re-sharded; a grown block's parameters its operator left as they were)."""
+
+    def __init__(self, module, view: ArchView, shape, shape_view: ArchView, device: torch.device, optimizer=None):
+        self.module, self.view = module, view
+        self.shape, self.shape_view = shape, shape_view       # the same model on the meta device
+        self.device = device
+        named = dict(module.named_parameters(remove_duplicate=False))
+        self.moments: dict[str, dict] | None = None
+        if optimizer is not None:
+            self.moments = {name: dict(optimizer.state[p]) for name, p in named.items() if optimizer.state.get(p)}
+        self.hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} if optimizer else {}
+        self.rehoused: dict[int, torch.nn.Parameter] = {}   # since the start
+        self.remade: dict[int, torch.nn.Parameter] = {}     # by the last operator
+
+    def __call__(self, params, generator: torch.Generator):
+        """Apply one operator (its OpParams) unit by unit; returns its OpResult over the new
+        sharded parameters."""
+        old_named = dict(self.module.named_parameters(remove_duplicate=False))
+        outline = copy.deepcopy(self.shape)   # the operator on all its layers, on meta: config changes, note
+        outline_view = ArchView(outline.config, outline)
+        outline_view.stage_index = getattr(self.view, "stage_index", None)
+        whole_result = apply_operator(outline_view, params, torch.Generator().manual_seed(0))
+        for key, value in whole_result.config_changes.items():
+            setattr(outline.config, key, value)
+
+        target, target_view = self.shape, self.shape_view
+        target_view.stage_index = getattr(self.view, "stage_index", None)
+        blocks_path = target_view.family.blocks
+        old_blocks, new_blocks = list(self.view.blocks()), target_view.blocks()
+        layers = params.layer_indices(target_view.num_layers)
+        names: dict[int, str] = {}
+        moments: dict[str, dict] = {}
+        rehoused: dict[int, torch.nn.Parameter] = {}
+        results = []
+        for j in layers:
+            prefix = f"{blocks_path}.{j}."
+            block = new_blocks[j]
+            _fill(block, old_blocks[j])
+            before = dict(block.named_parameters(remove_duplicate=False))
+            result = apply_operator(target_view, params.model_copy(update={"layers": [j]}), generator)
+            carried = self._carry(block, before, result, prefix, old_named) if self.moments is not None else {}
+            plain = {name: p for name, p in block.named_parameters(remove_duplicate=False)}
+            names.update({id(p): prefix + name for name, p in plain.items()})
+            was = {id(p): name for name, p in before.items()}
+            kept = {name: was[id(p)] for name, p in plain.items() if id(p) in was}  # left as it was (maybe wrapped)
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(block)
+            sharded = dict(block.named_parameters(remove_duplicate=False))
+            rehoused.update({id(old_named[prefix + old]): sharded[name] for name, old in kept.items()})
+            for name, state in carried.items():
+                moments[prefix + name] = {k: fsdp.shard_like(v, sharded[name]) if isinstance(v, torch.Tensor)
+                                          and v.shape == sharded[name].shape else v for k, v in state.items()}
+            results.append(result)
+        for j, block in enumerate(old_blocks):  # the others: the same values in a unit of the new root
+            if j not in layers:  # (an FSDP unit belongs to the root it first ran under: not reused)
+                prefix = f"{blocks_path}.{j}."
+                _fill(new_blocks[j], block)
+                kept = list(dict(new_blocks[j].named_parameters(remove_duplicate=False)))
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(new_blocks[j])
+                sharded = dict(new_blocks[j].named_parameters(remove_duplicate=False))
+                names.update({id(p): prefix + name for name, p in sharded.items()})
+                rehoused.update({id(old_named[prefix + name]): sharded[name] for name in kept})
+        self._rehouse_root(target, blocks_path, old_named)
+        fsdp.shard_root(target)
+        new_named = dict(target.named_parameters(remove_duplicate=False))
+        if self.moments is not None:
+            for name, p in new_named.items():
+                if name in moments:
+                    continue
+                old = old_named.get(name)
+                if old is not None and name in self.moments and tuple(old.shape) == tuple(p.shape):
+                    moments[name] = self.moments[name]
+            self.moments = moments
+        names.update({id(p): name for name, p in new_named.items() if id(p) not in names})
+        merged = _merge(results, whole_result)
+        moved = StageGrowth([merged]).moved(names, new_named).results[0]
+        rehoused.update({id(old_named[n]): new_named[n] for n in new_named if n in old_named
+                         and old_named[n] is not new_named[n] and not n.startswith(blocks_path + ".")})
+        self.remade = rehoused
+        self.rehoused = {k: rehoused.get(id(v), v) for k, v in self.rehoused.items()}  # an earlier operator's
+        self.rehoused.update(rehoused)
+        self.module, self.view = target, ArchView(target.config, target)
+        self.view.stage_index = target_view.stage_index
+        self.shape, self.shape_view = outline, outline_view  # the shape after this operator, for the next
+        return moved
+
+    def _carry(self, block, before: dict, result, prefix: str, old_named: dict) -> dict[str, dict]:
+        """The grown block's AdamW state (whole tensors, by name in the block): its old moments,
+        gathered, carried as one process carries them."""
+        old_state = {}
+        for name, p in before.items():
+            state = self.moments.get(prefix + name)
+            if state:
+                old_state[p] = {k: _whole(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in state.items()}
+        params = list(block.parameters())
+        new = SimpleNamespace(param_groups=[{**self.hyper, "params": params}], state={})
+        carry_optimizer_state(SimpleNamespace(state=old_state), new, before, block, StageGrowth([result]))
+        by_id = {id(p): name for name, p in block.named_parameters(remove_duplicate=False)}
+        return {by_id[id(p)]: state for p, state in new.state.items()}
+
+    def _rehouse_root(self, target, blocks_path: str, old_named: dict) -> None:
+        """The root's own parameters (outside the blocks), gathered whole into `target` (on meta
+        until now); a tied parameter stays one tensor."""
+        made: dict[int, torch.nn.Parameter] = {}
+        for module_name, module in target.named_modules(remove_duplicate=False):
+            if module_name == blocks_path or module_name.startswith(blocks_path + "."):
+                continue
+            for name, p in list(module._parameters.items()):
+                if p is None or not p.is_meta:
+                    continue
+                full = f"{module_name}.{name}" if module_name else name
+                old = old_named[full]
+                if id(old) not in made:
+                    made[id(old)] = torch.nn.Parameter(_whole(old.detach()).to(self.device).clone(),
+                                                       requires_grad=old.requires_grad)
+                module._parameters[name] = made[id(old)]
+        for module_name, module in target.named_modules(remove_duplicate=False):  # real buffers
+            if module_name == blocks_path or module_name.startswith(blocks_path + "."):
+                continue
+            for name, b in list(module._buffers.items()):
+                if b is not None and b.is_meta:
+                    raise RuntimeError(f"{module_name}.{name}: a buffer without values")
+
+
+def _fill(block: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Give the meta `block` the values of `source` (an FSDP unit of the same shape), one tensor
+    gathered at a time."""
+    from engine.model.sources import materialize_skeleton
+
+    values = dict(source.named_parameters(remove_duplicate=False))
+    device = next(iter(values.values())).device if values else torch.device("cpu")
+    materialize_skeleton(block, device)
+    with torch.no_grad():
+        for name, p in block.named_parameters(remove_duplicate=False):
+            p.copy_(_whole(values[name].detach()))
+        buffers = dict(source.named_buffers())
+        for name, b in block.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+
+
+def _merge(results: list, whole):
+    """The per-block results as one OpResult, with the config changes, note and exactness of the
+    operator applied to all its layers at once."""
+    merged = copy.copy(whole)
+    merged.new_params, merged.grown, merged.units, merged.splits, merged.copies = [], [], [], [], []
+    for result in results:
+        merged.new_params += result.new_params
+        merged.grown += result.grown
+        merged.units += result.units
+        merged.splits += result.splits
+        merged.copies += result.copies
+    return merged
