@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from engine.plan import load_plan  # noqa: E402
 from engine.runs.events import read_all  # noqa: E402
 from engine.runs.rundir import RunDir  # noqa: E402
-from widen_tui.launcher import create_run, worker_command  # noqa: E402
+from widen_tui.launcher import create_run, worker_command, worker_env  # noqa: E402
 
 PLAN = """
 name = "memory-bench"
@@ -94,14 +94,15 @@ def peak_hwm(pids: dict[int, str], peaks: dict[str, float]) -> None:
 def one_run(root: Path, plan_path: Path, nproc: int) -> tuple[RunDir, dict[str, float]]:
     overrides = [f"train.distributed.nproc={nproc}", "train.distributed.strategy=fsdp"] if nproc > 1 else []
     run = create_run(load_plan(plan_path, overrides), plan_path, root)
-    process = subprocess.Popen(worker_command(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(worker_command(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=worker_env())  # as `widen run` starts it
     pids: dict[int, str] = {}
     peaks: dict[str, float] = {}
     while process.poll() is None:
         try:
             for child in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
                 if child.pid not in pids and "engine.train.worker" in " ".join(child.cmdline()):
-                    pids[child.pid] = child.environ().get("RANK", "0")
+                    pids[child.pid] = f"{int(child.environ().get('RANK', '0')):03d}-{child.pid}"
         except psutil.Error:
             pass
         peak_hwm(pids, peaks)
@@ -116,28 +117,37 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        params = write_model(model_dir, args.layers, args.hidden)
-        plan_path = Path(tmp) / "plan.toml"
-        plan_path.write_text(textwrap.dedent(PLAN.format(model=model_dir)))
         rows = []
-        for nproc in args.nproc:
-            run, peaks = one_run(Path(tmp) / "runs", plan_path, nproc)
-            events = read_all(run.events)
-            growths = sum(e.type == "expand" for e in events)
-            checkpoint = "dcp" if (run.checkpoints / "latest" / "dcp").is_dir() else "whole"
-            rows.append((nproc, run.status()["state"], growths, checkpoint, peaks))
-    base = max(rows[0][4].values())
-    table = Table(title=f"Peak resident memory per rank, FSDP2 on CPU (gloo): a {params / 1e6:.0f}M-parameter Llama "
-                        f"loaded, grown mid-stage (widen_ffn +512), evaluated, checkpointed")
-    for column in ("processes", "state", "growths", "checkpoint", "each rank's peak (GiB)", "largest",
-                   "÷ one process"):
+        for label, layers, hidden in (("model", args.layers, args.hidden), ("fixed", 2, 64)):
+            model_dir = Path(tmp) / label
+            params = write_model(model_dir, layers, hidden)
+            plan_path = Path(tmp) / f"{label}.toml"
+            plan_path.write_text(textwrap.dedent(PLAN.format(model=model_dir)))
+            for nproc in args.nproc:
+                run, peaks = one_run(Path(tmp) / "runs", plan_path, nproc)
+                events = read_all(run.events)
+                growths = sum(e.type == "expand" for e in events)
+                checkpoint = "dcp" if (run.checkpoints / "latest" / "dcp").is_dir() else "whole"
+                rows.append((label, params, nproc, run.status()["state"], growths, checkpoint, peaks))
+    model_params = rows[0][1]
+    base = max(rows[0][6].values())
+    fixed = {nproc: max(peaks.values()) for label, _, nproc, _, _, _, peaks in rows if label == "fixed"}
+    table = Table(title=f"Peak resident memory per rank, FSDP2 on CPU (gloo): a {model_params / 1e6:.0f}M-parameter "
+                        f"Llama loaded, grown mid-stage (widen_ffn +512), evaluated, checkpointed; 'fixed': the same "
+                        f"run of a {rows[-1][1] / 1e6:.2f}M one (what a process costs without the model)")
+    for column in ("model", "processes", "state", "growths", "checkpoint", "each rank's peak (GiB)", "largest",
+                   "÷ one process", "bytes / parameter"):
         table.add_column(column, justify="right")
-    for nproc, state, growths, checkpoint, peaks in rows:
+    for label, params, nproc, state, growths, checkpoint, peaks in rows:
         largest = max(peaks.values())
-        table.add_row(str(nproc), state, str(growths), checkpoint,
-                      " ".join(f"{peaks[r]:.2f}" for r in sorted(peaks)), f"{largest:.2f}", f"{largest / base:.2f}")
-    Console(width=160).print(table)
+        per_param = (largest - fixed[nproc]) * 1024 ** 3 / params if label == "model" else None
+        table.add_row(label, str(nproc), state, str(growths), checkpoint,
+                      " ".join(f"{peaks[r]:.2f}" for r in sorted(peaks)), f"{largest:.2f}",
+                      f"{largest / base:.2f}" if label == "model" else "",
+                      f"{per_param:.1f}" if per_param is not None else "")
+    Console(width=180).print(table)
+    print("bytes / parameter: (the largest rank's peak - the fixed run's) / parameters, at the model's size "
+          "before its growth. docs/scale.md turns them into the largest model each strategy can grow.")
 
 
 if __name__ == "__main__":

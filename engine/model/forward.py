@@ -76,7 +76,11 @@ def batch_to(batch: Batch, device) -> Batch:
     tuples for lists)."""
     if isinstance(batch, (tuple, list)):
         return tuple(batch_to(part, device) for part in batch)
-    return torch.as_tensor(batch, device=device)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.as_tensor(batch, device=device)
+    # pinned host memory: the copy is asynchronous, the step does not wait for the host
+    return torch.as_tensor(batch).pin_memory().to(device, non_blocking=True)
 
 
 def slice_batch(batch: Batch, n: int) -> Batch:

@@ -48,6 +48,16 @@ class World:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def mean_on_device(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar tensor over the ranks, left where it is (no read by the host: the
+        step loop reads it once per log window). gloo reduces CPU tensors: a CUDA value makes the
+        trip there and back on a gloo group."""
+        if not self.distributed:
+            return value
+        wire = value.detach().float().reshape(1).to(self._wire())
+        dist.all_reduce(wire)
+        return (wire / self.size).to(value.device).reshape(())
+
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's `flag`, on every rank."""
         if not self.distributed:

@@ -1,5 +1,5 @@
-"""FSDP2 for the loop (``strategy = "fsdp"``): shard a plain model with ``fully_shard``, gather
-its weights and optimizer state whole again.
+"""FSDP2 for the loop (``strategy = "fsdp"``): load a model sharded, shard a plain one with
+``fully_shard``, gather one whole again.
 
 Every block whose parameters are its own becomes one FSDP unit, and the root holds the rest
 (embeddings, the head, final norms). A block that shares a parameter with another block — a
@@ -7,11 +7,12 @@ virtual (weight-tied) layer of a stacking mapping — is not a unit of its own: 
 root's unit, whose parameters are gathered for the whole forward, so the tie holds (that part of
 the model is then gathered at once rather than block by block).
 
-Growth never edits sharded tensors: the loop gathers the weights (``full_state_dict``) and the
-optimizer state (``full_optimizer_state``) whole on every rank, rebuilds the plain model, grows it
-as a single process would, shards it again, and scatters the carried state back
-(``load_optimizer_state``). A checkpoint is the same whole state, written by rank 0 — the same
-files as a single process writes, so a resume may change the strategy and the number of processes.
+The model is never whole on a rank but where an operator needs it so: it loads sharded
+(``load_sharded``: built on the meta device, filled unit by unit from rank 0), evaluates and
+checkpoints sharded (DCP, ``engine.train.checkpoint``), and per-block operators grow it one unit at
+a time (``engine.train.unit_growth``). Operators that change every block or the block list gather
+it whole (``full_state_dict``, ``full_optimizer_state``) into a rebuilt plain model, grow it as
+one process would, and shard it again (``load_optimizer_state`` scatters the carried moments).
 """
 
 from __future__ import annotations

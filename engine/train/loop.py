@@ -13,6 +13,7 @@ worker (queue, prefix cache, how a run ended).
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -256,8 +257,7 @@ class Trainer:
             whole = task_train_batch(data, train, self.plan.seed, index, step)  # the global batch: its FLOPs
             batch = world.shard_rows(whole, train.batch_size)
             loss, grad_norm, vocab = self.m.forward_backward(trainee, batch, self.precision, optimizer, trainable)
-            if world.distributed:  # the global batch's loss: every rank decides alike
-                loss = torch.tensor(world.all_sum([float(loss)])[0] / world.size)
+            loss = world.mean_on_device(loss)  # the global batch's loss: every rank decides alike
             watch.add(loss, None if self.precision.scaler.is_enabled() else grad_norm, vocab, step)
             if trainable:
                 self.precision.scaler.step(optimizer)
@@ -334,6 +334,8 @@ class Trainer:
         self.position.growths = k + 1
         self.model.train()
         new_optimizer, new_scheduler = self.m.shard(new_optimizer, new_scheduler)
+        del optimizer
+        gc.collect()  # the old model's FSDP state holds reference cycles: free it now, not at some later collection
         self.history.growths[-1]["seconds"] = time.perf_counter() - started
         return new_optimizer, new_scheduler
 

@@ -69,6 +69,7 @@ class UnitByUnit:
         if optimizer is not None:
             self.moments = {name: dict(optimizer.state[p]) for name, p in named.items() if optimizer.state.get(p)}
         self.hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} if optimizer else {}
+        self.optimizer = optimizer
         self.rehoused: dict[int, torch.nn.Parameter] = {}   # since the start
         self.remade: dict[int, torch.nn.Parameter] = {}     # by the last operator
 
@@ -112,6 +113,7 @@ class UnitByUnit:
                 moments[prefix + name] = {k: fsdp.shard_like(v, sharded[name]) if isinstance(v, torch.Tensor)
                                           and v.shape == sharded[name].shape else v for k, v in state.items()}
             results.append(result)
+            self._release(old_blocks[j], prefix, old_named)
         for j, block in enumerate(old_blocks):  # the others: the same values in a unit of the new root
             if j not in layers:  # (an FSDP unit belongs to the root it first ran under: not reused)
                 prefix = f"{blocks_path}.{j}."
@@ -123,6 +125,10 @@ class UnitByUnit:
                 sharded = dict(new_blocks[j].named_parameters(remove_duplicate=False))
                 names.update({id(p): prefix + name for name, p in sharded.items()})
                 rehoused.update({id(old_named[prefix + name]): sharded[name] for name in kept})
+                for name in kept:  # the same shards: the same moments
+                    if self.moments is not None and self.moments.get(prefix + name):
+                        moments[prefix + name] = self.moments[prefix + name]
+                self._release(block, prefix, old_named)
         self._rehouse_root(target, blocks_path, old_named)
         fsdp.shard_root(target)
         new_named = dict(target.named_parameters(remove_duplicate=False))
@@ -131,7 +137,7 @@ class UnitByUnit:
                 if name in moments:
                     continue
                 old = old_named.get(name)
-                if old is not None and name in self.moments and tuple(old.shape) == tuple(p.shape):
+                if old is not None and self.moments.get(name) and tuple(old.shape) == tuple(p.shape):
                     moments[name] = self.moments[name]
             self.moments = moments
         names.update({id(p): name for name, p in new_named.items() if id(p) not in names})
@@ -146,6 +152,16 @@ class UnitByUnit:
         self.view.stage_index = target_view.stage_index
         self.shape, self.shape_view = outline, outline_view  # the shape after this operator, for the next
         return moved
+
+    def _release(self, old_block, prefix: str, old_named: dict) -> None:
+        """Once a block is in the new model: its old shards and old moments go (the old model is
+        not used again), so a growth holds two copies of one block's state, not of the model's."""
+        for name, p in old_block.named_parameters(remove_duplicate=False):
+            if self.optimizer is not None:
+                self.optimizer.state.pop(old_named.get(prefix + name, p), None)
+            if self.moments is not None and prefix + name in self.moments:
+                self.moments[prefix + name] = {}
+        old_block.to_empty(device="meta")
 
     def _carry(self, block, before: dict, result, prefix: str, old_named: dict) -> dict[str, dict]:
         """The grown block's AdamW state (whole tensors, by name in the block): its old moments,

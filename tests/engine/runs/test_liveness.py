@@ -144,7 +144,7 @@ def test_launcher_records_the_workers_create_time(tmp_path, monkeypatch):
     import widen_tui.launcher as launcher
 
     run = make_run(tmp_path, None)
-    monkeypatch.setattr(launcher, "_worker_env", lambda: dict(os.environ))
+    monkeypatch.setattr(launcher, "worker_env", lambda: dict(os.environ))
     monkeypatch.setattr(launcher, "_await_run_lock", lambda proc, run: None, raising=False)
     real_popen = subprocess.Popen
     monkeypatch.setattr(launcher.subprocess, "Popen",

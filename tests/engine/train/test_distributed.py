@@ -155,7 +155,7 @@ def test_cancel_reaches_every_rank_and_resume_continues(tmp_path, strategy):
     while psutil_children_of_run(run):  # every rank exits (the status is written just before)
         assert time.time() < deadline, psutil_children_of_run(run)
         time.sleep(0.2)
-    # a whole checkpoint (FSDP's gathered on rank 0): any N, either strategy
+    # a checkpoint (FSDP's sharded: DCP, each rank its own shards) loads on any N, either strategy
     widen("resume", run.id, "--nproc", "1", env_home=root, check=True)
     deadline = time.time() + 60
     while not any(e.type == "resume" for e in read_all(run.events)):
@@ -197,6 +197,9 @@ def test_kill_9_of_one_rank_fails_the_run_naming_it_and_resume_finishes_like_a_s
     while psutil_children_of_run(run):
         assert time.time() < deadline
         time.sleep(0.2)
+    sharded = load_plan(run.plan).train.strategy == "fsdp"  # FSDP: each rank wrote its shards (DCP)
+    assert (run.checkpoints / "latest" / "dcp" / ".metadata").exists() == sharded
+    assert (run.checkpoints / "latest" / "model.safetensors").exists() != sharded
     widen("resume", run.id, env_home=root, check=True)
     assert wait_for(run, timeout=180) == "done", run.status()
     for a, b in zip(single.results()["matrix"]["loss"], run.results()["matrix"]["loss"]):

@@ -82,7 +82,7 @@ STAGES = {
         steps = 4
         [[stages.expand]]
         op = "widen_hidden"
-        size = 32
+        size = 128
         [stages.grow]
         trigger = "at"
         at_steps = [2]
@@ -97,7 +97,7 @@ STAGES = {
         layers = [0]
         [[stages.expand]]
         op = "map_layers"
-        mapping = [0, 1, 2, 3, 4, 5, 6, 6]
+        mapping = [0, 1, 2, 3, 4, 5, 5]
         [[stages.expand]]
         op = "unshare"
     """,
@@ -138,6 +138,8 @@ def test_growth_under_fsdp_equals_one_process(tmp_path, kind):
         assert b.max_abs_logit_delta == pytest.approx(a.max_abs_logit_delta, abs=1e-5), a.op
     losses = [[e.loss for e in read_all(r.events) if e.type == "step"] for r in (one, two)]
     rel = [abs(a - b) / abs(a) for a, b in zip(*losses)]
-    assert len(rel) == 9 and max(rel) <= 1e-4, rel
+    # float rounding differs (a sum over two shards): most steps agree to 1e-6; a step right after
+    # an inexact depth operator (map_layers changes the logits by 0.05) amplifies it, to < 1e-3
+    assert len(rel) == 9 and sorted(rel)[4] <= 1e-5 and max(rel) <= 1e-3, rel
     for a, b in zip(one.results()["matrix"]["loss"], two.results()["matrix"]["loss"]):
         assert b == pytest.approx(a, rel=1e-4)
