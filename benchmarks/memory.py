@@ -101,7 +101,8 @@ def one_run(root: Path, plan_path: Path, nproc: int) -> tuple[RunDir, dict[str, 
     while process.poll() is None:
         try:
             for child in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-                if child.pid not in pids and "engine.train.worker" in " ".join(child.cmdline()):
+                command = child.cmdline()  # the worker itself, not torchrun (whose arguments name it)
+                if child.pid not in pids and "engine.train.worker" in command and "torch.distributed.run" not in command:
                     pids[child.pid] = f"{int(child.environ().get('RANK', '0')):03d}-{child.pid}"
         except psutil.Error:
             pass

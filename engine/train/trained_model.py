@@ -133,16 +133,22 @@ class TrainedModel:
         """A plain model of the shape the first `stages` stages (and `growths`) gave, with `weights`
         (or, when None, the caller loads them): a resume's model, or an FSDP run's gathered one."""
         if self.sharded or weights is not None:  # a fresh module: the sharded one cannot be unsharded
-            from engine.model.sources import placeholder_model
+            from engine.model.sources import load_model, placeholder_model
 
-            self.module, self.view = placeholder_model(self.plan.model, self.plan.seed,
-                                                       attention=self.plan.train.attention)
+            if weights is None and self.fsdp and self.task_modules is None:
+                # an FSDP resume: the shape on the meta device, sharded before it has values (``shard``)
+                self.module, self.view = load_model(self.plan.model, self.plan.seed,
+                                                    attention=self.plan.train.attention, skeleton=True)
+            else:
+                self.module, self.view = placeholder_model(self.plan.model, self.plan.seed,
+                                                           attention=self.plan.train.attention)
             self.sharded = False
         self.growth = replay_expansions(self.module, self.view, self.plan, stages, growths)
         if self.task_modules is not None and task_modules:
             self.task_modules = TaskModules.from_json(task_modules, self.module)
             self.active_task = None
-        self.module.to(self.device)
+        if not any(p.is_meta for p in self.module.parameters()):
+            self.module.to(self.device)
         if weights is not None:
             self.module.load_state_dict(weights)
         if self.plan.train.checkpointing:
@@ -183,6 +189,10 @@ class TrainedModel:
         masks = self.freezer.masks_by_name(self.module)
         names = {id(p): name for name, p in self.module.named_parameters(remove_duplicate=False)}
         fsdp.shard(self.module, self.view)
+        if any(p.is_meta for p in self.module.parameters()):  # a resume's shape: each rank's shards get memory
+            from engine.model.sources import materialize_skeleton
+
+            materialize_skeleton(self.module, self.device)
         self.sharded = True
         self.growth = self.growth.moved(names, dict(self.module.named_parameters(remove_duplicate=False)))
         self.freezer.remask(self.module, masks, fsdp.shard_like)
