@@ -183,8 +183,8 @@ def register_op(*, implementation: str, builder_order: int, does: str, exact: st
     return register
 
 
-OPERATORS_TABLE_HEADER = ("| op | what it does | exact | parameters it adds | families |\n"
-                          "|---|---|---|---|---|\n")
+OPERATORS_TABLE_HEADER = ("| op | what it does | exact | parameters it adds | under FSDP | families |\n"
+                          "|---|---|---|---|---|---|\n")
 
 
 def applicable_families(d: OpDescriptor) -> list[str]:
@@ -201,6 +201,13 @@ def families_cell(d: OpDescriptor) -> str:
     return ", ".join(applicable_families(d)) + (f" — {d.families}" if d.families else "")
 
 
+def fsdp_cell(d: OpDescriptor) -> str:
+    """How an FSDP run applies the op (docs/scale.md): one unit at a time, or gathered whole."""
+    if "mlp" in d.model_kinds and len(d.model_kinds) == 1:
+        return "whole (a plain MLP is one unit)"
+    return "one unit at a time (T5's two stacks: whole)" if d.per_block else "gathers the model whole"
+
+
 def operators_table_markdown(descriptors=None) -> str:
     """The summary table of docs/operators.md, one row per descriptor (default: every registered
     op), in builder order; ``python -m engine.ops.docs`` writes it into the page."""
@@ -209,7 +216,8 @@ def operators_table_markdown(descriptors=None) -> str:
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")
 
-    rows = [f"| `{d.name}` | {cell(d.does)} | {cell(d.exact)} | {cell(d.adds)} | {cell(families_cell(d))} |\n"
+    rows = [f"| `{d.name}` | {cell(d.does)} | {cell(d.exact)} | {cell(d.adds)} | {fsdp_cell(d)} | "
+            f"{cell(families_cell(d))} |\n"
             for d in sorted(descriptors, key=lambda d: d.builder_order)]
     return OPERATORS_TABLE_HEADER + "".join(rows)
 

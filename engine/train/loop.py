@@ -250,7 +250,10 @@ class Trainer:
         stage_start = time.time()
         while self.position.step < stage.steps:
             step = self.position.step
-            if world.broadcast_flag(self.is_main and (self.cancel_requested or self.run.cancel_request.exists())):
+            # a cancel: every step in one process; under torchrun once per log window (its broadcast
+            # is a host sync on CUDA, and the step loop syncs no more often than it logs)
+            asked = step % train.log_interval == 0 or not world.distributed
+            if asked and world.broadcast_flag(self.is_main and (self.cancel_requested or self.run.cancel_request.exists())):
                 watch.check()
                 self.save_checkpoint("cancel", optimizer, scheduler)
                 raise Cancelled()

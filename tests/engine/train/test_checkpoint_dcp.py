@@ -400,3 +400,30 @@ def test_a_whole_checkpoint_resumes_under_fsdp_like_a_straight_run(tmp_path, str
     assert (run.checkpoints / "latest" / checkpoint.WEIGHTS_FILE).exists()
     resume_to_the_end(run, root, "--nproc", "2", "--set", "train.distributed.strategy=fsdp")
     assert_same_results(straight, run)
+
+
+@pytest.mark.slow
+def test_export_of_an_fsdp_run_reads_its_sharded_checkpoint(tmp_path, straight):
+    """`widen export RUN` of a run whose latest checkpoint is DCP shards (no process group): the
+    export reloads with plain transformers to the logits of the checkpoint's model, and those are
+    the one-process run's."""
+    from engine.exports.hf_directory import reference_logits, reload_delta
+    from engine.runs.rundir import RunDir
+    from engine.train.build import load_run_model, stage_probe
+    from tests.conftest import wait_for, widen
+
+    root = tmp_path / "runs"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    out = widen("run", str(plan), "--nproc", "2", "--detach", "--set", "train.distributed.strategy=fsdp",
+                env_home=root, check=True)
+    run = RunDir(root / out.stdout.strip())
+    assert wait_for(run, timeout=180) == "done", run.status()
+    assert (run.checkpoints / "latest" / "dcp" / ".metadata").exists()
+    widen("export", run.id, str(tmp_path / "export"), env_home=root, check=True)
+    model, _, tokenizer, loaded_plan = load_run_model(run.path)
+    batch = stage_probe(loaded_plan, 1, tokenizer)
+    reference = reference_logits(model, batch)
+    assert reload_delta(tmp_path / "export", batch[0], reference) <= 1e-4
+    single, *_ = load_run_model(straight.path)
+    assert float((reference_logits(single, batch) - reference).abs().max()) <= 1e-2  # rounding over 28 steps
