@@ -253,7 +253,17 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path | str,
     tokenizer.save(out_dir)
     if exports:
         save_adapters(exports, out_dir / ADAPTER_DIR)
-    manifest = {
+    manifest = export_manifest(model, view, source, reports, params_before,
+                               adapters="kept" if keep_adapters else ("merged" if had_adapters else "none"),
+                               exports=exports)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def export_manifest(model: nn.Module, view: ArchView, source: dict | None, reports: list[dict] | None,
+                    params_before: int, adapters: str = "none", exports: list[dict] | None = None) -> dict:
+    """``widen_export.json`` of a materialized model: where it came from, its shape, its operators."""
+    return {
         "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": source or {},
@@ -264,13 +274,15 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path | str,
         "ffn_size": view.ffn_size,
         "params": count_params(model),
         "params_before_materialize": params_before,
-        "adapters": "kept" if keep_adapters else ("merged" if had_adapters else "none"),
+        "adapters": adapters,
         "kept_adapters": [{"name": e["name"], "kind": e["kind"], "active": e["active"],
-                           "path": f"{ADAPTER_DIR}/{e['name']}"} for e in exports],
+                           "path": f"{ADAPTER_DIR}/{e['name']}"} for e in exports or []],
         "operators": [_op_summary(r) for r in reports or []],
     }
-    (out_dir / EXPORT_MANIFEST).write_text(dumps_json(manifest, indent=1) + "\n")
-    return manifest
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    (Path(out_dir) / EXPORT_MANIFEST).write_text(dumps_json(manifest, indent=1) + "\n")
 
 
 def model_class_name(view: ArchView) -> str:

@@ -60,10 +60,12 @@ def export(
             origin = {"plan": str(path.resolve()), "plan_name": plan.name, "overrides": list(set_),
                       "trained": False}
         else:
+            origin = {"run": run.id, "run_dir": str(run.path), "run_state": run.status().get("state"), "trained": True}
+            if not keep_adapters and _streamed(run, out_dir, origin):
+                return
             model, view, tokenizer, plan = ex.load_run_model(run.path)
             reports = (run.results() or {}).get("expansions") or ex.plan_op_summary(plan)
-            origin = {"run": run.id, "run_dir": str(run.path), "plan_name": plan.name,
-                      "run_state": run.status().get("state"), "trained": True}
+            origin["plan_name"] = plan.name
         stage = len(plan.stages) - 1
         batch = ex.stage_probe(plan, stage, tokenizer)
         reference = ex.reference_logits(model, batch)
@@ -82,6 +84,29 @@ def export(
     if not delta <= PARITY_TOLERANCE:
         raise CLIError(f"export parity failed: max |Δlogits| {delta:.2e} > {PARITY_TOLERANCE:g} — the "
                        f"export in {out_dir} does not compute what the grown model computes")
+
+
+def _streamed(run, out_dir: Path, origin: dict) -> bool:
+    """A run whose latest checkpoint is sharded (FSDP) and whose model needs no materializing is
+    exported tensor by tensor from the shards (engine.exports.streamed): the model is never whole."""
+    from engine.exports.streamed import stream_run_export
+    from engine.plan import load_plan
+
+    plan = load_plan(run.plan)
+    reports = (run.results() or {}).get("expansions")
+    manifest = stream_run_export(run.path, out_dir, {**origin, "plan_name": plan.name}, reports)
+    if manifest is None:
+        return False
+    streamed = manifest["streamed"]
+    console.print(f"wrote {out_dir}: {manifest['model_type']} model, {manifest['num_layers']} layers, FFN "
+                  f"{manifest['ffn_size']}, {manifest['params']:,} parameters — streamed from the sharded "
+                  f"checkpoint, {streamed['tensors']} tensors one at a time", highlight=False)
+    console.print(f"parity: every tensor read back from the file, max |Δ| {streamed['max_abs_delta']:.2e} "
+                  f"against the checkpoint's", highlight=False)
+    if streamed["max_abs_delta"] != 0.0:
+        raise CLIError(f"export parity failed: a tensor of {out_dir} differs from the checkpoint's by "
+                       f"{streamed['max_abs_delta']:.2e}")
+    return True
 
 
 @commands.command("export-metrics")
