@@ -129,6 +129,9 @@ class OpDescriptor:
     # generator (each block's draws in layer order, nothing outside the blocks): an FSDP run grows
     # it one unit at a time (engine.train.unit_growth), never holding the whole model
     per_block: bool = False
+    # it changes the block list, each new block a copy of one old block transformed alone, with
+    # no random draw: an FSDP run rebuilds it one source block at a time (engine.train.unit_growth)
+    block_list: bool = False
 
     @property
     def summary(self) -> str:
@@ -152,7 +155,8 @@ OPS: dict[str, OpDescriptor] = {}
 
 
 def register_op(*, implementation: str, builder_order: int, does: str, exact: str, adds: str, families: str,
-                task_module: bool = False, parallel_mode: bool = False, per_block: bool = False):
+                task_module: bool = False, parallel_mode: bool = False, per_block: bool = False,
+                block_list: bool = False):
     """Class decorator: describe the op whose schema it decorates (its name: the default of the
     schema's `op` field) and register it in ``OPS``."""
 
@@ -174,7 +178,7 @@ def register_op(*, implementation: str, builder_order: int, does: str, exact: st
         descriptor = OpDescriptor(name=name, schema=schema, implementation=implementation,
                                   builder_order=builder_order, does=does, exact=exact, adds=adds,
                                   families=families, task_module=task_module, parallel_mode=parallel_mode,
-                                  per_block=per_block)
+                                  per_block=per_block, block_list=block_list)
         ordered = sorted([*OPS.values(), descriptor], key=lambda d: d.builder_order)
         OPS.clear()
         OPS.update((d.name, d) for d in ordered)
@@ -205,6 +209,8 @@ def fsdp_cell(d: OpDescriptor) -> str:
     """How an FSDP run applies the op (docs/scale.md): one unit at a time, or gathered whole."""
     if "mlp" in d.model_kinds and len(d.model_kinds) == 1:
         return "whole (a plain MLP is one unit)"
+    if d.block_list:
+        return "one source block at a time (last in its stage, no weight-tied blocks before it; else whole)"
     return "one unit at a time (T5's two stacks: whole)" if d.per_block else "gathers the model whole"
 
 
@@ -602,7 +608,7 @@ class IA3Params(AdapterOpParams):
 # depth operators (engine/ops/depth.py)
 
 
-@register_op(implementation="engine.ops.depth:insert_identity", builder_order=70,
+@register_op(implementation="engine.ops.depth:insert_identity", block_list=True, builder_order=70,
              does="after each chosen block, a copy with zero attention-output and FFN-down projections (and "
                   "cross-attention output in T5 decoders) — LLaMA Pro",
              exact="yes",
@@ -618,7 +624,7 @@ class InsertIdentityParams(LayeredOpParams):
         return num_layers + len(self.layer_indices(num_layers))
 
 
-@register_op(implementation="engine.ops.depth:split_residual", builder_order=80,
+@register_op(implementation="engine.ops.depth:split_residual", block_list=True, builder_order=80,
              does="a block becomes `k` copies each adding F(x)/k",
              exact="no (measured)",
              adds="(k − 1) blocks per chosen layer",
@@ -653,7 +659,7 @@ class DepthUpScaling(BaseModel):
     drop: Int = Field(..., ge=0, le=MAX_DEPTH, description="blocks dropped on each side of every seam")
 
 
-@register_op(implementation="engine.ops.depth:map_layers", builder_order=90,
+@register_op(implementation="engine.ops.depth:map_layers", block_list=True, builder_order=90,
              does="target block i = source block `mapping[i]`, real or virtual (weight-tied) repeats; "
                   "`keep_ends`, `dus`, `repeat` (G_stack: the whole stack g times), `scale`",
              exact="the identity mapping only",
@@ -790,7 +796,7 @@ _SCALED_VIRTUAL = ("scale changes the weights of repeated blocks, but a virtual 
                    "source's weights — make the repeats real (kinds = \"real\", or leave kinds out)")
 
 
-@register_op(implementation="engine.ops.depth:unshare", builder_order=100,
+@register_op(implementation="engine.ops.depth:unshare", block_list=True, builder_order=100,
              does="gives virtual blocks their own tensors",
              exact="yes",
              adds="the shared tensors of each chosen block",

@@ -21,7 +21,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def _own_blocks(model, view) -> list[torch.nn.Module]:
+def own_blocks(model, view) -> list[torch.nn.Module]:
     """The blocks whose parameters appear in no other block (tied blocks stay in the root unit)."""
     try:
         blocks = list(view.blocks())
@@ -39,7 +39,7 @@ def shard(model, view) -> list[torch.nn.Module]:
     blocks' units (the root is the last unit)."""
     from torch.distributed.fsdp import fully_shard
 
-    units = _own_blocks(model, view)
+    units = own_blocks(model, view)
     for block in units:
         fully_shard(block)
     shard_root(model)

@@ -27,6 +27,7 @@ for them (``TrainedModel.gather``), as for task-specific modules and multi-stack
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -46,7 +47,16 @@ def applies(specs, view: ArchView) -> bool:
         view.blocks()
     except (RuntimeError, AttributeError):
         return False
-    return bool(specs) and single_stack and all(OPS[spec.op].per_block for spec in specs)
+    if not specs or not single_stack:
+        return False
+    if all(OPS[spec.op].per_block for spec in specs):
+        return True
+    # a block-list operator (its new blocks copies of one old block each), last, on a model whose
+    # blocks share nothing (a weight-tied twin would come out of two rebuilds untied)
+    *first, last = specs
+    blocks = list(view.blocks())
+    return (OPS[last.op].block_list and all(OPS[spec.op].per_block for spec in first)
+            and len(fsdp.own_blocks(view.model, view)) == len(blocks))
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:
@@ -76,6 +86,8 @@ class UnitByUnit:
     def __call__(self, params, generator: torch.Generator):
         """Apply one operator (its OpParams) unit by unit; returns its OpResult over the new
         sharded parameters."""
+        if OPS[params.op].block_list:
+            return self._rearrange(params, generator)
         old_named = dict(self.module.named_parameters(remove_duplicate=False))
         outline = copy.deepcopy(self.shape)   # the operator on all its layers, on meta: config changes, note
         outline_view = ArchView(outline.config, outline)
@@ -153,6 +165,109 @@ class UnitByUnit:
         self.shape, self.shape_view = outline, outline_view  # the shape after this operator, for the next
         return moved
 
+    def _rearrange(self, params, generator: torch.Generator):
+        """A block-list operator (depth, mapping): every new block is a copy of one old block,
+        transformed alone (scaled outputs, a zero-init twin) and with no draw. The operator runs
+        on the meta shape once for the new list, then once per source block with that block alone
+        given its values: its descendants come out whole, are carried their moments (as one
+        process carries them), sharded, and the old block freed."""
+        old_named = dict(self.module.named_parameters(remove_duplicate=False))
+        old_blocks = list(self.view.blocks())
+        stage_index = getattr(self.view, "stage_index", None)
+        base, blocks_path = self.shape, self.shape_view.family.blocks
+        for j, block in enumerate(self.shape_view.blocks()):
+            block._widen_source = j  # deepcopy keeps it: which old block each new one came from
+        outline = copy.deepcopy(base)
+        outline_view = ArchView(outline.config, outline)
+        outline_view.stage_index = stage_index
+        whole_result = apply_operator(outline_view, params, generator)
+        for key, value in whole_result.config_changes.items():
+            setattr(outline.config, key, value)
+        final = outline_view.blocks()
+        sources = [block._widen_source for block in final]
+        next_shape = copy.deepcopy(outline)  # the shape after this operator, for the next one
+        names: dict[int, str] = {}
+        moments: dict[str, dict] = {}
+        rehoused: dict[int, torch.nn.Parameter] = {}
+        results = []
+        for s in sorted(set(sources)):
+            mini = copy.deepcopy(base)
+            mini_view = ArchView(mini.config, mini)
+            mini_view.stage_index = stage_index
+            _fill(mini_view.blocks()[s], old_blocks[s])
+            before = dict(mini.named_parameters(remove_duplicate=False))
+            was = {id(p): name for name, p in before.items() if not p.is_meta}
+            result = apply_operator(mini_view, params, generator)
+            built = mini_view.blocks()
+            mine = [i for i, source in enumerate(sources) if source == s]
+            params_of = {id(p) for i in mine for p in built[i].parameters()}
+            carried = self._carry_depth(mini, before, result, params_of, old_named) if self.moments is not None else {}
+            shared = _shared_blocks(built, mine)
+            for i in mine:
+                block, prefix = built[i], f"{blocks_path}.{i}."
+                plain = dict(block.named_parameters(remove_duplicate=False))
+                names.update({id(p): prefix + name for name, p in plain.items()})
+                kept = {name: was[id(p)] for name, p in plain.items() if id(p) in was}
+                if i not in shared:
+                    from torch.distributed.fsdp import fully_shard
+
+                    fully_shard(block)
+                now = dict(block.named_parameters(remove_duplicate=False))
+                rehoused.update({id(old_named[old]): now[name] for name, old in kept.items()})
+                for name, p in plain.items():
+                    state = carried.get(id(p))
+                    if state:
+                        moments[prefix + name] = {k: fsdp.shard_like(v, now[name]) if isinstance(v, torch.Tensor)
+                                                  and v.shape == now[name].shape else v for k, v in state.items()}
+                del block._widen_source
+                for module in block.modules():  # the model's config, not the rebuild's copy of it
+                    if getattr(module, "config", None) is mini.config:
+                        module.config = outline.config
+                final[i] = block
+            results.append(dataclasses.replace(
+                result, new_params=[p for p in result.new_params if id(p) in params_of],
+                copies=[(c, src) for c, src in result.copies if id(c) in params_of]))
+            self._release(old_blocks[s], f"{blocks_path}.{s}.", old_named)
+        for j, block in enumerate(old_blocks):  # blocks the mapping dropped
+            if j not in sources:
+                self._release(block, f"{blocks_path}.{j}.", old_named)
+        for block in next_shape.modules():
+            block.__dict__.pop("_widen_source", None)
+        self._rehouse_root(outline, blocks_path, old_named)
+        fsdp.shard_root(outline)
+        new_named = dict(outline.named_parameters(remove_duplicate=False))
+        if self.moments is not None:
+            for name in new_named:
+                if name not in moments and not name.startswith(blocks_path + ".") and self.moments.get(name):
+                    moments[name] = self.moments[name]
+            self.moments = moments
+        names.update({id(p): name for name, p in new_named.items() if id(p) not in names})
+        merged = _merge(results, whole_result)
+        moved = StageGrowth([merged]).replaced({i: new_named[n] for i, n in names.items() if n in new_named})
+        rehoused.update({id(old_named[n]): new_named[n] for n in new_named if n in old_named
+                         and old_named[n] is not new_named[n] and not n.startswith(blocks_path + ".")})
+        self.remade = rehoused
+        self.rehoused = {k: rehoused.get(id(v), v) for k, v in self.rehoused.items()}
+        self.rehoused.update(rehoused)
+        self.module, self.view = outline, ArchView(outline.config, outline)
+        self.view.stage_index = stage_index
+        self.shape, self.shape_view = next_shape, ArchView(next_shape.config, next_shape)
+        return moved.results[0]
+
+    def _carry_depth(self, mini, before: dict, result, params_of: set[int], old_named: dict) -> dict[int, dict]:
+        """The AdamW state of one source block's descendants (whole tensors, by parameter id), as
+        ``carry_optimizer_state`` gives it in one process: `before` names the model's parameters
+        before the operator (the source block's with values, the others on meta)."""
+        old_state = {}
+        for name, p in before.items():
+            state = self.moments.get(name) if not p.is_meta else None
+            if state:
+                old_state[p] = {k: _whole(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in state.items()}
+        params = [p for p in mini.parameters() if id(p) in params_of]
+        new = SimpleNamespace(param_groups=[{**self.hyper, "params": params}], state={})
+        carry_optimizer_state(SimpleNamespace(state=old_state), new, before, mini, StageGrowth([result]))
+        return {id(p): state for p, state in new.state.items()}
+
     def _release(self, old_block, prefix: str, old_named: dict) -> None:
         """Once a block is in the new model: its old shards and old moments go (the old model is
         not used again), so a growth holds two copies of one block's state, not of the model's."""
@@ -216,6 +331,16 @@ def _fill(block: torch.nn.Module, source: torch.nn.Module) -> None:
         for name, b in block.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
+
+
+def _shared_blocks(blocks, positions: list[int]) -> set[int]:
+    """Which of `positions` hold a block that shares a parameter with another one (a virtual,
+    weight-tied repeat and its source): they stay in the root's unit (engine.train.fsdp)."""
+    users: dict[int, int] = {}
+    for i in positions:
+        for p in {id(p) for p in blocks[i].parameters()}:
+            users[p] = users.get(p, 0) + 1
+    return {i for i in positions if any(users[id(p)] > 1 for p in blocks[i].parameters())}
 
 
 def _merge(results: list, whole):

@@ -1,6 +1,6 @@
-"""Growing a sharded model (FSDP2, 2 CPU processes on gloo) equals one process, for every kind of
-operator: the per-block ones grow one unit at a time (engine.train.unit_growth), the others
-gather the model whole. Stage-start operators and mid-stage growths both; the measured change
+"""Growing a sharded model (FSDP2, 2 and 4 CPU processes on gloo) equals one process, for every
+kind of operator: per-block ones grow one unit at a time, block-list ones (depth, mapping) one
+source block at a time (engine.train.unit_growth), the others gather the model whole. Stage-start operators and mid-stage growths both; the measured change
 of the logits, the parameters added and the losses must match."""
 
 from __future__ import annotations
@@ -76,6 +76,32 @@ STAGES = {
         op = "lora"
         r = 4
     """,
+    "block_list": """
+        [[stages]]
+        task = "prose"
+        steps = 4
+        freeze = "base"
+        [[stages.expand]]
+        op = "add_heads"
+        size = 1
+        [[stages.expand]]
+        op = "split_residual"
+        layers = [0]
+        [stages.grow]
+        trigger = "at"
+        at_steps = [2]
+        [[stages.grow.expand]]
+        op = "map_layers"
+        mapping = [0, 1, 2, 3, 4, 2, 3]
+        kinds = "real"
+        [[stages]]
+        task = "prose"
+        steps = 3
+        [[stages.expand]]
+        op = "map_layers"
+        mapping = [0, 1, 2, 3, 4, 5, 6, 6]
+        kinds = "virtual"
+    """,
     "whole": """
         [[stages]]
         task = "prose"
@@ -109,6 +135,7 @@ def test_the_cases_cover_every_transformer_operator():
     assert named == {n for n, d in OPS.items() if "causal_lm" in d.model_kinds}
     per_block = {op for op in OPS if f'op = "{op}"' in STAGES["per_block"]}
     assert all(OPS[op].per_block for op in per_block)
+    assert {op for op in OPS if OPS[op].block_list and f'op = "{op}"' in STAGES["block_list"]}
     assert not any(OPS[op].per_block for op in OPS if f'op = "{op}"' in STAGES["whole"])
 
 
@@ -128,7 +155,7 @@ def _run(tmp_path, kind: str, nproc: int) -> RunDir:
     return run
 
 
-@pytest.mark.parametrize("kind, nproc", [("per_block", 2), ("per_block", 4), ("whole", 2)])
+@pytest.mark.parametrize("kind, nproc", [("per_block", 2), ("per_block", 4), ("block_list", 2), ("whole", 2)])
 def test_growth_under_fsdp_equals_one_process(tmp_path, kind, nproc):
     one, two = _run(tmp_path, kind, 1), _run(tmp_path, kind, nproc)
     expands = [[e for e in read_all(r.events) if e.type == "expand"] for r in (one, two)]
