@@ -132,6 +132,9 @@ class OpDescriptor:
     # it changes the block list, each new block a copy of one old block transformed alone, with
     # no random draw: an FSDP run rebuilds it one source block at a time (engine.train.unit_growth)
     block_list: bool = False
+    # it changes the root, walks the blocks once in order touching only the current one, then the
+    # root again: an FSDP run gives each block its values as the walk reaches it
+    in_order: bool = False
 
     @property
     def summary(self) -> str:
@@ -156,7 +159,7 @@ OPS: dict[str, OpDescriptor] = {}
 
 def register_op(*, implementation: str, builder_order: int, does: str, exact: str, adds: str, families: str,
                 task_module: bool = False, parallel_mode: bool = False, per_block: bool = False,
-                block_list: bool = False):
+                block_list: bool = False, in_order: bool = False):
     """Class decorator: describe the op whose schema it decorates (its name: the default of the
     schema's `op` field) and register it in ``OPS``."""
 
@@ -178,7 +181,7 @@ def register_op(*, implementation: str, builder_order: int, does: str, exact: st
         descriptor = OpDescriptor(name=name, schema=schema, implementation=implementation,
                                   builder_order=builder_order, does=does, exact=exact, adds=adds,
                                   families=families, task_module=task_module, parallel_mode=parallel_mode,
-                                  per_block=per_block, block_list=block_list)
+                                  per_block=per_block, block_list=block_list, in_order=in_order)
         ordered = sorted([*OPS.values(), descriptor], key=lambda d: d.builder_order)
         OPS.clear()
         OPS.update((d.name, d) for d in ordered)
@@ -209,6 +212,8 @@ def fsdp_cell(d: OpDescriptor) -> str:
     """How an FSDP run applies the op (docs/scale.md): one unit at a time, or gathered whole."""
     if "mlp" in d.model_kinds and len(d.model_kinds) == 1:
         return "whole (a plain MLP is one unit)"
+    if d.in_order:
+        return "one block at a time as it walks them (alone in its stage, no weight-tied blocks; else whole)"
     if d.block_list:
         return "one source block at a time (last in its stage, no weight-tied blocks before it; else whole)"
     return "one unit at a time (T5's two stacks: whole)" if d.per_block else "gathers the model whole"
@@ -456,7 +461,7 @@ class AddHeadsParams(LayeredOpParams):
     init: Literal["zero_out", "random"] = "zero_out"
 
 
-@register_op(implementation="engine.ops.hidden:widen_hidden", builder_order=40,
+@register_op(implementation="engine.ops.hidden:widen_hidden", in_order=True, builder_order=40,
              does="grows d_model by `size`. `duplicate` (size = (k − 1) × d_model, HyperCloning): the stream "
                   "becomes k copies of x, heads and k/v heads repeat k times (head_dim kept), readers get W/k "
                   "per copy. `lossless` (any other size that keeps whole heads, LEMON): k copies plus r pads "

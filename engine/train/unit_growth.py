@@ -31,10 +31,11 @@ import dataclasses
 from types import SimpleNamespace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from engine.grow.apply import StageGrowth
 from engine.grow.growth import carry_optimizer_state
-from engine.model.view import ArchView
+from engine.model.view import ArchView, get_submodule
 from engine.ops.params import OPS
 from engine.ops.registry import apply_operator
 from engine.train import fsdp
@@ -51,6 +52,8 @@ def applies(specs, view: ArchView) -> bool:
         return False
     if all(OPS[spec.op].per_block for spec in specs):
         return True
+    if len(specs) == 1 and OPS[specs[0].op].in_order:  # one walk over the blocks, alone in its stage
+        return len(fsdp.own_blocks(view.model, view)) == len(list(view.blocks()))
     # a block-list operator (its new blocks copies of one old block each), last, on a model whose
     # blocks share nothing (a weight-tied twin would come out of two rebuilds untied)
     *first, last = specs
@@ -88,6 +91,8 @@ class UnitByUnit:
         sharded parameters."""
         if OPS[params.op].block_list:
             return self._rearrange(params, generator)
+        if OPS[params.op].in_order:
+            return self._walk(params, generator)
         old_named = dict(self.module.named_parameters(remove_duplicate=False))
         outline = copy.deepcopy(self.shape)   # the operator on all its layers, on meta: config changes, note
         outline_view = ArchView(outline.config, outline)
@@ -254,6 +259,113 @@ class UnitByUnit:
         self.shape, self.shape_view = next_shape, ArchView(next_shape.config, next_shape)
         return moved.results[0]
 
+    def _walk(self, params, generator: torch.Generator):
+        """An operator that changes the root, then walks the blocks once in order touching only
+        the current one, then the root again (widen_hidden): the root is given its values (one
+        unit), the operator runs once on the meta shape, and each block is given its values as
+        the walk reaches it and sharded as it leaves it. The moments are carried afterwards, one
+        tensor at a time."""
+        old_named = dict(self.module.named_parameters(remove_duplicate=False))
+        old_blocks = list(self.view.blocks())
+        stage_index = getattr(self.view, "stage_index", None)
+        outline = copy.deepcopy(self.shape)  # the shape after the operator, for the next one
+        outline_view = ArchView(outline.config, outline)
+        outline_view.stage_index = stage_index
+        outline_result = apply_operator(outline_view, params, torch.Generator().manual_seed(0))
+        for key, value in outline_result.config_changes.items():
+            setattr(outline.config, key, value)
+        target, view = self.shape, self.shape_view
+        view.stage_index = stage_index
+        blocks_path = view.family.blocks
+        parent_path, _, list_name = blocks_path.rpartition(".")
+        parent = get_submodule(target, parent_path) if parent_path else target
+        names: dict[int, str] = {}
+        rehoused: dict[int, torch.nn.Parameter] = {}
+        befores: dict[int, dict] = {}
+
+        # The operator knows tensors by id while it runs (widen_hidden grows each one once): the
+        # tensors a block had and got stay alive, emptied, so no id is reused by a later block's.
+        emptied: list[torch.Tensor] = []
+
+        def enter(j, block):
+            _fill(block, old_blocks[j])
+            befores[j] = {id(p): name for name, p in block.named_parameters(remove_duplicate=False)}
+            emptied.extend(block.parameters())
+
+        def leave(j, block):
+            from torch.distributed.fsdp import fully_shard
+
+            prefix = f"{blocks_path}.{j}."
+            plain = dict(block.named_parameters(remove_duplicate=False))
+            names.update({id(p): prefix + name for name, p in plain.items()})
+            kept = {name: befores[j][id(p)] for name, p in plain.items() if id(p) in befores[j]}
+            emptied.extend(plain.values())
+            fully_shard(block)
+            with torch.no_grad():
+                for p in emptied:
+                    if not isinstance(p, DTensor) and p.numel():
+                        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            now = dict(block.named_parameters(remove_duplicate=False))
+            rehoused.update({id(old_named[prefix + old]): now[name] for name, old in kept.items()})
+            self._release(old_blocks[j], prefix, old_named, keep_moments=True)
+
+        self._rehouse_root(target, blocks_path, old_named)
+        root_before = {id(p): name for name, p in target.named_parameters(remove_duplicate=False)
+                       if not name.startswith(blocks_path + ".")}
+        walked = _WalkedBlocks(list(getattr(parent, list_name)), enter, leave)
+        setattr(parent, list_name, walked)
+        try:
+            result = apply_operator(view, params, generator)
+        finally:
+            setattr(parent, list_name, torch.nn.ModuleList(walked.modules_in_order()))
+        for key, value in result.config_changes.items():
+            setattr(target.config, key, value)
+        plain_root = {id(p): name for name, p in target.named_parameters(remove_duplicate=False)
+                      if not name.startswith(blocks_path + ".")}
+        fsdp.shard_root(target)
+        new_named = dict(target.named_parameters(remove_duplicate=False))
+        names.update({i: n for i, n in plain_root.items()})
+        rehoused.update({id(old_named[root_before[i]]): new_named[n] for i, n in plain_root.items() if i in root_before})
+        growth = StageGrowth([result])
+        moved = growth.replaced({i: new_named[n] for i, n in names.items() if n in new_named}).results[0]
+        if self.moments is not None:
+            self.moments = self._carry_each(moved, new_named, old_named)
+        self.remade = rehoused
+        self.rehoused = {k: rehoused.get(id(v), v) for k, v in self.rehoused.items()}
+        self.rehoused.update(rehoused)
+        self.module, self.view = target, ArchView(target.config, target)
+        self.view.stage_index = stage_index
+        self.shape, self.shape_view = outline, outline_view
+        return moved
+
+    def _carry_each(self, result, new_named: dict, old_named: dict) -> dict[str, dict]:
+        """Every parameter's AdamW state after an in-order operator, one tensor whole at a time:
+        the same tensor keeps its state, a grown one gets its old moments at its old entries
+        (``engine.grow.growth`` rules), a new one none."""
+        from engine.grow.growth import MOMENTS, _carry
+
+        masks = {id(p): m for p, m in result.grown}
+        moments: dict[str, dict] = {}
+        for name, p in new_named.items():
+            state = self.moments.get(name)
+            old = old_named.get(name)
+            if not state or old is None:
+                continue
+            if old is p or tuple(old.shape) == tuple(p.shape) and id(p) not in masks:
+                moments[name] = state
+                continue
+            like = torch.empty(tuple(p.shape), dtype=p.dtype, device=p.to_local().device if hasattr(p, "to_local") else p.device)
+            carried = {"step": state["step"]}
+            for key in MOMENTS:
+                if key in state:
+                    value = _carry(_whole(state[key]), like, None, masks.get(id(p)), "m" if key == "exp_avg" else "v")
+                    if value is None:
+                        break
+                    carried[key] = fsdp.shard_like(value.to(like.dtype), p)
+            else:
+                moments[name] = carried
+        return moments
+
     def _carry_depth(self, mini, before: dict, result, params_of: set[int], old_named: dict) -> dict[int, dict]:
         """The AdamW state of one source block's descendants (whole tensors, by parameter id), as
         ``carry_optimizer_state`` gives it in one process: `before` names the model's parameters
@@ -268,13 +380,14 @@ class UnitByUnit:
         carry_optimizer_state(SimpleNamespace(state=old_state), new, before, mini, StageGrowth([result]))
         return {id(p): state for p, state in new.state.items()}
 
-    def _release(self, old_block, prefix: str, old_named: dict) -> None:
+    def _release(self, old_block, prefix: str, old_named: dict, keep_moments: bool = False) -> None:
         """Once a block is in the new model: its old shards and old moments go (the old model is
-        not used again), so a growth holds two copies of one block's state, not of the model's."""
+        not used again), so a growth holds two copies of one block's state, not of the model's.
+        `keep_moments`: the moments are carried later (sharded until then)."""
         for name, p in old_block.named_parameters(remove_duplicate=False):
             if self.optimizer is not None:
                 self.optimizer.state.pop(old_named.get(prefix + name, p), None)
-            if self.moments is not None and prefix + name in self.moments:
+            if self.moments is not None and prefix + name in self.moments and not keep_moments:
                 self.moments[prefix + name] = {}
         old_block.to_empty(device="meta")
 
@@ -331,6 +444,28 @@ def _fill(block: torch.nn.Module, source: torch.nn.Module) -> None:
         for name, b in block.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
+
+
+class _WalkedBlocks(torch.nn.ModuleList):
+    """A block list whose first walk gives each block its values as it is reached (`enter`) and
+    shards it as it is left (`leave`); later walks see the blocks as they are."""
+
+    def __init__(self, modules, enter=None, leave=None):
+        super().__init__(modules)
+        self._enter, self._leave, self._walked = enter, leave, enter is None
+
+    def __iter__(self):
+        if self._walked:
+            yield from super().__iter__()
+            return
+        self._walked = True
+        for j, block in enumerate(super().__iter__()):
+            self._enter(j, block)
+            yield block
+            self._leave(j, block)
+
+    def modules_in_order(self) -> list:
+        return [self[j] for j in range(len(self))]
 
 
 def _shared_blocks(blocks, positions: list[int]) -> set[int]:

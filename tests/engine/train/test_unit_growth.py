@@ -1,6 +1,7 @@
 """Growing a sharded model (FSDP2, 2 and 4 CPU processes on gloo) equals one process, for every
 kind of operator: per-block ones grow one unit at a time, block-list ones (depth, mapping) one
-source block at a time (engine.train.unit_growth), the others gather the model whole. Stage-start operators and mid-stage growths both; the measured change
+source block at a time, widen_hidden one block at a time as it walks them (engine.train.unit_growth);
+several block-list operators in one stage gather the model whole. Stage-start operators and mid-stage growths both; the measured change
 of the logits, the parameters added and the losses must match."""
 
 from __future__ import annotations
@@ -113,11 +114,15 @@ STAGES = {
         trigger = "at"
         at_steps = [2]
         [[stages.grow.expand]]
-        op = "insert_identity"
-        layers = [1]
+        op = "widen_hidden"
+        size = 32
+        init = "lossless"
         [[stages]]
         task = "prose"
         steps = 3
+        [[stages.expand]]
+        op = "insert_identity"
+        layers = [1]
         [[stages.expand]]
         op = "split_residual"
         layers = [0]
@@ -136,7 +141,7 @@ def test_the_cases_cover_every_transformer_operator():
     per_block = {op for op in OPS if f'op = "{op}"' in STAGES["per_block"]}
     assert all(OPS[op].per_block for op in per_block)
     assert {op for op in OPS if OPS[op].block_list and f'op = "{op}"' in STAGES["block_list"]}
-    assert not any(OPS[op].per_block for op in OPS if f'op = "{op}"' in STAGES["whole"])
+    assert {op for op in OPS if OPS[op].in_order and f'op = "{op}"' in STAGES["whole"]}
 
 
 def _run(tmp_path, kind: str, nproc: int) -> RunDir:
