@@ -5,7 +5,8 @@
 One run per process count of the same plan, as real runs (`widen`'s worker, under
 `python -m torch.distributed.run` for more than one process, strategy fsdp): load a random Llama
 from a local Hugging Face directory (written once, next to the runs), train one stage of 6 steps,
-grow at step 3 (widen_ffn +512, trigger "at"), evaluate and checkpoint at the stage's end.
+grow at step 3 (`--grow`: widen_ffn +512 by default, trigger "at"), evaluate and checkpoint at the
+stage's end.
 
 Each process's peak resident memory is its kernel high-water mark (``VmHWM`` in
 ``/proc/<pid>/status``), read every 20 ms while it lives: the last reading before it exits is its
@@ -60,9 +61,15 @@ steps = 6
 trigger = "at"
 at_steps = [3]
 [[stages.grow.expand]]
-op = "widen_ffn"
-size = 512
+{grow}
 """
+
+# the growth at step 3: one operator of each way an FSDP run applies them (docs/scale.md)
+GROWTHS = {
+    "widen_ffn": 'op = "widen_ffn"\nsize = 512',                          # one unit at a time
+    "map_layers": 'op = "map_layers"\nkeep_ends = {{depth = {depth}}}\nkinds = "real"',  # one source block at a time
+    "widen_hidden": 'op = "widen_hidden"\nsize = 64\ninit = "lossless"',    # one block at a time, walking them
+}
 
 
 def write_model(directory: Path, layers: int, hidden: int) -> int:
@@ -116,6 +123,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--grow", choices=sorted(GROWTHS), default="widen_ffn", help="the growth at step 3")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
@@ -123,7 +131,8 @@ def main() -> None:
             model_dir = Path(tmp) / label
             params = write_model(model_dir, layers, hidden)
             plan_path = Path(tmp) / f"{label}.toml"
-            plan_path.write_text(textwrap.dedent(PLAN.format(model=model_dir)))
+            grow = GROWTHS[args.grow].format(depth=layers + 2)
+            plan_path.write_text(textwrap.dedent(PLAN.format(model=model_dir, grow=grow)))
             for nproc in args.nproc:
                 run, peaks = one_run(Path(tmp) / "runs", plan_path, nproc)
                 events = read_all(run.events)
@@ -134,7 +143,7 @@ def main() -> None:
     base = max(rows[0][6].values())
     fixed = {nproc: max(peaks.values()) for label, _, nproc, _, _, _, peaks in rows if label == "fixed"}
     table = Table(title=f"Peak resident memory per rank, FSDP2 on CPU (gloo): a {model_params / 1e6:.0f}M-parameter "
-                        f"Llama loaded, grown mid-stage (widen_ffn +512), evaluated, checkpointed; 'fixed': the same "
+                        f"Llama loaded, grown mid-stage ({args.grow}), evaluated, checkpointed; 'fixed': the same "
                         f"run of a {rows[-1][1] / 1e6:.2f}M one (what a process costs without the model)")
     for column in ("model", "processes", "state", "growths", "checkpoint", "each rank's peak (GiB)", "largest",
                    "÷ one process", "bytes / parameter"):
