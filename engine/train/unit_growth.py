@@ -19,9 +19,15 @@ same draws in the same order (tests/engine/train/test_unit_growth.py compares th
 operator's config changes and note come from the operator applied to all its layers at once on
 the meta shape (values are never drawn there).
 
-Operators that change every block at once (widen_hidden) or the block list (map_layers,
-insert_identity, split_residual, unshare) are not ``per_block``: the loop gathers the model whole
-for them (``TrainedModel.gather``), as for task-specific modules and multi-stack models (T5).
+Two other kinds of operator are grown without the whole model too (their descriptors say so):
+``block_list`` ones (depth and mapping: every new block a draw-free copy of one old block) run
+once per source block with that block alone given its values (``_rearrange``); ``in_order`` ones
+(widen_hidden: the root, one walk over the blocks, the root again) run once while each block is
+given its values as the walk reaches it and sharded as it leaves it (``_walk``).
+
+What ``applies`` refuses — several block-list operators in one stage, a model with weight-tied
+blocks under a block-list or walking operator, task-specific modules, several stacks (T5) — the
+loop gathers whole (``TrainedModel.gather``).
 """
 
 from __future__ import annotations
