@@ -9,10 +9,10 @@ the model is then gathered at once rather than block by block).
 
 The model is never whole on a rank but where an operator needs it so: it loads sharded
 (``load_sharded``: built on the meta device, filled unit by unit from rank 0), evaluates and
-checkpoints sharded (DCP, ``engine.train.checkpoint``), and per-block operators grow it one unit at
-a time (``engine.train.unit_growth``). Operators that change every block or the block list gather
-it whole (``full_state_dict``, ``full_optimizer_state``) into a rebuilt plain model, grow it as
-one process would, and shard it again (``load_optimizer_state`` scatters the carried moments).
+checkpoints sharded (DCP, ``engine.train.checkpoint``), and its operators grow it one block at a
+time (``engine.train.unit_growth``). The few cases that module refuses gather it whole
+(``full_state_dict``, ``full_optimizer_state``) into a rebuilt plain model, grow it as one
+process would, and shard it again (``load_optimizer_state`` scatters the carried moments).
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 (freezing and unit health read it), the freezing, the task-specific modules, and where its
 parameters live — whole on every rank (one process, DDP) or sharded (FSDP2, ``engine.train.fsdp``).
 
-A sharded model changes shape without being gathered where its operators allow: per-block
-operators grow it one FSDP unit at a time (``unit_by_unit``, engine.train.unit_growth), carrying
-each block's AdamW moments as it goes. The others — operators that change every block or the
-block list, task-specific modules, multi-stack models — gather it whole first (``gather``: the
-weights and the optimizer state, into a plain model rebuilt on placeholders, the way a resume
-rebuilds it), grow it as one process would, and shard it again (``shard``).
+A sharded model changes shape without being gathered where its operators allow: they grow it
+one block at a time (``unit_by_unit``, engine.train.unit_growth), carrying each block's AdamW
+moments as it goes. What that refuses — several depth operators in one stage, task-specific
+modules, multi-stack models — gathers it whole first (``gather``: the weights and the optimizer
+state, into a plain model rebuilt on placeholders, the way a resume rebuilds it), grows it as one
+process would, and shards it again (``shard``).
 """
 
 from __future__ import annotations
