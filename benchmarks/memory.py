@@ -68,7 +68,7 @@ at_steps = [3]
 GROWTHS = {
     "widen_ffn": 'op = "widen_ffn"\nsize = 512',                          # one unit at a time
     "map_layers": 'op = "map_layers"\nkeep_ends = {{depth = {depth}}}\nkinds = "real"',  # one source block at a time
-    "widen_hidden": 'op = "widen_hidden"\nsize = 64\ninit = "lossless"',    # one block at a time, walking them
+    "widen_hidden": 'op = "widen_hidden"\nsize = 24\ninit = "lossless"',    # one block at a time, walking them
 }
 
 
