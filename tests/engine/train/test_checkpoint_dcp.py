@@ -428,3 +428,26 @@ def test_export_of_an_fsdp_run_reads_its_sharded_checkpoint(tmp_path):
     batch = stage_probe(loaded_plan, 1, tokenizer)
     reference = reference_logits(model, batch)
     assert reload_delta(tmp_path / "export", batch[0], reference) <= 1e-4
+
+
+@pytest.mark.slow
+def test_four_ranks_killed_resume_on_two_like_a_straight_run(tmp_path, straight):
+    """kill -9 of one of 4 FSDP ranks, then `widen resume --nproc 2`: the 4 ranks' DCP shards
+    resharded onto 2 (still FSDP) end as the uninterrupted one-process run does."""
+    from engine.runs.events import read_all
+    from engine.runs.rundir import RunDir
+    from tests.conftest import widen
+
+    root = tmp_path / "runs"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    out = widen("run", str(plan), "--nproc", "4", "--detach", "--set", "train.distributed.strategy=fsdp",
+                env_home=root, check=True)
+    run = RunDir(root / out.stdout.strip())
+    kill_rank_after_a_checkpoint_in_stage_1(run, "2")
+    latest = run.checkpoints / "latest"
+    assert sorted(p.name for p in (latest / "dcp").iterdir()) == [".metadata"] + [f"__{r}_0.distcp" for r in range(4)]
+    resume_to_the_end(run, root, "--nproc", "2")
+    assert_same_results(straight, run)
+    resumed = [e for e in read_all(run.events) if e.type == "start"][-1]
+    assert resumed.world_size == 2
