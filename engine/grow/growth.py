@@ -327,24 +327,36 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
             if state is None:
                 counts["fresh"] += 1
                 continue
-            carried = {"step": state["step"]}
-            for key in MOMENTS:
-                if key in state:
-                    kind = "m" if key == "exp_avg" else "v"
-                    value = _carry(state[key], p, splits.get(id(p)), masks.get(id(p)), kind)
-                    if value is None:
-                        break
-                    carried[key] = value.to(device=p.device, dtype=p.dtype)
-            else:
+            carried = carried_state(state, p, splits.get(id(p)), masks.get(id(p)))
+            if carried is not None:
                 new_optimizer.state[p] = _fit_group(carried, group, p)
                 counts["split" if id(p) in splits else "grown"] += 1
                 continue
             counts["fresh"] += 1
             counts["unplaced"].append(names[id(p)][0])
-    for p, state in new_optimizer.state.items():
+    zero_masked_moments(new_optimizer, masked)
+    return counts
+
+
+def carried_state(state: dict, p: torch.Tensor, splits: list[Split] | None, mask: torch.Tensor | None) -> dict | None:
+    """AdamW `state` of a tensor that `p` grew from, placed as `p` is (``_carry``: through its
+    splits, else its new-entry mask); None when it does not fit (then `p` starts fresh)."""
+    carried = {"step": state["step"]}
+    for key in MOMENTS:
+        if key in state:
+            value = _carry(state[key], p, splits, mask, "m" if key == "exp_avg" else "v")
+            if value is None:
+                return None
+            carried[key] = value.to(device=p.device, dtype=p.dtype)
+    return carried
+
+
+def zero_masked_moments(optimizer, masked: dict[int, torch.Tensor] | None) -> None:
+    """Entries whose gradient is masked to zero (``Freezer.masked``) get zero moments, so a
+    carried moment cannot move them."""
+    for p, state in optimizer.state.items():
         mask = (masked or {}).get(id(p))
         if mask is not None and state:
             for key in MOMENTS:
                 if key in state:
-                    state[key].mul_(mask.to(state[key].device, state[key].dtype))
-    return counts
+                    state[key] = state[key] * mask.to(state[key].device, state[key].dtype)

@@ -89,7 +89,6 @@ class TrainedModel:
         if not self.grows_by_units(specs):
             return None
         from engine.model.sources import load_model
-        from engine.train.build import replay_expansions
 
         shape, shape_view = load_model(self.plan.model, self.plan.seed, attention=self.plan.train.attention,
                                        skeleton=True)
@@ -158,7 +157,7 @@ class TrainedModel:
         """Give `optimizer` (new, over the sharded model grown unit by unit) the moments carried
         then (``self.carried``, by name); entries whose gradient is masked get zero moments, as
         ``carry_optimizer_state`` gives them."""
-        from engine.grow.growth import MOMENTS, _fit_group
+        from engine.grow.growth import _fit_group, zero_masked_moments
 
         params = dict(self.module.named_parameters())
         for group in optimizer.param_groups:
@@ -167,12 +166,7 @@ class TrainedModel:
                 state = (self.carried or {}).get(name)
                 if id(p) in trains and state:
                     optimizer.state[p] = _fit_group(dict(state), group, p)
-        for p, state in optimizer.state.items():
-            mask = self.freezer.masked.get(id(p))
-            if mask is not None and state:
-                for key in MOMENTS:
-                    if key in state:
-                        state[key] = state[key] * mask.to(state[key].dtype)
+        zero_masked_moments(optimizer, self.freezer.masked)
         self.carried = None
 
     # ------------------------------------------------------------------ placement

@@ -122,7 +122,8 @@ class UnitByUnit:
             _fill(block, old_blocks[j])
             before = dict(block.named_parameters(remove_duplicate=False))
             result = apply_operator(target_view, params.model_copy(update={"layers": [j]}), generator)
-            carried = self._carry(block, before, result, prefix, old_named) if self.moments is not None else {}
+            carried = self._carry(block, before, result, {id(p) for p in block.parameters()},
+                                  prefix) if self.moments is not None else {}
             plain = {name: p for name, p in block.named_parameters(remove_duplicate=False)}
             names.update({id(p): prefix + name for name, p in plain.items()})
             was = {id(p): name for name, p in before.items()}
@@ -132,9 +133,11 @@ class UnitByUnit:
             fully_shard(block)
             sharded = dict(block.named_parameters(remove_duplicate=False))
             rehoused.update({id(old_named[prefix + old]): sharded[name] for name, old in kept.items()})
-            for name, state in carried.items():
-                moments[prefix + name] = {k: fsdp.shard_like(v, sharded[name]) if isinstance(v, torch.Tensor)
-                                          and v.shape == sharded[name].shape else v for k, v in state.items()}
+            for name, p in plain.items():
+                state = carried.get(id(p))
+                if state:
+                    moments[prefix + name] = {k: fsdp.shard_like(v, sharded[name]) if isinstance(v, torch.Tensor)
+                                              and v.shape == sharded[name].shape else v for k, v in state.items()}
             results.append(result)
             self._release(old_blocks[j], prefix, old_named)
         for j, block in enumerate(old_blocks):  # the others: the same values in a unit of the new root
@@ -212,7 +215,7 @@ class UnitByUnit:
             built = mini_view.blocks()
             mine = [i for i, source in enumerate(sources) if source == s]
             params_of = {id(p) for i in mine for p in built[i].parameters()}
-            carried = self._carry_depth(mini, before, result, params_of, old_named) if self.moments is not None else {}
+            carried = self._carry(mini, before, result, params_of) if self.moments is not None else {}
             shared = _shared_blocks(built, mine)
             for i in mine:
                 block, prefix = built[i], f"{blocks_path}.{i}."
@@ -348,7 +351,7 @@ class UnitByUnit:
         """Every parameter's AdamW state after an in-order operator, one tensor whole at a time:
         the same tensor keeps its state, a grown one gets its old moments at its old entries
         (``engine.grow.growth`` rules), a new one none."""
-        from engine.grow.growth import MOMENTS, _carry
+        from engine.grow.growth import carried_state
 
         masks = {id(p): m for p, m in result.grown}
         moments: dict[str, dict] = {}
@@ -361,29 +364,26 @@ class UnitByUnit:
                 moments[name] = state
                 continue
             like = torch.empty(tuple(p.shape), dtype=p.dtype, device=p.to_local().device if hasattr(p, "to_local") else p.device)
-            carried = {"step": state["step"]}
-            for key in MOMENTS:
-                if key in state:
-                    value = _carry(_whole(state[key]), like, None, masks.get(id(p)), "m" if key == "exp_avg" else "v")
-                    if value is None:
-                        break
-                    carried[key] = fsdp.shard_like(value.to(like.dtype), p)
-            else:
-                moments[name] = carried
+            whole = {k: _whole(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in state.items()}
+            carried = carried_state(whole, like, None, masks.get(id(p)))
+            if carried is not None:
+                moments[name] = {k: fsdp.shard_like(v, p) if isinstance(v, torch.Tensor) and v.dim() else v
+                                 for k, v in carried.items()}
         return moments
 
-    def _carry_depth(self, mini, before: dict, result, params_of: set[int], old_named: dict) -> dict[int, dict]:
-        """The AdamW state of one source block's descendants (whole tensors, by parameter id), as
-        ``carry_optimizer_state`` gives it in one process: `before` names the model's parameters
-        before the operator (the source block's with values, the others on meta)."""
+    def _carry(self, model, before: dict, result, grown: set[int], prefix: str = "") -> dict[int, dict]:
+        """The AdamW state (whole tensors, by parameter id) of `model`'s parameters in `grown`, as
+        ``carry_optimizer_state`` gives it in one process. `before` names the parameters before
+        the operator as `model` names them (`prefix` + name: the run's model's name); those with
+        values (the block being grown, not the meta rest) have their old moments gathered."""
         old_state = {}
         for name, p in before.items():
-            state = self.moments.get(name) if not p.is_meta else None
+            state = self.moments.get(prefix + name) if not p.is_meta else None
             if state:
                 old_state[p] = {k: _whole(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in state.items()}
-        params = [p for p in mini.parameters() if id(p) in params_of]
+        params = [p for p in model.parameters() if id(p) in grown]
         new = SimpleNamespace(param_groups=[{**self.hyper, "params": params}], state={})
-        carry_optimizer_state(SimpleNamespace(state=old_state), new, before, mini, StageGrowth([result]))
+        carry_optimizer_state(SimpleNamespace(state=old_state), new, before, model, StageGrowth([result]))
         return {id(p): state for p, state in new.state.items()}
 
     def _release(self, old_block, prefix: str, old_named: dict, keep_moments: bool = False) -> None:
@@ -396,20 +396,6 @@ class UnitByUnit:
             if self.moments is not None and prefix + name in self.moments and not keep_moments:
                 self.moments[prefix + name] = {}
         old_block.to_empty(device="meta")
-
-    def _carry(self, block, before: dict, result, prefix: str, old_named: dict) -> dict[str, dict]:
-        """The grown block's AdamW state (whole tensors, by name in the block): its old moments,
-        gathered, carried as one process carries them."""
-        old_state = {}
-        for name, p in before.items():
-            state = self.moments.get(prefix + name)
-            if state:
-                old_state[p] = {k: _whole(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in state.items()}
-        params = list(block.parameters())
-        new = SimpleNamespace(param_groups=[{**self.hyper, "params": params}], state={})
-        carry_optimizer_state(SimpleNamespace(state=old_state), new, before, block, StageGrowth([result]))
-        by_id = {id(p): name for name, p in block.named_parameters(remove_duplicate=False)}
-        return {by_id[id(p)]: state for p, state in new.state.items()}
 
     def _rehouse_root(self, target, blocks_path: str, old_named: dict) -> None:
         """The root's own parameters (outside the blocks), gathered whole into `target` (on meta
