@@ -111,7 +111,8 @@ def stream_run_export(run_dir: Path | str, out_dir: Path | str, source: dict | N
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(str(out_dir))
     load_tokenizer(plan.model.tokenizer).save(out_dir)
-    manifest = export_manifest(model, ArchView(model.config, model), source, reports, params_before)
+    manifest = export_manifest(model, ArchView(model.config, model), {**(source or {}), "plan_name": plan.name},
+                               reports, params_before)
     manifest["streamed"] = {"tensors": len(entries), "max_abs_delta": stream_parity(out_dir, entries, read)}
     from engine.exports.hf_directory import write_manifest
 

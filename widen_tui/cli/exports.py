@@ -90,11 +90,8 @@ def _streamed(run, out_dir: Path, origin: dict) -> bool:
     """A run whose latest checkpoint is sharded (FSDP) and whose model needs no materializing is
     exported tensor by tensor from the shards (engine.exports.streamed): the model is never whole."""
     from engine.exports.streamed import stream_run_export
-    from engine.plan import load_plan
 
-    plan = load_plan(run.plan)
-    reports = (run.results() or {}).get("expansions")
-    manifest = stream_run_export(run.path, out_dir, {**origin, "plan_name": plan.name}, reports)
+    manifest = stream_run_export(run.path, out_dir, origin, (run.results() or {}).get("expansions"))
     if manifest is None:
         return False
     streamed = manifest["streamed"]
