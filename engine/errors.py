@@ -25,3 +25,11 @@ class UnsafeName(WidenError, ValueError):
 class RunCreateError(WidenError):
     """A run directory that could not be made (a full disk, a read-only runs root); nothing half
     made is left behind."""
+
+
+class ModelLoadError(WidenError, ValueError):
+    """A model source that cannot be read (`field`: the `[model]` field to fix, "source" by default)."""
+
+    def __init__(self, message: str, field: str = "source"):
+        super().__init__(message)
+        self.field = field

@@ -72,7 +72,7 @@ def _load_source(source: str, tokenizer_spec: str | None, device: str):
 
         model, _, tokenizer, plan = load_run_model(run.path, device=device)
         return model, tokenizer, plan, run.id
-    tokenizer = load_tokenizer(tokenizer_spec or "bytes")
+    tokenizer = load_tokenizer(tokenizer_spec or "bytes", ModelSpec(source=source))
     model, _ = load_model(ModelSpec(source=source), seed=0)
     StackReplay(model)  # refuses T5 / unsupported families first: the more basic problem
     check_vocabulary(model, tokenizer)

@@ -110,7 +110,7 @@ def stream_run_export(run_dir: Path | str, out_dir: Path | str, source: dict | N
     model.config.save_pretrained(str(out_dir))
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(str(out_dir))
-    load_tokenizer(plan.model.tokenizer).save(out_dir)
+    load_tokenizer(plan.model.tokenizer, plan.model).save(out_dir)
     manifest = export_manifest(model, ArchView(model.config, model), {**(source or {}), "plan_name": plan.name},
                                reports, params_before)
     manifest["streamed"] = {"tensors": len(entries), "max_abs_delta": stream_parity(out_dir, entries, read)}

@@ -9,6 +9,10 @@ the trainable count by the stage's freeze policy (``engine.grow.apply.Freezer``)
 The dataclasses (``PlanPreview``, ``StagePreview``, ``OpPreview``) and their JSON form are
 torch-free: the builder's process imports them, and gets the figures from the helper process
 ``engine.grow.preview_worker``, which runs ``preview_plan`` (torch is imported only there).
+
+``operator_misfits`` runs the same operators in the order a run applies them (growths included,
+each as often as the plan allows) and keeps what the engine refuses: ``widen plan check`` and
+``widen run`` report it before any weight is loaded (engine.plan.operator_fit).
 """
 
 from __future__ import annotations
@@ -185,9 +189,19 @@ def meta_model(spec, config=None) -> MetaModel:
     return MetaModel(model, view, spec, pristine)
 
 
-def _apply_op(state: MetaModel, raw, stage_index: int, generator) -> tuple[MetaModel, int | None, str]:
-    """One raw operator table on `state`: (state after, parameters added or None, note).
-    A failure leaves the model as it was, so the later operators still preview."""
+@dataclass
+class Applied:
+    """One raw operator table tried on the meta model."""
+
+    state: MetaModel               # the model after it (as before it when it failed)
+    added: int | None = None       # parameters it added; None: not applied
+    note: str = ""
+    refusal: str = ""              # the engine refused it here (OperatorError): the operator's own message
+
+
+def _apply_op(state: MetaModel, raw, stage_index: int, generator, in_growth: bool = False) -> Applied:
+    """One raw operator table on `state`. A failure leaves the model as it was, so the later
+    operators still apply. `in_growth`: the op takes its [stages.grow] defaults, as in a run."""
     from pydantic import ValidationError
 
     from engine.grow.apply import OperatorError
@@ -196,22 +210,25 @@ def _apply_op(state: MetaModel, raw, stage_index: int, generator) -> tuple[MetaM
 
     name = raw.get("op") if isinstance(raw, dict) else None
     if name not in OPS:
-        return state, None, "unknown op"
+        return Applied(state, note="unknown op")
     try:
         spec = ExpandSpec.model_validate(raw)
+        if in_growth:  # engine.plan.GrowSpec gives a growth's operators these defaults
+            spec = ExpandSpec.model_validate({**raw, **spec.params().growth_defaults()})
         spec.params()
     except ValidationError:
-        return state, None, "invalid settings"
+        return Applied(state, note="invalid settings")
     if name in NOT_META_SAFE:
-        return state, None, NOT_META_SAFE[name] + UNMEASURED
+        return Applied(state, note=NOT_META_SAFE[name] + UNMEASURED)
     before = state.total()
     try:
         growth = state.apply(stage_index, spec, generator)
     except OperatorError as e:  # "stage i: op: why": the why
-        return state.rebuilt(), None, one_line(e).split(": ", 2)[-1]
+        why = one_line(e).split(": ", 2)[-1]
+        return Applied(state.rebuilt(), note=why, refusal=why)
     except Exception as e:  # noqa: BLE001 - an operator that cannot run on meta: one line, keep going
-        return state.rebuilt(), None, f"not previewed ({one_line(e)[:120]}){UNMEASURED}"
-    return state, state.total() - before, "; ".join(r.note for r in growth.results if r.note)
+        return Applied(state.rebuilt(), note=f"not previewed ({one_line(e)[:120]}){UNMEASURED}")
+    return Applied(state, state.total() - before, "; ".join(r.note for r in growth.results if r.note))
 
 
 def _trainable(state: MetaModel, freeze) -> tuple[int | None, str]:
@@ -250,8 +267,9 @@ def _preview_stages(state: MetaModel, stages: list, where: str, variant: str | N
         ops = stage.get("expand") if isinstance(stage.get("expand"), list) else []
         for j, raw in enumerate(ops):
             depth = state.depths()
-            state, added, note = _apply_op(state, raw, index, generator)
-            preview.ops.append(OpPreview(f"{path}.expand.{j}", _op_name(raw), depth, added, note))
+            applied = _apply_op(state, raw, index, generator)
+            state = applied.state
+            preview.ops.append(OpPreview(f"{path}.expand.{j}", _op_name(raw), depth, applied.added, applied.note))
         preview.total_after = state.total()
         preview.trainable, preview.note = _trainable(state, stage.get("freeze", "none"))
         grow = stage.get("grow")
@@ -266,11 +284,22 @@ def _preview_stages(state: MetaModel, stages: list, where: str, variant: str | N
             trial, generator = state.clone(), growth_generator(seed, index, 0)
             for j, raw in enumerate(grow["expand"]):
                 depth = trial.depths()
-                trial, added, note = _apply_op(trial, raw, index, generator)
-                preview.ops.append(OpPreview(f"{path}.grow.expand.{j}", _op_name(raw), depth, added,
-                                             each + (f"; {note}" if note else "")))
+                applied = _apply_op(trial, raw, index, generator, in_growth=True)
+                trial = applied.state
+                preview.ops.append(OpPreview(f"{path}.grow.expand.{j}", _op_name(raw), depth, applied.added,
+                                             each + (f"; {applied.note}" if applied.note else "")))
         out.append(preview)
     return state, out
+
+
+def _built(model_raw, load_config=None) -> MetaModel:
+    """The meta model of a raw [model] table (ValidationError, ModelLoadError: it cannot build)."""
+    from engine.model.sources import BUILTIN_MLPS
+    from engine.plan import ModelSpec
+
+    spec = ModelSpec.model_validate(model_raw or {})
+    mlp = spec.source.removeprefix("builtin:") in BUILTIN_MLPS and spec.source.startswith("builtin:")
+    return meta_model(spec, None if mlp or load_config is None else load_config(spec))
 
 
 def _op_name(raw) -> str:
@@ -283,13 +312,10 @@ def preview_plan(raw: dict, load_config=None) -> PlanPreview:
     (default: engine.model.sources.load_config; the helper passes a cached one)."""
     from pydantic import ValidationError
 
-    from engine.model.sources import BUILTIN_MLPS, ModelLoadError
-    from engine.plan import ModelSpec
+    from engine.model.sources import ModelLoadError
 
     def build(model_raw) -> MetaModel:
-        spec = ModelSpec.model_validate(model_raw or {})
-        mlp = spec.source.removeprefix("builtin:") in BUILTIN_MLPS and spec.source.startswith("builtin:")
-        return meta_model(spec, None if mlp or load_config is None else load_config(spec))
+        return _built(model_raw, load_config)
 
     if not isinstance(raw, dict):
         return PlanPreview(None, error="the plan is not a table")
@@ -321,3 +347,94 @@ def preview_plan(raw: dict, load_config=None) -> PlanPreview:
         vstages = variant.get("stages") if isinstance(variant.get("stages"), list) else []
         result.stages += _preview_stages(own, vstages, f"variants.{v}.stages", name, len(shared), seed)[1]
     return result
+
+
+# -- misfits: what the engine would refuse, found before any weight is loaded ----------------------
+
+
+@dataclass
+class Misfit:
+    """An operator the engine refuses at its point of the plan (its OperatorError)."""
+
+    path: str                      # the operator's table: "stages.1.expand.2", "stages.0.grow.expand.0"
+    op: str
+    reason: str                    # the operator's own message, one line ("size: ... — fix")
+    when: str = ""                 # "at growth 2 of up to 3", "on variants.0.model": where the plan gets there
+
+
+def operator_misfits(raw: dict, load_config=None) -> list[Misfit]:
+    """Every operator of a raw plan dict applied to its model on the meta device, in the order a
+    run applies them: each stage's operators, then its [stages.grow] operators once per growth
+    the plan allows (a run may grow that often, and the next stage starts from the grown model);
+    the shared stages, then each variant's own (on the variant's model when it names one). One
+    Misfit per operator the engine refuses (first refusal only); the model stays as it was before
+    it, so the later operators are still checked. Lenient like ``preview_plan``: a model that
+    cannot build, an unknown op or invalid settings are skipped (the other checks name them).
+
+    Only the operators' own refusals count. Anything else an operator raises on meta is an
+    artifact of tensors without values (a value read, a probe), not a misfit: the run measures
+    nothing here (apply_stage with measure=False) and no value is read, so none is reported."""
+    if not isinstance(raw, dict):
+        return []
+    try:
+        state = _built(raw.get("model"), load_config)
+    except Exception:  # noqa: BLE001 - a model that cannot build: check_model_fields names it
+        return []
+    seed = raw.get("seed") if isinstance(raw.get("seed"), int) and not isinstance(raw.get("seed"), bool) else 0
+    shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    misfits: list[Misfit] = []
+    after_shared = _fit_stages(state, shared, "stages", 0, seed, "", misfits)
+    for v, variant in enumerate(variants):
+        if not isinstance(variant, dict):
+            continue
+        if variant.get("model") is not None:  # the shared stages again, on the variant's own model
+            label = f"on variants.{v}.model"
+            try:
+                own = _built(variant["model"], load_config)
+            except Exception:  # noqa: BLE001 - a model that cannot build: check_model_fields names it
+                continue
+            own = _fit_stages(own, shared, "stages", 0, seed, label, misfits)
+        else:
+            label, own = "", after_shared.clone()
+        stages = variant.get("stages") if isinstance(variant.get("stages"), list) else []
+        _fit_stages(own, stages, f"variants.{v}.stages", len(shared), seed, label, misfits)
+    first: dict[str, Misfit] = {}
+    for misfit in misfits:
+        first.setdefault(misfit.path, misfit)
+    return list(first.values())
+
+
+def _fit_stages(state: MetaModel, stages: list, where: str, offset: int, seed: int, label: str,
+                misfits: list[Misfit]) -> MetaModel:
+    """Apply `stages` to `state` as a run does, adding a Misfit for each refused operator."""
+    from engine.grow.apply import op_generator
+    from engine.grow.growth import growth_generator
+    from engine.plan import growth_count
+
+    def run(ops: list, path: str, index: int, generator, when: str, in_growth: bool = False) -> bool:
+        nonlocal state
+        refused = False
+        for j, raw in enumerate(ops):
+            applied = _apply_op(state, raw, index, generator, in_growth)
+            state = applied.state
+            if applied.refusal:
+                misfits.append(Misfit(f"{path}.{j}", _op_name(raw), applied.refusal, when))
+                refused = True
+        return refused
+
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        index, path = offset + i, f"{where}.{i}"
+        state.begin(path)
+        ops = stage.get("expand") if isinstance(stage.get("expand"), list) else []
+        run(ops, f"{path}.expand", index, op_generator(seed, index), label)
+        grow = stage.get("grow")
+        if isinstance(grow, dict) and isinstance(grow.get("expand"), list):
+            most = growth_count(grow)
+            for g in range(most):
+                when = ", ".join(x for x in (f"at growth {g + 1} of up to {most}" if most > 1 else "", label) if x)
+                if run(grow["expand"], f"{path}.grow.expand", index, growth_generator(seed, index, g), when, True):
+                    break  # one refusal per growth operator: the later growths would repeat it
+    return state

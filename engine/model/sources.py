@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-from engine.errors import WidenError
+from engine.errors import ModelLoadError
+from engine.model import gguf
 from engine.model.families import FAMILY_OVERRIDE_ATTR
 from engine.model.view import ArchView, UnsupportedArchitecture, module_tree_differences
 
@@ -62,12 +63,6 @@ def build_builtin_mlp(name: str, seed: int):
         return nn.Sequential(*layers)
 
 
-class ModelLoadError(WidenError, ValueError):
-    def __init__(self, message: str, field: str = "source"):
-        super().__init__(message)
-        self.field = field
-
-
 def builtin_fields(source: str) -> dict:
     name = source.removeprefix("builtin:")
     if name not in BUILTIN_MODELS:
@@ -86,6 +81,9 @@ def load_config(spec):
     if source.startswith("builtin:"):
         fields = builtin_fields(source)
         return _with_family(AutoConfig.for_model(fields.pop("model_type"), **fields), spec)
+    location = gguf.spec_location(spec)
+    if location is not None:
+        return _with_family(gguf.load_config(location, spec.revision), spec)
     try:
         return _with_family(AutoConfig.from_pretrained(source, revision=spec.revision), spec)
     except (OSError, ValueError) as e:
@@ -220,9 +218,12 @@ def placeholder_model(spec, seed: int, attention: str = "sdpa"):
     return model, view
 
 
-def safetensors_files(source: str) -> list[Path]:
-    """A local model directory's safetensors weight files (none for a hub name or other formats)."""
-    path = Path(source)
+def safetensors_files(spec) -> list[Path]:
+    """A plan's local model directory's safetensors weight files (none for a hub name, a GGUF or
+    other formats)."""
+    if gguf.spec_location(spec) is not None:
+        return []
+    path = Path(spec.source)
     return sorted(path.glob("*.safetensors")) if path.is_dir() else []
 
 
@@ -247,6 +248,7 @@ def load_model(spec, seed: int, attention: str = "sdpa", skeleton: bool = False)
         raise ModelLoadError(str(e)) from None
     auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq" else transformers.AutoModelForCausalLM
     implementation, fallback = choose_attention(auto, config, attention)
+    location = gguf.spec_location(spec)
 
     def build(implementation: str):
         if skeleton:
@@ -257,6 +259,8 @@ def load_model(spec, seed: int, attention: str = "sdpa", skeleton: bool = False)
                 torch.manual_seed(seed)
                 return auto.from_config(config, attn_implementation=implementation)
         # the config loaded above: it carries the plan's [model] family, if any
+        if location is not None:
+            return gguf.load_model(location, auto, config, spec.revision, implementation)
         return auto.from_pretrained(spec.source, config=config, revision=spec.revision,
                                     attn_implementation=implementation)
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine import builtins
+from engine.model.gguf import INSTALL_HINT as GGUF_INSTALL_HINT
+from engine.model.gguf import TOKENIZER_FROM_MODEL, is_gguf_path
 from engine.names import label_problem, name_problem
 from engine.ops.params import MAX_DEPTH, OPS
 from engine.plan.problems import SHOWN_CHARS, Problem, listing, problems_from_pydantic, shown
@@ -433,6 +435,14 @@ def tokenizer_problems(model: dict, where: str) -> list[tuple[str, str]]:
     if not isinstance(spec, str) or spec == "bytes":
         return []
     where = f"{where}.tokenizer"
+    if spec == TOKENIZER_FROM_MODEL:
+        source = model.get("source")
+        if isinstance(source, str) and not (is_gguf_path(source) or model.get("gguf_file")):
+            return [(where, 'tokenizer = "gguf" reads the tokenizer from the model\'s GGUF, but model.source is not '
+                            'a GGUF — give a .gguf source (or gguf_file), or a tokenizer directory')]
+        return []
+    if is_gguf_path(spec):
+        return _gguf_file_problems(spec, where, "tokenizer")
     fix = 'use "bytes", a local tokenizer directory or a hub name'
     path = _local(spec)
     if path is None:
@@ -459,7 +469,9 @@ def model_source_problems(model: dict, where: str) -> list[tuple[str, str]]:
     if not isinstance(source, str) or source.startswith("builtin:"):
         return []
     where = f"{where}.source"
-    fix = "use builtin:tiny-neo, a local model directory, or a hub name (needs the network)"
+    if is_gguf_path(source):
+        return _gguf_file_problems(source, where, "model")
+    fix = "use builtin:tiny-neo, a local model directory, a .gguf file, or a hub name (needs the network)"
     path = _local(source)
     if path is None:
         problem = _hub_name_problem(source, "model", fix)
@@ -468,6 +480,18 @@ def model_source_problems(model: dict, where: str) -> list[tuple[str, str]]:
         return [(where, f"no such directory {_shown_path(source)} — {fix}")]
     if not path.is_dir():
         return [(where, f"{_shown_path(source)} is a file — give the model's directory (with config.json)")]
+    return []
+
+
+def _gguf_file_problems(name: str, where: str, what: str) -> list[tuple[str, str]]:
+    """A `.gguf` path given as a model source or a tokenizer: a local file that exists."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return [(where, f"no such GGUF file {_shown_path(name)} — give the path of a .gguf file, or a directory "
+                        f"with gguf_file naming the file in it")]
+    if importlib.util.find_spec("gguf") is None:
+        return [(where, f"reading the {what} from a GGUF needs the gguf package, which is not installed — "
+                        f"{GGUF_INSTALL_HINT}")]
     return []
 
 

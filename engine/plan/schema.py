@@ -51,9 +51,12 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    source: str = Field("builtin:tiny-neo", description="builtin:<name>, a hub name or a local directory")
-    tokenizer: str = Field("bytes", description='"bytes" or a tokenizer hub name / directory')
+    source: str = Field("builtin:tiny-neo", description="builtin:<name>, a hub name, a local directory, "
+                        "or a .gguf file")
+    tokenizer: str = Field("bytes", description='"bytes", a tokenizer hub name / directory, "gguf" (the model\'s '
+                           'GGUF file) or a .gguf file')
     revision: str | None = None
+    gguf_file: str | None = Field(None, description="a GGUF file's name inside `source` (a directory or hub name)")
     family: str | None = Field(None, description="the family description to use for a model type widen does not "
                                "list (its module tree is checked against it), e.g. \"llama\"")
 
@@ -65,6 +68,14 @@ class ModelSpec(Strict):
         names = [f.name for f in FAMILIES if f.kind != "mlp"]
         if v is not None and v not in names:
             raise ValueError(f"no family '{v}' — families: {', '.join(names)}")
+        return v
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file_name(cls, v):
+        if v is not None and (not v.lower().endswith(".gguf") or "/" in v or "\\" in v or v.startswith(".")):
+            raise ValueError(f"'{v}' is not a GGUF file's name — give the name of a .gguf file inside source "
+                             "(no folders), or put the file's path in source")
         return v
 
 

@@ -52,7 +52,7 @@ def load_tokenizer_and_model(plan: Plan, device: str | torch.device = "cpu", wor
     (``engine.train.fsdp.load_sharded``): no rank ever holds it whole."""
     from engine.model.sources import check_vocabulary, load_model
 
-    tokenizer = load_tokenizer(plan.model.tokenizer)
+    tokenizer = load_tokenizer(plan.model.tokenizer, plan.model)
     if world is not None and world.distributed and plan.train.strategy == "fsdp":
         from engine.train import fsdp
 

