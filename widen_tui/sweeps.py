@@ -11,19 +11,18 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from rich.color import Color
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
 from engine.errors import WidenError
 from engine.runs.rundir import dumps_json
 
-# One colour per source layer, from the 16 standard ANSI colours (any terminal shows them), each
-# with a text colour that stays readable on it; layers beyond the palette reuse it (the index is
-# printed in the cell anyway).
-PALETTE = ("black on bright_white", "white on blue", "black on green", "white on red", "black on cyan",
-           "white on magenta", "black on yellow", "bright_white on black", "black on bright_blue",
-           "black on bright_green", "black on bright_red", "black on bright_cyan", "black on bright_magenta",
-           "black on bright_yellow", "white on bright_black")
+# The strip's colour ramp (viridis at five stops): dark blue, blue, teal, green, yellow.
+RAMP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+# The family label column's widest (labels are at most ~17 characters: "every 5th from 12").
+LABEL_WIDTH = 18
 
 
 class SweepError(WidenError, ValueError):
@@ -125,44 +124,71 @@ def _device(choice: str) -> str:
 
 
 def heatmap(result: dict) -> Table:
-    """Rows = mappings (best first), one coloured cell per target layer holding its source
-    layer, then the perplexity and its ratio to the reference (the unexpanded model)."""
-    depth = result["depth"] or result["source_layers"]
-    reference = next(r for r in result["rows"] if r["reference"])
-    table = Table(caption_justify="left", header_style="bold")
-    table.add_column("#", justify="right")
-    for i in range(depth):
-        table.add_column(str(i), justify="center", min_width=2)
-    table.add_column("ppl", justify="right")
-    table.add_column("× ref", justify="right")
+    """Rows = mappings (best first): the perplexity and its ratio to the reference (the
+    unexpanded model) first, then the family label, then a strip of one character per target
+    layer — the last digit of its source layer on that layer's colour. Only the strip shrinks
+    (it is cropped on its right), so perplexity stays on screen at 80 columns and 60+ layers."""
+    rows = result["rows"]
+    source_layers = result["source_layers"]
+    reference = next(r for r in rows if r["reference"])
+    labelled = any(r.get("label") for r in rows)
+    table = Table(caption_justify="left", header_style="bold", pad_edge=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("ppl", justify="right", no_wrap=True)
+    table.add_column("× ref", justify="right", no_wrap=True)
+    if labelled:
+        table.add_column("mapping", no_wrap=True, overflow="ellipsis", max_width=LABEL_WIDTH)
+    # the one wrapable column: rich shrinks it alone when the table is too wide (its text has no
+    # space to wrap at, so its right end is cut, marked …)
+    table.add_column(f"source layer of target 0..{(result['depth'] or source_layers) - 1}", overflow="ellipsis")
     rank = 0
-    for row in result["rows"]:
+    for row in rows:
         if row["reference"]:
-            layers = list(range(result["source_layers"]))
-            label = Text("ref", style="bold")
-            cells = [_cell(x) for x in layers[:depth]] + [Text("")] * (depth - len(layers))
-            if len(layers) > depth:
-                cells[-1] = Text("…")
+            label, name, mapping = Text("ref", style="bold"), Text("unexpanded", style="bold"), range(source_layers)
         else:
             rank += 1
-            label = Text(str(rank))
-            cells = [_cell(x) for x in row["mapping"]]
+            label, name, mapping = Text(str(rank)), Text(row.get("label") or ""), row["mapping"]
         ratio = row["ppl"] / reference["ppl"] if reference["ppl"] else float("nan")
         style = "bold" if row["reference"] else ""
-        table.add_row(label, *cells, Text(f"{row['ppl']:.3f}", style=style), Text(f"{ratio:.3f}", style=style))
-    table.caption = "cells: the source layer each target layer runs; ref: the unexpanded model " \
-                    f"({result['source_layers']} layers)"
+        cells = [label, Text(_ppl(row["ppl"]), style=style), Text(f"{ratio:.3f}", style=style)]
+        table.add_row(*cells, *([name] if labelled else []), layer_strip(mapping, source_layers))
+    table.caption = (f"strip: one character per target layer, the last digit of its source layer, coloured "
+                     f"by source layer (0 dark … {source_layers - 1} light); ref: the unexpanded model "
+                     f"({source_layers} layers)")
     return table
 
 
-def _cell(source: int) -> Text:
-    return Text(f" {source} ", style=PALETTE[source % len(PALETTE)])
+def layer_strip(mapping, source_layers: int) -> Text:
+    """One character per target layer: its source layer's last digit on that layer's colour."""
+    strip = Text()
+    for source in mapping:
+        strip.append(str(source % 10), style=_layer_style(source, source_layers))
+    return strip
+
+
+def _layer_style(source: int, source_layers: int) -> Style:
+    """Dark blue (layer 0) to yellow (the last): a viridis-like ramp, so neighbours look alike
+    and a repeated band shows as a repeated stretch of colour. Rich lowers it to 256 or 16
+    colours where the terminal has no true colour."""
+    x = source / max(1, source_layers - 1)
+    position = x * (len(RAMP) - 1)
+    low = min(int(position), len(RAMP) - 2)
+    t = position - low
+    rgb = [round(a + (b - a) * t) for a, b in zip(RAMP[low], RAMP[low + 1])]
+    light = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140
+    return Style(color="black" if light else "white", bgcolor=Color.from_rgb(*rgb))
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.3f}" if value < 1000 else f"{value:,.0f}"
 
 
 def speedup_line(result: dict) -> str:
     calls = result["block_calls"]
+    ratio = result.get("sharing_ratio") or (calls["naive"] / calls["cached"] if calls.get("cached") else None)
+    shared = f", {ratio:.2f}× fewer than from layer 0" if ratio else ""
     cached = f"prefix sharing: {result['cached_s']:.3f} s for {len(result['rows']) - 1} mappings " \
-             f"({calls['cached']} block calls)"
+             f"({calls['cached']} block calls{shared})"
     if result.get("speedup") is None:
         return cached + " — naive timing skipped (--no-naive)"
     return (cached + f" vs {result['naive_s']:.3f} s each from layer 0 ({calls['naive']} block calls): "
@@ -185,10 +211,12 @@ def write_csv(result: dict, path: Path) -> None:
     depth = result["depth"] or result["source_layers"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["reference", "ppl", "loss", "mapping", *(f"layer_{i}" for i in range(depth))])
+        writer.writerow(["reference", "ppl", "loss", "family", "label", "mapping",
+                         *(f"layer_{i}" for i in range(depth))])
         for row in result["rows"]:
             mapping = row["mapping"] or []
             writer.writerow([int(row["reference"]), f"{row['ppl']:.6g}", f"{row['loss']:.6g}",
+                             row.get("family") or "", row.get("label") or "",
                              " ".join(map(str, mapping)), *mapping, *[""] * (depth - len(mapping))])
 
 
@@ -198,13 +226,20 @@ def write_csv(result: dict, path: Path) -> None:
 
 def run_mapping_sweep(model_ref: str, depth: int, keep_ends: bool, mappings_file: Path | None, task: str,
                       limit: int | None, tokenizer: str | None, batch_size: int, seq_len: int, n_batches: int,
-                      naive: bool, device: str) -> dict:
+                      naive: bool, device: str, families: list[str] | None = None,
+                      per_family: int | None = None) -> dict:
     """The sweep's result (JSON-ready): the source, the options, and one row per mapping with its
-    perplexity (engine.grow.sweep.mapping_sweep), the unexpanded model's row first."""
+    perplexity, family and label (engine.grow.sweep.mapping_sweep), the unexpanded model's row first."""
+    from engine.grow.sweep_mappings import resolve_families
+
+    if families and mappings_file is not None:
+        raise SweepError("--family and --mappings: give one — a mappings file is scored as it is")
+    specs = resolve_families(families, "--family") if families else None  # a typo fails before the model loads
+
     import torch
     import transformers
 
-    from engine.grow.sweep import StackReplay, default_mappings, load_mappings, mapping_sweep, spread
+    from engine.grow.sweep import StackReplay, load_mappings, mapping_sweep, spread, sweep_candidates
 
     transformers.logging.set_verbosity_error()  # no warnings or progress bars on the table
     transformers.utils.logging.disable_progress_bar()
@@ -217,11 +252,55 @@ def run_mapping_sweep(model_ref: str, depth: int, keep_ends: bool, mappings_file
     if mappings_file is not None:
         mappings = spread(load_mappings(mappings_file, num_layers, depth), limit)
     else:
-        mappings = default_mappings(num_layers, depth, keep_ends=keep_ends, limit=limit)
+        mappings = sweep_candidates(num_layers, depth, keep_ends, limit, specs, per_family, where="--family")
     name, spec = _task_spec(task, plan)
     batches = [(torch.as_tensor(x), torch.as_tensor(y))
                for x, y in _batches(spec, name, tok, batch_size, seq_len, n_batches)]
     result = mapping_sweep(model, batches, mappings, measure_naive=naive)
+    drawn = sorted({row["family"] for row in result["rows"] if row.get("family")})
     return {"model": model_ref, "run": run_id, "task": task, "keep_ends": keep_ends if mappings_file is None else None,
-            "mappings_file": str(mappings_file) if mappings_file else None, **result,
+            "mappings_file": str(mappings_file) if mappings_file else None,
+            "families": [str(s) for s in specs] if specs else (drawn or None), **result,
             "depth": depth, "batch_size": batch_size, "seq_len": seq_len, "batches": n_batches}
+
+
+# ---------------------------------------------------------------------------------------------
+# the families, without a model
+
+
+def families_table(num_layers: int | None = None, depth: int | None = None, families: list[str] | None = None,
+                   per_family: int | None = None, limit: int | None = None, keep_ends: bool = True
+                   ) -> tuple[Table, str | None]:
+    """(table, sharing line): the registry (name, parameters, what fits, description); given a
+    shape, the candidates a sweep of it would score, each as a strip, and their prefix-sharing
+    ratio (block forwards from layer 0 / with sharing) overall and per family. No torch."""
+    from engine.grow.sweep_mappings import block_forwards, resolve_families, sweep_candidates
+    from engine.ops.mapping_families import FAMILIES
+
+    if num_layers is None or depth is None:
+        table = Table(header_style="bold", pad_edge=False)
+        for name in ("family", "parameters", "fits", "what it builds"):
+            table.add_column(name, overflow="fold")
+        for f in FAMILIES:
+            table.add_row(f.name, "\n".join(f"{p.name}: {p.help}" for p in f.params), f.fits, f.description)
+        return table, None
+    specs = resolve_families(families, "--family") if families else None
+    candidates = sweep_candidates(num_layers, depth, keep_ends, limit, specs, per_family, where="--family")
+    table = Table(header_style="bold", pad_edge=False,
+                  caption=f"{len(candidates)} mappings of {num_layers} -> {depth} layers", caption_justify="left")
+    table.add_column("mapping", no_wrap=True, overflow="ellipsis", max_width=LABEL_WIDTH)
+    table.add_column(f"source layer of target 0..{depth - 1}", overflow="ellipsis")  # shrinks alone (see heatmap)
+    for c in candidates:
+        table.add_row(c.label or "non-decreasing", layer_strip(c.mapping, num_layers))
+    groups: dict[str, list] = {}
+    for c in candidates:
+        groups.setdefault(c.family or "non-decreasing", []).append(c.mapping)
+    calls = block_forwards(c.mapping for c in candidates)
+    per_group = ", ".join(f"{name} {_ratio(block_forwards(ms))}" for name, ms in groups.items())
+    line = (f"prefix sharing: {calls['shared']} block forwards per batch instead of {calls['naive']} from layer 0 — "
+            f"ratio {_ratio(calls)} (per family alone: {per_group})")
+    return table, line
+
+
+def _ratio(calls: dict) -> str:
+    return f"{calls['naive'] / calls['shared']:.2f}×" if calls["shared"] else "–"

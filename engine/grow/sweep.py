@@ -27,186 +27,34 @@ Headless (no Typer / Textual): the CLI (`widen sweep mapping`) and the training 
 
 from __future__ import annotations
 
-import json
 import time
-import tomllib
 from dataclasses import dataclass, field
-from fractions import Fraction
-from math import comb
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.errors import WidenError
+from engine.grow.sweep_mappings import (  # noqa: F401 - the sweep's mappings, re-exported for its callers
+    MAX_MAPPINGS,
+    Candidate,
+    SweepError,
+    block_forwards,
+    count_mappings,
+    default_mappings,
+    load_mappings,
+    non_decreasing_mappings,
+    one_depth,
+    sharing_ratio,
+    spread,
+    stretched_mapping,
+    sweep_candidates,
+    validate_mappings,
+)
 from engine.model.families import UnsupportedArchitecture, family_of
 from engine.model.view import get_submodule
 from engine.runs.forgetting import perplexity
 
-# Without --limit, more generated mappings than this is almost surely a mistake (32 -> 48 layers
-# has ~10^13): the caller is asked for a limit instead.
-MAX_MAPPINGS = 1000
 # Relative tolerance of the replay check (block-by-block logits vs the model's own forward).
 REPLAY_TOLERANCE = 1e-4
-
-
-class SweepError(WidenError, ValueError):
-    """A sweep that cannot run as asked; the message says why and what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# the mappings
-#
-# Non-decreasing sequences over 0..n-1 are multisets; their lexicographic order has a closed-form
-# rank, so a limited, evenly spread selection never enumerates the (possibly astronomic) list.
-
-
-def _count_non_decreasing(length: int, low: int, num_layers: int) -> int:
-    """Non-decreasing sequences of `length` values in low..num_layers-1."""
-    values = num_layers - low
-    if length == 0:
-        return 1
-    return comb(values + length - 1, length) if values > 0 else 0
-
-
-def _unrank(rank: int, length: int, num_layers: int, low: int = 0) -> list[int]:
-    """The rank-th (lexicographic) non-decreasing sequence of `length` values >= low."""
-    out, asked = [], rank
-    for position in range(length):
-        remaining = length - position - 1
-        for value in range(low, num_layers):
-            count = _count_non_decreasing(remaining, value, num_layers)
-            if rank < count:
-                out.append(value)
-                low = value
-                break
-            rank -= count
-    if len(out) != length:
-        raise ValueError(f"rank {asked} is past the last non-decreasing sequence of {length} values")
-    return out
-
-
-def _rank(sequence: list[int], num_layers: int) -> int:
-    rank, low = 0, 0
-    for position, value in enumerate(sequence):
-        remaining = len(sequence) - position - 1
-        rank += sum(_count_non_decreasing(remaining, v, num_layers) for v in range(low, value))
-        low = value
-    return rank
-
-
-def _check_shape(num_layers: int, depth: int, keep_ends: bool) -> None:
-    if num_layers < 1:
-        raise SweepError(f"the source model has {num_layers} layers — nothing to map")
-    if depth < 1:
-        raise SweepError(f"depth {depth}: a stacked model needs at least one layer")
-    if keep_ends and num_layers > 1 and depth < 2:
-        raise SweepError(f"depth {depth} cannot keep both the first and the last source layer — "
-                         "use depth >= 2 or --no-keep-ends")
-
-
-def count_mappings(num_layers: int, depth: int, keep_ends: bool = True) -> int:
-    """How many mappings ``default_mappings`` enumerates before any limit."""
-    _check_shape(num_layers, depth, keep_ends)
-    if keep_ends and num_layers > 1:
-        return _count_non_decreasing(depth - 2, 0, num_layers)
-    return _count_non_decreasing(depth, 0, num_layers)
-
-
-def stretched_mapping(num_layers: int, depth: int) -> list[int]:
-    """The most identity-like mapping: ends kept, the middle stretched evenly (the identity when
-    depth == num_layers; [0,1,1,1,2,2,2,3] for 4 -> 8, the source note's choice). The same rule
-    as ``map_layers``' keep_ends helper, so a sweep row and a plan's helper agree."""
-    from engine.ops.params import KeepEnds, MapLayersParams
-
-    if depth < 2:
-        return [0] * depth
-    return MapLayersParams(keep_ends=KeepEnds(depth=depth)).resolve(num_layers)
-
-
-def default_mappings(num_layers: int, depth: int, keep_ends: bool = True, limit: int | None = None
-                     ) -> list[list[int]]:
-    """Non-decreasing mappings of `depth` target layers over `num_layers` source layers, in
-    lexicographic order; with `keep_ends` the first and last source layers stay in place (the
-    source experiment's rule: others did worse). `limit` keeps that many, evenly spread over the
-    full list, always including ``stretched_mapping`` (the identity when depth == num_layers)."""
-    total = count_mappings(num_layers, depth, keep_ends)
-    fixed_ends = keep_ends and num_layers > 1
-    middle = depth - 2 if fixed_ends else depth
-
-    def mapping_at(rank: int) -> list[int]:
-        inner = _unrank(rank, middle, num_layers)
-        return [0, *inner, num_layers - 1] if fixed_ends else inner
-
-    if limit is not None and limit < 1:
-        raise SweepError(f"limit {limit}: keep at least one mapping")
-    if limit is None or limit >= total:
-        if total > MAX_MAPPINGS:
-            raise SweepError(f"{total:,} mappings of {depth} layers over {num_layers} — too many to score "
-                             f"all: pass a limit (--limit 50) or a mappings file")
-        return [mapping_at(r) for r in range(total)]
-    # exact: in floats, i·(total−1)/(limit−1) rounds past the last rank once total is large (2·10^17
-    # mappings of 30 layers at depth 31), and that rank unranks to a shorter mapping
-    ranks = sorted({round(Fraction(i * (total - 1), max(limit - 1, 1))) for i in range(limit)})
-    stretched = stretched_mapping(num_layers, depth)
-    inner = stretched[1:-1] if fixed_ends else stretched
-    anchor = _rank(inner, num_layers)
-    if anchor not in ranks:  # replace the nearest pick by it: the count stays `limit`
-        nearest = min(ranks, key=lambda r: (abs(r - anchor), r))
-        ranks = sorted(set(ranks) - {nearest} | {anchor})
-    return [mapping_at(r) for r in ranks]
-
-
-def validate_mappings(mappings, num_layers: int, depth: int, where: str = "mappings") -> list[list[int]]:
-    """Mappings as lists of ints, checked (length == depth, indices in range), duplicates dropped."""
-    if not isinstance(mappings, list) or not mappings:
-        raise SweepError(f"{where}: expected a non-empty list of mappings, e.g. [[0, 1, 1, 2, 2, 3]]")
-    out, seen = [], set()
-    for i, mapping in enumerate(mappings):
-        label = f"{where}: mapping {i} ({json.dumps(mapping)})"
-        if not isinstance(mapping, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in mapping):
-            raise SweepError(f"{label} is not a list of layer indices — write it as [0, 1, 2, 3]")
-        if len(mapping) != depth:
-            raise SweepError(f"{label} has {len(mapping)} entries — every mapping needs {depth} (the depth); "
-                             f"fix the mapping or the depth")
-        bad = sorted({x for x in mapping if not 0 <= x < num_layers})
-        if bad:
-            raise SweepError(f"{label} uses layer {', '.join(map(str, bad))} — the source model has layers "
-                             f"0..{num_layers - 1}")
-        if tuple(mapping) not in seen:
-            seen.add(tuple(mapping))
-            out.append(list(mapping))
-    return out
-
-
-def load_mappings(path: Path | str, num_layers: int, depth: int) -> list[list[int]]:
-    """Mappings from a JSON file (a list of lists, or {"mappings": [...]}) or a TOML file
-    (``mappings = [[0, 1, 1, 2], ...]``), validated against the source depth and `depth`."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SweepError(f"{path}: cannot read the mappings file ({e.strerror or e}) — give an existing "
-                         "JSON or TOML file") from None
-    try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
-        raise SweepError(f"{path}: not valid {kind} ({str(e).splitlines()[0][:120]}) — write "
-                         + ("mappings = [[0, 1, 2, 3], ...]" if kind == "TOML" else "[[0, 1, 2, 3], ...]")) from None
-    if isinstance(data, dict):
-        if "mappings" not in data:
-            raise SweepError(f"{path}: no 'mappings' key — write mappings = [[0, 1, 2, 3], ...]")
-        data = data["mappings"]
-    return validate_mappings(data, num_layers, depth, where=str(path))
-
-
-def spread(items: list, limit: int | None) -> list:
-    """At most `limit` items, evenly spread over the list (first and last kept)."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    picks = sorted({round(i * (len(items) - 1) / max(limit - 1, 1)) for i in range(limit)})
-    return [items[i] for i in picks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,11 +194,6 @@ def _timed(step, device: torch.device) -> tuple[float, float]:
     return loss, time.perf_counter() - start
 
 
-def _trie_nodes(ordered: list[tuple[int, ...]]) -> int:
-    """Block calls of the prefix-sharing walk: one per distinct non-empty prefix."""
-    return len({m[:k] for m in ordered for k in range(1, len(m) + 1)})
-
-
 def _replay_delta(replay: StackReplay, recorded: _Recorded) -> float:
     """Relative max |Δlogits| between the source's own order replayed and the model's output."""
     hidden = recorded.hidden
@@ -361,37 +204,40 @@ def _replay_delta(replay: StackReplay, recorded: _Recorded) -> float:
     return delta / max(reference.abs().max().item(), 1e-12)
 
 
-def _row(mapping, loss_sum: float, tokens: int, reference: bool = False) -> dict:
+def _row(mapping, loss_sum: float, tokens: int, reference: bool = False, origin: Candidate | None = None) -> dict:
     loss = loss_sum / tokens
-    return {"mapping": mapping, "ppl": perplexity(loss), "loss": loss, "reference": reference}
+    return {"mapping": mapping, "ppl": perplexity(loss), "loss": loss, "reference": reference,
+            "family": (origin.family or None) if origin else None, "label": (origin.label or None) if origin else None}
 
 
 def sweep_trained(model: nn.Module, view, spec, batches) -> dict:
-    """A plan's `[sweep]` after its stages: its mappings (given, or generated from depth,
-    keep_ends and limit) scored on `batches` of its task."""
-    mappings = spec.mappings or default_mappings(view.num_layers, spec.depth, spec.keep_ends, spec.limit)
+    """A plan's `[sweep]` after its stages: its mappings (given, or drawn from its families, or
+    generated from depth, keep_ends and limit) scored on `batches` of its task."""
+    mappings = spec.mappings or sweep_candidates(view.num_layers, spec.depth, spec.keep_ends, spec.limit,
+                                                 spec.families, spec.per_family, where="sweep.families")
     return {**mapping_sweep(model, batches, mappings), "task": spec.task, "depth": spec.depth}
 
 
-def mapping_sweep(model: nn.Module, batches, mappings: list[list[int]], measure_naive: bool = True) -> dict:
+def mapping_sweep(model: nn.Module, batches, mappings: list[list[int] | Candidate], measure_naive: bool = True) -> dict:
     """Score each mapping (target layer i = source layer mapping[i]) on `batches` — a list of
     (inputs, targets) tensors [B, T] — by mean token cross-entropy and its perplexity, with no
-    training. The unexpanded model is the reference row (``"mapping": None``).
+    training. The unexpanded model is the reference row (``"mapping": None``). A mapping may come
+    as a Candidate (engine.grow.sweep_mappings): its family and label go to its row.
 
     Returns ``{"depth", "source_layers", "tokens", "rows", "speedup", "naive_s", "cached_s",
-    "block_calls": {"cached", "naive"}, "naive_max_loss_diff", "replay_check"}``; rows best
-    first, each ``{"mapping", "ppl", "loss", "reference"}``. Times cover the evaluation of
-    the mappings (block calls, norm, head, loss), not the recorded reference pass. With
-    `measure_naive` False, the naive fields are None."""
+    "block_calls": {"cached", "naive"}, "sharing_ratio", "naive_max_loss_diff", "replay_check"}``;
+    rows best first, each ``{"mapping", "ppl", "loss", "reference", "family", "label"}``. Times
+    cover the evaluation of the mappings (block calls, norm, head, loss), not the recorded
+    reference pass. With `measure_naive` False, the naive fields are None."""
     replay = StackReplay(model)
     batches = list(batches)
     if not batches:
         raise SweepError("no evaluation batches — give at least one (inputs, targets) batch")
-    depths = {len(m) for m in mappings}
-    if len(depths) > 1:
-        raise SweepError(f"mappings of different depths {sorted(depths)} — sweep one depth at a time")
-    validated = validate_mappings(mappings, replay.num_layers, depths.pop()) if mappings else []
-    ordered = sorted(tuple(m) for m in validated)
+    origins = {c.mapping: c for c in reversed(mappings) if isinstance(c, Candidate)}  # the first label wins
+    plain = [list(c.mapping) if isinstance(c, Candidate) else c for c in mappings]
+    depth = one_depth(plain)
+    validated = validate_mappings(plain, replay.num_layers, depth) if plain else []
+    ordered = sorted(tuple(m) for m in validated)  # the prefix walk's order: a depth-first trie walk
     device = next(model.parameters()).device
     sums = {"cached": [0.0] * len(ordered), "naive": [0.0] * len(ordered)}
     reference_sum, tokens, replay_check = 0.0, 0, 0.0
@@ -428,10 +274,11 @@ def mapping_sweep(model: nn.Module, batches, mappings: list[list[int]], measure_
     finally:
         model.train(was_training)
     rows = [_row(None, reference_sum, tokens, reference=True)]
-    rows += [_row(list(m), s, tokens) for m, s in zip(ordered, sums["cached"])]
+    rows += [_row(list(m), s, tokens, origin=origins.get(m)) for m, s in zip(ordered, sums["cached"])]
     rows.sort(key=lambda r: (r["loss"], not r["reference"], r["mapping"] or []))
     cached_s, naive_s = elapsed["cached"], elapsed["naive"]
     naive_diff = max((abs(a - b) / tokens for a, b in zip(sums["cached"], sums["naive"])), default=0.0)
+    calls = block_forwards(ordered)
     return {
         "depth": len(ordered[0]) if ordered else None,
         "source_layers": replay.num_layers,
@@ -440,8 +287,8 @@ def mapping_sweep(model: nn.Module, batches, mappings: list[list[int]], measure_
         "speedup": naive_s / cached_s if measure_naive and ordered and cached_s > 0 else None,
         "naive_s": naive_s if measure_naive else None,
         "cached_s": cached_s,
-        "block_calls": {"cached": _trie_nodes(ordered) * len(batches),
-                        "naive": sum(len(m) for m in ordered) * len(batches)},
+        "block_calls": {"cached": calls["shared"] * len(batches), "naive": calls["naive"] * len(batches)},
+        "sharing_ratio": sharing_ratio(ordered),
         "naive_max_loss_diff": naive_diff if measure_naive else None,
         "replay_check": replay_check,
     }

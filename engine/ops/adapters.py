@@ -73,7 +73,7 @@ def _resolve(view, layer: int, container: str, leaf: str) -> str:
     while not hasattr(module, leaf) and isinstance(getattr(module, "base", None), nn.Module):
         path, module = path + ".base", module.base
     if not hasattr(module, leaf):
-        raise ValueError(f"layer {layer}: no '{leaf}' in {path} ({type(module).__name__})")
+        raise ValueError(f"modules: no '{leaf}' in layer {layer} ({path}, a {type(module).__name__})")
     return f"{path}.{leaf}"
 
 
@@ -190,7 +190,7 @@ def _check_joinable(name: str, existing, params: AdapterOpParams) -> None:
         want = {"r": params.r, "alpha": params.alpha, "dropout": params.dropout}
         differ = [k for k in have if float(have[k]) != float(want[k])]
         if differ:
-            raise ValueError(f"adapter '{name}' already has {', '.join(f'{k} = {have[k]}' for k in differ)}; "
+            raise ValueError(f"{differ[0]}: adapter '{name}' already has {', '.join(f'{k} = {have[k]}' for k in differ)}; "
                              f"adding it to more modules needs the same settings — set "
                              f"{', '.join(f'{k} = {have[k]}' for k in differ)} or use another name")
 
@@ -206,7 +206,7 @@ def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, 
     name = params.name or _default_name(view, params)
     clash = [t for t in targets if name in _layer_adapters(get_submodule(model, t))]
     if clash:
-        raise ValueError(f"adapter '{name}' already exists on {clash[0]} — choose another name")
+        raise ValueError(f"name: adapter '{name}' already exists on {clash[0]} — choose another name")
     existing_configs = dict(getattr(model, "peft_config", {}) or {})
     if name in existing_configs:  # joining an adapter on more modules: one kind, one set of settings
         _check_joinable(name, existing_configs[name], params)

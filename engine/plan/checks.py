@@ -32,6 +32,8 @@ from engine import builtins
 from engine.model.gguf import INSTALL_HINT as GGUF_INSTALL_HINT
 from engine.model.gguf import TOKENIZER_FROM_MODEL, is_gguf_path
 from engine.names import label_problem, name_problem
+from engine.ops.mapping_families import FAMILY_NAMES, MAX_NON_DECREASING, family_candidates
+from engine.ops.mapping_families import parse_spec as parse_family_spec
 from engine.ops.params import MAX_DEPTH, OPS
 from engine.plan.problems import SHOWN_CHARS, Problem, listing, problems_from_pydantic, shown
 from engine.plan.schema import (
@@ -51,9 +53,8 @@ TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens", "ad
 # The package each tracker of `report_to` needs (the module importlib looks for).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 INSTALL_HINT = "pip install 'widen[trackers]'"
-# engine.grow.sweep.MAX_MAPPINGS (that module imports torch): more generated mappings than this
-# without a limit fail the sweep, so the plan check asks for a limit up front.
-SWEEP_MAX_GENERATED = 1000
+# Above this many non-decreasing mappings the sweep draws from the mapping families instead.
+SWEEP_MAX_GENERATED = MAX_NON_DECREASING
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,8 +741,29 @@ def _sweep_problems(sweep: dict, arch, depths: dict, label: str) -> list[Problem
                                        "use depth >= 2 or keep_ends = false")]
     middle = depth - 2 if keep_ends is True and num_layers > 1 else depth
     total = comb(num_layers + middle - 1, middle) if middle > 0 else 1
-    if sweep.get("limit") is None and total > SWEEP_MAX_GENERATED:
-        return [Problem("sweep.limit", f"{total:,} mappings of {depth} layers over {num_layers}{after} — too many "
-                                       f"to score all (at most {SWEEP_MAX_GENERATED}): set limit (e.g. 50) or give "
-                                       "mappings")]
+    families = sweep.get("families")
+    if isinstance(families, list) and families:
+        return _sweep_family_problems(families, num_layers, depth, after)
+    # over SWEEP_MAX_GENERATED the families stand in for the non-decreasing set, if one fits
+    fits = any(family_candidates(name, num_layers, depth) for name in FAMILY_NAMES)
+    if sweep.get("limit") is None and total > SWEEP_MAX_GENERATED and not fits:
+        return [Problem("sweep.limit", f"{total:,} mappings of {depth} layers over {num_layers}{after} and no "
+                                       f"mapping family fits — too many to score all (at most {SWEEP_MAX_GENERATED}): "
+                                       "set limit (e.g. 50) or give mappings")]
     return []
+
+
+def _sweep_family_problems(families: list, num_layers: int, depth: int, after: str) -> list[Problem]:
+    """A named family that gives no mapping of `depth` layers over `num_layers` (its parameters
+    do not fit that shape); names and parameters are the schema's to report."""
+    problems = []
+    for i, text in enumerate(families):
+        try:
+            spec = parse_family_spec(text) if text != "all" else None
+        except ValueError:
+            continue
+        if spec is not None and not family_candidates(spec, num_layers, depth):
+            problems.append(Problem(f"sweep.families.{i}", f"{spec} gives no mapping of {depth} layers over "
+                                    f"{num_layers}{after} — {spec.name} fits {spec.family.fits}; pick another "
+                                    "family or depth"))
+    return problems

@@ -52,8 +52,8 @@ def has_operators(raw) -> bool:
     """Whether any stage of a raw plan (shared or a variant's) applies an operator."""
     if not isinstance(raw, dict):
         return False
-    stage_lists = [raw.get("stages")] + [v.get("stages") for v in raw.get("variants") or [] if isinstance(v, dict)] \
-        if isinstance(raw.get("variants") or [], list) else [raw.get("stages")]
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    stage_lists = [raw.get("stages"), *(v.get("stages") for v in variants if isinstance(v, dict))]
     for stages in stage_lists:
         for stage in stages if isinstance(stages, list) else []:
             if not isinstance(stage, dict):

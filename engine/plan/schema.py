@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 
 import tomli_w
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from engine import builtins
+from engine.ops.mapping_families import FAMILY_NAMES, HANDFUL, MAX_NON_DECREASING, parse_spec
 from engine.ops.params import MAX_DEPTH, MAX_STEPS, OPS, Float, Int, OpParams
 from engine.plan.problems import shown
 
@@ -300,6 +302,12 @@ class VariantSpec(Strict):
     stages: list[StageSpec] = Field(default_factory=list)
 
 
+def _family_spec(text: str) -> str:
+    if text != "all":
+        parse_spec(text, where="")  # FamilyError is a ValueError: pydantic names the field
+    return text
+
+
 class SweepSpec(Strict):
     """Score layer mappings of the trained model without training (after the last stage)."""
 
@@ -309,6 +317,19 @@ class SweepSpec(Strict):
     mappings: list[list[Int]] | None = Field(None, max_length=MAX_SWEEP_MAPPINGS,
                                              description="explicit mappings (default: generated)")
     limit: Int | None = Field(None, gt=0, le=MAX_SWEEP_MAPPINGS, description="at most this many generated mappings")
+    families: list[Annotated[str, AfterValidator(_family_spec)]] | None = Field(None, min_length=1, max_length=len(FAMILY_NAMES) * 8,
+                                       description="mapping families to draw from: " + ", ".join(FAMILY_NAMES)
+                                       + ', or "all"; a name may fix parameters, e.g. "band:times=3" '
+                                       "(default: every non-decreasing mapping, or every family when "
+                                       f"those are over {MAX_NON_DECREASING})")
+    per_family: Int | None = Field(None, gt=0, le=MAX_SWEEP_MAPPINGS,
+                                   description=f"at most this many mappings of each family (default {HANDFUL})")
+
+    @model_validator(mode="after")
+    def _mappings_or_families(self):
+        if self.mappings is not None and self.families is not None:
+            raise ValueError("give mappings or families, not both — explicit mappings are scored as they are")
+        return self
 
 
 class Plan(Strict):

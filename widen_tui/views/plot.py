@@ -9,7 +9,8 @@ state), so importing this module costs nothing and ``widen --help`` stays fast. 
   applies its operators, a triangle where a trigger (plateau, at, budget) grew it mid-stage). Several runs
   overlay, one colour per run.
 - ``forgetting_figure``: bits per byte (or loss) per task after each stage, annotated.
-- ``mapping_figure``: rows = layer mappings best first, cells = source layer, perplexity at right.
+- ``mapping_figure``: rows = layer mappings best first (with their family label), cells = source
+  layer, seams marked, perplexity at right; readable at 30+ layers.
 """
 
 from __future__ import annotations
@@ -320,8 +321,12 @@ def sweep_rows(sweep) -> list[dict]:
 
 
 def mapping_figure(sweep, out: Path | str, title: str = "", warn: Warn | None = None) -> Path:
-    """Rows = mappings, best (lowest perplexity) first; cells coloured and annotated with the source
-    layer each target layer uses; the perplexity at the right of each row; the reference marked."""
+    """Rows = mappings, best (lowest perplexity) first, labelled with their family (a `--family`
+    sweep) and rank; cells coloured by the source layer each target layer runs, annotated with it
+    while they are wide enough; white lines at seams (where the next target layer does not run
+    the next source layer: a repeat or a jump); the perplexity at the right of each row; the
+    reference (the unexpanded model: source layers in order) outlined. At 30+ layers the cells
+    narrow, so the whole picture fits one figure."""
     rows = sweep_rows(sweep)
     rows = sorted(rows, key=lambda r: (_ppl(r) is None, _ppl(r) if _ppl(r) is not None else 0.0))
     if len(rows) > MAX_MAPPING_ROWS:
@@ -344,45 +349,53 @@ def mapping_figure(sweep, out: Path | str, title: str = "", warn: Warn | None = 
             if isinstance(sweep.get(key), int):
                 sources = max(sources, sweep[key])
 
+    def shown(r: dict) -> list[int]:  # the reference row runs the source layers in order
+        return mapping(r) or (list(range(min(sources, depth))) if r.get("reference") else [])
+
     import numpy as np
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Rectangle
 
     grid = np.full((len(rows), depth), np.nan)
     for i, r in enumerate(rows):
-        m = mapping(r)
+        m = shown(r)
         grid[i, :len(m)] = m
     base = __import__("matplotlib").colormaps["viridis"]
     cmap = ListedColormap([base(0.1 + 0.8 * k / max(1, sources - 1)) for k in range(sources)])
     norm = BoundaryNorm(np.arange(-0.5, sources + 0.5), sources)
 
-    fig = _figure(max(6.0, 0.55 * depth + 4.2), max(2.4, 0.36 * len(rows) + 1.8))
+    deep = depth > 24  # narrower cells, smaller digits: 36 layers stay one readable figure
+    cell = 0.3 if deep else 0.55
+    labels = [_row_label(r, rank) for r, rank in zip(rows, _ranks(rows))]
+    label_width = 0.065 * max((len(t) for t in labels), default=4)
+    fig = _figure(max(6.0, cell * depth + 2.6 + label_width), max(2.4, 0.3 * len(rows) + 1.8))
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
-    small = len(rows) > 25 or depth > 24
+    small = len(rows) > 25 or deep
     for i, r in enumerate(rows):
-        for j, v in enumerate(mapping(r)):
+        m = shown(r)
+        for j, v in enumerate(m):
             shade = v / max(1, sources - 1)
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7 if small else 9,
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=5.5 if deep else 7 if small else 9,
                     color="white" if shade < 0.55 else "black")
+            if j and v != m[j - 1] + 1:  # a seam: a repeat or a jump
+                ax.plot([j - 0.5, j - 0.5], [i - 0.5, i + 0.5], color="white", lw=1.6, solid_capstyle="butt")
         p = _ppl(r)
         label = "–" if p is None else f"{p:.2f}" if p < 1000 else f"{p:,.0f}"
         ax.text(depth - 0.5 + 0.25, i, label, ha="left", va="center", fontsize=8 if small else 9.5,
                 fontweight="bold" if r.get("reference") else "normal")
-        if not mapping(r):
-            what = f"{sources} layers" if sources else "no mapping"
-            ax.text((depth - 1) / 2, i, f"reference: the source model as it is ({what})", ha="center",
-                    va="center", fontsize=9, color="0.3")
+        if not m:
+            ax.text((depth - 1) / 2, i, "no mapping", ha="center", va="center", fontsize=9, color="0.3")
         if r.get("reference"):
             ax.add_patch(Rectangle((-0.5, i - 0.5), depth, 1, fill=False, ec="crimson", lw=2.2, clip_on=False))
+    margin = 3.2 if deep else 1.9  # room for the perplexity, in cells
     ax.text(depth - 0.5 + 0.25, len(rows) - 0.5 + 0.12, "perplexity", ha="left", va="top", fontsize=9,
             fontweight="bold")
-    ax.set_xlim(-0.5, depth - 0.5 + 1.9)
+    ax.set_xlim(-0.5, depth - 0.5 + margin)
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xticks(range(depth))
-    ax.set_xlabel("target layer")
-    ax.set_yticks(range(len(rows)), [("reference" if r.get("reference") else f"#{i + 1}")
-                                     for i, r in enumerate(rows)], fontsize=8 if small else 9)
+    ax.set_xticks(range(0, depth, 5 if deep else 1))
+    ax.set_xlabel("target layer" + ("; white lines: seams (a repeat or a jump)" if deep else ""))
+    ax.set_yticks(range(len(rows)), labels, fontsize=8 if small else 9)
     for tick, r in zip(ax.get_yticklabels(), rows):
         if r.get("reference"):
             tick.set_color("crimson")
@@ -391,11 +404,30 @@ def mapping_figure(sweep, out: Path | str, title: str = "", warn: Warn | None = 
     for spine in ax.spines.values():
         spine.set_visible(False)
     task = sweep.get("task") if isinstance(sweep, dict) else None
-    ax.set_title((title + "\n" if title else "") + "layer mappings scored without training, best first — "
-                 f"perplexity{f' on {task}' if task else ''} (lower is better)", loc="left", fontsize=10.5)
-    bar = fig.colorbar(image, ax=ax, ticks=range(sources), shrink=0.8, pad=0.01)
+    ax.set_title((title + "\n" if title else "") + f"layer mappings {sources} → {depth} scored without training, "
+                 f"best first — perplexity{f' on {task}' if task else ''} (lower is better)", loc="left", fontsize=10.5)
+    bar = fig.colorbar(image, ax=ax, ticks=range(0, sources, 5 if sources > 24 else 1), shrink=0.8, pad=0.01)
     bar.set_label("source layer")
     return _save(fig, out)
+
+
+def _ranks(rows: list[dict]) -> list[int | None]:
+    """1, 2, ... for the mappings in order; None for the reference."""
+    out, rank = [], 0
+    for r in rows:
+        if r.get("reference"):
+            out.append(None)
+        else:
+            rank += 1
+            out.append(rank)
+    return out
+
+
+def _row_label(row: dict, rank: int | None) -> str:
+    if row.get("reference"):
+        return "reference (unexpanded)"
+    label = row.get("label")
+    return f"#{rank} {label}" if isinstance(label, str) and label else f"#{rank}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""Property: when `widen plan check` passes a plan, a run applies every one of its operators (each
+stage's, then each growth's) without an error; when the check refuses an operator, the run would
+have failed on it too (no false alarm from the meta device).
+
+Plans are short random operator orders on a tiny model of every family (engine.model.families),
+over every registered operator that applies to the family's kind (engine.ops.params.OPS); each
+operator's settings are drawn from its own schema (small sizes, the literal choices, layer lists,
+role and module names, some that do not exist). The run's side is the engine's own: the model
+loaded by ``load_model`` and the operators applied, measured, by ``apply_stage`` and
+``grow_model`` as a run's stages and growths apply them (a `widen run` subprocess per example would
+take minutes). ``WIDEN_FIT_EXAMPLES`` raises the number of examples for a longer search.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
+
+from engine.model.families import FAMILIES
+from engine.ops.params import ADAPTER_ROLES, OPS
+from engine.plan import PlanError, plan_from_dict, validate_file
+from tests.tiny_models import VOCAB, tiny_config
+
+EXAMPLES = int(os.environ.get("WIDEN_FIT_EXAMPLES", "40"))
+LAYERS = 4  # blocks of every tiny model (T5: each stack)
+
+# names a plan may give a Linear or a role: real ones of some family, and ones no family has
+MODULE_NAMES = [*ADAPTER_ROLES, "mlp.c_fc", "mlp.up_proj", "mlp.dense_h_to_4h", "attn.c_attn", "self_attn.q_proj",
+                "layer.1.DenseReluDense.wi", "mlp.nope", 0, 1, 2, 3]
+SPECIAL = {
+    "layers": st.one_of(st.just("all"), st.lists(st.integers(0, LAYERS + 1), min_size=1, max_size=3, unique=True)),
+    "modules": st.lists(st.sampled_from(MODULE_NAMES), min_size=1, max_size=3, unique=True),
+    "feedforward": st.lists(st.sampled_from(ADAPTER_ROLES), min_size=1, max_size=2, unique=True),
+    "mapping": st.lists(st.integers(0, LAYERS), min_size=1, max_size=7),
+    "name": st.sampled_from(["a", "b"]),
+    "stack": st.sampled_from(["encoder", "decoder"]),
+    "kinds": st.sampled_from(["real", "virtual"]),
+}
+INTS = [1, 2, 3, 4, 6, 8, 12, 16, 32, 48]
+FLOATS = [0.0, 0.01, 0.1, 0.5, 0.9]
+
+
+# ---------------------------------------------------------------------------------------------
+# operator tables from each operator's schema
+
+
+def _bounds(field) -> tuple[float, float]:
+    low, high = float("-inf"), float("inf")
+    for item in field.metadata:
+        low = max(low, getattr(item, "ge", None) if getattr(item, "ge", None) is not None else low)
+        low = max(low, getattr(item, "gt", None) + 1e-9 if getattr(item, "gt", None) is not None else low)
+        high = min(high, getattr(item, "le", None) if getattr(item, "le", None) is not None else high)
+        high = min(high, getattr(item, "lt", None) - 1e-9 if getattr(item, "lt", None) is not None else high)
+    return low, high
+
+
+def _plain(annotation):
+    """The annotation without None and Annotated wrappers."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _plain(args[0])
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _plain(args[0])
+    return annotation
+
+
+def _values(name: str, field):
+    """Values for one key of an operator's table: the key's own choices and bounds, kept small."""
+    if name in SPECIAL:
+        return SPECIAL[name]
+    kind = _plain(field.annotation)
+    if typing.get_origin(kind) is typing.Literal:
+        return st.sampled_from(typing.get_args(kind))
+    if isinstance(kind, type) and issubclass(kind, BaseModel):  # keep_ends, dus: a small table
+        return st.fixed_dictionaries({k: _values(k, f) for k, f in kind.model_fields.items()})
+    low, high = _bounds(field)
+    if kind is int:
+        return st.sampled_from([v for v in INTS if low <= v <= high] or [int(low)])
+    if kind is float:
+        return st.sampled_from([v for v in FLOATS if low <= v <= high] or [low])
+    return st.nothing()
+
+
+@st.composite
+def op_tables(draw, names: list[str]) -> dict:
+    """One [[stages.expand]] table its schema takes: the required keys and some optional ones
+    (settings that do not go together are dropped, down to the required keys)."""
+    op = draw(st.sampled_from(names))
+    schema = OPS[op].schema
+    table = {"op": op}
+    for key, field in schema.model_fields.items():
+        if key != "op" and (field.is_required() or draw(st.integers(0, 3)) == 0):
+            table[key] = draw(_values(key, field))
+    for keep in (table, {k: v for k, v in table.items() if k == "op" or schema.model_fields[k].is_required()}):
+        try:
+            schema.model_validate(keep)
+            return keep
+        except ValidationError:
+            continue
+    return {"op": "unshare"}  # required keys that do not validate together: an operator that takes any model
+
+
+@st.composite
+def plans(draw) -> tuple[str, list[dict]]:
+    """(family, stages): 1-2 stages of 1-4 operators, the last one maybe growing 1-2 times."""
+    family = draw(st.sampled_from(FAMILIES))
+    names = [name for name, d in OPS.items() if family.kind in d.model_kinds]
+    stages = [{"task": "t", "steps": 4, "expand": draw(st.lists(op_tables(names), min_size=1, max_size=4))}
+              for _ in range(draw(st.integers(1, 2)))]
+    if draw(st.booleans()):
+        stages[-1]["grow"] = {"trigger": "at", "at_steps": [1, 2][:draw(st.integers(1, 2))],
+                              "expand": draw(st.lists(op_tables(names), min_size=1, max_size=2))}
+    return family.name, stages
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny models, and a run's operators on them
+
+
+def _save_tiny(family: str, path: Path) -> str:
+    """A tiny random model of `family` saved with its weights; its plan source."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, T5Config
+
+    if family == "mlp":
+        return "builtin:mlp"
+    torch.manual_seed(0)
+    if family == "t5":
+        config = T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=LAYERS, num_decoder_layers=LAYERS,
+                          num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(tiny_config(family, LAYERS, 4, 4, 24))
+    model.save_pretrained(path / family)
+    return str(path / family)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """family -> (plan source, the model as the engine loads it, its view), built on first use."""
+    from engine.model.sources import load_model
+    from engine.plan import ModelSpec
+
+    root, loaded = tmp_path_factory.mktemp("fit-models"), {}
+
+    def get(family: str):
+        if family not in loaded:
+            source = _save_tiny(family, root)
+            loaded[family] = (source, *load_model(ModelSpec(source=source), seed=0))
+        return loaded[family]
+
+    return get
+
+
+def apply_as_a_run(plan, model, view) -> None:
+    """Each stage's operators, then each of its growths, measured on a probe batch as a run does."""
+    from engine.grow.apply import apply_stage, op_generator
+    from engine.grow.growth import grow_model, growth_generator
+
+    vocab = 259 if view.family.kind == "mlp" else VOCAB
+    tokens = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    probe = (tokens, torch.roll(tokens, -1, 1))
+    for index, stage in enumerate(plan.stages):
+        apply_stage(model, view, index, stage.expand, probe, op_generator(plan.seed, index))
+        for g in range(stage.grow.max_growths if stage.grow else 0):
+            grow_model(model, view, stage.grow.expand, index, g, probe, growth_generator(plan.seed, index, g))
+
+
+def _plan(source: str, stages: list[dict]) -> dict:
+    return {"name": "fit", "seed": 1, "model": {"source": source, "tokenizer": "bytes"},
+            "tasks": {"t": {"source": "builtin:pydoc"}}, "train": {"device": "cpu", "seq_len": 16}, "stages": stages}
+
+
+# ---------------------------------------------------------------------------------------------
+# the property
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                 HealthCheck.data_too_large])
+@given(case=plans())
+def test_a_checked_plan_applies_every_operator_in_a_run(case, tmp_path, tiny_models):
+    family, stages = case
+    source, model, view = tiny_models(family)
+    raw = _plan(source, stages)
+    path = tmp_path / "plan.toml"
+    path.write_text(tomli_w.dumps(raw))
+    _, problems = validate_file(path)
+    described = f"{family}: {stages}"
+    for problem in problems:
+        assert "\n" not in str(problem) and "Traceback" not in str(problem), (described, str(problem))
+    try:
+        plan = plan_from_dict(raw)
+    except PlanError:
+        return  # refused before any operator (not drawn here, but a cross check may find something)
+    model, view = copy.deepcopy((model, view))
+    try:
+        apply_as_a_run(plan, model, view)
+    except Exception as e:  # noqa: BLE001 - what the run would have stopped on
+        assert problems, f"{described}\nthe check passed but the run failed at an operator: {e!r}"
+        return
+    assert not problems, f"{described}\nthe check refused operators the run applies: {[str(p) for p in problems]}"
