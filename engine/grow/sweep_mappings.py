@@ -164,9 +164,10 @@ def resolve_families(families: Iterable[FamilySpec | str], where: str = "--famil
 
 
 def uses_families(num_layers: int, depth: int, keep_ends: bool = True, families: Sequence | None = None) -> bool:
-    """Whether a sweep draws from the families: when given, or when every non-decreasing mapping
-    is too many to score."""
-    return bool(families) or count_mappings(num_layers, depth, keep_ends) > MAX_MAPPINGS
+    """Whether a sweep draws from the families: when given, or when growing the model and every
+    non-decreasing mapping is too many to score (not growing, the families have little to say:
+    a limit spreads the non-decreasing ones)."""
+    return bool(families) or (depth > num_layers and count_mappings(num_layers, depth, keep_ends) > MAX_MAPPINGS)
 
 
 def sweep_candidates(num_layers: int, depth: int, keep_ends: bool = True, limit: int | None = None,
@@ -174,8 +175,8 @@ def sweep_candidates(num_layers: int, depth: int, keep_ends: bool = True, limit:
                      where: str = "--family") -> list[Candidate]:
     """The mappings a sweep scores when none are given, with their family and label.
 
-    With `families` (or when the non-decreasing set is larger than MAX_MAPPINGS: then every
-    family), a handful of each family's mappings — `per_family` each (default HANDFUL), `limit`
+    With `families` (or, growing, when the non-decreasing set is larger than MAX_MAPPINGS: then
+    every family), a handful of each family's mappings — `per_family` each (default HANDFUL), `limit`
     in all, canonical settings first (``select_candidates``). Otherwise the non-decreasing set,
     evenly spread down to `limit`. Grouped by family, each group sorted: the prefix walk's order."""
     _check_shape(num_layers, depth, keep_ends)
@@ -191,12 +192,8 @@ def sweep_candidates(num_layers: int, depth: int, keep_ends: bool = True, limit:
             raise SweepError(f"{where}: {spec} gives no mapping of {depth} layers over {num_layers} — "
                              f"{spec.name} fits {spec.family.fits}; pick another family or depth")
     chosen = select_candidates(specs, num_layers, depth, per_family or HANDFUL, limit)
-    if not chosen:  # no family fits this shape (e.g. fewer target layers than source layers)
-        if limit is not None:
-            return [Candidate(tuple(m)) for m in non_decreasing_mappings(num_layers, depth, keep_ends, limit)]
-        raise SweepError(f"no mapping family fits {num_layers} -> {depth} layers and there are "
-                         f"{count_mappings(num_layers, depth, keep_ends):,} non-decreasing mappings — pass a "
-                         "limit (--limit 50) or a mappings file")
+    if not chosen:  # no family fits this shape (two source layers, say): spread the generic ones
+        return [Candidate(tuple(m)) for m in non_decreasing_mappings(num_layers, depth, keep_ends, limit)]
     return chosen
 
 

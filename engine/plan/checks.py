@@ -744,8 +744,8 @@ def _sweep_problems(sweep: dict, arch, depths: dict, label: str) -> list[Problem
     families = sweep.get("families")
     if isinstance(families, list) and families:
         return _sweep_family_problems(families, num_layers, depth, after)
-    # over SWEEP_MAX_GENERATED the families stand in for the non-decreasing set, if one fits
-    fits = any(family_candidates(name, num_layers, depth) for name in FAMILY_NAMES)
+    # growing, over SWEEP_MAX_GENERATED, the families stand in for the non-decreasing set, if one fits
+    fits = depth > num_layers and any(family_candidates(name, num_layers, depth) for name in FAMILY_NAMES)
     if sweep.get("limit") is None and total > SWEEP_MAX_GENERATED and not fits:
         return [Problem("sweep.limit", f"{total:,} mappings of {depth} layers over {num_layers}{after} and no "
                                        f"mapping family fits — too many to score all (at most {SWEEP_MAX_GENERATED}): "

@@ -1,4 +1,4 @@
-"""`widen export` (a grown model as a Hugging Face directory, checked for parity) and
+"""`widen export` (a grown model as a Hugging Face directory or a GGUF file, checked for parity) and
 `widen export-metrics` (a run's metrics mirrored to TensorBoard, MLflow or CSV)."""
 
 from __future__ import annotations
@@ -22,17 +22,28 @@ def export(
     source: Annotated[str, typer.Argument(metavar="PLAN_OR_RUN",
                                           help="a plan .toml (built and expanded, not trained) or a run (id, prefix, "
                                                "last, name, or run directory)")],
-    out_dir: Annotated[Path, typer.Argument(help="directory to write the Hugging Face model to")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT",
+                                            help="where to write: a directory (hf; gguf: OUT/model.gguf), or for "
+                                                 "gguf a file name ending in .gguf")],
     keep_adapters: Annotated[bool, typer.Option("--keep-adapters",
-                                                help="keep adapters separate (PEFT format in OUT_DIR/adapter) "
-                                                     "instead of merging them")] = False,
+                                                help="keep adapters separate (PEFT format in OUT/adapter) "
+                                                     "instead of merging them (hf only)")] = False,
+    format_: Annotated[str, typer.Option("--format", metavar="hf|gguf",
+                                         help="hf: a Hugging Face directory; gguf: one GGUF file for llama.cpp "
+                                              "(llama, mistral, qwen2, qwen3, gemma2, gemma3)")] = "hf",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="f32|f16|bf16|q8_0",
+                                                 help="gguf only: how weights are stored (default f32; norms and "
+                                                      "biases stay f32)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a field of a plan file: key.path=value")] = [],
     variant: Annotated[Optional[str], typer.Option("--variant", help="a plan with variants: the one to build")] = None,
 ):
     """Export a grown model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads
     it; AutoModelForSeq2SeqLM for T5): widened layers merged into wider matrices, copied layers
-    materialized, adapters merged — or, with --keep-adapters, each saved under OUT_DIR/adapter/<name>
-    (PEFT format; widen_export.json lists which are active)."""
+    materialized, adapters merged — or, with --keep-adapters, each saved under OUT/adapter/<name>
+    (PEFT format; widen_export.json lists which are active). With --format gguf, the same
+    materialized model is written as one GGUF file (OUT ending in .gguf, else OUT/model.gguf) with
+    its tokenizer, and read back with transformers' GGUF loader for the parity check."""
+    _check_format(format_, dtype, keep_adapters)
     path = Path(source)
     is_plan = source.endswith(".toml")
     if is_plan:
@@ -61,7 +72,7 @@ def export(
                       "trained": False}
         else:
             origin = {"run": run.id, "run_dir": str(run.path), "run_state": run.status().get("state"), "trained": True}
-            if not keep_adapters and _streamed(run, out_dir, origin):
+            if format_ == "hf" and not keep_adapters and _streamed(run, out_dir, origin):
                 return
             model, view, tokenizer, plan = ex.load_run_model(run.path)
             reports = (run.results() or {}).get("expansions") or ex.plan_op_summary(plan)
@@ -69,6 +80,9 @@ def export(
         stage = len(plan.stages) - 1
         batch = ex.stage_probe(plan, stage, tokenizer)
         reference = ex.reference_logits(model, batch)
+        if format_ == "gguf":
+            return _export_gguf(model, tokenizer, out_dir, dtype or "f32", origin, reports, batch, reference,
+                                plan.stages[stage].task)
         manifest = ex.export_model(model, tokenizer, out_dir, keep_adapters=keep_adapters,
                                    source=origin, reports=reports)
         delta = ex.verify_export(out_dir, batch, reference)
@@ -84,6 +98,41 @@ def export(
     if not delta <= PARITY_TOLERANCE:
         raise CLIError(f"export parity failed: max |Δlogits| {delta:.2e} > {PARITY_TOLERANCE:g} — the "
                        f"export in {out_dir} does not compute what the grown model computes")
+
+
+def _check_format(format_: str, dtype: str | None, keep_adapters: bool) -> None:
+    """--format / --dtype / --keep-adapters that do not go together: one line, before building anything."""
+    if format_ not in ("hf", "gguf"):
+        raise CLIError(f"--format {format_}: give hf (a Hugging Face directory) or gguf (one GGUF file)")
+    if format_ == "hf" and dtype is not None:
+        raise CLIError("--dtype applies to --format gguf; a Hugging Face export keeps the model's own dtype")
+    if format_ == "gguf":
+        from engine.exports.gguf import DTYPES
+
+        if dtype is not None and dtype not in DTYPES:
+            raise CLIError(f"--dtype {dtype}: give one of {', '.join(DTYPES)}")
+        if keep_adapters:
+            raise CLIError("--keep-adapters applies to --format hf; a GGUF holds one model, with its adapters merged")
+
+
+def _export_gguf(model, tokenizer, out: Path, dtype: str, origin: dict, reports, batch, reference, task: str) -> None:
+    """Write the GGUF, read it back with transformers, and report the parity against the dtype's tolerance."""
+    from engine.exports import gguf
+
+    manifest = gguf.export_gguf(model, tokenizer, out, dtype, source=origin, reports=reports)
+    delta = gguf.verify_gguf(manifest["path"], batch, reference)
+    tolerance, basis = gguf.parity_tolerance(dtype, reference)
+    stored = ", ".join(f"{count} {kind}" for kind, count in sorted(manifest["tensor_types"].items()))
+    console.print(f"wrote {manifest['path']}: {manifest['model_type']} model as GGUF architecture "
+                  f"'{manifest['gguf_architecture']}', {manifest['num_layers']} layers, FFN {manifest['ffn_size']}, "
+                  f"{manifest['params']:,} parameters, adapters {manifest['adapters']}; tensors {stored}",
+                  highlight=False)
+    console.print(f"parity: max |Δlogits| {delta:.2e} (tolerance {tolerance:.2e} for {dtype}: {basis}) — read back "
+                  f"with AutoModelForCausalLM.from_pretrained(gguf_file=...) vs the in-widen model, on "
+                  f"{batch[0].shape[0]} probe sequences of task '{task}'", highlight=False)
+    if not delta <= tolerance:
+        raise CLIError(f"export parity failed: max |Δlogits| {delta:.2e} > {tolerance:.2e} ({dtype}) — the GGUF "
+                       f"{manifest['path']} does not compute what the grown model computes")
 
 
 def _streamed(run, out_dir: Path, origin: dict) -> bool:

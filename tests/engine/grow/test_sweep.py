@@ -12,11 +12,14 @@ import torch
 from engine.grow.apply import apply_stage
 from engine.grow.sweep import (
     SweepError,
+    block_forwards,
     count_mappings,
     default_mappings,
     load_mappings,
     mapping_sweep,
+    non_decreasing_mappings,
     stretched_mapping,
+    sweep_candidates,
 )
 from engine.plan import ExpandSpec
 from tests.conftest import widen
@@ -40,7 +43,7 @@ def reference_row(result: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# generated mappings
+# generated mappings (the families: test_mapping_families.py)
 
 
 @pytest.mark.parametrize("layers,depth", [(4, 4), (4, 8), (3, 6), (5, 4), (2, 5)])
@@ -76,24 +79,16 @@ def test_limit_spreads_evenly_and_keeps_the_most_identity_like(layers, depth, li
         assert all(m in everything for m in mappings)
 
 
-@pytest.mark.parametrize("depth", range(31, 61))
-def test_every_depth_of_a_30_block_model_gets_mappings_of_that_depth(depth):
-    """SmolLM2's 30 blocks stretched to 31..60: 10^17 and more candidates, where spreading the
-    picks in floats rounded past the last rank (a shorter mapping: 'mappings of different depths')."""
-    mappings = default_mappings(30, depth, limit=20)
-    assert len(mappings) == 20 and {len(m) for m in mappings} == {depth}
-    assert all(m[0] == 0 and m[-1] == 29 and m == sorted(m) for m in mappings)
-    assert stretched_mapping(30, depth) in mappings
-
-
 def test_stretched_mapping_is_the_source_notes_choice():
     assert stretched_mapping(4, 8) == [0, 1, 1, 1, 2, 2, 2, 3]
     assert stretched_mapping(4, 4) == [0, 1, 2, 3]
 
 
-def test_too_many_mappings_ask_for_a_limit():
+def test_too_many_non_decreasing_mappings_ask_for_a_limit_or_draw_from_the_families():
     with pytest.raises(SweepError, match="--limit"):
-        default_mappings(32, 48)
+        non_decreasing_mappings(32, 48)
+    drawn = default_mappings(32, 48)  # ~10^13 of them: the families' handfuls stand in
+    assert 5 <= len(drawn) <= 30 and {len(m) for m in drawn} == {48}
     with pytest.raises(SweepError, match="depth >= 2"):
         default_mappings(4, 1)
 
@@ -179,6 +174,22 @@ def test_prefix_cached_equals_naive_and_the_stacked_model(family):
         assert abs(_stacked_ppl(family, mapping, data) - swept) <= 1e-5 * swept
 
 
+def test_family_candidates_are_scored_with_their_labels_and_sharing_counted():
+    model, _ = build("llama", layers=4, heads=2, head_dim=8, ffn=16, seed=0)
+    data = batches(1)
+    candidates = sweep_candidates(4, 6, families=["dus", "band"], per_family=10)
+    result = mapping_sweep(model, data, candidates)
+    rows = [r for r in result["rows"] if not r["reference"]]
+    assert len(rows) == len(candidates) and {r["family"] for r in rows} == {"dus", "band"}
+    assert {r["label"] for r in rows} == {c.label for c in candidates}
+    assert reference_row(result)["family"] is None and reference_row(result)["label"] is None
+    calls = block_forwards(c.mapping for c in candidates)
+    assert result["block_calls"] == {"cached": calls["shared"], "naive": calls["naive"]}
+    assert result["sharing_ratio"] == pytest.approx(calls["naive"] / calls["shared"]) and result["sharing_ratio"] > 1
+    assert result["naive_max_loss_diff"] <= 1e-5
+    json.dumps(result)
+
+
 def test_no_naive_skips_the_timing_and_the_model_mode_is_restored():
     model, _ = build("gpt_neo", layers=2, heads=2, head_dim=8, ffn=16, seed=0)
     model.train()
@@ -192,7 +203,7 @@ def test_bad_mappings_and_seq2seq_models_are_refused():
     model, _ = build("gpt_neo", layers=2, heads=2, head_dim=8, ffn=16, seed=0)
     with pytest.raises(SweepError, match="layers 0..1"):
         mapping_sweep(model, batches(1), [[0, 2]])
-    with pytest.raises(SweepError, match="different depths"):
+    with pytest.raises(SweepError, match=r"different depths \[2, 3\]: mapping 1 has 3 layers"):
         mapping_sweep(model, batches(1), [[0, 1], [0, 1, 1]])
     t5, _ = build_t5()
     with pytest.raises(SweepError, match="t5 .seq2seq. is not supported"):
@@ -250,9 +261,33 @@ def test_cli_errors_are_one_line(tmp_path, widen_home):
         ([*neo, "--seq-len", "65"], "the model has 64 learned positions"),
         (["--model", str(tmp_path / "small-vocab")], "the tokenizer has 259 ids but the model's vocabulary has 61"),
         (["--model", str(tmp_path / "t5")], "t5 (seq2seq) is not supported"),
+        ([*neo, "--family", "bandd"], "error: --family: no mapping family 'bandd' — did you mean 'band'?"),
+        ([*neo, "--family", "band", "--mappings", str(bad)], "error: --family and --mappings: give one"),
+        ([*neo, "--family", "dus", "--depth", "9"], "error: --family: dus gives no mapping of 9 layers over 4 — "
+                                                     "dus fits d < D ≤ 2d"),
     ]
     for args, expected in cases:
         out = CliRunner().invoke(app, ["sweep", "mapping", *CLI_OPTIONS, *args])
         assert out.exit_code == 1, out.output
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
         assert expected in out.stderr
+
+
+def test_cli_draws_from_families(tmp_path, widen_home, monkeypatch):
+    """In-process: `--family` picks the mappings; each row of the table and the JSON names its family."""
+    from typer.testing import CliRunner
+
+    from widen_tui.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    save_byte_level_neo(tmp_path / "neo")
+    args = ["sweep", "mapping", "--model", str(tmp_path / "neo"), *CLI_OPTIONS, "--depth", "6",
+            "--family", "dus", "--family", "band:times=3", "--no-naive"]
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["families"] == ["dus", "band:times=3"] and result["depth"] == 6
+    labels = {r["label"] for r in result["rows"] if not r["reference"]}
+    assert {"dus drop 1+1", "band 1:2 ×3"} <= labels and result["sharing_ratio"] > 1
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0 and "dus drop 1+1" in table.stdout and "fewer than from layer 0" in table.stdout

@@ -205,10 +205,30 @@ def test_sweep_mappings_are_checked_before_training(overrides, field, fragments)
     assert_one_problem(problems, field, *fragments)
 
 
-def test_sweep_without_limit_needs_few_mappings(tmp_path):
+def test_sweep_without_limit_draws_from_the_families_when_growing_or_needs_few_mappings(tmp_path):
     plan = tmp_path / "p.toml"
-    plan.write_text(SWEEP.read_text().replace("limit = 24", "").replace("depth = 8", "depth = 40"))
-    assert_one_problem(problems_of(plan), "sweep.limit", "too many", "set limit")
+    plan.write_text(SWEEP.read_text().replace("limit = 24", ""))
+    assert problems_of(plan, "sweep.depth=40") == []  # 4 -> 40 layers: ~10^9 mappings, the families stand in
+    assert problems_of(plan, "sweep.depth=3", "train.seq_len=64") == []  # shrinking: every mapping, few
+    assert_one_problem(problems_of(plan, 'model.source="builtin:tiny-neo"', "sweep.depth=2", "sweep.keep_ends=false",
+                                   "sweep.families=[\"dus\"]"), "sweep.families.0", "dus gives no mapping of 2 "
+                       "layers over 4", "fits d < D ≤ 2d")
+
+
+@pytest.mark.parametrize("overrides, field, fragments", [
+    (['sweep.families=["bandd"]'], "sweep.families.0", ["no mapping family 'bandd'", "did you mean 'band'"]),
+    (['sweep.families=["dus", "band:width=2"]'], "sweep.families.1", ["band has no parameter 'width'"]),
+    (['sweep.families=["band:times=4"]'], "sweep.families.0", ["band:times=4 gives no mapping of 8 layers over 4",
+                                                                "fits D > d"]),
+    (['sweep.families=["dus"]', "sweep.mappings=[[0, 1, 2, 3, 0, 1, 2, 3]]"], "sweep", ["mappings or families"]),
+    (["sweep.per_family=0"], "sweep.per_family", ["greater than 0"]),
+])
+def test_sweep_families_are_checked_before_training(overrides, field, fragments):
+    assert_one_problem(problems_of(SWEEP, *overrides), field, *fragments)
+
+
+def test_sweep_families_in_a_plan():
+    assert problems_of(SWEEP, 'sweep.families=["all", "band:times=3"]', "sweep.per_family=2") == []
 
 
 def test_sweep_mappings_counted_after_depth_operators():
