@@ -278,7 +278,7 @@ def families_table(num_layers: int | None = None, depth: int | None = None, fami
     from engine.ops.mapping_families import FAMILIES
 
     if num_layers is None or depth is None:
-        table = Table(header_style="bold", pad_edge=False)
+        table = Table(header_style="bold")
         for name in ("family", "parameters", "fits", "what it builds"):
             table.add_column(name, overflow="fold")
         for f in FAMILIES:
@@ -286,7 +286,7 @@ def families_table(num_layers: int | None = None, depth: int | None = None, fami
         return table, None
     specs = resolve_families(families, "--family") if families else None
     candidates = sweep_candidates(num_layers, depth, keep_ends, limit, specs, per_family, where="--family")
-    table = Table(header_style="bold", pad_edge=False,
+    table = Table(header_style="bold",
                   caption=f"{len(candidates)} mappings of {num_layers} -> {depth} layers", caption_justify="left")
     table.add_column("mapping", no_wrap=True, overflow="ellipsis", max_width=LABEL_WIDTH)
     table.add_column(f"source layer of target 0..{depth - 1}", overflow="ellipsis")  # shrinks alone (see heatmap)

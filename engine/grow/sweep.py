@@ -19,7 +19,12 @@ nonsense.
 Prefix sharing: mappings sorted lexicographically are a depth-first walk of the trie of their
 prefixes; keeping the stack of hidden states along the current path (depth + 1 of them) lets
 each mapping reuse the prefix it shares with the previous one. ``mapping_sweep`` also times the
-naive evaluation (every mapping from layer 0) in the same call and reports the speed-up.
+naive evaluation (every mapping from layer 0) in the same call and reports the speed-up, and the
+block forwards each way (their ratio, ``sharing_ratio``, bounds the speed-up).
+
+Which mappings a sweep scores (every non-decreasing one for small models, a handful of each
+mapping family — DUS, bands, MIDAS, ... — at real depth, or a given list) is decided in
+engine.grow.sweep_mappings, which needs no torch; its names are re-exported here.
 
 Headless (no Typer / Textual): the CLI (`widen sweep mapping`) and the training loop both call
 ``mapping_sweep``.

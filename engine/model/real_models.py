@@ -123,14 +123,15 @@ def _fetch_gguf(model: RealModel, target: Path) -> None:
 
 def _convert(gguf_path: Path, directory: Path) -> None:
     """The GGUF as a Hugging Face directory, through the same loader a plan's GGUF source uses."""
-    from engine.model.gguf import GgufLocation, load_tokenizer
-    from engine.model.sources import load_model
-    from engine.plan import ModelSpec
+    from transformers import AutoModelForCausalLM
+
+    from engine.model import gguf
 
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model, _ = load_model(ModelSpec(source=str(gguf_path)), seed=0)
+    location = gguf.GgufLocation(str(gguf_path.parent), gguf_path.name)
+    model = gguf.load_model(location, AutoModelForCausalLM, gguf.load_config(location), None, "sdpa")
     model.save_pretrained(str(partial))
-    load_tokenizer(GgufLocation(str(gguf_path.parent), gguf_path.name)).save_pretrained(str(partial))
+    gguf.load_tokenizer(location).save_pretrained(str(partial))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(partial, directory)

@@ -5,7 +5,7 @@ A mapping lists, for each target layer, the source layer it runs ([0, 1, 2, 2, 3
 parameter setting that fits a given (d, D). ``FAMILIES`` is the one registry: name, parameters,
 the depths it fits, generator and a one-line description. The mapping sweep picks a handful of
 settings per family (``family_candidates``), plans name families in `[sweep] families` and
-`widen sweep mapping --family`, and the README's table is ``families_markdown()``.
+`widen sweep mapping --family`, and docs/mapping-sweep.md's table is ``families_markdown()``.
 
 A family spec is ``name`` or ``name:param=value,param=value`` (``band:times=3``): fixed
 parameters, the others swept over their range.
@@ -138,12 +138,18 @@ def _band_width(d: int, depth: int, times: int) -> int | None:
 
 
 def _band_settings(d: int, depth: int, fixed: dict) -> list[dict]:
-    times = fixed.get("times", 2)
-    width = _band_width(d, depth, times)
-    if width is None:
+    # every number of copies that fits, not only 2: two copies of a band are exactly a DUS seam
+    # (dus drop m+n = band n:d-m ×2), so the family's own ground is the thinner, repeated bands
+    settings = []
+    for times in [fixed["times"]] if "times" in fixed else range(2, depth - d + 2):
+        width = _band_width(d, depth, times)
+        if width is not None:
+            settings += [{"start": a, "times": times} for a in range(d - width + 1)]
+    if not settings:
         return []
-    settings = [{"start": a, "times": times} for a in range(d - width + 1)]
-    return _centered_first(settings, "start", (d - width) // 2)
+    # canonical: the centred band, twice (or as few times as fit)
+    centre = (d - _width(d, depth, settings[0]["times"])) // 2
+    return _centered_first(settings, "start", centre)
 
 
 def _band(d: int, depth: int, start: int, times: int) -> list[int]:
@@ -206,7 +212,7 @@ FAMILIES: tuple[Family, ...] = (
            lambda d, D, s: f"midas {_span(d, D, _midas_start(d, D, s['times']), s['times'])}"),
     Family("band", "repeat the band [start, start + w): layers before it, the band `times` times, the rest",
            (Param("start", "first layer of the band"),
-            Param("times", "copies of the band (default 2); its width w is (D − d) / (times − 1)")),
+            Param("times", "copies of the band (default: each that fits); its width w is (D − d) / (times − 1)")),
            "D > d, w = (D − d) / (times − 1) a whole number ≤ d", _band_settings, _band,
            lambda d, D, s: f"band {_span(d, D, s['start'], s['times'])}"),
     Family("every_kth", "repeat every stride-th layer from `phase`: D − d layers run twice, spread over the stack",
@@ -295,8 +301,8 @@ def select_candidates(specs: Iterable[FamilySpec | str], d: int, depth: int, per
                       limit: int | None = None) -> list[Candidate]:
     """A handful of each family's mappings (at most `per_family` each, `limit` in all), taken
     round-robin so every family is represented even under a small limit; a mapping two families
-    share is kept once, under the first. Grouped by family, each group sorted (the prefix walk's
-    order)."""
+    share (symmetric DUS = MIDAS ×2) is kept once, under the family whose turn reaches it first.
+    Grouped by family, each group sorted (the prefix walk's order)."""
     pools = [family_candidates(spec, d, depth) for spec in specs]
     taken: list[list[Candidate]] = [[] for _ in pools]
     positions = [0] * len(pools)

@@ -303,9 +303,13 @@ class VariantSpec(Strict):
 
 
 def _family_spec(text: str) -> str:
+    """A `[sweep] families` entry: "all" or a family spec (engine.ops.mapping_families)."""
     if text != "all":
         parse_spec(text, where="")  # FamilyError is a ValueError: pydantic names the field
     return text
+
+
+FamilySpecText = Annotated[str, AfterValidator(_family_spec)]
 
 
 class SweepSpec(Strict):
@@ -317,11 +321,11 @@ class SweepSpec(Strict):
     mappings: list[list[Int]] | None = Field(None, max_length=MAX_SWEEP_MAPPINGS,
                                              description="explicit mappings (default: generated)")
     limit: Int | None = Field(None, gt=0, le=MAX_SWEEP_MAPPINGS, description="at most this many generated mappings")
-    families: list[Annotated[str, AfterValidator(_family_spec)]] | None = Field(None, min_length=1, max_length=len(FAMILY_NAMES) * 8,
-                                       description="mapping families to draw from: " + ", ".join(FAMILY_NAMES)
-                                       + ', or "all"; a name may fix parameters, e.g. "band:times=3" '
-                                       "(default: every non-decreasing mapping, or every family when "
-                                       f"those are over {MAX_NON_DECREASING})")
+    families: list[FamilySpecText] | None = Field(
+        None, min_length=1, max_length=len(FAMILY_NAMES) * 8,
+        description="mapping families to draw from: " + ", ".join(FAMILY_NAMES) + ', or "all"; a name may fix '
+                    'parameters, e.g. "band:times=3" (default: every non-decreasing mapping, or every family when '
+                    f"growing and those are over {MAX_NON_DECREASING})")
     per_family: Int | None = Field(None, gt=0, le=MAX_SWEEP_MAPPINGS,
                                    description=f"at most this many mappings of each family (default {HANDFUL})")
 

@@ -27,6 +27,7 @@ from engine.runs.records import (
     ExpandEvent,
     GenericEvent,
     HealthEvent,
+    ProgressPhase,
     ResumeEvent,
     StageEvent,
     StartEvent,
@@ -69,6 +70,33 @@ class EventWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+# what the slow parts of a run (loading, tokenizing, evaluating) call, when asked to, to say how far
+# they are: (phase, what, done, total or None); engine.runs.records.ProgressEvent says what each means
+ReportProgress = Callable[[ProgressPhase, str, int, int | None], None]
+
+
+class ThrottledProgress:
+    """A ``ReportProgress`` that writes `progress` events through `emit` (``Trainer.emit``), few
+    of them: a phase's start (done 0, or another `what`) at once — a reader shows what begins even
+    if the last event was a moment ago — and its updates at most once every `every_s`, so an
+    evaluation of many quick batches writes one or two lines, a slow one about one a batch."""
+
+    EVERY_S = 1.0
+
+    def __init__(self, emit: Callable[..., object], every_s: float = EVERY_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.emit, self.every_s, self.clock = emit, every_s, clock
+        self._last: tuple[str, str] | None = None   # the (phase, what) written last
+        self._last_at = -math.inf
+
+    def __call__(self, phase: ProgressPhase, what: str, done: int, total: int | None = None) -> None:
+        now = self.clock()
+        if done != 0 and (phase, what) == self._last and now - self._last_at < self.every_s:
+            return
+        self._last, self._last_at = (phase, what), now
+        self.emit("progress", phase=phase, what=what, done=done, total=total)
 
 
 MAX_PROBLEMS = 20  # a reader keeps this many problem lines (and counts the rest)

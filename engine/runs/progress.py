@@ -3,7 +3,9 @@
 Feed it events as they arrive (``update``); it keeps the latest figures, the curves and the
 expansion reports, and estimates the ETA from the recent step rate. A ``resume`` event drops what
 the run logged past its resume point (``engine.runs.events.voided_by``), so a resumed run's curves
-never rewind.
+never rewind. Between steps it keeps what the worker says it is busy with (``activity``: the latest
+``progress`` event — loading, tokenizing, evaluating) until a step, eval, stage or status event
+shows that part is over.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from engine.runs.records import (
     EvalEvent,
     EventRecord,
     ExpandEvent,
+    ProgressEvent,
     RankRow,
     RanksEvent,
     ResumeEvent,
@@ -54,6 +57,8 @@ class RunProgress:
     ranks_at: tuple[int, int] | None = None            # (stage, step) they were measured at
     started: float | None = None
     last_t: float | None = None          # time of the latest event (a finished run's end)
+    activity: ProgressEvent | None = None  # what the worker is busy with between steps; None: training (or ended)
+    activity_since: float | None = None    # when it began (the first event of that phase and `what`)
     _rate: list[tuple[float, int]] = field(default_factory=list)  # (time, global step) samples
     _evals: list[EvalEvent] = field(default_factory=list)  # every eval event of the latest segment
     _segment: int = 0                                      # bumped by start and resume events
@@ -70,6 +75,10 @@ class RunProgress:
     def update(self, event: EventRecord) -> None:
         if isinstance(event.t, (int, float)) and not event.cached:
             self.last_t = max(self.last_t or 0.0, float(event.t))
+        if isinstance(event, ProgressEvent):
+            self._progress(event)
+        elif isinstance(event, StartEvent | StepEvent | EvalEvent | StageEvent | StatusEvent | ResumeEvent):
+            self.activity = self.activity_since = None  # the part it reported on is over
         if isinstance(event, StartEvent):
             self.run, self.plan, self.device = event.run, event.plan, event.device
             world = event.world_size
@@ -116,6 +125,21 @@ class RunProgress:
         elif isinstance(event, StatusEvent):
             self.state = event.state
             self.error = event.error
+
+    def _progress(self, event: ProgressEvent) -> None:
+        if event.cached:
+            return  # a cached prefix's: its loading and evaluations were another run's
+        self.state, self.error = "running", None  # a worker at work (before `start`, which needs the model)
+        same = self.activity is not None and (self.activity.phase, self.activity.what) == (event.phase, event.what)
+        if not same:
+            self.activity_since = event.t
+        self.activity = event
+
+    def activity_s(self, now: float | None = None) -> float | None:
+        """Seconds the current activity has lasted until `now` (default: the clock); None without one."""
+        if self.activity is None or self.activity_since is None:
+            return None
+        return max((time.time() if now is None else now) - self.activity_since, 0.0)
 
     def _eval_x(self, event: EvalEvent) -> int:
         return sum(self.stage_steps[: event.stage]) + event.step if event.stage >= 0 else 0

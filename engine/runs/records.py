@@ -268,6 +268,26 @@ class WarningEvent(EventRecord):
     message: StrictStr
 
 
+# what a `progress` event's `phase` says the worker is doing (a reader shows another one as written)
+ProgressPhase = Literal["load", "tokenize", "evaluate", "generate"]
+
+
+class ProgressEvent(EventRecord):
+    """What the worker is busy with where no step comes for a while: loading the model or the
+    tokenizer (``load``: `what` is "model", "tokenizer" or "checkpoint"), tokenizing a task's
+    corpus (``tokenize``: `done` tasks of `total` before this one), scoring a task's eval batches
+    (``evaluate``: `done` batches of `total`), decoding a generation task's examples
+    (``generate``). Live only: rank 0 writes it throttled (a phase's start at once, its updates at
+    most about once a second), readers show the latest until a step, eval or stage event follows;
+    the trackers and the prefix cache leave it out."""
+
+    type: Literal["progress"]
+    phase: StrictStr              # a ProgressPhase; another (a newer engine's) is kept as written
+    what: StrictStr
+    done: StrictInt
+    total: StrictInt | None = None   # None: not known (a model loading)
+
+
 class GenericEvent(EventRecord):
     """An event of a type this engine does not know (a newer engine's): kept, skipped by readers."""
 
@@ -278,6 +298,7 @@ EVENT_TYPES: dict[str, type[EventRecord]] = {
     "start": StartEvent, "stage": StageEvent, "step": StepEvent, "eval": EvalEvent, "expand": ExpandEvent,
     "health": HealthEvent, "system": SystemEvent, "checkpoint": CheckpointEvent, "status": StatusEvent,
     "sweep": SweepEvent, "resume": ResumeEvent, "ranks": RanksEvent, "warning": WarningEvent,
+    "progress": ProgressEvent,
 }
 _OTHER = "other"
 

@@ -28,6 +28,7 @@ from engine.runs.records import (
     EvalEvent,
     EventRecord,
     ExpandEvent,
+    ProgressEvent,
     ResumeEvent,
     StageEvent,
     StartEvent,
@@ -466,6 +467,8 @@ class Mirror:
 
     def _mirror(self, event: EventRecord) -> None:
         if self.closed or isinstance(event, WarningEvent):  # a failing tracker's warning is not sent to the others
+            return
+        if isinstance(event, ProgressEvent):  # live only, and it comes before `start`, which opens the trackers
             return
         if not self.opened:
             self._open(RunInfo.from_start(event, self.fallback_run))

@@ -21,6 +21,7 @@ from engine.grow.growth import combine_growth, grow_model, growth_generator
 from engine.model.forward import batch_to, slice_batch
 from engine.model.view import count_params
 from engine.plan import Plan, load_plan
+from engine.runs.events import ReportProgress
 from engine.runs.rundir import RunDir, runs_root
 from engine.train import checkpoint
 from engine.train.data import eval_batches, load_task, load_tokenizer, train_batch
@@ -46,13 +47,19 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def load_tokenizer_and_model(plan: Plan, device: str | torch.device = "cpu", world=None):
+def load_tokenizer_and_model(plan: Plan, device: str | torch.device = "cpu", world=None,
+                              report: ReportProgress | None = None):
     """(tokenizer, model on `device`, its ArchView) for the plan's model, before any stage. In an
     FSDP run (`world` distributed, strategy fsdp) the model comes sharded, loaded unit by unit
-    (``engine.train.fsdp.load_sharded``): no rank ever holds it whole."""
+    (``engine.train.fsdp.load_sharded``): no rank ever holds it whole. `report` is told as each
+    begins (a real model takes a while)."""
     from engine.model.sources import check_vocabulary, load_model
 
+    if report:
+        report("load", "tokenizer", 0, None)
     tokenizer = load_tokenizer(plan.model.tokenizer, plan.model)
+    if report:
+        report("load", "model", 0, None)
     if world is not None and world.distributed and plan.train.strategy == "fsdp":
         from engine.train import fsdp
 
@@ -210,15 +217,22 @@ class Prepared:
     bytes_per_token: dict[str, float]
 
 
-def prepare(plan: Plan, cache: Path, world=None) -> Prepared:
+def prepare(plan: Plan, cache: Path, world=None, report: ReportProgress | None = None) -> Prepared:
+    """Load the plan's model and tokenizer and its tasks' data (tokenized, or from the cache).
+    `report` (a run's ``ThrottledProgress``) is told as loading and each task's tokenizing
+    begin; without it nothing is reported."""
     from engine.model.forward import model_kind
 
     device = pick_device(plan.train.device)
     fsdp_run = world is not None and world.distributed and plan.train.strategy == "fsdp"
-    tokenizer, model, view = load_tokenizer_and_model(plan, device if fsdp_run else "cpu", world)
+    tokenizer, model, view = load_tokenizer_and_model(plan, device if fsdp_run else "cpu", world, report)
     kind = model_kind(model)
     start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
-    tasks = {name: load_plan_task(name, spec, tokenizer, cache, kind, start) for name, spec in plan.tasks.items()}
+    tasks = {}
+    for done, (name, spec) in enumerate(plan.tasks.items()):
+        if report:
+            report("tokenize", name, done, len(plan.tasks))
+        tasks[name] = load_plan_task(name, spec, tokenizer, cache, kind, start)
     model.to(device)
     eval_sets = {name: [batch_to(b, device) for b in task_eval_batches(data, plan.train)]
                  for name, data in tasks.items()}

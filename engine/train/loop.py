@@ -27,7 +27,7 @@ from engine.model.view import count_params
 from engine.ops import health
 from engine.plan import Plan, load_plan
 from engine.runs import results, trackers
-from engine.runs.events import EventWriter
+from engine.runs.events import EventWriter, ThrottledProgress
 from engine.runs.rundir import RunDir
 from engine.runs.status import StatusFile
 from engine.train import checkpoint, speed
@@ -61,13 +61,16 @@ class Trainer:
     def setup(self):
         self.events = EventWriter(self.run.events) if self.is_main else None
         trackers.attach(self.events, self.plan.train.report_to, self.run.path)  # a copy of the metrics, if asked
+        # loading, tokenizing and evaluating a real model take minutes without a step: `progress`
+        # events (before `start`, which needs the model) say what the worker is busy with
+        self.report_progress = ThrottledProgress(self.emit) if self.is_main else None
         self.monitor = SystemMonitor(SYSTEM_SAMPLE_S)
-        prepared = prepare(self.plan, self.run.path.parent / ".cache", self.world)
+        prepared = prepare(self.plan, self.run.path.parent / ".cache", self.world, self.report_progress)
         self.device, self.tokenizer, self.tasks = prepared.device, prepared.tokenizer, prepared.tasks
         self.eval_sets, self.bytes_per_token = prepared.eval_sets, prepared.bytes_per_token
         self.m = TrainedModel(self.plan, prepared, self.world)
         self.precision = Precision(self.plan.train.dtype, self.device)
-        self.evaluate = Evaluator(self.plan, prepared, self.precision, self.world)
+        self.evaluate = Evaluator(self.plan, prepared, self.precision, self.world, self.report_progress)
         self.history, self.position = History(), Position()
         self.plateau_state: dict | None = None
         self.started = True
@@ -144,6 +147,8 @@ class Trainer:
         plan = self.plan
         torch.manual_seed(plan.seed)
         params = count_params(self.model)  # before any stage
+        if (self.resume or from_cache) and self.report_progress:
+            self.report_progress("load", "checkpoint", 0, None)
         saved = self.load_checkpoint() if (self.resume or from_cache) else None
         self.history.prefix_cached = self.history.prefix_cached or from_cache
         self.emit("start", run=self.run.id, plan=plan.name, seed=plan.seed, device=str(self.device),

@@ -167,9 +167,10 @@ class SharedPrefix:
         if index != self.stages - 1 or not trainer.is_main:
             return
         from engine.runs.events import read_all
-        from engine.runs.records import StartEvent, StatusEvent, SystemEvent
+        from engine.runs.records import ProgressEvent, StartEvent, StatusEvent, SystemEvent
 
-        events = [e for e in read_all(self.run.events) if not isinstance(e, StartEvent | StatusEvent | SystemEvent)]
+        events = [e for e in read_all(self.run.events)
+                  if not isinstance(e, StartEvent | StatusEvent | SystemEvent | ProgressEvent)]
         prefix_cache.publish(self.run.path.parent, self.key, self.run.checkpoints / "latest", events,
                              {"run": self.run.id, "stages": self.stages, "key": self.key,
                               "wall_s": trainer.history.wall_s})

@@ -36,7 +36,8 @@ def plot(
 ):
     """PNG figures: loss.png (training and eval loss of every run, overlaid, with stage boundaries and
     expansions), forgetting-<run>.png (bits per byte per task after each stage) and mapping-<name>.png
-    (a mapping sweep: source layer per target layer, perplexity per row)."""
+    (a mapping sweep: source layer per target layer, the family label and perplexity per row; every
+    target layer drawn, also at 30+ layers)."""
     from engine.runs.events import EventReader
     from engine.runs.forgetting import matrix_for
     from engine.runs.records import EvalEvent, StepEvent

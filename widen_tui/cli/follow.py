@@ -89,15 +89,21 @@ class _LinePrinter:
 
     def __init__(self):
         self.last_step_print = 0.0
+        self.last_progress: tuple[str, str] | None = None   # the (phase, what) printed last
+        self.last_progress_print = 0.0
 
     def __call__(self, e: EventRecord) -> None:
-        from engine.runs.records import RanksEvent, StepEvent, SystemEvent
+        from engine.runs.records import ProgressEvent, RanksEvent, StepEvent, SystemEvent
 
         line = describe_event(e)
         if isinstance(e, StepEvent):
             if time.time() - self.last_step_print < 5:
                 return
             self.last_step_print = time.time()
+        if isinstance(e, ProgressEvent):  # each phase's start, then a line every 5 s at most
+            if (e.phase, e.what) == self.last_progress and time.time() - self.last_progress_print < 5:
+                return
+            self.last_progress, self.last_progress_print = (e.phase, e.what), time.time()
         if line and not isinstance(e, SystemEvent | RanksEvent):  # samples, not progress: the live view shows them
             console.print(line, highlight=False, soft_wrap=True, markup=False)
 

@@ -33,8 +33,8 @@ def mapping(
                                                 "(id, prefix, last, name, run directory: its trained model)")],
     depth: Annotated[int, typer.Option("--depth", "-d", min=1, help="layers of the stacked models")],
     keep_ends: Annotated[bool, typer.Option("--keep-ends/--no-keep-ends",
-                                            help="generated mappings keep the first and last source layers "
-                                                 "in place")] = True,
+                                            help="generated non-decreasing mappings keep the first and last "
+                                                 "source layers in place (every family's do)")] = True,
     mappings_file: Annotated[Optional[Path], typer.Option("--mappings", metavar="FILE",
                                                           help="JSON or TOML file with a list of mappings "
                                                                "(instead of the generated non-decreasing "
@@ -46,7 +46,8 @@ def mapping(
         "--family", "-f", metavar="NAME[:P=V,...]",
         help=f"draw mappings from this family (repeat for several; all: every one): {', '.join(FAMILY_NAMES)}; "
              "fix parameters with e.g. band:times=3 (`widen sweep families` lists them). Default: every "
-             f"non-decreasing mapping, or every family when those are over {MAX_NON_DECREASING}")] = None,
+             f"non-decreasing mapping, or every family when growing and those are over "
+             f"{MAX_NON_DECREASING}")] = None,
     per_family: Annotated[Optional[int], typer.Option("--per-family", min=1, metavar="N",
                                                       help=f"at most N mappings of each family, spread over its "
                                                            f"parameters, canonical first (default {HANDFUL})")] = None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from widen_tui.views.activity import describe_progress
+
 if TYPE_CHECKING:  # the records (pydantic) are imported when a line is described: `widen --help` stays quick
     from engine.runs.records import EventRecord
 
@@ -33,6 +35,7 @@ def describe_event(e: EventRecord) -> str:
         EvalEvent,
         ExpandEvent,
         HealthEvent,
+        ProgressEvent,
         RanksEvent,
         ResumeEvent,
         StageEvent,
@@ -81,6 +84,8 @@ def describe_event(e: EventRecord) -> str:
             " ".join(line.split()) for line in rank_lines(e.ranks))
     if isinstance(e, WarningEvent):
         return f"warning ({e.source}): {e.message}"
+    if isinstance(e, ProgressEvent):
+        return describe_progress(e)
     if isinstance(e, StatusEvent):
         return f"status {e.state}" + (f": {e.error}" if e.error else "")
     if isinstance(e, HealthEvent):

@@ -18,6 +18,7 @@ from engine.runs.records import (
     EvalEvent,
     EventRecord,
     ExpandEvent,
+    ProgressEvent,
     RanksEvent,
     ResumeEvent,
     StageEvent,
@@ -108,6 +109,8 @@ class LiveRun:
     def _log_line(self, e: EventRecord) -> str | None:
         if isinstance(e, SystemEvent | RanksEvent):
             return None  # the System tab shows them
+        if isinstance(e, ProgressEvent):
+            return None  # the summary's activity line shows the latest: a log line each would drown the rest
         if isinstance(e, StepEvent):
             t = e.t or 0.0
             last_of_stage = e.stage < len(self.progress.stage_steps) and e.step == self.progress.stage_steps[e.stage]

@@ -11,6 +11,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from widen_tui.views.activity import activity_line
+
 if TYPE_CHECKING:  # the event records (pydantic) are not needed to list runs: `widen runs` stays quick
     from engine.runs.progress import RunProgress
     from engine.runs.records import RankRow
@@ -108,6 +110,9 @@ def live_view(p: RunProgress) -> Panel:
     head = Table.grid(padding=(0, 2))
     device = (p.device or "–") + (f" × {p.world_size} processes" if p.world_size > 1 else "")
     head.add_row("state", state_text(p.state), "device", device)
+    activity = activity_line(p)
+    if activity:  # loading, tokenizing, evaluating: no step comes for a while
+        head.add_row("now", Text(activity, style="bold"), "", "")
     stage_total = p.stage_steps[p.stage] if p.stage < len(p.stage_steps) else 0
     head.add_row("stage", f"{p.stage + 1}/{len(p.stage_steps) or '?'} {p.stage_name} ({p.task})",
                  "step", f"{p.step}/{stage_total}")

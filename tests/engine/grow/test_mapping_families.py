@@ -29,8 +29,8 @@ from engine.ops.mapping_families import (
     FAMILY_NAMES,
     HANDFUL,
     FamilyError,
-    family_candidates,
     families_markdown,
+    family_candidates,
     parse_spec,
     select_candidates,
 )
@@ -85,10 +85,11 @@ def test_families_agree_with_map_layers_helpers_and_mean_what_they_say(d, depth)
 def test_examples_of_each_family():
     assert family_candidates("dus", 32, 48)[0].mapping == (*range(24), *range(8, 32))  # SOLAR 10.7B's shape
     assert family_candidates("dus", 32, 48)[0].label == "dus drop 8+8"
-    band = {c.label: c.mapping for c in family_candidates("band", 4, 6)}
+    band = {c.label: c.mapping for c in family_candidates("band:times=2", 4, 6)}
     assert band == {"band 1:3 ×2": (0, 1, 2, 1, 2, 3), "band 0:2 ×2": (0, 1, 0, 1, 2, 3),
                     "band 2:4 ×2": (0, 1, 2, 3, 2, 3)}
     assert family_candidates("band:times=3", 4, 6)[0].mapping in {(0, 1, 1, 1, 2, 3), (0, 1, 2, 2, 2, 3)}
+    assert {c.label.split()[-1] for c in family_candidates("band", 4, 6)} == {"×2", "×3"}  # each number of copies
     midas = {c.label: c.mapping for c in family_candidates("midas", 6, 8)}
     assert midas == {"midas 2:4 ×2": (0, 1, 2, 3, 2, 3, 4, 5), "midas 2:3 ×3": (0, 1, 2, 2, 2, 3, 4, 5)}
     every = family_candidates("every_kth", 6, 8)  # stride 3: two repeats, phases 0..2, centred first
@@ -224,7 +225,7 @@ def test_prefix_sharing_pays_on_structured_families_of_a_30_block_model(family):
         mappings = [c.mapping for c in select_candidates([family], 30, 36, per_family=per_family)]
         calls = block_forwards(mappings)
         assert calls["shared"] < calls["naive"], family
-        assert sharing_ratio(mappings) > 1.25
+        assert sharing_ratio(mappings) > 1.2
     # the sweep's default set shares far more than the evenly spread picks it replaces (~1.0×)
     families = [c.mapping for c in sweep_candidates(30, 36)]
     spread_picks = non_decreasing_mappings(30, 36, limit=len(families))
@@ -240,5 +241,5 @@ def test_listing_the_families_and_a_shapes_sharing_ratio_needs_no_torch():
                           env={**os.environ, "COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
     assert "dus drop 12+12" in proc.stdout and "stretch ends 1" in proc.stdout
-    assert "prefix sharing: 639 block forwards per batch instead of 936 from layer 0 — ratio 1.46×" in \
+    assert "prefix sharing: 644 block forwards per batch instead of 936 from layer 0 — ratio 1.45×" in \
         " ".join(proc.stdout.split())

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from engine.plan import load_plan
+from engine.runs.events import read_all
 from engine.train.loop import Trainer
 from widen_tui.launcher import create_run
 
@@ -58,3 +59,5 @@ def test_seq2seq_generation_run_with_an_expansion(tmp_path, widen_home):
     matrix = results["matrix"]
     assert len(matrix["bleu"]) == 3 and all(row[0] is not None for row in matrix["exact_match"])
     assert matrix["loss"][2][0] < matrix["loss"][0][0]
+    reported = {(e.phase, e.what) for e in read_all(run.events) if e.type == "progress"}
+    assert ("generate", "code") in reported  # decoding the examples shows, not a frozen screen

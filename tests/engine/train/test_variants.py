@@ -144,6 +144,7 @@ def test_second_variant_starts_from_the_cached_prefix_and_matches_an_uncached_ru
     assert a["matrix"]["loss"][:2] == b["matrix"]["loss"][:2]   # initial + shared stage rows, copied
     cached = [e for e in read_all(second.events) if e.cached]
     assert any(e.type == "step" for e in cached) and any(e.type == "stage" for e in cached)
+    assert not any(e.type == "progress" for e in cached)  # live only: the first run's loading is not replayed
     assert b["stages"][0]["name"] == "shared" and b["stages"][1]["task"] == "python"
 
     # the same variant with no cache: trains the shared stage itself, same figures

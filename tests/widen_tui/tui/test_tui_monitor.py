@@ -356,6 +356,77 @@ def test_cancel_asks_first_then_stops_the_worker(widen_home, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# progress: loading, tokenizing and long evaluations show what the worker is busy with
+
+
+def test_the_activity_line_words(widen_home):
+    from rich.console import Console
+
+    from engine.runs.progress import RunProgress
+    from widen_tui.views.activity import activity_line
+    from widen_tui.views.event_text import describe_event
+    from widen_tui.views.report import live_view
+
+    def said(phase, what, done=0, total=None):
+        return describe_event(parse_event({"type": "progress", "t": 1.0, "phase": phase, "what": what, "done": done,
+                                           "total": total}))
+
+    assert said("load", "model") == "loading model…"
+    assert said("tokenize", "python", 1, 3) == "tokenizing python (2/3)"
+    assert said("evaluate", "prose", 5, 8) == "evaluating prose 5/8 batches"
+    assert said("generate", "qa") == "generating qa examples…"
+    assert said("compile", "model") == "compile model…"  # a newer engine's phase: as written
+
+    p = RunProgress()
+    p.update(parse_event({"type": "progress", "t": 100.0, "phase": "load", "what": "model", "done": 0}))
+    assert activity_line(p, now=142.5) == "loading model… · 42s"
+    assert activity_line(p, now=100.0 + 185) == "loading model… · 3m05s"
+    assert activity_line(p, now=142.5, state="lost") is None  # its worker is gone: it is not loading
+    console = Console(width=120, record=True)  # `widen watch`
+    console.print(live_view(p))
+    assert "loading model… · " in console.export_text()
+
+
+def test_monitor_shows_what_a_busy_worker_does_until_the_result_comes(widen_home):
+    """A run whose events end in `progress` (an evaluation half done): the summary says so, with
+    how long it has lasted; the eval result that follows hides the line."""
+    worker = subprocess.Popen(["sleep", "60"])
+    try:
+        events = fake_events()
+        cut = next(i for i, e in enumerate(events) if isinstance(e, StepEvent) and e.stage == 1 and e.step == 5)
+        last = events[cut - 1].t
+        busy = [parse_event({"type": "progress", "t": last + 1 + dt, "phase": "evaluate", "what": "prose",
+                             "done": done, "total": 8}) for dt, done in ((0, 0), (30, 4), (40, 5))]
+        run = write_run(widen_home, "20250101-000000-busy-eeee", events[:cut] + busy, state="running",
+                        pid=worker.pid)
+
+        async def main():
+            app = MonitorApp(widen_home, run.id, clock=lambda: last + 1 + 42)
+            async with app.run_test(size=(100, 32)) as pilot:
+                screen = app.screen
+                await wait_until(pilot, lambda: screen.loaded, what="history")
+                await pilot.pause(0.1)
+                activity = screen.query_one("#activity", Static)
+                assert activity.display and activity.region.height == 1
+                assert str(activity.render()) == "▸ evaluating prose 5/8 batches · 42s"
+                await pilot.press("5")
+                await pilot.pause(0.2)
+                log = "\n".join(line.text for line in screen.query_one("#event-log", RichLog).lines)
+                assert "evaluating" not in log  # the summary shows it: no log line per report
+
+                result = {"type": "eval", "t": last + 50, "stage": 1, "step": 5, "task": "prose", "loss": 4.0,
+                          "ppl": 54.6, "bpb": 5.8}
+                with open(run.events, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+                await wait_until(pilot, lambda: not activity.display, what="the line to go")
+
+        asyncio.run(main())
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+# ---------------------------------------------------------------------------------------------
 # snapshots: a hand-written run, fixed numbers and times
 
 

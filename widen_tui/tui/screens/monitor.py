@@ -7,9 +7,10 @@ for the effective state (``lost`` when the worker died without a final status). 
 (``widen_tui.views.live_run.LiveRun``) and redraws at most twice a second, the chart only when a
 curve moved. A finished run is polled slowly, so watching it costs next to nothing.
 
-Layout (usable at 80×24): a summary on top (state, progress bars with ETA for the stage and the
-whole run, loss, tokens/s, a one-line system summary), then tabs: Loss chart · Forgetting ·
-Expansions · System · Log.
+Layout (usable at 80×24): a summary on top (state; while no step comes — loading, tokenizing,
+evaluating — one line saying what the worker is busy with and for how long; progress bars with
+ETA for the stage and the whole run, loss, tokens/s, a one-line system summary), then tabs: Loss
+chart · Forgetting · Expansions · System · Log.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from engine.runs.rundir import LIVE_STATES, RUNNING_STATES, RunDir
 from widen_tui.tui.widgets.binding_commands import BindingCommands
 from widen_tui.tui.widgets.confirm import ConfirmScreen
 from widen_tui.tui.widgets.loss_chart import LossChart
+from widen_tui.views.activity import activity_line
 from widen_tui.views.live_run import LiveRun
 from widen_tui.views.report import STATE_STYLE, fmt_duration, fmt_num, rank_overflow, rank_rows
 
@@ -125,6 +127,7 @@ class MonitorScreen(Screen):
         yield Header()
         with Vertical(id="summary"):
             yield Static(id="headline")
+            yield Static(id="activity")  # shown only while the worker reports a phase (progress events)
             with Horizontal(classes="bar-row"):
                 yield Label("stage", id="stage-label", classes="bar-label")
                 yield ProgressBar(total=1, show_eta=False, id="stage-bar")
@@ -276,6 +279,11 @@ class MonitorScreen(Screen):
         elif state in ("failed", "diverged") and (live.status.get("error") or p.error):
             head.append(f"  {live.status.get('error') or p.error}", style="red")
         self.query_one("#headline", Static).update(head)
+        activity = activity_line(p, self._now, state)
+        panel = self.query_one("#activity", Static)
+        panel.set_class(activity is not None, "-active")
+        if activity:
+            panel.update(Text(f"▸ {activity}"))
 
         n_stages = len(p.stage_steps)
         stage_total = p.stage_steps[p.stage] if p.stage < n_stages else 0
