@@ -15,7 +15,7 @@ written the way llama.cpp's own converter (``convert_hf_to_gguf.py``) writes its
 
 A GGUF has no key for some of a family's settings: llama.cpp hard-codes them and transformers' reader
 takes its config class's defaults. A model whose config differs would load as a different model, so
-it is refused in one line (``ASSUMPTIONS``), before anything is written.
+it is refused in one line (each family's ``Assumption`` list in ``FAMILIES``), before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,10 +34,10 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_FILE = "model.gguf"
 # max |Δlogits| allowed between the file read back by transformers and the in-widen model: f32 is exact
 # up to float noise; the lossy dtypes are bounded as a share of the largest |logit|, since their error
-# grows with the logits' scale. Measured (tests' tiny models / SmolLM2-135M): f16 0.14% / 0.11%,
-# bf16 0.9% / 0.6%, q8_0 3.5% / 2.3%.
+# grows with the logits' scale. Measured (worst of the test families x 3 seeds of tiny random models /
+# SmolLM2-135M): f16 0.18% / 0.11%, bf16 1.6% / 0.6%, q8_0 7.8% / 2.3%.
 ABSOLUTE_TOLERANCE = {"f32": 1e-4}
-RELATIVE_TOLERANCE = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.1}
+RELATIVE_TOLERANCE = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.2}
 
 
 def parity_tolerance(dtype: str, reference) -> tuple[float, str]:
@@ -161,12 +162,17 @@ def gguf_family(model) -> GgufFamily:
     return FAMILIES[model_type]
 
 
+def _rope_types(config) -> list[str]:
+    """The rope type of every rope the config has (Gemma 3: one per layer type)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scopes = [scope for scope in params.values() if isinstance(scope, dict)] or [params]
+    return [scope.get("rope_type", "default") for scope in scopes]
+
+
 def check_config(config, family: GgufFamily) -> None:
     """Refuse, in one line, a config the file could not describe."""
     model_type = config.model_type
-    params = getattr(config, "rope_parameters", None) or {}
-    for scope in [params[k] for k in ("full_attention", "sliding_attention") if isinstance(params.get(k), dict)] or [params]:
-        rope_type = scope.get("rope_type", "default")
+    for rope_type in _rope_types(config):
         if rope_type != "default":
             raise GgufExportError(f"--format gguf: the {model_type} model uses '{rope_type}' rope scaling, which "
                                   f"{READER} does not read back, so the file could not be checked — use --format hf")
@@ -254,6 +260,23 @@ def _looks_special(token: str) -> bool:
     return token.startswith("<|") and token.endswith("|>")
 
 
+def _token_type(token: str | None, added, sentencepiece: bool, unk: str | None) -> int:
+    """llama.cpp's type of a token: added ones control (special) or user-defined, sentencepiece's
+    unknown and <0xXX> byte tokens their own types, ids without a token unused."""
+    import gguf
+
+    kind = gguf.TokenType
+    if token is None:
+        return kind.UNUSED
+    if added is not None:
+        return kind.CONTROL if added.special or _looks_special(token) else kind.USER_DEFINED
+    if sentencepiece and token == unk:
+        return kind.UNKNOWN
+    if sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+        return kind.BYTE
+    return kind.NORMAL
+
+
 def hf_vocabulary(hf, vocab_size: int) -> Vocabulary:
     """A fast Hugging Face BPE tokenizer as GGUF metadata (what llama.cpp's converter writes for it)."""
     import gguf
@@ -276,26 +299,10 @@ def hf_vocabulary(hf, vocab_size: int) -> Vocabulary:
                               "\"a b\" merge list cannot hold — use --format hf")
 
     by_id = {i: t for t, i in hf.get_vocab().items()}
-    added = {i: t for i, t in hf.added_tokens_decoder.items()}
-    tokens, types = [], []
-    for i in range(max(by_id) + 1):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if added[i].special or _looks_special(token)
-                         else gguf.TokenType.USER_DEFINED)
-        elif sentencepiece and token == model.get("unk_token"):
-            tokens.append(token)
-            types.append(gguf.TokenType.UNKNOWN)
-        elif sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            tokens.append(token)
-            types.append(gguf.TokenType.BYTE)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
+    ids = range(max(by_id) + 1)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in ids]
+    types = [_token_type(by_id.get(i), hf.added_tokens_decoder.get(i), sentencepiece, model.get("unk_token"))
+             for i in ids]
     tokens, types = _pad_tokens(tokens, types, vocab_size)
 
     scores = None
@@ -507,6 +514,11 @@ def export_gguf(model, tokenizer, out: Path | str, dtype: str = "f32", source: d
 
     if dtype not in DTYPES:
         raise GgufExportError(f"--dtype {dtype}: GGUF export writes {', '.join(DTYPES)}")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GgufExportError("--format gguf needs the gguf package, which is not installed — "
+                              "pip install 'widen[gguf]'") from None
     family = gguf_family(model)
     path = gguf_path(out)
     had_adapters = bool(adapter_layers(model))

@@ -126,10 +126,10 @@ def _export_gguf(model, tokenizer, out: Path, dtype: str, origin: dict, reports,
     console.print(f"wrote {manifest['path']}: {manifest['model_type']} model as GGUF architecture "
                   f"'{manifest['gguf_architecture']}', {manifest['num_layers']} layers, FFN {manifest['ffn_size']}, "
                   f"{manifest['params']:,} parameters, adapters {manifest['adapters']}; tensors {stored}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     console.print(f"parity: max |Δlogits| {delta:.2e} (tolerance {tolerance:.2e} for {dtype}: {basis}) — read back "
                   f"with AutoModelForCausalLM.from_pretrained(gguf_file=...) vs the in-widen model, on "
-                  f"{batch[0].shape[0]} probe sequences of task '{task}'", highlight=False)
+                  f"{batch[0].shape[0]} probe sequences of task '{task}'", highlight=False, soft_wrap=True)
     if not delta <= tolerance:
         raise CLIError(f"export parity failed: max |Δlogits| {delta:.2e} > {tolerance:.2e} ({dtype}) — the GGUF "
                        f"{manifest['path']} does not compute what the grown model computes")

@@ -4,6 +4,7 @@ llama.cpp) reads back as the same model, with the same tokenizer ids."""
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import textwrap
 
@@ -143,8 +144,8 @@ def test_a_sentencepiece_style_tokenizer_keeps_its_ids(tmp_path):
     special = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     base.train_from_iterator([TEXT.replace(" ", "▁")] * 40, trainers.BpeTrainer(
         vocab_size=380, special_tokens=special, show_progress=False))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in
-              __import__("json").loads(base.to_str())["model"]["merges"]]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(base.to_str())["model"]["merges"]]
     LlamaTokenizer(vocab=base.get_vocab(), merges=merges).save_pretrained(tmp_path / "sp")
     tokenizer = HFTokenizer(str(tmp_path / "sp"))
     export_gguf(tiny_model("llama", tokenizer.vocab_size), tokenizer, tmp_path / "sp.gguf", "f32")
@@ -225,7 +226,7 @@ def test_cli_exports_a_grown_plan_as_gguf(tmp_path, widen_home, capsys):
     assert done.returncode == 0, done.stderr[-800:]
     wrote, parity = done.stdout.strip().splitlines()
     assert wrote.startswith(f"wrote {out}: llama model as GGUF architecture 'llama', 3 layers, FFN 96")
-    assert wrote.endswith("adapters merged; tensors 26 F32")
+    assert wrote.endswith("adapters merged; tensors 30 F32")
     assert parity.startswith("parity: max |Δlogits| ") and "(tolerance 1.00e-04 for f32: absolute)" in parity
     assert float(parity.split()[3]) <= 1e-4 and out.is_file()
 
