@@ -7,7 +7,8 @@ weights: speed does not depend on training), sweeps the default mapping set (fir
 kept, non-decreasing; for 30 -> 36 layers, SmolLM2-135M's depth, a handful of each mapping family)
 both ways in the same run and prints the wall time of each, the block calls each needs, their
 ratio (the speed-up prefix sharing can give at most) and the speed-up. Both ways give the same
-perplexities (the max |Δloss| column).
+perplexities (the max |Δloss| column). `--real`: the 30 -> 36 case on the real SmolLM2-135M
+(`widen real-model`, fetched and cached once) instead of a random model of its depth.
 """
 
 from __future__ import annotations
@@ -32,12 +33,24 @@ def model_with(layers: int, device: torch.device):
     return AutoModelForCausalLM.from_config(GPTNeoConfig(**fields), attn_implementation="eager").to(device).eval()
 
 
+def real_model(device: torch.device):
+    from engine.model import real_models
+    from engine.model.sources import load_model
+    from engine.plan import ModelSpec
+    from engine.runs.rundir import runs_root
+
+    found = real_models.ensure(real_models.DEFAULT, runs_root(), log=print)
+    model, _ = load_model(ModelSpec(source=str(found.directory)), seed=0, attention="eager")
+    return model.to(device).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--real", action="store_true", help="30 -> 36 on SmolLM2-135M (widen real-model)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -47,13 +60,15 @@ def main() -> None:
         x = torch.randint(3, 259, (args.batch_size, args.seq_len + 1), generator=generator)
         batches.append((x[:, :-1].to(device), x[:, 1:].to(device)))
 
-    table = Table(title=f"mapping sweep on {device}: prefix sharing vs each mapping from layer 0 "
+    table = Table(title=f"{'SmolLM2-135M: ' if args.real else ''}mapping sweep on {device}: prefix sharing vs each mapping from layer 0 "
                         f"({args.batches}×{args.batch_size}×{args.seq_len} tokens)", header_style="bold")
     for col in ("source → depth", "mappings", "block calls shared", "block calls naive", "ratio", "shared s",
                 "naive s", "speed-up", "max |Δloss|"):
         table.add_column(col, justify="right")
     for layers, depth, limit in CASES:
-        model = model_with(layers, device)
+        if args.real and layers != 30:
+            continue
+        model = real_model(device) if args.real else model_with(layers, device)
         mappings = default_mappings(layers, depth, keep_ends=True, limit=limit)
         result = mapping_sweep(model, batches, mappings, measure_naive=True)
         calls = result["block_calls"]
