@@ -12,7 +12,7 @@ torch-free: the builder's process imports them, and gets the figures from the he
 
 ``operator_misfits`` runs the same operators in the order a run applies them (growths included,
 each as often as the plan allows) and keeps what the engine refuses: ``widen plan check`` and
-``widen run`` report it before any weight is loaded (engine.plan.operator_fit).
+``widen run`` report it before any weight is loaded (engine.grow.operator_fit).
 """
 
 from __future__ import annotations
@@ -371,20 +371,21 @@ def operator_misfits(raw: dict, load_config=None) -> list[Misfit]:
     it, so the later operators are still checked. Lenient like ``preview_plan``: a model that
     cannot build, an unknown op or invalid settings are skipped (the other checks name them).
 
-    Only the operators' own refusals count. Anything else an operator raises on meta is an
-    artifact of tensors without values (a value read, a probe), not a misfit: the run measures
-    nothing here (apply_stage with measure=False) and no value is read, so none is reported."""
+    Only the operators' own refusals (OperatorError) count. Anything else raised on meta would be
+    an artifact of tensors without values, so it is not reported: the operators skip their
+    value-dependent work on meta (``shapes_only``, ``is_meta``: a std, a mean gain), and
+    apply_stage measures nothing here (measure=False: no probe, no health figures). The fuzz test
+    (tests/engine/plan/test_operator_fit_fuzz.py) holds this to the real run both ways."""
     if not isinstance(raw, dict):
         return []
     try:
         state = _built(raw.get("model"), load_config)
     except Exception:  # noqa: BLE001 - a model that cannot build: check_model_fields names it
         return []
-    seed = raw.get("seed") if isinstance(raw.get("seed"), int) and not isinstance(raw.get("seed"), bool) else 0
     shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
     misfits: list[Misfit] = []
-    after_shared = _fit_stages(state, shared, "stages", 0, seed, "", misfits)
+    after_shared = _fit_stages(state, shared, "stages", 0, "", misfits)
     for v, variant in enumerate(variants):
         if not isinstance(variant, dict):
             continue
@@ -394,23 +395,26 @@ def operator_misfits(raw: dict, load_config=None) -> list[Misfit]:
                 own = _built(variant["model"], load_config)
             except Exception:  # noqa: BLE001 - a model that cannot build: check_model_fields names it
                 continue
-            own = _fit_stages(own, shared, "stages", 0, seed, label, misfits)
+            own = _fit_stages(own, shared, "stages", 0, label, misfits)
         else:
             label, own = "", after_shared.clone()
         stages = variant.get("stages") if isinstance(variant.get("stages"), list) else []
-        _fit_stages(own, stages, f"variants.{v}.stages", len(shared), seed, label, misfits)
+        _fit_stages(own, stages, f"variants.{v}.stages", len(shared), label, misfits)
     first: dict[str, Misfit] = {}
     for misfit in misfits:
         first.setdefault(misfit.path, misfit)
     return list(first.values())
 
 
-def _fit_stages(state: MetaModel, stages: list, where: str, offset: int, seed: int, label: str,
+def _fit_stages(state: MetaModel, stages: list, where: str, offset: int, label: str,
                 misfits: list[Misfit]) -> MetaModel:
-    """Apply `stages` to `state` as a run does, adding a Misfit for each refused operator."""
+    """Apply `stages` to `state` as a run does, adding a Misfit for each refused operator. Seed 0:
+    meta tensors hold no draws, so a fit cannot depend on them (nor on a seed the schema refuses)."""
     from engine.grow.apply import op_generator
     from engine.grow.growth import growth_generator
     from engine.plan import growth_count
+
+    seed = 0
 
     def run(ops: list, path: str, index: int, generator, when: str, in_growth: bool = False) -> bool:
         nonlocal state

@@ -203,6 +203,13 @@ def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, 
         raise ValueError(f"layers: layer {', '.join(map(str, bad))} out of range — the model has "
                          f"{view.num_layers} layers (0..{view.num_layers - 1}); use those indices or \"all\"")
     targets = role_module_names(view, layers, params.modules)
+    # widen's own wrappers (a parallel path, a wider input) are not modules PEFT can adapt
+    wrapped = [t for t in targets if hasattr(get_submodule(model, t), "materialize")]
+    if wrapped:
+        kind = type(get_submodule(model, wrapped[0])).__name__
+        raise ValueError(f"modules: '{'/'.join(targets[wrapped[0]])}' is {wrapped[0]}, a {kind} an earlier operator "
+                         f"made, which PEFT cannot adapt — put {params.op} before that operator in the plan, or "
+                         "adapt other roles")
     name = params.name or _default_name(view, params)
     clash = [t for t in targets if name in _layer_adapters(get_submodule(model, t))]
     if clash:
@@ -271,7 +278,7 @@ def ia3(view, params: IA3Params, gen: torch.Generator) -> OpResult:
     for target in all_targets:  # PEFT fixes the input/output choice per layer, at its first IA3 adapter
         layer = get_submodule(view.model, target)
         if hasattr(layer, "ia3_l") and bool(layer.is_feedforward) != (target in feedforward):
-            raise ValueError(f"{target} already has an IA3 adapter scaling its "
+            raise ValueError(f"feedforward: {target} already has an IA3 adapter scaling its "
                              f"{'input' if layer.is_feedforward else 'output'}; a second IA3 adapter there must "
                              f"do the same — {'add' if layer.is_feedforward else 'remove'} its role in feedforward")
 

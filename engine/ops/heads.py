@@ -34,8 +34,9 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
         kv_heads = heads if not layout.num_kv_heads_field else kv_heads
     group = heads // kv_heads
     if params.size % group:
-        raise ValueError(f"size {params.size} is not a multiple of the GQA group size {group} "
-                         f"({heads} query heads share {kv_heads} key/value heads)")
+        raise ValueError(f"size: {params.size} is not a multiple of the GQA group size {group} ({heads} query "
+                         f"heads share {kv_heads} key/value heads) — use a multiple of {group}, e.g. "
+                         f"{group * max(1, round(params.size / group))}")
     new_kv = params.size // group
     result = OpResult(exact=params.init == "zero_out")
     layers = params.layer_indices(view.num_layers)

@@ -393,9 +393,26 @@ def _require_plain_model(model: nn.Module) -> None:
     tuner = _tuner_layer_cls()
     for name, module in model.named_modules():
         if hasattr(module, "materialize") or isinstance(module, tuner):
-            raise ValueError(f"widen_hidden: '{name}' is a parallel path or adapter "
-                             f"({type(module).__name__}), which this operator cannot widen — put "
-                             "widen_hidden before it in the plan (or widen_ffn with mode = \"inplace\")")
+            raise ValueError(f"widen_hidden: '{name}' is a parallel path or adapter ({type(module).__name__}) an "
+                             "earlier operator added, which widen_hidden cannot widen — put widen_hidden before it "
+                             "in the plan (or use widen_ffn with mode = \"inplace\")")
+
+
+def _require_config_heads(view) -> None:
+    """Refuse blocks whose attention is wider than the config describes (heads an earlier add_heads
+    added where the config cannot record them: head_dim derived from d_model, or only some
+    layers): this operator sizes every block's attention from the config."""
+    layout = view.family.attention
+    head_dim = _head_dim(view)
+    heads, kv_heads = view.num_heads, view.num_kv_heads
+    name, rows = (layout.qkv, (heads + 2 * kv_heads) * head_dim) if layout.qkv else (layout.q, heads * head_dim)
+    for index, block in enumerate(view.blocks()):
+        weight = getattr(get_submodule(block, layout.module), name).weight
+        found = weight.shape[1] if layout.conv1d else weight.shape[0]
+        if found != rows:
+            raise ValueError(f"widen_hidden: block {index}'s attention has {found} {name} outputs but the config "
+                             f"describes {rows} ({heads} heads of {head_dim}): heads added by an earlier add_heads "
+                             "that the config could not record — put widen_hidden before add_heads in the plan")
 
 
 def _modules_at(root: nn.Module, dotted: str):
@@ -701,6 +718,7 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
     _refuse_family(view, model)
     family = view.family
     _require_plain_model(model)
+    _require_config_heads(view)
     growth, changes = _check_fits(view, params)
     exact = params.init in ("duplicate", "lossless")
     stream = growth.stream

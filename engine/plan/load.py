@@ -3,8 +3,9 @@
 A plan file is read as TOML, its ``--set key.path=value`` overrides applied to the raw dict, then
 checked: the cross checks (engine.plan.checks) and the schema (engine.plan.schema) both run on it,
 so every problem is reported at once in one ``PlanError``. ``validate_file`` adds the checks that
-need the model's config and what the plan points at, and applies the operators to the model built
-on the meta device (``operator_fit``): ``widen plan check`` and ``widen run`` both call it.
+need the model's config and what the plan points at. Applying the operators to the model built on
+the meta device is a layer up (``engine.grow.operator_fit.validate_plan_file``, which calls this):
+``widen plan check`` and ``widen run`` both call that.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine.plan.checks import check_model_fields, cross_check
-from engine.plan.operator_fit import operator_fit_problems
 from engine.plan.problems import PlanError, Problem, problems_from_pydantic
 from engine.plan.schema import Plan
 
@@ -108,8 +108,9 @@ def check_plan(plan: Plan) -> list[Problem]:
 
 def validate_file(path: Path | str, overrides: list[str] | None = None,
                   seed: int | None = None) -> tuple[Plan | None, list[Problem]]:
-    """Every problem of a plan file: TOML, schema, cross references, model-dependent checks and
-    the operators' own refusals on the model as the plan grows it (no weights loaded)."""
+    """Every problem of a plan file that its text and the model's config show: TOML, schema, cross
+    references, model-dependent checks (the operators' own refusals on the model as the plan grows
+    it: ``engine.grow.operator_fit.validate_plan_file``)."""
     try:
         raw = apply_overrides(read_toml(path), overrides or [])
     except PlanError as e:
@@ -122,5 +123,4 @@ def validate_file(path: Path | str, overrides: list[str] | None = None,
     except PlanError as e:
         problems = list(e.problems)
     problems += check_model_fields(raw)
-    problems += operator_fit_problems(raw, problems)
     return (plan if not problems else None), problems

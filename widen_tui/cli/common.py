@@ -90,9 +90,10 @@ def load_plan_or_exit(path: Path, overrides: list[str], seed: int | None):
     """The validated plan, or each of its problems on a line of stderr and exit 1."""
     from rich.markup import escape
 
-    from engine.plan import validate_file  # pydantic models: imported only when a verb needs them
+    # pydantic models (and torch, for a plan with operators): imported only when a verb needs them
+    from engine.grow.operator_fit import validate_plan_file
 
-    plan, problems = validate_file(path, overrides, seed)
+    plan, problems = validate_plan_file(path, overrides, seed)
     if problems:
         for problem in problems:  # escaped: "[tasks.x]" / "[[stages]]" in a message are text, not markup
             err.print(f"[red]{escape(str(path))}[/red]: {escape(str(problem))}", highlight=False, soft_wrap=True)

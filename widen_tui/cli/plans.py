@@ -19,7 +19,8 @@ def plan_check(
     file: Annotated[Path, typer.Argument(help="plan TOML file")],
     set_: Annotated[list[str], typer.Option("--set", help="override a field: key.path=value (repeatable)")] = [],
 ):
-    """Validate a plan: schema, tasks, operators, and layer indices against the model's config."""
+    """Validate a plan: schema, tasks, operators, and layer indices against the model's config; then
+    apply its operators to the model built on the meta device (no weights) to catch misfits."""
     from rich.markup import escape
 
     plan = load_plan_or_exit(file, set_, None)

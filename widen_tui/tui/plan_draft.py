@@ -193,9 +193,17 @@ def check_model(raw: dict) -> list[Problem]:
 
 
 def check_draft(raw: dict):
-    """`widen plan check` on the in-memory dict: (Plan or None, every problem)."""
+    """`widen plan check` on the in-memory dict: (Plan or None, every problem). The launch's check:
+    it also applies the operators on the meta device (engine.grow.operator_fit: imports torch
+    when the plan has operators, so the builder's live checks leave it to the preview helper)."""
+    from engine.grow.operator_fit import operator_fit_problems
+
     plan, problems = check_schema(raw)
     problems += check_model(raw)
+    try:
+        problems += operator_fit_problems(copy.deepcopy(raw), problems)
+    except Exception as e:  # noqa: BLE001 - the UI must keep going on any input
+        problems.append(Problem("", f"the operator check failed: {e}"))
     return (plan if not problems else None), problems
 
 

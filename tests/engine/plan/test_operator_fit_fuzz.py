@@ -14,6 +14,7 @@ take minutes). ``WIDEN_FIT_EXAMPLES`` raises the number of examples for a longer
 from __future__ import annotations
 
 import copy
+import math
 import os
 import types
 import typing
@@ -26,27 +27,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from engine.grow.operator_fit import validate_plan_file as validate_file
 from engine.model.families import FAMILIES
 from engine.ops.params import ADAPTER_ROLES, OPS
-from engine.plan import PlanError, plan_from_dict, validate_file
+from engine.plan import PlanError, plan_from_dict
 from tests.tiny_models import VOCAB, tiny_config
 
 EXAMPLES = int(os.environ.get("WIDEN_FIT_EXAMPLES", "40"))
 LAYERS = 4  # blocks of every tiny model (T5: each stack)
 
-# names a plan may give a Linear or a role: real ones of some family, and ones no family has
-MODULE_NAMES = [*ADAPTER_ROLES, "mlp.c_fc", "mlp.up_proj", "mlp.dense_h_to_4h", "attn.c_attn", "self_attn.q_proj",
-                "layer.1.DenseReluDense.wi", "mlp.nope", 0, 1, 2, 3]
-SPECIAL = {
-    "layers": st.one_of(st.just("all"), st.lists(st.integers(0, LAYERS + 1), min_size=1, max_size=3, unique=True)),
-    "modules": st.lists(st.sampled_from(MODULE_NAMES), min_size=1, max_size=3, unique=True),
+SPECIAL = {  # keys whose values depend on the model, not on their type alone (see _special)
+    "layers": st.one_of(st.just("all"), st.lists(st.integers(0, LAYERS - 1), min_size=1, max_size=3, unique=True)),
     "feedforward": st.lists(st.sampled_from(ADAPTER_ROLES), min_size=1, max_size=2, unique=True),
-    "mapping": st.lists(st.integers(0, LAYERS), min_size=1, max_size=7),
+    "mapping": st.lists(st.integers(0, LAYERS - 1), min_size=1, max_size=7),
     "name": st.sampled_from(["a", "b"]),
-    "stack": st.sampled_from(["encoder", "decoder"]),
     "kinds": st.sampled_from(["real", "virtual"]),
+    # depth multipliers kept small: a few operators must not make a tiny model thousands of blocks deep
+    "k": st.sampled_from([2, 3]),
+    "repeat": st.sampled_from([2, 3]),
+    "copies": st.sampled_from([2, 3]),
+    "drop": st.sampled_from([0, 1, 2, 4]),
 }
-INTS = [1, 2, 3, 4, 6, 8, 12, 16, 32, 48]
+INTS = [1, 2, 3, 4, 6, 8, 16, 32]  # sizes: some whole heads (4), whole d_model (16) or groups, some not
 FLOATS = [0.0, 0.01, 0.1, 0.5, 0.9]
 
 
@@ -55,12 +57,17 @@ FLOATS = [0.0, 0.01, 0.1, 0.5, 0.9]
 
 
 def _bounds(field) -> tuple[float, float]:
-    low, high = float("-inf"), float("inf")
-    for item in field.metadata:
-        low = max(low, getattr(item, "ge", None) if getattr(item, "ge", None) is not None else low)
-        low = max(low, getattr(item, "gt", None) + 1e-9 if getattr(item, "gt", None) is not None else low)
-        high = min(high, getattr(item, "le", None) if getattr(item, "le", None) is not None else high)
-        high = min(high, getattr(item, "lt", None) - 1e-9 if getattr(item, "lt", None) is not None else high)
+    """The range a number field takes, both ends included (an open end moved just inside)."""
+    low, high = -math.inf, math.inf
+    for item in field.metadata:  # annotated_types' Ge, Gt, Le, Lt: one bound each
+        if getattr(item, "ge", None) is not None:
+            low = item.ge
+        if getattr(item, "gt", None) is not None:
+            low = item.gt + 1e-9
+        if getattr(item, "le", None) is not None:
+            high = item.le
+        if getattr(item, "lt", None) is not None:
+            high = item.lt - 1e-9
     return low, high
 
 
@@ -74,15 +81,32 @@ def _plain(annotation):
     return annotation
 
 
-def _values(name: str, field):
+def _module_names(family) -> list:
+    """Names a plan may give a Linear of `family`: its roles and dotted paths, one that no block
+    has; indices for an nn.Sequential."""
+    if family.kind == "mlp":
+        return [0, 1, 2, 3]
+    ffn, attention = family.ffn, family.attention
+    paths = [f"{ffn.module}.{ffn.up}", f"{ffn.module}.{ffn.down}", f"{attention.module}.{attention.q or attention.qkv}"]
+    return [*ADAPTER_ROLES, *paths, "mlp.nope"]
+
+
+def _special(family) -> dict:
+    names = _module_names(family)
+    stacks = [stack.name for stack in family.stacks]
+    return {**SPECIAL, "modules": st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True),
+            "stack": st.sampled_from(stacks) if stacks else st.nothing()}
+
+
+def _values(name: str, field, special: dict):
     """Values for one key of an operator's table: the key's own choices and bounds, kept small."""
-    if name in SPECIAL:
-        return SPECIAL[name]
+    if name in special:
+        return special[name]
     kind = _plain(field.annotation)
     if typing.get_origin(kind) is typing.Literal:
         return st.sampled_from(typing.get_args(kind))
     if isinstance(kind, type) and issubclass(kind, BaseModel):  # keep_ends, dus: a small table
-        return st.fixed_dictionaries({k: _values(k, f) for k, f in kind.model_fields.items()})
+        return st.fixed_dictionaries({k: _values(k, f, special) for k, f in kind.model_fields.items()})
     low, high = _bounds(field)
     if kind is int:
         return st.sampled_from([v for v in INTS if low <= v <= high] or [int(low)])
@@ -92,34 +116,41 @@ def _values(name: str, field):
 
 
 @st.composite
-def op_tables(draw, names: list[str]) -> dict:
-    """One [[stages.expand]] table its schema takes: the required keys and some optional ones
-    (settings that do not go together are dropped, down to the required keys)."""
-    op = draw(st.sampled_from(names))
-    schema = OPS[op].schema
+def op_tables(draw, family) -> dict | None:
+    """One [[stages.expand]] table for an operator that applies to `family`'s kind of model, with
+    the required keys, `modules` and some other optional ones (settings that do not go together
+    are dropped, down to the required keys); None when even those do not validate together."""
+    op = draw(st.sampled_from([name for name, d in OPS.items() if family.kind in d.model_kinds]))
+    schema, special = OPS[op].schema, _special(family)
     table = {"op": op}
     for key, field in schema.model_fields.items():
-        if key != "op" and (field.is_required() or draw(st.integers(0, 3)) == 0):
-            table[key] = draw(_values(key, field))
+        if key == "stack" and not family.stacks:
+            continue
+        if key != "op" and (field.is_required() or key == "modules" or draw(st.integers(0, 3)) == 0):
+            table[key] = draw(_values(key, field, special))
     for keep in (table, {k: v for k, v in table.items() if k == "op" or schema.model_fields[k].is_required()}):
         try:
             schema.model_validate(keep)
             return keep
         except ValidationError:
             continue
-    return {"op": "unshare"}  # required keys that do not validate together: an operator that takes any model
+    return None
+
+
+def _op_list(draw, family, most: int) -> list[dict]:
+    return [t for t in draw(st.lists(op_tables(family), min_size=1, max_size=most)) if t is not None]
 
 
 @st.composite
 def plans(draw) -> tuple[str, list[dict]]:
     """(family, stages): 1-2 stages of 1-4 operators, the last one maybe growing 1-2 times."""
     family = draw(st.sampled_from(FAMILIES))
-    names = [name for name, d in OPS.items() if family.kind in d.model_kinds]
-    stages = [{"task": "t", "steps": 4, "expand": draw(st.lists(op_tables(names), min_size=1, max_size=4))}
-              for _ in range(draw(st.integers(1, 2)))]
+    stages = [{"task": "t", "steps": 4, "expand": _op_list(draw, family, 4)} for _ in range(draw(st.integers(1, 2)))]
     if draw(st.booleans()):
         stages[-1]["grow"] = {"trigger": "at", "at_steps": [1, 2][:draw(st.integers(1, 2))],
-                              "expand": draw(st.lists(op_tables(names), min_size=1, max_size=2))}
+                              "expand": _op_list(draw, family, 2)}
+        if not stages[-1]["grow"]["expand"]:
+            del stages[-1]["grow"]
     return family.name, stages
 
 

@@ -7,14 +7,34 @@ size that is not whole heads, a module path that does not exist, two adapters wi
 model built on the meta device (``engine.grow.preview.operator_misfits``: the engine's own code,
 no second implementation), and reports each refusal on the operator's field.
 
-``widen plan check`` and ``widen run`` both get it through ``engine.plan.validate_file``. torch is
-imported only for a plan that applies operators.
+``widen plan check`` and ``widen run`` both get it through ``validate_plan_file`` (the plan file's
+own checks, ``engine.plan.validate_file``, then these). torch is imported only for a plan that
+applies operators.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.ops.params import OPS
-from engine.plan.problems import Problem
+from engine.plan import Plan, validate_file
+from engine.plan.load import apply_overrides, read_toml
+from engine.plan.problems import PlanError, Problem
+
+
+def validate_plan_file(path: Path | str, overrides: list[str] | None = None,
+                       seed: int | None = None) -> tuple[Plan | None, list[Problem]]:
+    """Every problem of a plan file, the operators' misfits on the model as the plan grows it
+    included: what `widen plan check` prints and what keeps `widen run` from launching."""
+    plan, problems = validate_file(path, overrides, seed)
+    try:
+        raw = apply_overrides(read_toml(path), overrides or [])
+    except PlanError:
+        return plan, problems  # already reported by validate_file
+    if seed is not None:
+        raw["seed"] = seed
+    problems = problems + operator_fit_problems(raw, problems)
+    return (plan if not problems else None), problems
 
 
 def operator_fit_problems(raw: dict, reported: list[Problem] = ()) -> list[Problem]:
@@ -23,7 +43,7 @@ def operator_fit_problems(raw: dict, reported: list[Problem] = ()) -> list[Probl
     is left to that problem: one line per operator."""
     if not has_operators(raw):
         return []  # nothing to apply: no model to build, no torch
-    from engine.grow.preview import operator_misfits
+    from engine.grow.preview import operator_misfits  # torch: only for a plan with operators
 
     named = [p.path for p in reported]
     problems = []
