@@ -133,6 +133,12 @@ class MetaModel:
         self.results += growth.results
         return growth
 
+    def layout(self) -> tuple:
+        """Which modules and tensors the model holds (identity and shape): what an operator that
+        fails halfway would have changed."""
+        return (tuple((name, id(m)) for name, m in self.model.named_modules()),
+                tuple((name, id(p), tuple(p.shape)) for name, p in self.model.named_parameters()))
+
     def rebuilt(self) -> "MetaModel":
         """The same model built again from its config and the journal (after a failed operator)."""
         from engine.grow.apply import op_generator
@@ -220,12 +226,13 @@ def _apply_op(state: MetaModel, raw, stage_index: int, generator, in_growth: boo
         return Applied(state, note="invalid settings")
     if name in NOT_META_SAFE:
         return Applied(state, note=NOT_META_SAFE[name] + UNMEASURED)
-    before = state.total()
+    before, layout = state.total(), state.layout()
     try:
         growth = state.apply(stage_index, spec, generator)
     except OperatorError as e:  # "stage i: op: why": the why
         why = one_line(e).split(": ", 2)[-1]
-        return Applied(state.rebuilt(), note=why, refusal=why)
+        # operators refuse before they change anything; rebuilt (replayed) only when one did not
+        return Applied(state if state.layout() == layout else state.rebuilt(), note=why, refusal=why)
     except Exception as e:  # noqa: BLE001 - an operator that cannot run on meta: one line, keep going
         return Applied(state.rebuilt(), note=f"not previewed ({one_line(e)[:120]}){UNMEASURED}")
     return Applied(state, state.total() - before, "; ".join(r.note for r in growth.results if r.note))

@@ -49,6 +49,8 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
         _check_config(view, heads, kv_heads, head_dim, group, params.size)
     for layer in layers:
         attn = view.attention(layer)
+        # an earlier add_heads on some layers only leaves the layers with different head counts
+        live = getattr(attn, layout.heads_attr) if layout.heads_attr else heads
         out = getattr(attn, layout.out)
         out_w = _linear_weight(out, layout.conv1d)                    # [hidden, heads*head_dim]
         if layout.qkv:
@@ -56,7 +58,7 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
             w = _linear_weight(fused, layout.conv1d)                  # [3*heads*head_dim, hidden]
             b = fused.bias.detach().float() if getattr(fused, "bias", None) is not None else None
             std = value_std(w)
-            grown_w, grown_b, mask = _grow_fused(w.float(), b, layout.qkv_order, heads, head_dim,
+            grown_w, grown_b, mask = _grow_fused(w.float(), b, layout.qkv_order, live, head_dim,
                                                  params.size, std, gen)
             new = _make_linear(grown_w, grown_b, fused, layout.conv1d)
             setattr(attn, layout.qkv, new)
@@ -88,9 +90,9 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
         col_mask = torch.arange(out_w.shape[1] + extra) >= out_w.shape[1]
         result.grown.append((new_out.weight, _mask_like(new_out.weight, col_mask, rows=layout.conv1d)))
         if layout.heads_attr:
-            setattr(attn, layout.heads_attr, getattr(attn, layout.heads_attr) + params.size)
+            setattr(attn, layout.heads_attr, live + params.size)
         if layout.split_attr:
-            setattr(attn, layout.split_attr, (heads + params.size) * head_dim)
+            setattr(attn, layout.split_attr, (live + params.size) * head_dim)
         if layout.width_attr:
             setattr(attn, layout.width_attr, getattr(attn, layout.width_attr) + params.size * head_dim)
         table = getattr(attn, layout.per_head_embedding, None) if layout.per_head_embedding else None

@@ -406,8 +406,9 @@ def _require_config_heads(view) -> None:
     head_dim = _head_dim(view)
     heads, kv_heads = view.num_heads, view.num_kv_heads
     name, rows = (layout.qkv, (heads + 2 * kv_heads) * head_dim) if layout.qkv else (layout.q, heads * head_dim)
-    for index, block in enumerate(view.blocks()):
-        weight = getattr(get_submodule(block, layout.module), name).weight
+    blocks = view.blocks()
+    for index in range(len(blocks)):  # by index: iterating would start an FSDP run's one walk of the blocks
+        weight = getattr(get_submodule(blocks[index], layout.module), name).weight
         found = weight.shape[1] if layout.conv1d else weight.shape[0]
         if found != rows:
             raise ValueError(f"widen_hidden: block {index}'s attention has {found} {name} outputs but the config "

@@ -1,6 +1,7 @@
 """Property: when `widen plan check` passes a plan, a run applies every one of its operators (each
-stage's, then each growth's) without an error; when the check refuses an operator, the run would
-have failed on it too (no false alarm from the meta device).
+stage's, then each growth's) without an error; when a run would fail at an operator, the check
+names that operator; and when the check refuses operators, the run does fail (no false alarm
+from the meta device).
 
 Plans are short random operator orders on a tiny model of every family (engine.model.families),
 over every registered operator that applies to the family's kind (engine.ops.params.OPS); each
@@ -193,8 +194,11 @@ def tiny_models(tmp_path_factory):
     return get
 
 
-def apply_as_a_run(plan, model, view) -> None:
-    """Each stage's operators, then each of its growths, measured on a probe batch as a run does."""
+def apply_as_a_run(plan, model, view) -> tuple[str | None, Exception | None]:
+    """Each stage's operators, then each of its growths, measured on a probe batch as a run does
+    (one operator per call, the stage's generator going on: the same draws as the run's one call
+    with the list). Returns the plan path of the first operator that fails and its error, or
+    (None, None)."""
     from engine.grow.apply import apply_stage, op_generator
     from engine.grow.growth import grow_model, growth_generator
 
@@ -202,9 +206,20 @@ def apply_as_a_run(plan, model, view) -> None:
     tokens = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     probe = (tokens, torch.roll(tokens, -1, 1))
     for index, stage in enumerate(plan.stages):
-        apply_stage(model, view, index, stage.expand, probe, op_generator(plan.seed, index))
+        generator = op_generator(plan.seed, index)
+        for j, spec in enumerate(stage.expand):
+            try:
+                apply_stage(model, view, index, [spec], probe, generator)
+            except Exception as e:  # noqa: BLE001 - what the run would stop on
+                return f"stages.{index}.expand.{j}", e
         for g in range(stage.grow.max_growths if stage.grow else 0):
-            grow_model(model, view, stage.grow.expand, index, g, probe, growth_generator(plan.seed, index, g))
+            generator = growth_generator(plan.seed, index, g)
+            for j, spec in enumerate(stage.grow.expand):
+                try:
+                    grow_model(model, view, [spec], index, g, probe, generator)
+                except Exception as e:  # noqa: BLE001
+                    return f"stages.{index}.grow.expand.{j}", e
+    return None, None
 
 
 def _plan(source: str, stages: list[dict]) -> dict:
@@ -234,10 +249,10 @@ def test_a_checked_plan_applies_every_operator_in_a_run(case, tmp_path, tiny_mod
         plan = plan_from_dict(raw)
     except PlanError:
         return  # refused before any operator (not drawn here, but a cross check may find something)
-    model, view = copy.deepcopy((model, view))
-    try:
-        apply_as_a_run(plan, model, view)
-    except Exception as e:  # noqa: BLE001 - what the run would have stopped on
-        assert problems, f"{described}\nthe check passed but the run failed at an operator: {e!r}"
-        return
-    assert not problems, f"{described}\nthe check refused operators the run applies: {[str(p) for p in problems]}"
+    failed_at, error = apply_as_a_run(plan, *copy.deepcopy((model, view)))
+    named = [p.path for p in problems]
+    if failed_at is None:
+        assert not named, f"{described}\nthe check refused operators the run applies: {[str(p) for p in problems]}"
+    else:  # the first operator the run fails at is one the check names (it would never have launched)
+        assert any(path.startswith(f"{failed_at}.") for path in named), \
+            f"{described}\nthe run fails at {failed_at} ({error!r}) but the check names only {named}"
