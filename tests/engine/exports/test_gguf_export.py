@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from engine.exports.gguf import (
 from engine.exports.hf_directory import export_model
 from engine.train.data import ByteTokenizer, HFTokenizer
 from tests.conftest import widen
+from tests.engine.exports.test_export import write_plan
 
 # model_type -> the sizes of a tiny random model, and the settings each GGUF layout assumes
 # (engine.exports.gguf.FAMILIES): qwen3's head_dim 128, Gemma's 256 with queries scaled by 1/sqrt(256)
@@ -190,24 +190,7 @@ def save_llama_for_bytes(path):
 
 
 def test_cli_exports_a_grown_plan_as_gguf(tmp_path, widen_home, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(60)))
-    plan = tmp_path / "grow.toml"
-    plan.write_text(textwrap.dedent(f"""
-        name = "grow"
-        seed = 1
-        [model]
-        source = "{save_llama_for_bytes(tmp_path / 'src')}"
-        [tasks.code]
-        source = "{corpus}"
-        [train]
-        batch_size = 2
-        seq_len = 16
-        eval_batches = 1
-        device = "cpu"
-        [[stages]]
-        task = "code"
-        steps = 0
+    plan = write_plan(tmp_path, save_llama_for_bytes(tmp_path / 'src'), """
         [[stages.expand]]
         op = "widen_ffn"
         size = 32
@@ -219,7 +202,7 @@ def test_cli_exports_a_grown_plan_as_gguf(tmp_path, widen_home, capsys):
         op = "lora"
         modules = ["q", "v"]
         r = 2
-    """))
+    """, name="grow")
     out = tmp_path / "grown.gguf"
     # a real process: widened FFN, an inserted layer and a LoRA adapter, materialized into a plain llama
     done = widen("export", str(plan), str(out), "--format", "gguf", env_home=widen_home)
