@@ -18,6 +18,7 @@ import torch
 
 from engine.errors import WidenError
 from engine.names import child_path, name_problem
+from engine.plan.problems import Problem
 from engine.runs.rundir import RunDir
 from engine.runs.status import StatusFile, identity, record_ending
 from engine.train import checkpoint, distributed, prefix_cache
@@ -39,6 +40,8 @@ def run(run_dir: Path | str, resume: bool = False) -> int:
             checkpoint.remove_leftovers(run.checkpoints)
             status = StatusFile(run.status_json, world_size=world.size)
         wait_turn(run, status, resume)  # every rank: none waits in a collective for longer than it allows
+        if not resume:
+            refuse_operator_misfits(run)
         trainer = Trainer(run.path, resume=resume, status=status, world=world)
         prefix = None if resume else SharedPrefix.of(run, trainer.plan)
         from_cache = prefix is not None and world.is_main and prefix.restore()
@@ -69,6 +72,20 @@ def run(run_dir: Path | str, resume: bool = False) -> int:
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno == errno.ENOSPC else detail
         end(world, trainer, status, run, "failed", f"{where(trainer)}{e.__class__.__name__}: {reason}")
         return 1
+
+
+def refuse_operator_misfits(run: RunDir) -> None:
+    """The plan's operators on its model built on the meta device, before any weight is loaded: a
+    misfit fails the run in seconds, not after minutes of loading. `widen plan check` and the
+    foreground `widen run` refuse such a plan already; `widen run --detach` returns before this
+    check (it needs torch: seconds), so the worker makes it. Every rank checks: all fail alike."""
+    from engine.grow.operator_fit import operator_fit_problems
+    from engine.plan import PlanError
+    from engine.plan.load import read_toml
+
+    problems = operator_fit_problems(read_toml(run.plan))
+    if problems:
+        raise PlanError([Problem("", "; ".join(str(p) for p in problems))])
 
 
 def collective_failed(error: Exception) -> bool:

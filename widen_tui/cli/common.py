@@ -86,14 +86,17 @@ def public_record(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "files"}  # the index's own bookkeeping
 
 
-def load_plan_or_exit(path: Path, overrides: list[str], seed: int | None):
-    """The validated plan, or each of its problems on a line of stderr and exit 1."""
+def load_plan_or_exit(path: Path, overrides: list[str], seed: int | None, operators: bool = True):
+    """The validated plan, or each of its problems on a line of stderr and exit 1. `operators`:
+    also apply the plan's operators on the meta device (torch and the model's code: seconds;
+    `widen run --detach` leaves that to the worker, which does it before loading any weight)."""
     from rich.markup import escape
 
     # pydantic models (and torch, for a plan with operators): imported only when a verb needs them
     from engine.grow.operator_fit import validate_plan_file
+    from engine.plan import validate_file
 
-    plan, problems = validate_plan_file(path, overrides, seed)
+    plan, problems = (validate_plan_file if operators else validate_file)(path, overrides, seed)
     if problems:
         for problem in problems:  # escaped: "[tasks.x]" / "[[stages]]" in a message are text, not markup
             err.print(f"[red]{escape(str(path))}[/red]: {escape(str(problem))}", highlight=False, soft_wrap=True)

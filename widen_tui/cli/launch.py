@@ -25,7 +25,7 @@ def _launch(file: Path, set_: list[str], seed: int | None, detach: bool, seeds: 
 
     if seed is not None and seeds:
         raise CLIError("--seed and --seeds together: use one of them")
-    plan = load_plan_or_exit(file, set_, seed)
+    plan = load_plan_or_exit(file, set_, seed, operators=not detach)  # detached: the worker checks them
     runs = create_runs(plan, file, seeds)
     pids = [start_worker(run) for run in runs]
     _say_how_to_join(runs[0])

@@ -10,7 +10,10 @@ import pytest
 
 from engine.grow.operator_fit import has_operators, operator_fit_problems
 from engine.grow.operator_fit import validate_plan_file as validate_file
-from tests.conftest import ROOT, widen
+from engine.runs.events import read_all
+from engine.runs.records import StartEvent
+from engine.runs.rundir import RunDir
+from tests.conftest import ROOT, wait_for, widen
 
 QUICKSTART = ROOT / "experiments" / "quickstart.toml"
 PARALLEL_THEN_HIDDEN = [{"op": "widen_ffn", "size": 8, "mode": "parallel"}, {"op": "widen_hidden", "size": 128}]
@@ -112,10 +115,27 @@ def test_a_plan_without_operators_builds_nothing():
 @pytest.mark.slow
 def test_widen_run_refuses_the_misfit_before_launching(tmp_path, widen_home):
     """The CLI's one check: `widen run` prints the problem and starts nothing (no run directory)."""
-    path = tmp_path / "misfit.toml"
-    path.write_text(QUICKSTART.read_text() + "\n[[stages.expand]]\nop = \"widen_hidden\"\nsize = 128\n")
-    proc = widen("run", str(path), "--detach", env_home=widen_home)
+    path = misfit_plan(tmp_path)
+    proc = widen("run", str(path), env_home=widen_home)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "stages.1.expand.1.op: " in proc.stderr and "parallel path" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not widen_home.exists() or not any(p.is_dir() and not p.name.startswith(".") for p in widen_home.iterdir())
+
+
+@pytest.mark.slow
+def test_a_detached_misfit_fails_in_its_worker_before_loading(tmp_path, widen_home):
+    """`--detach` returns at once (no torch in the CLI): the worker makes the same check first, and
+    the run fails on the operator's field before any model is loaded (no `start` event)."""
+    proc = widen("run", str(misfit_plan(tmp_path)), "--detach", env_home=widen_home, check=True)
+    run = RunDir(widen_home / proc.stdout.strip())
+    assert wait_for(run, ("done", "failed", "lost")) == "failed"
+    error = run.status()["error"]
+    assert error.startswith("stages.1.expand.1.op: ") and "parallel path" in error, error
+    assert not any(isinstance(e, StartEvent) for e in read_all(run.events)) if run.events.exists() else True
+
+
+def misfit_plan(tmp_path):
+    path = tmp_path / "misfit.toml"
+    path.write_text(QUICKSTART.read_text() + "\n[[stages.expand]]\nop = \"widen_hidden\"\nsize = 128\n")
+    return path
