@@ -63,6 +63,40 @@ class AttentionLayout:
 
 
 @dataclass(frozen=True)
+class MoELayout:
+    """A block's sparse mixture-of-experts FFN, its experts fused in 3-D tensors as transformers 5
+    stores them (one [experts, ...] tensor per projection, not a ModuleList of MLPs).
+
+    The paths below are relative to `module` (the MoE block inside a decoder block). Expert e's
+    FFN is act(gate_up[e][:I] x) * (gate_up[e][I:] x) -> down[e], I the expert's intermediate size."""
+
+    module: str = "mlp"                  # the sparse MoE block inside a decoder block
+    router: str = "gate"                 # the router: `.weight` [experts, hidden]
+    router_bias: bool = False            # the router has a `.bias` [experts] (GPT-OSS)
+    experts: str = "experts"             # the fused experts module
+    gate_up: str = "experts.gate_up_proj"  # [experts, 2·I, hidden], rows [gate | up]
+    down: str = "experts.down_proj"      # [experts, hidden, I]
+    act: str = "experts.act_fn"
+    num_experts_field: str = "num_local_experts"
+    top_k_field: str = "num_experts_per_tok"
+    expert_size_field: str = "intermediate_size"
+    # the router's top-k weights renormalized to sum to 1: a config flag (Qwen, OLMoE:
+    # norm_topk_prob), or None where the family always renormalizes (Mixtral)
+    norm_topk_field: str | None = None
+    # a dense expert every token goes through, added after a sigmoid gate (Qwen2-MoE)
+    shared_expert: FFNLayout | None = None
+    shared_expert_gate: str | None = None   # Linear(hidden, 1): sigmoid(gate(x)) scales the shared expert
+    shared_expert_size_field: str | None = None
+    aux_loss_field: str = "router_aux_loss_coef"  # the load-balancing loss's coefficient
+    z_loss_field: str | None = None       # the router z-loss's coefficient, where the family has one
+    output_router_logits_field: str = "output_router_logits"
+    # which blocks are sparse (Qwen2/3-MoE): a list of dense block indices and a step (block i is
+    # sparse when i is not listed and (i + 1) % step == 0); None: every block is sparse (Mixtral)
+    dense_layers_field: str | None = None
+    sparse_step_field: str | None = None
+
+
+@dataclass(frozen=True)
 class StackLayout:
     """One stack of blocks in a model with several (T5: encoder and decoder). Paths inside a
     block may differ between stacks (a decoder block has cross-attention before its FFN)."""
@@ -142,6 +176,12 @@ class ArchFamily:
     # config fields a tiny random model of this family needs besides its sizes (tests/tiny_models.py)
     tiny_config: dict = field(default_factory=dict)
     hf_model_type: str | None = None       # the model_type a tiny model is built as (default model_types[0])
+    # mixture of experts: the sparse FFN's layout (the family's `ffn` is then the dense FFN of the
+    # blocks that are not sparse, where the family has such blocks)
+    moe: MoELayout | None = None
+    # the MoE family a dense model of this family becomes when its FFNs are upcycled into experts
+    # (`upcycle`), or None where no MoE class of transformers matches it
+    upcycle_to: str | None = None
 
     def refusal(self, op: str) -> str | None:
         """The one-line refusal of `op` on this family, or None when it applies."""
