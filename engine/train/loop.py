@@ -87,10 +87,12 @@ class Trainer:
         return sum(s.steps for s in self.plan.stages[:max(index, 0)]) + step
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_all(self, stage: int, step: int, score: bool = True) -> dict:
+    def evaluate_all(self, stage: int, step: int, score: bool = True, same_as: dict | None = None) -> dict:
+        """Every task's evaluation, emitted as `eval` events; `same_as`: the row of a model this one
+        equals (a stage that neither trained nor grew it), emitted again without re-evaluating."""
         row = {}
         for task in self.tasks:
-            row[task] = self.evaluate(self.m, task, score)
+            row[task] = same_as[task] if same_as is not None else self.evaluate(self.m, task, score)
             self.emit("eval", stage=stage, step=step, task=task, tokens=self.history.tokens,
                       flops=self.history.flops, global_step=self._global_step(stage, step), **row[task])
         return row
@@ -208,7 +210,11 @@ class Trainer:
             warning = health.twin_warning(report, units)
             if warning:
                 self.emit("warning", source="health", message=warning)
-        self.history.add_row(f"after {label}", self.evaluate_all(stage=index, step=stage.steps))
+        # a stage of 0 steps that grew nothing (a plan's "score the pretrained model" stage) left the
+        # model as the last row measured it: on a real model, evaluating it again costs minutes
+        unchanged = stage.steps == 0 and not stage.expand and self.history.matrix
+        self.history.add_row(f"after {label}", self.evaluate_all(
+            stage=index, step=stage.steps, same_as=self.history.matrix[-1] if unchanged else None))
         self.history.add_stage(index, label, stage.task, total, trainable)
         self.emit("stage", stage=index, name=label, task=stage.task, steps=stage.steps, phase="end",
                   params=total, trainable=trainable)
