@@ -21,6 +21,7 @@ def families_for(op: str) -> list[str]:
 
 
 VOCAB = 61
+TINY_EXPERTS = 4
 
 
 def tiny_config(family: str, layers: int, heads: int, head_dim: int, ffn: int):
@@ -29,7 +30,15 @@ def tiny_config(family: str, layers: int, heads: int, head_dim: int, ffn: int):
     entry = family_named(family)
     att = entry.attention
     fields = {"vocab_size": VOCAB, entry.hidden_size_field: heads * head_dim, entry.num_layers_field: layers,
-              att.num_heads_field: heads, entry.ffn_size_field: ffn, entry.positions_field: 64}
+              att.num_heads_field: heads, entry.positions_field: 64}
+    if entry.ffn_size_field:  # MoE families whose every block is sparse have no dense FFN width
+        fields[entry.ffn_size_field] = ffn
+    if entry.moe:  # TINY_EXPERTS experts of `ffn` units, 2 per token (and a shared expert of `ffn` units)
+        moe = entry.moe
+        # rounded up to a multiple of 4: the experts kernel (torch's grouped_mm) wants 16-byte strides
+        fields.update({moe.num_experts_field: TINY_EXPERTS, moe.top_k_field: 2, moe.expert_size_field: -(-ffn // 4) * 4})
+        if moe.shared_expert_size_field:
+            fields[moe.shared_expert_size_field] = ffn
     if att.num_kv_heads_field:  # grouped-query attention where the family has it
         fields[att.num_kv_heads_field] = 1 if heads % 2 else heads // 2 or 1
     if not att.width_follows_hidden:

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from engine.grow.apply import probe
-from engine.model.view import ArchView, count_params, get_submodule
+from engine.model.view import ArchView, count_params, get_submodule, holds_experts
 from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
 from engine.ops.depth import compact_attention_types, untie
+from engine.ops.experts import as_moe_class
 from engine.plan import Plan
 from engine.runs.rundir import dumps_json
 from engine.train.build import BuildError, build_from_plan, load_run_model, stage_probe  # noqa: F401  (export's API)
@@ -70,7 +71,10 @@ def materialize(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
         merge_adapters(model)
     _materialize_modules(model)
     update_config(model, ArchView(model.config, model))
-    return model
+    try:  # a dense model upcycled in widen becomes the MoE class its config now describes
+        return as_moe_class(model)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
 
 
 def strip_adapters(model: nn.Module) -> None:
@@ -128,7 +132,18 @@ def save_adapters(exports: list[dict], out_dir: Path) -> None:
                   metadata={"format": "pt"})
 
 
-def _ffn_width(view: ArchView, layer: int) -> int:
+def _ffn_width(view: ArchView, layer: int) -> tuple[str, int]:
+    """(the config field describing block `layer`'s FFN width, that width): the dense FFN's, or
+    each expert's in a sparse MoE block."""
+    if holds_experts(view.family, view.blocks()[layer]):
+        from engine.ops.expert_units import read_experts
+
+        experts = get_submodule(view.blocks()[layer], f"{view.moe.module}.{view.moe.experts}")
+        return view.moe.expert_size_field, read_experts(experts, view.moe).units
+    return view.family.ffn_size_field, _dense_ffn_width(view, layer)
+
+
+def _dense_ffn_width(view: ArchView, layer: int) -> int:
     layout = view.family.ffn
     mlp = view.ffn(layer)
     up = getattr(mlp, layout.up, None)
@@ -170,19 +185,21 @@ def _check_config_saves(config) -> None:
 def update_config(model: nn.Module, view: ArchView) -> dict:
     """Make the config describe the model's blocks — every stack (T5: encoder and decoder): FFN
     width (one for all blocks), depths, per-layer fields. Returns the fields it set."""
-    config, changes, widths = model.config, {}, {}
+    config, changes, widths = model.config, {}, {}  # widths: config field -> width -> blocks
     for stack in view.stacks():
         label = f"{stack.stack} layers" if stack.stack else "layers"
         for i in range(len(stack.blocks())):
-            widths.setdefault(_ffn_width(stack, i), []).append(f"{label} {i}")
+            field, width = _ffn_width(stack, i)
+            widths.setdefault(field, {}).setdefault(width, []).append(f"{label} {i}")
         _check_attention_widths(stack)
         changes[stack.family.num_layers_field] = len(stack.blocks())
-    if len(widths) > 1:
-        described = ", ".join(f"{w}: {', '.join(where)}" for w, where in widths.items())
-        raise ExportError(f"layers have FFN widths {{{described}}}: a standard config cannot describe "
-                          "that — widen every layer by the same size")
-    if widths:
-        changes[view.family.ffn_size_field] = next(iter(widths))
+    for field, found in widths.items():
+        if len(found) > 1:
+            what = "expert widths" if view.moe and field == view.moe.expert_size_field else "FFN widths"
+            described = ", ".join(f"{w}: {', '.join(where)}" for w, where in found.items())
+            raise ExportError(f"layers have {what} {{{described}}}: a standard config cannot describe "
+                              "that — widen every layer by the same size")
+        changes[field] = next(iter(found))
     for key, value in changes.items():
         setattr(config, key, value)
     for stack in view.stacks():

@@ -93,6 +93,7 @@ class StageGrowth:
             r, new_params=[new(p) for p in r.new_params], grown=[(new(p), m) for p, m in r.grown],
             units=[dataclasses.replace(u, up=new(u.up), down=new(u.down)) for u in r.units],
             splits=[dataclasses.replace(s, param=new(s.param)) for s in r.splits],
+            placements=[dataclasses.replace(pl, param=new(pl.param)) for pl in r.placements],
             copies=[(new(c), new(src)) for c, src in r.copies]) for r in self.results]
         return StageGrowth(results, self.reports)
 
@@ -110,6 +111,7 @@ def apply_stage(model, view, stage_index: int, specs, batch, generator: torch.Ge
     growth = StageGrowth()
     inputs, targets = batch if measure else (None, None)
     view.stage_index = stage_index  # adapters name themselves after their stage ("lora_stage1")
+    view.probe_inputs = inputs  # operators that read data (upcycle's k-means router); None: unmeasured
     for spec in specs:
         params = spec.params()
         before = count_params(model)

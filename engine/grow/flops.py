@@ -138,6 +138,49 @@ def _matmul_weights(module: nn.Module) -> list[tuple[torch.Tensor, int, int]]:
     return []
 
 
+def _sparse_modules(model: nn.Module, view) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(routers, fused-experts modules) of the blocks that hold experts (``MoELayout``); an
+    experts module a parallel widen_ffn put a second one beside (``ExpertsWithNewUnits``) counts
+    as both, each run on the same routed tokens."""
+    from engine.model.view import get_submodule, holds_experts
+
+    moe = getattr(view.family, "moe", None)
+    if moe is None or view.family.kind != "causal_lm":
+        return [], []
+    gate_up = moe.gate_up.rpartition(".")[2]
+    routers, experts = [], []
+    for block in view.blocks():
+        if holds_experts(view.family, block):
+            routers.append(get_submodule(block, f"{moe.module}.{moe.router}"))
+            root = get_submodule(block, f"{moe.module}.{moe.experts}")
+            experts += [m for m in root.modules() if isinstance(getattr(m, gate_up, None), nn.Parameter)]
+    return routers, experts
+
+
+def _router_weights(router: nn.Module) -> list[tuple[torch.Tensor, int, int]]:
+    """The router's one matmul: logits = x · weightᵀ, weight [experts, hidden]."""
+    return [(router.weight, router.weight.shape[1], router.weight.shape[0])]
+
+
+def _expert_matmuls(experts: nn.Module, moe) -> list[tuple[torch.Tensor, int, int]]:
+    """(weight, fan_in, fan_out) of one expert's two matmuls, gate_up then down, from the fused
+    tensors' shapes: [E, out, in], or [E, in, out] where the family stores them transposed (GPT-OSS)."""
+    gate_up = getattr(experts, moe.gate_up.rpartition(".")[2])
+    down = getattr(experts, moe.down.rpartition(".")[2])
+    out_dim, in_dim = (2, 1) if moe.transposed else (1, 2)
+    return [(gate_up, gate_up.shape[in_dim], gate_up.shape[out_dim]), (down, down.shape[in_dim], down.shape[out_dim])]
+
+
+def _routed_rows(args, kwargs, experts: int) -> int:
+    """Expert applications a fused-experts call runs: its routed (token, slot) pairs, the entries
+    of the top-k index tensor it is given (an index outside 0..E-1 is a masked slot)."""
+    values = [*args, *kwargs.values()]
+    index = next((v for v in values if isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
+    if index is None:
+        return 0
+    return int(((index >= 0) & (index < experts)).sum())
+
+
 def _first_tensor(value) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
@@ -209,17 +252,39 @@ def profile(model: nn.Module, view=None, sample_inputs=None, checkpointing: bool
     current: list[int] = []
     handles = []
 
-    def on_matmul(module, args, _output):
+    def on_matmul(module, args, _output, weights=_matmul_weights):
         x = _first_tensor(args)
         if x is None:
             return
-        for weight, fan_in, fan_out in _matmul_weights(module):
+        for weight, fan_in, fan_out in weights(module):
             calls.append(_Call(x.numel() // max(x.shape[-1], 1), fan_in, fan_out, x.requires_grad,
                                weight.requires_grad, current[-1] if current else None))
 
     for module in model.modules():  # each module once; a module run twice is hooked once, counted twice
         if _matmul_weights(module):
             handles.append(module.register_forward_hook(on_matmul))
+
+    # a mixture of experts: the router's matmul, and each token's top-k experts (only those run)
+    routers, expert_modules = _sparse_modules(model, view) if kind != "mlp" else ([], [])
+    for router in routers:
+        handles.append(router.register_forward_hook(lambda m, a, o: on_matmul(m, a, o, _router_weights)))
+
+    def on_experts(module, args, kwargs, _output):
+        x = _first_tensor(args)
+        if x is None:
+            return
+        moe = view.family.moe
+        (gate_up, *up_shape), (down, *down_shape) = _expert_matmuls(module, moe)
+        rows = _routed_rows(args[1:], kwargs, gate_up.shape[0])
+        bias = getattr(module, moe.gate_up_bias.rpartition(".")[2]) if moe.gate_up_bias else None
+        # down reads act(gate_up(x)): it needs a gradient when x does or gate_up's tensors train
+        hidden_grad = x.requires_grad or gate_up.requires_grad or bool(bias is not None and bias.requires_grad)
+        block = current[-1] if current else None
+        calls.append(_Call(rows, *up_shape, x.requires_grad, gate_up.requires_grad, block))
+        calls.append(_Call(rows, *down_shape, hidden_grad, down.requires_grad, block))
+
+    for experts in expert_modules:
+        handles.append(experts.register_forward_hook(on_experts, with_kwargs=True))
     for index, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda _m, _a, i=index: current.append(i)))
 

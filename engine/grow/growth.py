@@ -72,6 +72,11 @@ How the state is carried (AdamW keeps per parameter: ``step``, ``exp_avg`` (m), 
   repeats, e.g. G_stack's ``repeat = g``): their source's state, copied — moments and step
   (Staged Training's rule for depth: the state is copied with the weights). A virtual repeat
   holds its source's Parameter itself, so it shares the state as it shares the tensor;
+- new Parameters holding old tensors' values elsewhere (``OpResult.placements``: an upcycled
+  FFN's gate and up as slices of the fused experts tensor, its down as each expert's): each
+  placed region gets its source's moments, unscaled, the rest zero moments, the step the
+  sources' (an expert's gradient is its routing weight times the FFN's, a scale Adam's step
+  does not see; the moments' weight against new gradients shifts by it — docs/moe.md);
 - other new Parameters (parallel paths, adapters, inserted identity blocks): fresh state (torch
   starts them at step 0, so their bias correction is their own).
 
@@ -242,6 +247,7 @@ def combine_growth(earlier: StageGrowth, later: StageGrowth, before: dict, model
     results = [dataclasses.replace(r, new_params=[p for p in r.new_params if id(p) in live],
                                    grown=[(p, m) for p, m in r.grown if id(p) in live],
                                    splits=[s for s in r.splits if id(s.param) in live],
+                                   placements=[pl for pl in r.placements if id(pl.param) in live],
                                    units=[u for u in r.units if id(u.up) in live and id(u.down) in live])
                for r in earlier.results]
     results += [dataclasses.replace(r, grown=[(p, carried.get(id(p), m)) for p, m in r.grown])
@@ -295,9 +301,11 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
     zero moments, so a carried moment cannot move entries whose gradient is masked to zero.
 
     Parameters the old optimizer had no state for (never stepped, frozen before) and new ones
-    start fresh, except real copies of a block (``OpResult.copies``), which get their source's.
-    Returns counts: moved, grown (entries placed by mask), split (moments grown through splits),
-    copied, fresh, and the names of replaced tensors whose state could not be placed."""
+    start fresh, except real copies of a block (``OpResult.copies``), which get their source's,
+    and tensors holding old tensors' values elsewhere (``OpResult.placements``: upcycled experts),
+    which get their sources' moments there. Returns counts: moved, grown (entries placed by mask),
+    split (moments grown through splits), copied (copies and placements), fresh, and the names of
+    replaced tensors whose state could not be placed."""
     old_state = {id(p): s for p, s in old_optimizer.state.items() if s}
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -305,6 +313,10 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
     live = set(names)
     masks, splits = _masks_by_param(growth.results), _splits_by_param(growth.results)
     copied = {id(new): source for result in growth.results for new, source in getattr(result, "copies", [])}
+    placed: dict[int, list] = {}
+    for result in growth.results:
+        for placement in getattr(result, "placements", []):
+            placed.setdefault(id(placement.param), []).append(placement)
     counts = {"moved": 0, "grown": 0, "split": 0, "copied": 0, "fresh": 0, "unplaced": []}
     for group in new_optimizer.param_groups:
         for p in group["params"]:
@@ -318,6 +330,14 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
                 if state is not None and all(state[k].shape == p.shape for k in MOMENTS if k in state):
                     carried = {k: (v.clone() if k in MOMENTS else v) for k, v in state.items()}
                     new_optimizer.state[p] = _fit_group(carried, group, p)
+                    counts["copied"] += 1
+                else:
+                    counts["fresh"] += 1
+                continue
+            if id(p) in placed:  # made of old tensors' values (upcycle): their moments where they sit
+                state = placed_state(p, placed[id(p)], before, old_state)
+                if state is not None:
+                    new_optimizer.state[p] = _fit_group(state, group, p)
                     counts["copied"] += 1
                 else:
                     counts["fresh"] += 1
@@ -348,6 +368,24 @@ def carried_state(state: dict, p: torch.Tensor, splits: list[Split] | None, mask
             if value is None:
                 return None
             carried[key] = value.to(device=p.device, dtype=p.dtype)
+    return carried
+
+
+def placed_state(p: torch.Tensor, placements: list, before: dict, old_state: dict) -> dict | None:
+    """AdamW state of a tensor made of old tensors' values (``Placement``): each placed region
+    holds its source's moments, the other entries zero; the step is the sources' largest. None
+    when no source had state (then `p` starts fresh)."""
+    sourced = [(pl, old_state.get(id(before.get(pl.source)))) for pl in placements]
+    sourced = [(pl, state) for pl, state in sourced if state]
+    if not sourced:
+        return None
+    carried = {"step": max(float(state["step"]) for _, state in sourced)}
+    for key in MOMENTS:
+        if all(key in state for _, state in sourced):
+            value = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            for pl, state in sourced:
+                value[pl.index] = state[key][pl.source_index].to(value)
+            carried[key] = value
     return carried
 
 

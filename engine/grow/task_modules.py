@@ -60,10 +60,11 @@ def _unwrap(model):
 
 
 def _wrapper_types() -> tuple[type, ...]:
+    from engine.ops.expert_units import ExpertsWithNewUnits
     from engine.ops.linear import LinearStandIn
     from engine.ops.width import FFNWithNewUnits
 
-    return (FFNWithNewUnits, LinearStandIn)
+    return (FFNWithNewUnits, LinearStandIn, ExpertsWithNewUnits)
 
 
 def _canonical(model, path: str, wrappers: tuple[type, ...], tuner: type) -> str:

@@ -60,6 +60,9 @@ class AttentionLayout:
     # weight [heads x head_dim], one mean square over all heads together)
     qk_norms: tuple[str, ...] = ()
     qk_norm_per_head: bool = True
+    # parameters of the attention module with one entry per query head (GPT-OSS's attention
+    # sinks, [heads]): they grow and repeat with the heads
+    head_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class MoELayout:
     # sparse when i is not listed and (i + 1) % step == 0); None: every block is sparse (Mixtral)
     dense_layers_field: str | None = None
     sparse_step_field: str | None = None
+    # GPT-OSS stores each expert transposed, [experts, in, out] (gate_up [E, hidden, 2·I], down
+    # [E, I, hidden]), with gate and up interleaved (unit j: gate at 2j, up at 2j + 1) and biases
+    transposed: bool = False
+    gate_up_interleaved: bool = False
+    gate_up_bias: str | None = None       # [experts, 2·I], ordered like gate_up's units
+    down_bias: str | None = None          # [experts, hidden], added by each routed expert
+    expert_size_attr: str = "intermediate_dim"  # the experts module's cached I
 
 
 @dataclass(frozen=True)
@@ -179,9 +189,10 @@ class ArchFamily:
     # mixture of experts: the sparse FFN's layout (the family's `ffn` is then the dense FFN of the
     # blocks that are not sparse, where the family has such blocks)
     moe: MoELayout | None = None
-    # the MoE family a dense model of this family becomes when its FFNs are upcycled into experts
-    # (`upcycle`), or None where no MoE class of transformers matches it
-    upcycle_to: str | None = None
+    # the MoE family a dense model becomes when its FFNs are upcycled into experts (`upcycle`), per
+    # model type (the llama entry serves llama and mistral, which become Mixtral, and qwen2, which
+    # becomes Qwen2-MoE); a model type not listed has no MoE class of transformers to become
+    upcycle_to: dict = field(default_factory=dict)
 
     def refusal(self, op: str) -> str | None:
         """The one-line refusal of `op` on this family, or None when it applies."""
@@ -264,6 +275,7 @@ _LLAMA = ArchFamily(
     biases={"qkv": ("attention_bias", False), "o": ("attention_bias", False), "ffn": ("mlp_bias", False)},
     biases_by_type={"mistral": {"qkv": False, "o": False, "ffn": False},
                     "qwen2": {"qkv": True, "o": False, "ffn": False}},
+    upcycle_to={"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe"},
 )
 _NO_BIASES = {"qkv": ("attention_bias", False), "o": ("attention_bias", False), "ffn": False}
 # a tiny model must not name token ids outside its vocabulary (these configs default to 32000+)
@@ -285,7 +297,8 @@ FAMILIES = FAMILIES + (
     _LLAMA,
     # Qwen3: Llama with an RMSNorm of each head's queries and keys (weight [head_dim])
     replace(_LLAMA, name="qwen3", model_types=("qwen3",), biases_by_type={}, biases=_NO_BIASES,
-            attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm")), tiny_config=_TINY_IDS),
+            attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm")), tiny_config=_TINY_IDS,
+            upcycle_to={"qwen3": "qwen3_moe"}),
     # OLMo-2: norms after attention and FFN (before the residual add), none before; q/k norms
     # over the whole projection
     replace(_LLAMA, name="olmo2", model_types=("olmo2",), biases_by_type={}, biases=_NO_BIASES,
@@ -293,7 +306,7 @@ FAMILIES = FAMILIES + (
             norms=("post_attention_layernorm", "post_feedforward_layernorm"),
             post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
             refused_ops={"add_heads": _OLMO2_QK},
-            tiny_config=_TINY_IDS),
+            tiny_config=_TINY_IDS, upcycle_to={"olmo2": "olmoe"}),  # refused below: OLMoE's norms come first
     # Phi-3: fused qkv_proj ([q | k | v], k and v sized by the key/value heads) and gate_up_proj
     # ([gate | up]); head_dim derived from the hidden size
     replace(_LLAMA, name="phi3", model_types=("phi3",), biases_by_type={},
@@ -319,6 +332,71 @@ FAMILIES = FAMILIES + (
                          "sliding_window_pattern": 2}),
 )
 
+
+# Mixture-of-experts families: Llama-shaped attention and a sparse FFN (`moe`) of experts fused in
+# 3-D tensors. `ffn` is the dense FFN of the blocks that are not sparse (Qwen2/3-MoE's
+# mlp_only_layers) and None where every block is sparse; `ffn_size_field` is that dense FFN's width.
+_MOE_BIASES = {"qkv": ("attention_bias", False), "o": ("attention_bias", False), "ffn": False}
+_MOE_REFUSED = {
+    "concat_linear": "its FFN units live in fused 3-D expert tensors, not in an up Linear read by a down Linear "
+                     "— widen_ffn grows every expert's units",
+}
+# the router and experts cache d_model (Qwen's dense and shared-expert MLPs too); "*" = every block
+_MOE_HIDDEN_ATTRS = ("model.layers.*.hidden_size", "model.layers.*.mlp.hidden_size", "model.layers.*.mlp.gate.hidden_dim",
+                     "model.layers.*.mlp.experts.hidden_dim", "model.layers.*.mlp.shared_expert.hidden_size")
+_QWEN_MOE = MoELayout(num_experts_field="num_experts", expert_size_field="moe_intermediate_size",
+                      norm_topk_field="norm_topk_prob", dense_layers_field="mlp_only_layers",
+                      sparse_step_field="decoder_sparse_step")
+_OLMOE_QK = ("OLMoE's q_norm and k_norm normalise all heads together (one RMSNorm over the whole projection), "
+             "so new heads would rescale the existing ones")
+# GPT-OSS rather than DeepSeek-V3 as the fifth MoE family: GPT-OSS's attention is Llama's q/k/v/o
+# (with biases and one learned sink per head), so every attention operator applies, and what
+# differs in its experts (transposed, interleaved gate/up, biases, a router bias) is layout data
+# below. DeepSeek-V3's multi-head latent attention has no q/k/v projections (q_a/q_b, kv_a/kv_b
+# with a rope/no-rope split): add_heads, LoRA's q/k/v roles and widen_hidden's attention growth
+# would need a second attention description, and its grouped routing keeps a score-correction
+# buffer per expert.
+_GPT_OSS_MOE = MoELayout(router="router", router_bias=True, act=None, transposed=True, gate_up_interleaved=True,
+                         gate_up_bias="experts.gate_up_proj_bias", down_bias="experts.down_proj_bias",
+                         expert_size_attr="intermediate_size")
+
+FAMILIES = FAMILIES + (
+    # Mixtral: every block sparse; softmax over the experts, top-k, the k weights renormalized
+    replace(_LLAMA, name="mixtral", model_types=("mixtral",), ffn=None, ffn_size_field=None,
+            biases=_MOE_BIASES, biases_by_type={}, hidden_size_attrs=_MOE_HIDDEN_ATTRS,
+            moe=MoELayout(), refused_ops=_MOE_REFUSED, tiny_config=_TINY_IDS),
+    # Qwen2-MoE: a shared expert behind a sigmoid gate in every sparse block; dense blocks where
+    # mlp_only_layers / decoder_sparse_step say; q/k/v biases (qkv_bias)
+    replace(_LLAMA, name="qwen2_moe", model_types=("qwen2_moe",), biases_by_type={},
+            biases={"qkv": ("qkv_bias", True), "o": False, "ffn": False}, hidden_size_attrs=_MOE_HIDDEN_ATTRS,
+            moe=replace(_QWEN_MOE, shared_expert=replace(_LLAMA_FFN, module="shared_expert"),
+                        shared_expert_gate="shared_expert_gate",
+                        shared_expert_size_field="shared_expert_intermediate_size"),
+            refused_ops=_MOE_REFUSED,
+            tiny_config={**_TINY_IDS, "mlp_only_layers": lambda layers: [0] if layers > 1 else []}),
+    # Qwen3-MoE: Qwen3's per-head q/k norms, no shared expert
+    replace(_LLAMA, name="qwen3_moe", model_types=("qwen3_moe",), biases_by_type={}, biases=_MOE_BIASES,
+            attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm")), hidden_size_attrs=_MOE_HIDDEN_ATTRS,
+            moe=_QWEN_MOE, refused_ops=_MOE_REFUSED,
+            tiny_config={**_TINY_IDS, "norm_topk_prob": True}),
+    # OLMoE: every block sparse; q/k norms over the whole projection (weight [heads x head_dim]),
+    # head_dim derived from d_model (q_norm is sized by hidden_size)
+    replace(_LLAMA, name="olmoe", model_types=("olmoe",), ffn=None, ffn_size_field=None, biases_by_type={},
+            biases=_MOE_BIASES, hidden_size_attrs=_MOE_HIDDEN_ATTRS,
+            attention=replace(_LLAMA_ATTENTION, qk_norms=("q_norm", "k_norm"), qk_norm_per_head=False,
+                              width_follows_hidden=True),
+            moe=MoELayout(num_experts_field="num_experts", norm_topk_field="norm_topk_prob"),
+            refused_ops={**_MOE_REFUSED, "add_heads": _OLMOE_QK}, tiny_config=_TINY_IDS),
+    # GPT-OSS: every block sparse; top-k of the router logits (router bias), softmax over those k
+    # (so always normalised); clamped SwiGLU (up + 1)·gate·σ(α·gate) inside the experts module;
+    # one learned attention sink per head; sliding and full attention alternating (layer_types)
+    replace(_LLAMA, name="gpt_oss", model_types=("gpt_oss",), ffn=None, ffn_size_field=None, biases_by_type={},
+            biases={"qkv": ("attention_bias", True), "o": ("attention_bias", True), "ffn": True},
+            hidden_size_attrs=("model.layers.*.hidden_size", "model.layers.*.mlp.router.hidden_dim",
+                               "model.layers.*.mlp.experts.hidden_size"),
+            attention=replace(_LLAMA_ATTENTION, head_params=("sinks",)), per_layer_fields=("layer_types",),
+            moe=_GPT_OSS_MOE, refused_ops=_MOE_REFUSED, tiny_config={**_TINY_IDS, "sliding_window": 4}),
+)
 
 _T5_ATTENTION = AttentionLayout(module="layer.0.SelfAttention", out="o", q="q", k="k", v="v",
                                 num_heads_field="num_heads", heads_attr="n_heads", head_dim_field="d_kv",
@@ -360,6 +438,70 @@ FAMILIES = FAMILIES + (
                            "Hardsigmoid", "LogSigmoid", "Dropout", "AlphaDropout", "Identity"),
     ),
 )
+
+
+def upcycle_targets(family: ArchFamily) -> dict[str, str]:
+    """Model type -> the MoE family it upcycles to, for the model types this entry serves (an
+    entry made from another by `replace` keeps its dict, so only its own types count)."""
+    return {t: name for t, name in family.upcycle_to.items() if t in family.model_types}
+
+
+def _norm_placement(family: ArchFamily) -> str:
+    pre = [n for n in family.norms if n not in family.post_norms]
+    parts = [f"inputs ({', '.join(pre)})" if pre else "",
+             f"outputs ({', '.join(family.post_norms)})" if family.post_norms else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def block_layout_difference(dense: ArchFamily, moe: ArchFamily) -> str | None:
+    """How `moe`'s blocks compute something else than `dense`'s outside the FFN (norm placement,
+    norm kind and gain, q/k norms, embedding scale, logit cap), or None: an upcycle keeps them."""
+    if (dense.norms, dense.post_norms) != (moe.norms, moe.post_norms):
+        return (f"{dense.name} blocks normalise their sub-layers' {_norm_placement(dense)}, {moe.name} blocks "
+                f"their {_norm_placement(moe)}")
+    facts = {"norm kind": lambda f: (f.norm_kind, f.norm_offset), "embedding scale": lambda f: f.embedding_scale,
+             "final logit cap": lambda f: f.final_softcap_field,
+             "q/k norms": lambda f: (f.attention.qk_norms, f.attention.qk_norm_per_head)}
+    for what, fact in facts.items():
+        if fact(dense) != fact(moe):
+            return f"{what}: {dense.name} {fact(dense)}, {moe.name} {fact(moe)}"
+    return None
+
+
+def _upcycle_refusal(family: ArchFamily, by_name: dict) -> str | None:
+    """Why `upcycle` does not apply to `family`, from the entries, or None."""
+    if family.moe is not None:
+        return "its blocks are a mixture of experts already — grow them with add_experts"
+    for name in dict.fromkeys(upcycle_targets(family).values()):
+        target = by_name.get(name)
+        reason = f"no {name} entry" if target is None else block_layout_difference(family, target)
+        if reason:
+            return f"its blocks differ from {name}'s ({reason}): {name} blocks cannot compute {family.name} blocks"
+    if not upcycle_targets(family):
+        return "transformers has no mixture-of-experts class with its blocks"
+    return None
+
+
+def _with_moe_refusals(family: ArchFamily, by_name: dict, sources: str) -> ArchFamily:
+    """`upcycle` and `add_experts` refused where they cannot apply, the reason derived from the
+    entries: a family already of experts, one without an MoE class of transformers to become, one
+    whose blocks differ from its MoE class's (OLMo-2 normalises outputs, OLMoE inputs)."""
+    reason = _upcycle_refusal(family, by_name)
+    if family.kind != "causal_lm" or reason is None:
+        return family
+    refused = dict(family.refused_ops)
+    if family.moe is None:
+        refused.setdefault("add_experts", f"its blocks have no experts and cannot be upcycled into them ({reason})")
+        reason += f" — upcycle applies to model types {sources}"
+    refused.setdefault("upcycle", reason)
+    return replace(family, refused_ops=refused)
+
+
+# upcycle's and add_experts' refusals, derived once every entry (the MoE targets too) exists
+_BY_NAME = {f.name: f for f in FAMILIES}
+_UPCYCLE_SOURCES = ", ".join(t for f in FAMILIES if f.kind == "causal_lm" and _upcycle_refusal(f, _BY_NAME) is None
+                             for t in upcycle_targets(f))
+FAMILIES = tuple(_with_moe_refusals(f, _BY_NAME, _UPCYCLE_SOURCES) for f in FAMILIES)
 
 
 def ffn_layouts() -> list[FFNLayout]:

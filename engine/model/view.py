@@ -105,6 +105,11 @@ class ArchView:
                 setattr(own, key, value)
             setattr(own, self.base_family.num_layers_field, len(get_submodule(self.model, layout.blocks)))
 
+    def refresh(self) -> None:
+        """Resolve the family again from the config, for an operator that changed the family it
+        names (upcycle: a dense model becomes its MoE family), so the operators after it see that."""
+        ArchView.__init__(self, self.config, self.model, self.stack)
+
     def check_applies(self, op: str) -> None:
         """Raise the family's one-line refusal if `op` does not apply to it (ArchFamily.refused_ops)."""
         message = self.base_family.refusal(op)
@@ -122,6 +127,10 @@ class ArchView:
 
     @property
     def ffn_size(self) -> int:
+        """The FFN width; each expert's in a MoE model without dense blocks (Mixtral, or a Qwen3-MoE
+        whose every block is sparse)."""
+        if self.family.moe and (self.family.ffn_size_field is None or len(self.sparse_layers()) == self.num_layers):
+            return self.expert_size
         value = getattr(self.config, self.family.ffn_size_field, None)
         if value is None and self.family.ffn_size_default == "4*hidden_size":
             return 4 * self.hidden_size
@@ -160,16 +169,83 @@ class ArchView:
         value = getattr(self.config, field, None) if field else None
         return int(value) if value else self.num_heads
 
+    # -- mixture of experts (the family's `moe` layout; config facts work without a model) -------
+    @property
+    def moe(self):
+        """The family's sparse-FFN layout, or None for a dense family."""
+        return self.family.moe
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether block `layer` holds a sparse MoE FFN, as the config describes it (Qwen2/3-MoE:
+        not in the dense list and (layer + 1) % step == 0; Mixtral, OLMoE, GPT-OSS: every block)."""
+        return is_sparse_block(self.family, self.config, layer)
+
+    def sparse_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_sparse(i)]
+
+    @property
+    def num_experts(self) -> int:
+        return int(getattr(self.config, self.family.moe.num_experts_field)) if self.family.moe else 0
+
+    @property
+    def top_k(self) -> int:
+        """Experts each token goes through."""
+        return int(getattr(self.config, self.family.moe.top_k_field))
+
+    @property
+    def expert_size(self) -> int:
+        """Each expert's intermediate size (the config's; widen_ffn in place keeps it current)."""
+        return int(getattr(self.config, self.family.moe.expert_size_field))
+
+    def moe_block(self, layer: int):
+        """The sparse MoE module of block `layer` (ValueError for a dense block)."""
+        if not self.is_sparse(layer):
+            raise ValueError(f"layers: block {layer} of this {self.family.name} model is dense (no experts)")
+        return get_submodule(self.blocks()[layer], self.family.moe.module)
+
+    def experts(self, layer: int):
+        """The fused experts module of block `layer` (a widen wrapper around it when one was added)."""
+        return get_submodule(self.moe_block(layer), self.family.moe.experts)
+
+    def set_experts(self, layer: int, module) -> None:
+        parent, _, name = self.family.moe.experts.rpartition(".")
+        setattr(get_submodule(self.moe_block(layer), parent) if parent else self.moe_block(layer), name, module)
+
+
+
+def holds_experts(family: ArchFamily, block) -> bool:
+    """Whether a live block module holds the family's MoE block (a copied block keeps its source's
+    kind whatever its index)."""
+    return family.moe is not None and not _missing(block, f"{family.moe.module}.{family.moe.experts}")
+
+
+def is_sparse_block(family: ArchFamily, config, layer: int) -> bool:
+    """Whether block `layer` of a `family` model with `config` is a sparse MoE block."""
+    moe = family.moe
+    if moe is None or not int(getattr(config, moe.num_experts_field, 0) or 0):
+        return False
+    dense = (getattr(config, moe.dense_layers_field, None) or []) if moe.dense_layers_field else []
+    step = int(getattr(config, moe.sparse_step_field, 1) or 1) if moe.sparse_step_field else 1
+    return layer not in dense and (layer + 1) % step == 0
 
 
 # -- does a model have the module tree its family describes? ([model] family = "...") -------------
 
-def _described_leaves(family: ArchFamily) -> list[str]:
-    """Paths inside a block that the description names (projections, norms, activation)."""
-    att, ffn = family.attention, family.ffn
-    names = [att.out, att.q, att.k, att.v, att.qkv, *att.qk_norms]
+def _described_leaves(family: ArchFamily, sparse: bool = False) -> list[str]:
+    """Paths inside a block that the description names (projections, norms, activation; the
+    MoE block's router, experts and shared expert in a sparse block)."""
+    att, ffn, moe = family.attention, family.ffn, family.moe
+    names = [att.out, att.q, att.k, att.v, att.qkv, *att.qk_norms, *att.head_params]
     leaves = [f"{att.module}.{n}" for n in names if n]
-    leaves += [f"{ffn.module}.{n}" for n in (ffn.up, ffn.down, ffn.gate, ffn.act) if n]
+    if sparse:
+        paths = [moe.router, moe.experts, moe.gate_up, moe.down, moe.act, moe.gate_up_bias, moe.down_bias,
+                 moe.shared_expert_gate]
+        shared = moe.shared_expert
+        if shared:
+            paths += [f"{shared.module}.{n}" for n in (shared.up, shared.down, shared.gate, shared.act) if n]
+        leaves += [f"{moe.module}.{n}" for n in paths if n]
+    else:
+        leaves += [f"{ffn.module}.{n}" for n in (ffn.up, ffn.down, ffn.gate, ffn.act) if n]
     return leaves + list(family.norms) + list(family.post_norms)
 
 
@@ -178,8 +254,6 @@ def module_tree_differences(family: ArchFamily, model) -> list[str]:
     (empty when it matches): a missing path, a norm without the gain the family's norm kind has,
     or a parametrised module of a block that the description does not know (its operators would
     ignore it, e.g. the q_norm of a Qwen3 described as Llama)."""
-    import torch
-
     problems = []
     for path in (family.blocks, family.embeddings, family.final_norm, family.lm_head, family.position_embeddings):
         if path and _missing(model, path):
@@ -190,16 +264,33 @@ def module_tree_differences(family: ArchFamily, model) -> list[str]:
     if len(blocks) != int(getattr(model.config, family.num_layers_field, -1)):
         problems.append(f"{family.blocks} has {len(blocks)} blocks but config.{family.num_layers_field} is "
                         f"{getattr(model.config, family.num_layers_field, None)}")
-    block = blocks[0]
-    leaves = _described_leaves(family)
-    problems += [f"no {family.blocks}.0.{leaf}" for leaf in leaves if _missing(block, leaf)]
+    # the first block of each kind: dense, and sparse where the family has experts
+    firsts = {}
+    for index in range(len(blocks)):
+        firsts.setdefault(is_sparse_block(family, model.config, index), index)
+    for sparse, index in firsts.items():
+        problems += _block_differences(family, blocks[index], f"{family.blocks}.{index}", sparse)
+    return problems
+
+
+def _block_differences(family: ArchFamily, block, where: str, sparse: bool) -> list[str]:
+    import torch
+
+    leaves = _described_leaves(family, sparse)
+    problems = [f"no {where}.{leaf}" for leaf in leaves if _missing(block, leaf)]
     for path in [*family.norms, *family.post_norms, *(f"{family.attention.module}.{n}" for n in family.attention.qk_norms)]:
         gain = None if _missing(block, path) else getattr(get_submodule(block, path), "weight", None)
         if not _missing(block, path) and not isinstance(gain, torch.nn.Parameter):
-            problems.append(f"{family.blocks}.0.{path} has no gain (a {family.norm_kind} has one)")
+            problems.append(f"{where}.{path} has no gain (a {family.norm_kind} has one)")
+
+    def known(path: str) -> bool:
+        return any(path == leaf or path.startswith(leaf + ".") for leaf in leaves)
+
+    # a module is known when it is described, or each of its own parameters is (GPT-OSS's sinks)
     unknown = [name for name, module in block.named_modules()
-               if module._parameters and not any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)]
-    problems += [f"{family.blocks}.0.{name} ({type(get_submodule(block, name)).__name__}) is not in the "
+               if module._parameters and not known(name)
+               and not all(known(f"{name}.{p}" if name else p) for p in module._parameters)]
+    problems += [f"{where}.{name} ({type(get_submodule(block, name)).__name__}) is not in the "
                  f"{family.name} description" for name in unknown]
     return problems
 
@@ -216,6 +307,30 @@ def _missing(root, dotted: str) -> bool:
 def count_params(model) -> int:
     """Every parameter's element count (a tied tensor once: ``parameters()`` deduplicates)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def active_params(model) -> int:
+    """The parameters a token goes through: every parameter (``count_params``), less in each block
+    holding experts (``MoELayout``) the experts a token skips — E − top_k of its E experts' fused
+    tensors (gate_up, down, their biases, a parallel widening's new units: each [E, ...]). The
+    router and a shared expert run for every token and count whole. A dense model: all of them."""
+    total = count_params(model)
+    if getattr(model, "config", None) is None:
+        return total
+    view = ArchView.of(model)
+    moe = view.family.moe
+    if moe is None or view.family.kind != "causal_lm":
+        return total
+    experts, top_k = view.num_experts, view.top_k
+    skipped, seen = 0, set()
+    for block in view.blocks():
+        if not holds_experts(view.family, block):
+            continue
+        for p in get_submodule(block, f"{moe.module}.{moe.experts}").parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                skipped += p.numel() // experts * (experts - top_k)
+    return total - skipped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from engine.model.view import get_submodule
-from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams
+from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams, moe_role_problem
 from engine.ops.registry import OpResult
 from engine.ops.width import shapes_only
 
@@ -54,6 +54,9 @@ __all__ = ["lora", "ia3", "role_module_names", "adapter_names", "set_active_adap
 def _role_leaf(family, role: str) -> tuple[str, str]:
     """(container inside the block, attribute) of a role in this family."""
     att, ffn = family.attention, family.ffn
+    expert_roles = moe_role_problem(family, [role])
+    if expert_roles:
+        raise ValueError(f"modules: {expert_roles}")
     if role in ("q", "k", "v"):
         leaf = att.qkv or getattr(att, role)
         return att.module, leaf

@@ -47,7 +47,7 @@ import copy
 import torch
 from torch import nn
 
-from engine.model.view import get_submodule
+from engine.model.view import get_submodule, holds_experts
 from engine.ops.params import InsertIdentityParams, MapLayersParams, SplitResidualParams, UnshareParams
 from engine.ops.registry import OpResult
 
@@ -67,12 +67,19 @@ def clone_block(block: nn.Module, config, share_weights: bool) -> nn.Module:
 
 def _output_projections(view, block: nn.Module) -> list[nn.Module]:
     """The attention output and FFN down projections of a block (innermost FFN when widened in
-    parallel: the extension's own down projection is included too)."""
+    parallel: the extension's own down projection is included too; a sparse block's shared
+    expert's down projection — its experts' down tensors are ``_expert_outputs``)."""
     family = view.family
     attn = get_submodule(block, family.attention.module)
-    mlp = get_submodule(block, family.ffn.module)
     modules = [getattr(attn, family.attention.out)]
     modules += [get_submodule(block, path) for path in family.extra_outputs]  # e.g. T5 cross-attention
+    if holds_experts(view.family, block):
+        shared = family.moe.shared_expert
+        if shared:
+            moe = get_submodule(block, family.moe.module)
+            modules.append(getattr(get_submodule(moe, shared.module), shared.down))
+        return modules
+    mlp = get_submodule(block, family.ffn.module)
     while isinstance(mlp, nn.Module):
         down = getattr(mlp, family.ffn.down, None)
         if down is None:
@@ -81,6 +88,22 @@ def _output_projections(view, block: nn.Module) -> list[nn.Module]:
             modules.append(down)
         mlp = getattr(mlp, "base", None)
     return modules
+
+
+def _expert_outputs(view, block: nn.Module) -> list[nn.Parameter]:
+    """A sparse block's expert tensors that write the residual stream: every expert's down
+    projection and bias (GPT-OSS), in the experts module and in any parallel new units beside it."""
+    if not holds_experts(view.family, block):
+        return []
+    moe = view.family.moe
+    experts = get_submodule(get_submodule(block, moe.module), moe.experts)
+    tensors = []
+    for module in experts.modules():  # the wrapper's base and new experts modules
+        for path in (moe.down, moe.down_bias):
+            p = module._parameters.get(path.rpartition(".")[2]) if path else None
+            if p is not None:
+                tensors.append(p)
+    return tensors
 
 
 @torch.no_grad()
@@ -111,6 +134,8 @@ def _scale_outputs(view, block: nn.Module, factor: float) -> None:
         for p in tensors:
             if p is not None:
                 p.mul_(factor)
+    for p in _expert_outputs(view, block):
+        p.mul_(factor)
 
 
 @torch.no_grad()
@@ -227,6 +252,7 @@ def _install(view, new_blocks: list[nn.Module], sources: list[int]) -> dict:
             changes[name] = [old[s] for s in sources]
     if "attention_layers" in changes and hasattr(config, "attention_types"):
         changes["attention_types"] = compact_attention_types(changes["attention_layers"])
+    changes.update(_sparse_layer_fields(view, sources))
     # the config must describe the new stack now: models read it in forward (e.g. Llama iterates
     # layers[:num_hidden_layers]); apply_stage sets these again from OpResult.config_changes
     for name, value in changes.items():
@@ -235,6 +261,19 @@ def _install(view, new_blocks: list[nn.Module], sources: list[int]) -> dict:
         for module in blocks.modules():
             if isinstance(getattr(module, "attention_layers", None), list):
                 module.attention_layers = changes["attention_layers"]
+    return changes
+
+
+def _sparse_layer_fields(view, sources: list[int]) -> dict:
+    """A family whose config lists its dense blocks (Qwen2/3-MoE: mlp_only_layers and a sparse
+    step) gets the list of the new stack, each block of its source's kind, and step 1 (a step
+    cannot describe an arbitrary mapping)."""
+    moe = view.family.moe
+    if moe is None or moe.dense_layers_field is None:
+        return {}
+    changes = {moe.dense_layers_field: [i for i, s in enumerate(sources) if not view.is_sparse(s)]}
+    if moe.sparse_step_field:
+        changes[moe.sparse_step_field] = 1
     return changes
 
 

@@ -95,6 +95,12 @@ def add_heads(view, params: AddHeadsParams, gen: torch.Generator) -> OpResult:
             setattr(attn, layout.split_attr, (live + params.size) * head_dim)
         if layout.width_attr:
             setattr(attn, layout.width_attr, getattr(attn, layout.width_attr) + params.size * head_dim)
+        for name in layout.head_params:  # one entry per head (GPT-OSS's sinks): a new head's is 0,
+            old = getattr(attn, name)      # any value is exact while its output columns are zero
+            with shapes_only(old):
+                grown = torch.cat([old.detach().float(), torch.zeros(params.size)])
+            setattr(attn, name, torch.nn.Parameter(grown.to(old.device, old.dtype), requires_grad=old.requires_grad))
+            result.grown.append((getattr(attn, name), mask_on(torch.arange(len(grown)) >= len(old), grown)))
         table = getattr(attn, layout.per_head_embedding, None) if layout.per_head_embedding else None
         if table is not None:  # new heads start without a position bias
             with shapes_only(table.weight):

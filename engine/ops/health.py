@@ -23,17 +23,25 @@ def _whole(param) -> torch.Tensor:
 @dataclass
 class NewUnits:
     """One layer's new hidden units: their rows of `up` and columns of `down` (Linear layout;
-    `conv1d` for GPT-2's transposed storage). `sources` names the unit each one copies, if any."""
+    `conv1d` for GPT-2's transposed storage). `sources` names the unit each one copies, if any.
+
+    Fused 3-D expert tensors (a MoE block): `expert` picks one expert's matrices out of
+    [experts, ...] (one NewUnits per expert); `up_stride` 2 where gate and up rows interleave
+    (GPT-OSS), so unit j's incoming row (its gate's) is 2j."""
 
     up: torch.nn.Parameter
     down: torch.nn.Parameter
     rows: torch.Tensor
     conv1d: bool = False
     sources: torch.Tensor | None = None
+    expert: int | None = None
+    up_stride: int = 1
 
     def _vectors(self, up: torch.Tensor, down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        incoming = (up.T if self.conv1d else up)[rows]          # [units, hidden]
-        outgoing = (down if self.conv1d else down.T)[rows]      # [units, hidden]
+        if self.expert is not None:
+            up, down = up[self.expert], down[self.expert]
+        incoming = (up.T if self.conv1d else up)[rows * self.up_stride]  # [units, hidden]
+        outgoing = (down if self.conv1d else down.T)[rows]               # [units, hidden]
         return torch.cat([incoming, outgoing], dim=1).float()
 
     def vectors(self) -> torch.Tensor:

@@ -86,7 +86,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from engine.model.view import get_submodule
+from engine.model.view import get_submodule, holds_experts
+from engine.ops.expert_units import grouped_mm_problem
 from engine.ops.health import NewUnits
 from engine.ops.params import WidenHiddenParams
 from engine.ops.registry import OpResult
@@ -290,8 +291,31 @@ class _Grower:
         out_features, in_features = sum(axis.new for axis in rows), cols.new
         if conv1d:
             module.nf, module.nx = out_features, in_features
-        else:
+        elif hasattr(module, "in_features"):  # a router keeps no sizes
             module.out_features, module.in_features = out_features, in_features
+
+    def tensor(self, module: nn.Module, name: str, stream: Axis, reads: int | None = None,
+               writes: int | None = None, bias: bool = False) -> None:
+        """A tensor of any rank (a MoE block's fused experts) reading the stream along dim `reads`
+        or writing it along dim `writes`; `bias`: a written bias (its added entries zero, or the
+        mean where the stream's pads hold its mean)."""
+        def build(t):
+            std = value_std(t)
+            read_std = std if self.read_std is None else self.read_std
+            if reads is not None:
+                t = _read(t, reads, stream, read_std, self.gen, self.symmetry)
+            if writes is not None:
+                axis = replace(stream, write_fill="mean" if stream.write_fill == "mean" else "zero") if bias else stream
+                t = _written(t, writes, axis, 0.0 if bias else std, self.gen)
+            if t.is_meta:  # the preview shows no count for a tensor grown along one axis of several
+                return t, torch.empty(t.shape, dtype=torch.bool, device="meta")
+            new_mask = torch.zeros(t.shape, dtype=torch.bool)
+            for dim in filter(lambda d: d is not None, (reads, writes)):
+                shape = [1] * t.ndim
+                shape[dim] = -1
+                new_mask = new_mask | stream.new_mask().reshape(shape)
+            return t, new_mask.to(t.device)
+        self._replace(module, name, build)
 
 
 @dataclass
@@ -331,6 +355,8 @@ def _plan_growth(view, params: WidenHiddenParams) -> _Growth:
     stream = Axis(hidden, added=params.size, write_fill="zero", read_fill=read_fill)
     if not view.family.attention.width_follows_hidden:  # head_dim is stated: the heads stay
         return _Growth(stream, Axis(heads * head_dim), Axis(kv_heads * head_dim), heads, kv_heads, head_dim)
+    if params.init == "masked":  # exact at expansion: the new heads must not touch the old ones
+        _refuse_heads_under_joint_qk_norms(view, params.size)
     new_heads, new_kv = _whole_heads(view, params.size, head_dim, "size must be a multiple of")
     return _Growth(stream,
                    Axis(heads * head_dim, added=params.size, write_fill="random", read_fill="zero"),
@@ -353,6 +379,17 @@ def _whole_heads(view, extra: int, head_dim: int, what: str) -> tuple[int, int]:
     return extra // head_dim, extra // head_dim // group
 
 
+def _refuse_heads_under_joint_qk_norms(view, extra: int) -> None:
+    """New heads formed by `extra` stream dimensions would change every head's queries where one
+    q/k norm spans all heads (OLMoE): refused for the routes that claim exactness."""
+    layout, hidden = view.family.attention, view.hidden_size
+    if layout.qk_norms and not layout.qk_norm_per_head:
+        whole = (hidden + extra + hidden - 1) // hidden * hidden - hidden
+        raise ValueError(f"size: {view.family.name} derives head_dim from d_model, so {extra} new dimensions would form "
+                         "new heads, and its q/k norms normalise all heads together (the new heads would rescale the "
+                         f"old ones) — use init = \"duplicate\" with size = {whole} (whole copies)")
+
+
 def _plan_exact(view, params: WidenHiddenParams, head_repeats: int | None = None) -> _Growth:
     """duplicate / lossless: k = d'// d copies of the stream (heads repeated k times, head_dim
     kept) and r = d' mod d pads (new heads where head_dim derives from the hidden size).
@@ -372,6 +409,7 @@ def _plan_exact(view, params: WidenHiddenParams, head_repeats: int | None = None
     stream = Axis(hidden, copies, pads, write_fill=norm_pad, read_fill=read_fill)
     new_heads = new_kv = 0
     if pads and view.family.attention.width_follows_hidden:
+        _refuse_heads_under_joint_qk_norms(view, pads)
         new_heads, new_kv = _whole_heads(view, pads, head_dim,
                                          f"size beyond {copies - 1} x {hidden} must be a multiple of")
     repeats = copies if head_repeats is None else head_repeats
@@ -501,6 +539,9 @@ def _grow_attention(grower: _Grower, attn: nn.Module, layout, growth: _Growth) -
         # so its gain repeats with them (per-head norms, Qwen3's, keep head_dim and stay as they are)
         for name, axis in zip(layout.qk_norms, (growth.q, growth.kv)):
             grower.values(getattr(attn, name), "weight", axis)
+    heads = Axis(growth.q.old // growth.head_dim, growth.q.copies, growth.q.added // growth.head_dim)
+    for name in layout.head_params:  # one entry per head (GPT-OSS's sinks): repeated with the heads
+        grower.values(attn, name, heads)
     if layout.heads_attr:
         setattr(attn, layout.heads_attr, growth.heads)
     if layout.kv_heads_attr:
@@ -533,6 +574,24 @@ def _grow_ffn(grower: _Grower, mlp: nn.Module, layout, stream: Axis) -> None:
         grower.linear(getattr(mlp, name), [Axis(rows)], stream, layout.conv1d)
     units = _linear_shape(getattr(mlp, layout.down), layout.conv1d)[1]
     grower.linear(getattr(mlp, layout.down), [stream], Axis(units), layout.conv1d)
+
+
+def _grow_moe(grower: _Grower, moe_block: nn.Module, moe, stream: Axis) -> None:
+    """A sparse block: the router and every expert's gate/up read the stream, every expert's down
+    (and bias) writes it; the shared expert is an FFN and its gate a reader. Experts widened by a
+    parallel path were refused before (_require_plain_model)."""
+    grower.linear(get_submodule(moe_block, moe.router), [Axis(get_submodule(moe_block, moe.router).weight.shape[0])],
+                  stream, conv1d=False)
+    experts = get_submodule(moe_block, moe.experts)
+    gate_up_reads, down_writes = (1, 2) if moe.transposed else (2, 1)
+    grower.tensor(experts, moe.gate_up.rpartition(".")[2], stream, reads=gate_up_reads)
+    grower.tensor(experts, moe.down.rpartition(".")[2], stream, writes=down_writes)
+    if moe.down_bias:
+        grower.tensor(experts, moe.down_bias.rpartition(".")[2], stream, writes=1, bias=True)
+    if moe.shared_expert:
+        _grow_ffn(grower, get_submodule(moe_block, moe.shared_expert.module), moe.shared_expert, stream)
+    if moe.shared_expert_gate:
+        grower.linear(get_submodule(moe_block, moe.shared_expert_gate), [Axis(1)], stream, conv1d=False)
 
 
 def _linear_shape(module: nn.Module, conv1d: bool) -> tuple[int, int]:
@@ -605,7 +664,7 @@ def _config_changes(view, growth: _Growth, eps_field: str | None) -> dict:
         changes[layout.num_kv_heads_field] = growth.kv_heads
     if not layout.width_follows_hidden:
         changes[layout.head_dim_field] = growth.head_dim
-    if getattr(view.config, family.ffn_size_field, None) is None:
+    if family.ffn_size_field and getattr(view.config, family.ffn_size_field, None) is None:
         changes[family.ffn_size_field] = view.ffn_size  # it would follow the new hidden size otherwise
     if eps_field and growth.variance_scale != 1:
         changes[eps_field] = float(getattr(view.config, eps_field)) * growth.variance_scale
@@ -621,6 +680,10 @@ def _check_fits(view, params: WidenHiddenParams) -> tuple[_Growth, dict]:
         raise ValueError(f"init: the {view.family.name} family states no norm epsilon field (norm_eps_field), so "
                          "the scaled epsilon of init = \"lossless\" could not be exported — use init = "
                          "\"duplicate\" (a multiple of d_model)")
+    if view.moe:  # the experts kernel's strides
+        problem = grouped_mm_problem(view, {"d_model": growth.stream.new})
+        if problem:
+            raise ValueError(problem)
     changes = _config_changes(view, growth, eps_field)
     problem = config_problem(view.config, changes)
     if problem and exact and not view.family.attention.width_follows_hidden:
@@ -662,19 +725,25 @@ def _stream_units(view, growth: _Growth) -> list[NewUnits]:
     weights = the FFN down projection's rows that write them, outgoing = the FFN up projection's
     columns that read them. Copies name their source dimension (twins until symmetry breaks);
     pads have none."""
-    stream, layout, units, seen = growth.stream, view.family.ffn, [], set()
+    stream, layout, moe, units, seen = growth.stream, view.family.ffn, view.moe, [], set()
     copies = torch.arange(stream.old, stream.copies * stream.old)
     pads = torch.arange(stream.copies * stream.old, stream.new)
     for block in view.blocks():
-        mlp = get_submodule(block, layout.module)
-        down, up = getattr(mlp, layout.down).weight, getattr(mlp, layout.up).weight
+        if holds_experts(view.family, block):  # expert 0 stands for the block's experts (one record, not E)
+            experts = get_submodule(block, f"{moe.module}.{moe.experts}")
+            down, up = getattr(experts, moe.down.rpartition(".")[2]), getattr(experts, moe.gate_up.rpartition(".")[2])
+            kind = dict(conv1d=moe.transposed, expert=0)
+        else:
+            mlp = get_submodule(block, layout.module)
+            down, up = getattr(mlp, layout.down).weight, getattr(mlp, layout.up).weight
+            kind = dict(conv1d=layout.conv1d)
         if id(down) in seen:  # a virtual block: the same tensors
             continue
         seen.add(id(down))
         if len(copies):
-            units.append(NewUnits(up=down, down=up, rows=copies, conv1d=layout.conv1d, sources=copies % stream.old))
+            units.append(NewUnits(up=down, down=up, rows=copies, sources=copies % stream.old, **kind))
         if len(pads):
-            units.append(NewUnits(up=down, down=up, rows=pads, conv1d=layout.conv1d))
+            units.append(NewUnits(up=down, down=up, rows=pads, **kind))
     return units
 
 
@@ -758,7 +827,10 @@ def widen_hidden(view, params: WidenHiddenParams, gen: torch.Generator) -> OpRes
         _grow_attention(grower, attn, family.attention, growth)
         if exact and family.attention.qk_norms and growth.variance_scale != 1:
             _follow_qk_norm_eps(attn, family.attention, growth.variance_scale, scaled_eps)
-        _grow_ffn(grower, get_submodule(block, family.ffn.module), family.ffn, stream)
+        if holds_experts(family, block):
+            _grow_moe(grower, get_submodule(block, view.moe.module), view.moe, stream)
+        else:
+            _grow_ffn(grower, get_submodule(block, family.ffn.module), family.ffn, stream)
 
     if exact:
         # tied: logits = E* y* sum over the k copies, k x E y; 1/k on the final norm's output gives E y

@@ -226,10 +226,7 @@ def _check_request(view, params: LinearOpParams) -> None:
             raise ValueError("layers: an nn.Sequential has no blocks — name its Linears by index in modules "
                              "and leave layers out")
         return
-    bad = [layer for layer in params.layer_indices(view.num_layers) if layer >= view.num_layers]
-    if bad:
-        raise ValueError(f"layers: {bad} out of range — the model has {view.num_layers} layers "
-                         f"(0..{view.num_layers - 1})")
+    params.layer_indices(view.num_layers)  # a block out of range: its one-line ValueError
 
 
 def _block_path(view, layer: int, name: str) -> str:
@@ -249,9 +246,9 @@ def _block_path(view, layer: int, name: str) -> str:
                 path = f"{view.family.blocks}.{layer}.{leaf}"
                 get_submodule(view.model, path)
         except (AttributeError, ValueError):
-            ffn = view.family.ffn
+            att = view.family.attention
             raise ValueError(f"modules: no module '{name}' in layer {layer} — name a role ({', '.join(ADAPTER_ROLES)}) "
-                             f"or a dotted path inside the block such as '{ffn.module}.{ffn.up}'") from None
+                             f"or a dotted path inside the block such as '{att.module}.{att.out}'") from None
     module = get_submodule(view.model, path)
     if not is_linear(module):
         # a PEFT layer keeps the Linear it adapts as base_layer
@@ -306,8 +303,8 @@ def widen_mlp(view, params: WidenMLPParams, gen: torch.Generator) -> OpResult:
     maths); parallel: beside the Linears, in place: wider Linears."""
     result = OpResult(exact=preserving_init(params))
     merged = []
-    layers = params.layer_indices(view.num_layers)
-    for layer in layers:  # every layer checked before any changes
+    layers = list(range(view.num_layers)) if params.layers == "all" else params.layers
+    for layer in layers:  # every layer checked before any changes (the MLP's own words for its layers)
         view.check_hidden_layer(layer)
     for layer in layers:
         up, down = view.linear(layer), view.linear(layer + 1)

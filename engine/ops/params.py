@@ -60,7 +60,13 @@ class OpParams(BaseModel):
     def layer_indices(self, num_layers: int) -> list[int]:
         """The chosen layers, resolved against the model's depth."""
         layers = getattr(self, "layers", "all")
-        return list(range(num_layers)) if layers == "all" else list(layers)
+        if layers == "all":
+            return list(range(num_layers))
+        outside = [i for i in layers if not 0 <= i < num_layers]
+        if outside:  # the plan check says so before a run; the Python API reaches this directly
+            raise ValueError(f"{self.source_field}: layer {outside[0]} out of range — the model has {num_layers} "
+                             f"layers (0..{num_layers - 1})")
+        return list(layers)
 
     def num_layers_after(self, num_layers: int) -> int:
         """Depth of the model after this operator (width operators keep it)."""
@@ -244,8 +250,10 @@ GROWTH_SYMMETRY = "noise"
              does='adds `size` hidden units to each chosen block\'s FFN; `mode = "parallel"` (separate trainable '
                   'path beside the frozen FFN) or `"inplace"` (wider matrices, gradient-masked)',
              exact="yes for `zero_out`, `zeros`, `constant`, `net2net`/`copy_halve` without noise; no for `random`",
-             adds="`size` × (d_model [+ d_model for gated MLPs] + d_model) (+ biases) per layer",
-             families="")
+             adds="`size` × (d_model [+ d_model for gated MLPs] + d_model) (+ biases) per layer; × the experts "
+                  "in a sparse block",
+             families="MoE families: every expert of a sparse block grows (and the dense FFN of a dense one); "
+                      "expert widths keep 16-byte strides (grouped_mm: multiples of 4 in float32, 8 in bfloat16)")
 class WidenFFNParams(LayeredOpParams):
     """Add `size` hidden units to the feed-forward network of each chosen block."""
 
@@ -350,6 +358,9 @@ class LinearOpParams(LayeredOpParams):
         if indices:
             return [("modules", f"{indices}: Linear indices name the layers of an nn.Sequential — on {family.name} "
                                 f"blocks name roles ({', '.join(ADAPTER_ROLES)}) or dotted paths")]
+        expert_roles = moe_role_problem(family, self.modules)
+        if expert_roles:
+            return [("modules", expert_roles)]
         if "gate" in self.modules and not family.ffn.gate:
             return [("modules", f"role 'gate' does not exist in {family.name} models (their MLP has no gate "
                                 "projection) — use up, down or the attention roles")]
@@ -419,6 +430,19 @@ class ParallelLinearParams(LinearOpParams):
 # Adapter roles: names for the projections of a block, resolved through the family description
 # (fused-qkv families map q/k/v to their one fused projection).
 ADAPTER_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "down", "gate")
+FFN_ROLES: tuple[str, ...] = ("up", "down", "gate")
+
+
+def moe_role_problem(family, roles) -> str | None:
+    """Why FFN roles cannot be named on a mixture-of-experts family (its experts are fused 3-D
+    tensors, no Linear modules to wrap), or None."""
+    named = [r for r in roles if r in FFN_ROLES]
+    moe = getattr(family, "moe", None)
+    if moe is None or not named:
+        return None
+    return (f"role{'s' if len(named) > 1 else ''} {', '.join(named)}: {family.name}'s FFN is a mixture of experts "
+            f"fused in 3-D tensors ({moe.module}.{moe.gate_up}, {moe.module}.{moe.down}), not Linear modules — name "
+            "the attention roles q, k, v, o (widen_ffn grows the experts' units)")
 # An adapter name is a PEFT adapter key (no '.': it would read as a module path) and may become a
 # file name (task-specific modules): a letter, then letters, digits, '_' or '-', at most 64.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
@@ -555,7 +579,10 @@ class AdapterOpParams(LayeredOpParams):
         problems = []
         for key in ("modules", "feedforward"):
             roles = getattr(self, key, None) or []
-            if "gate" in roles and not family.ffn.gate:
+            expert_roles = moe_role_problem(family, roles)
+            if expert_roles:
+                problems.append((key, expert_roles))
+            elif "gate" in roles and not family.ffn.gate:
                 problems.append((key, f"role 'gate' does not exist in {family.name} models (their MLP has "
                                       f"no gate projection) — use: {', '.join(r for r in ADAPTER_ROLES if r != 'gate')}"))
         return problems
@@ -566,7 +593,7 @@ class AdapterOpParams(LayeredOpParams):
                   "each virtual twin its own adapter",
              exact="yes (B = 0)",
              adds="r × (fan-in + fan-out) per module",
-             families="")
+             families="MoE families: attention roles only (fused 3-D experts are no Linears)")
 class LoRAParams(AdapterOpParams):
     """Low-rank adapters (PEFT LoRA) on the chosen projections: W x + (alpha / r) B A x, B = 0 at init."""
 
@@ -581,7 +608,7 @@ class LoRAParams(AdapterOpParams):
              does="PEFT IA3 scaling vectors (ones at init)",
              exact="yes",
              adds="fan-out (fan-in for `feedforward` roles) per module",
-             families="")
+             families="MoE families: attention roles only")
 class IA3Params(AdapterOpParams):
     """IA3 (PEFT): learned scaling vectors, ones at init. Feed-forward roles scale the projection's
     input, the others its output."""
@@ -626,7 +653,7 @@ class InsertIdentityParams(LayeredOpParams):
     op: Literal["insert_identity"] = "insert_identity"
 
     def num_layers_after(self, num_layers: int) -> int:
-        return num_layers + len(self.layer_indices(num_layers))
+        return num_layers + (num_layers if self.layers == "all" else len(self.layers))
 
 
 @register_op(implementation="engine.ops.depth:split_residual", block_list=True, builder_order=80,
@@ -642,7 +669,7 @@ class SplitResidualParams(LayeredOpParams):
     k: Int = Field(2, ge=2, le=64, description="copies per chosen block")
 
     def num_layers_after(self, num_layers: int) -> int:
-        return num_layers + (self.k - 1) * len(self.layer_indices(num_layers))
+        return num_layers + (self.k - 1) * (num_layers if self.layers == "all" else len(self.layers))
 
 
 LayerKind = Literal["real", "virtual"]
@@ -810,3 +837,111 @@ class UnshareParams(LayeredOpParams):
     """Give the chosen (virtual, weight-tied) blocks their own copy of every shared tensor."""
 
     op: Literal["unshare"] = "unshare"
+
+
+# ---------------------------------------------------------------------------------------------
+# mixture-of-experts operators (engine/ops/experts.py; the maths: docs/moe.md)
+
+MAX_EXPERTS = 1 << 10      # experts of one sparse block after an operator
+
+
+@register_op(implementation="engine.ops.experts:upcycle", builder_order=130,
+             does="each chosen block's dense FFN becomes a sparse MoE block of `experts` experts, `top_k` per "
+                  "token: the MoE class of transformers that matches the family (llama, mistral → Mixtral, qwen2 → "
+                  "Qwen2-MoE, qwen3 → Qwen3-MoE), which the model then is; `init = copy | drop | noise`, `router = "
+                  "random | zero | kmeans` — see docs/moe.md",
+             exact="`copy`: yes (the top-k weights are renormalized); `drop`, `noise`: no; Qwen2-MoE with "
+                   "`shared_expert = \"whole\"`: yes for every init",
+             adds="(`experts` − 1) × the FFN + `experts` × d_model (router) per layer (Qwen2-MoE: + the shared "
+                  "expert's d_model gate)",
+             families="Mixtral has no dense blocks: every layer or none")
+class UpcycleParams(LayeredOpParams):
+    """Turn the dense FFN of each chosen block into a sparse mixture of experts (sparse
+    upcycling): `experts` experts made from the FFN, `top_k` of them per token, picked by a new
+    router. The model becomes the MoE family its own upcycles to (ArchFamily.upcycle_to).
+
+    init = "copy": every expert a copy of the FFN; the top-k weights are renormalized to sum to 1,
+    so the block computes the FFN exactly whatever the router picks.
+    init = "drop" (Drop-Upcycling): each expert re-draws a random fraction `drop` of its
+    intermediate units (their gate and up rows, their down column) from a normal with the mean and
+    std of that matrix, a different subset per expert. Not exact.
+    init = "noise": copies plus Gaussian noise of std `noise` × each matrix's std. Not exact.
+    router = "random" (std `router_std`), "zero" (ties: the first top_k experts take every token and
+    copies stay twins), "kmeans" (row e points at centroid e of a spherical k-means of the block's
+    FFN inputs on the probe batch, as long as a random row of std `router_std`).
+    shared_expert (Qwen2-MoE, whose sparse blocks always have one): "half" — the shared expert is
+    the FFN and its sigmoid gate starts at weight 0 (σ(0) = 1/2) while the routed experts' down
+    projections are halved; "whole" — the shared expert is the FFN with its down projection
+    doubled, the routed experts' down projections start at zero."""
+
+    op: Literal["upcycle"] = "upcycle"
+    experts: Int = Field(..., ge=2, le=MAX_EXPERTS, description="experts per upcycled block")
+    top_k: Int = Field(2, ge=1, le=MAX_EXPERTS, description="experts each token goes through")
+    init: Literal["copy", "drop", "noise"] = "copy"
+    drop: Float = Field(0.5, gt=0, le=1, description="drop: the share of each expert's intermediate units re-drawn")
+    noise: Float = Field(0.01, gt=0, le=MAX_SCALE, description="noise: its std, relative to each matrix's std")
+    router: Literal["random", "zero", "kmeans"] = "random"
+    router_std: Float = Field(0.02, gt=0, le=MAX_SCALE, description="random: the std of the router's weights; "
+                              "kmeans: the rows' length is that of such a random row")
+    shared_expert: Literal["half", "whole"] | None = Field(
+        None, description='Qwen2-MoE\'s shared expert: "half" or "whole" (see above); default "half" there',
+        json_schema_extra={"default_text": "half where the family has one"})
+
+    model_kinds: ClassVar[tuple[str, ...]] = ("causal_lm",)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k = {self.top_k} > experts = {self.experts}: a token cannot go through more "
+                             "experts than the block has — lower top_k or raise experts")
+        for key, owner in (("drop", "drop"), ("noise", "noise")):
+            if key in self.model_fields_set and self.init != owner:
+                raise ValueError(f'{key} belongs to init = "{owner}" (got init = "{self.init}") — remove it or '
+                                 f'set init = "{owner}"')
+        if "router_std" in self.model_fields_set and self.router == "zero":
+            raise ValueError('router_std sizes a random or k-means router; router = "zero" has none — remove it')
+        return self
+
+
+@register_op(implementation="engine.ops.experts:add_experts", builder_order=140,
+             does="every sparse block goes from E to `experts` experts: new expert j copies expert j mod E and "
+                  "its router row; for `experts` = m·E, top_k becomes m·k (an expert's m copies share its "
+                  "probability) — m× the expert compute per token; `symmetry = \"noise\"` breaks the twins "
+                  "exactly — see docs/moe.md",
+             exact="yes for `experts` = m·E with `top_k` = m·k (the default there); no otherwise (measured)",
+             adds="(`experts` − E) × (an expert + d_model) per sparse block",
+             families="MoE families, and dense ones once upcycled")
+class AddExpertsParams(OpParams):
+    """Grow every sparse block from E to `experts` experts. New expert j is a copy of expert
+    j mod E with a copy of its router row. With `experts` = m·E and top_k raised to m·k (the
+    default), the m copies of an expert have equal logits, share its probability p as m shares
+    p/m, and top-(m·k) picks every copy of the old top k: the block computes what it did, with or
+    without renormalization. Any other count or top_k changes the routing (measured).
+    symmetry = "noise": the copies' down projections get paired noise that sums to zero over an
+    expert's copies (std `symmetry_scale` × their std / m): exact while the copies are picked
+    together with equal weights, as they are at growth, and the copies no longer stay twins."""
+
+    op: Literal["add_experts"] = "add_experts"
+    experts: Int = Field(..., ge=2, le=MAX_EXPERTS, description="experts per sparse block after the op")
+    top_k: Int | None = Field(None, ge=1, le=MAX_EXPERTS, description="experts per token after the op",
+                              json_schema_extra={"default_text": "m·k when experts = m·E, else k"})
+    symmetry: Literal["none", "noise"] = Field("none", description="how an expert's copies stop being twins; "
+                                               "inside [stages.grow] the default is noise")
+    symmetry_scale: Float = Field(0.5, gt=0, lt=1, description="noise: std relative to the down projections' "
+                                  "std / copies")
+
+    model_kinds: ClassVar[tuple[str, ...]] = ("causal_lm",)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.top_k is not None and self.top_k > self.experts:
+            raise ValueError(f"top_k = {self.top_k} > experts = {self.experts}: a token cannot go through more "
+                             "experts than the block has — lower top_k or raise experts")
+        if self.symmetry == "none" and "symmetry_scale" in self.model_fields_set:
+            raise ValueError('symmetry_scale belongs to symmetry = "noise" — remove it or set symmetry')
+        return self
+
+    def growth_defaults(self) -> dict:
+        if "symmetry" not in self.model_fields_set:
+            return {"symmetry": GROWTH_SYMMETRY}
+        return {}

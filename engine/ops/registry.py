@@ -39,6 +39,20 @@ class Split:
 
 
 @dataclass
+class Placement:
+    """Entries of a new tensor that hold an old tensor's values under another name or shape (an
+    upcycled FFN: expert e's rows of the fused gate_up tensor are the dense gate's and up's):
+    ``param[index]`` holds ``source[source_index]``, `source` named as the model named it before
+    the operator. ``engine.grow.growth.carry_optimizer_state`` places the source's moments there
+    (the tensor's other entries start at zero moments)."""
+
+    param: torch.nn.Parameter
+    index: tuple
+    source: str
+    source_index: tuple = ()
+
+
+@dataclass
 class OpResult:
     """What an operator did to the model."""
 
@@ -56,6 +70,8 @@ class OpResult:
     # (map_layers). The optimizer state follows the weights: the copy starts with its source's
     # moments and step (Staged Training's rule for depth), engine.grow.growth.carry_optimizer_state
     copies: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = field(default_factory=list)
+    # new tensors holding old tensors' values elsewhere (see Placement)
+    placements: list[Placement] = field(default_factory=list)
 
 
 Operator = Callable[..., OpResult]
@@ -90,6 +106,7 @@ def apply_operator(view, params: OpParams, generator: torch.Generator) -> OpResu
         merged.grown += result.grown
         merged.units += result.units
         merged.splits += result.splits
+        merged.placements += result.placements
         merged.config_changes.update(result.config_changes)
         merged.exact = merged.exact and result.exact
         if result.note:

@@ -25,17 +25,33 @@ measures both against "none".
 
 `mode = "parallel"` keeps the original FFN untouched and adds the new units as a separate path
 (frozen base, trainable extension); `mode = "inplace"` makes the matrices wider. Same function.
+
+A sparse MoE block grows every expert by the same maths (``widen_experts``: the fused 3-D tensors
+read and written through engine.ops.expert_units).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from engine.ops.expert_units import (
+    ExpertsWithNewUnits,
+    ExpertWeights,
+    along,
+    check_expert_widths,
+    expert_param,
+    gate_up_positions,
+    innermost_experts,
+    read_experts,
+    unit_dims,
+    write_experts,
+)
 from engine.ops.health import NewUnits
 from engine.ops.params import WidenFFNParams
 from engine.ops.registry import OpResult, Split
@@ -154,17 +170,19 @@ def _linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
 
 
 def _new_unit_weights(params: WidenFFNParams, up_w: torch.Tensor, up_b: torch.Tensor | None,
-                      down_w: torch.Tensor, gate_w: torch.Tensor | None, gen: torch.Generator):
+                      down_w: torch.Tensor, gate_w: torch.Tensor | None, gen: torch.Generator,
+                      source: torch.Tensor | None = None):
     """Incoming rows, biases and outgoing columns for the new units, plus the rescaled outgoing
     weights of the original units (only the splitting inits change those).
 
-    All tensors are in Linear layout: up/gate [units, hidden], down [hidden, units].
-    """
+    All tensors are in Linear layout: up/gate [units, hidden], down [hidden, units]. `source`:
+    the units the splitting inits copy, when already drawn (every expert of a MoE block copies
+    the same ones, so one Split describes the fused tensor)."""
     with shapes_only(up_w):
-        return _unit_weights(params, up_w, up_b, down_w, gate_w, gen)
+        return _unit_weights(params, up_w, up_b, down_w, gate_w, gen, source)
 
 
-def _unit_weights(params, up_w, up_b, down_w, gate_w, gen):
+def _unit_weights(params, up_w, up_b, down_w, gate_w, gen, source=None):
     size, units, hidden = params.size, up_w.shape[0], up_w.shape[1]
     out = down_w.shape[0]  # = hidden in a transformer FFN; an MLP layer may map elsewhere
     std_in = params.init_std or value_std(up_w)
@@ -173,7 +191,8 @@ def _unit_weights(params, up_w, up_b, down_w, gate_w, gen):
     def randn(*shape, std):
         return torch.randn(*shape, generator=gen) * std
 
-    new_gate, source, shares = None, None, None
+    new_gate, shares, drawn = None, None, source
+    source = None
     new_b = torch.zeros(size) if up_b is not None else None
     old_down = down_w.float().clone()
     if params.init in ("zero_out", "random"):
@@ -189,9 +208,11 @@ def _unit_weights(params, up_w, up_b, down_w, gate_w, gen):
         new_gate = torch.full((size, hidden), params.value) if gate_w is not None else None
         new_down = torch.zeros(out, size)
     else:  # net2net / copy_halve: replicate existing units and split their outgoing weights
-        if params.init == "copy_halve":
-            if size > units:
-                raise ValueError(f"copy_halve copies each unit once: size {size} > {units} units")
+        if params.init == "copy_halve" and size > units:
+            raise ValueError(f"size: copy_halve copies each unit once: size {size} > {units} units")
+        if drawn is not None:
+            source = drawn
+        elif params.init == "copy_halve":
             source = torch.randperm(units, generator=gen, device="cpu")[:size]
         else:
             source = torch.randint(0, units, (size,), generator=gen, device="cpu")
@@ -350,7 +371,12 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
     layout = view.family.ffn
     result = OpResult(exact=preserving_init(params))
     layers = params.layer_indices(view.num_layers)
+    check_expert_widths(view, [i for i in layers if view.is_sparse(i)], params)
+    expert_units = None
     for layer in layers:
+        if view.is_sparse(layer):  # a MoE block: every expert gains the units
+            expert_units = widen_experts(view, layer, params, gen, result)
+            continue
         mlp = view.ffn(layer)
         inner = _innermost(mlp)  # the original FFN, even if it was widened in parallel before
         up, down = getattr(inner, layout.up), getattr(inner, layout.down)
@@ -392,10 +418,119 @@ def widen_ffn(view, params: WidenFFNParams, gen: torch.Generator) -> OpResult:
 
     if params.mode == "inplace":
         if layers == list(range(view.num_layers)):
-            result.config_changes[view.family.ffn_size_field] = _inner_ffn_size(view, layers[0], layout)
+            dense = [i for i in layers if not view.is_sparse(i)]
+            if dense:
+                result.config_changes[view.family.ffn_size_field] = _inner_ffn_size(view, dense[0], layout)
+            if expert_units is not None:
+                result.config_changes[view.moe.expert_size_field] = expert_units
         else:
             result.note = "layers widened unevenly: the config's FFN size describes the unwidened layers"
     return result
+
+
+# -- the experts of a sparse MoE block: every expert's units, with the dense maths above ---------
+#
+# The splitting inits copy the same units in every expert of a block (one draw per block), so one
+# Split per fused tensor carries the optimizer state (engine.grow.growth); their noise is drawn
+# per expert.
+
+
+def widen_experts(view, layer: int, params, gen: torch.Generator, result: OpResult) -> int:
+    """Add `params.size` units to every expert of sparse block `layer` (widen_ffn's inits, per
+    expert); records what it added in `result`. Returns the experts' new intermediate size."""
+    moe = view.moe
+    wrapper = view.experts(layer)
+    inner = innermost_experts(wrapper)
+    old = read_experts(inner, moe)
+    count, size = old.up.shape[0], params.size
+    new_gate, new_up, new_down, old_down, new_gate_b, new_up_b = [], [], [], [], [], []
+    source = shares = None
+    for e in range(count):
+        weights = _new_unit_weights(params, old.up[e], old.up_b[e] if old.up_b is not None else None,
+                                    old.down[e], old.gate[e], gen, source)
+        source, shares = weights.source, weights.shares
+        new_gate.append(weights.new_gate)
+        new_up.append(weights.new_up)
+        new_down.append(weights.new_down)
+        old_down.append(weights.old_down)
+        if old.gate_b is not None:  # the gate's bias follows its rows (widen_ffn's dense maths has none)
+            with shapes_only(old.gate_b):
+                new_gate_b.append(old.gate_b[e].float()[source] if source is not None else torch.zeros(size))
+            new_up_b.append(weights.new_b)
+    stack = torch.stack
+    grown = ExpertWeights(stack(new_gate), stack(new_up), stack(new_down), *(
+        (stack(new_gate_b), stack(new_up_b)) if old.gate_b is not None else (None, None)))
+    if params.mode == "parallel":
+        _add_parallel(view, layer, wrapper, inner, grown, result)
+        return old.units
+    units = old.units + size
+    made = write_experts(inner, moe, ExpertWeights(
+        torch.cat([old.gate.float(), grown.gate], 1), torch.cat([old.up.float(), grown.up], 1),
+        torch.cat([stack(old_down), grown.down], 2),
+        *((torch.cat([old.gate_b.float(), grown.gate_b], 1), torch.cat([old.up_b.float(), grown.up_b], 1))
+          if old.gate_b is not None else (None, None))))
+    _record_inplace(moe, made, old.units, units, count, source, shares, params, result)
+    return units
+
+
+def _add_parallel(view, layer: int, wrapper: nn.Module, inner: nn.Module, grown: ExpertWeights,
+                  result: OpResult) -> None:
+    """A second experts module of the inner one's class, holding the new units only."""
+    moe = view.moe
+    config = copy.deepcopy(view.config)
+    setattr(config, moe.expert_size_field, grown.units)
+    weight = expert_param(inner, moe.gate_up)
+    with torch.device("meta") if weight.is_meta else torch.device(weight.device):
+        new = type(inner)(config)
+    if hasattr(new, "config"):  # transformers' expert classes read the model's config at run time
+        new.config = inner.config
+    write_experts(new, moe, grown)
+    if moe.down_bias:  # the base adds the bias once: the new units' copy is zero and does not train
+        name = moe.down_bias.rpartition(".")[2]
+        delattr(new, name)
+        new.register_buffer(name, torch.zeros_like(expert_param(inner, moe.down_bias)), persistent=False)
+    view.set_experts(layer, ExpertsWithNewUnits(wrapper, new.to(weight.dtype), moe))
+    result.new_params.extend(new.parameters())
+    result.units += _unit_records(moe, expert_param(new, moe.gate_up), expert_param(new, moe.down), torch.arange(grown.units),
+                                  grown.up.shape[0], None)
+
+
+def _record_inplace(moe, made: dict, old_units: int, units: int, count: int, source, shares, params,
+                    result: OpResult) -> None:
+    """The grown masks, the splits of the splitting inits and the health records."""
+    gate_up, down = made[moe.gate_up], made[moe.down]
+    bias = made.get(moe.gate_up_bias)
+    gate_pos, up_pos = gate_up_positions(moe, units)
+    new_unit = torch.arange(units) >= old_units
+    fused_new = torch.zeros(2 * units, dtype=torch.bool)
+    fused_new[gate_pos], fused_new[up_pos] = new_unit, new_unit
+    gate_up_dim, down_dim = unit_dims(moe)
+    result.grown.append((gate_up, along(gate_up, gate_up_dim, fused_new)))
+    result.grown.append((down, along(down, down_dim, new_unit)))
+    if bias is not None:
+        result.grown.append((bias, along(bias, 1, fused_new)))
+    if source is not None:  # net2net / copy_halve: slot i copies unit slot_source[i], in every expert
+        slot_source = torch.cat([torch.arange(old_units), source])
+        if shares is None:  # equal shares
+            shares = 1 / (torch.bincount(source, minlength=old_units).float() + 1)[slot_source]
+        old_gate, old_up = gate_up_positions(moe, old_units)
+        fused_source = torch.empty(2 * units, dtype=torch.long)
+        fused_source[gate_pos], fused_source[up_pos] = old_gate[slot_source], old_up[slot_source]
+        fused_shares = torch.empty(2 * units)
+        fused_shares[gate_pos], fused_shares[up_pos] = shares, shares
+        ones = torch.ones_like(fused_shares)
+        # a slot read through share·w gets share × the source's gradient; its outgoing value is w / (1/share)
+        result.splits.append(Split(gate_up, gate_up_dim, fused_source, ones, fused_shares))
+        if bias is not None:
+            result.splits.append(Split(bias, 1, fused_source, ones, fused_shares))
+        result.splits.append(Split(down, down_dim, slot_source, 1 / shares, torch.ones_like(shares)))
+    result.units += _unit_records(moe, gate_up, down, torch.arange(old_units, units), count, source)
+
+
+def _unit_records(moe, gate_up, down, rows, count: int, source) -> list[NewUnits]:
+    """One health record per expert (its incoming gate rows and outgoing down columns)."""
+    return [NewUnits(up=gate_up, down=down, rows=rows, conv1d=moe.transposed, sources=source, expert=e,
+                     up_stride=2 if moe.gate_up_interleaved else 1) for e in range(count)]
 
 
 def _fused_pair(wide: WiderPair, like: nn.Module, units: int, size: int) -> WiderPair:

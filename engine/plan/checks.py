@@ -39,6 +39,7 @@ from engine.plan.problems import SHOWN_CHARS, Problem, listing, problems_from_py
 from engine.plan.schema import (
     GENERATION_SOURCES,
     MAX_GROWTHS,
+    MAX_ROUTER_LOSS_COEF,
     MAX_SEQ_LEN,
     TRACKER_NAMES,
     TRIGGER_FIELDS,
@@ -597,6 +598,7 @@ def check_model_fields(raw: dict) -> list[Problem]:
             arms.append((arch, final, f"variant {v}"))
     if not variants and arch:
         arms.append((arch, depths, ""))
+    problems += _router_loss_problems(raw, [own for own, _, _ in arms] or ([arch] if arch else []))
     sweep = raw.get("sweep")
     if isinstance(sweep, dict):
         for own, final, label in arms:
@@ -677,13 +679,36 @@ def _check_one_op(spec, where: str, depths: dict, arch) -> list[Problem]:
         for field, message in params.depth_problems(num_layers):
             problems.append(Problem(f"{where}.{field}", message))
         depths[name] = params.num_layers_after(num_layers)
+    refusal = arch.base_family.refusal(spec["op"]) if hasattr(arch.base_family, "refusal") else None
+    if refusal:  # the family's own (ArchFamily.refused_ops): said before any work is done, and alone
+        return problems + [Problem(f"{where}.op", refusal)]
     model_problems = getattr(params, "model_problems", None)
     for field, message in (model_problems(arch.family) if model_problems else []):
         problems.append(Problem(f"{where}.{field}", message))
-    refusal = arch.base_family.refusal(spec["op"]) if hasattr(arch.base_family, "refusal") else None
-    if refusal:  # the family's own (ArchFamily.refused_ops): said before any work is done
-        problems.append(Problem(f"{where}.op", refusal))
     return problems
+
+
+ROUTER_LOSS_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef")
+UPCYCLE_OP = "upcycle"   # the operator that gives a dense model experts (engine.ops.experts)
+
+
+def _router_loss_problems(raw: dict, archs: list) -> list[Problem]:
+    """A router loss weighed in (train.router_aux_loss_coef / router_z_loss_coef above 0) for
+    models that never have routers: no arm's family has experts and no stage upcycles one."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    weighed = [k for k in ROUTER_LOSS_FIELDS if isinstance(train.get(k), (int, float))
+               and not isinstance(train.get(k), bool) and 0 < train[k] <= MAX_ROUTER_LOSS_COEF]  # else: the schema
+    if not weighed or not archs or any(a.family.moe is not None for a in archs):
+        return []
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    lists = [raw.get("stages")] + [v.get("stages") for v in variants if isinstance(v, dict)]
+    stages = [s for stages in lists if isinstance(stages, list) for s in stages if isinstance(s, dict)]
+    if any(isinstance(spec, dict) and spec.get("op") == UPCYCLE_OP
+           for stage in stages for _, ops in _stage_op_lists(stage) for spec in ops):
+        return []
+    names = " / ".join(dict.fromkeys(a.family.name for a in archs))
+    return [Problem(f"train.{k}", f"weighs a router loss, but the {names} model has no experts and no stage "
+                                  f"upcycles it (op = \"{UPCYCLE_OP}\") — remove train.{k}") for k in weighed]
 
 
 def _seq_len_problems(raw: dict, arch, label: str) -> list[Problem]:

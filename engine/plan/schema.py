@@ -42,6 +42,7 @@ MAX_GROWTHS = 100
 MAX_TOKENS = 10 ** 15           # at_tokens points
 MAX_FLOPS = 1e30                # budget_flops
 MAX_SWEEP_MAPPINGS = 10_000     # explicit mappings, and `limit`
+MAX_ROUTER_LOSS_COEF = 100.0    # router_aux_loss_coef, router_z_loss_coef (models use 0.001 to 0.01)
 
 # What `[train] report_to` takes (engine.runs.trackers mirrors to them; engine.plan.checks asks
 # whether each one's package is installed).
@@ -147,6 +148,15 @@ class TrainSpec(Strict):
                                 "one more forward)")
     compile: StrictBool = Field(False, description="torch.compile the model (compiled again after a growth)")
     distributed: DistributedSpec | None = Field(None, description="processes under torchrun (default: one)")
+    router_aux_loss_coef: Float | None = Field(
+        None, ge=0, le=MAX_ROUTER_LOSS_COEF, description="mixture of experts: the weight of the routers' "
+        "load-balancing loss (E·Σ f_e·P_e, as transformers computes it) in the training loss; default: the model "
+        "config's own (router_aux_loss_coef: 0.001 for Mixtral, 0.01 for OLMoE); 0 turns it off",
+        json_schema_extra={"default_text": "the model config's"})
+    router_z_loss_coef: Float | None = Field(
+        None, ge=0, le=MAX_ROUTER_LOSS_COEF, description="mixture of experts: the weight of the router z-loss "
+        "(ST-MoE: mean logsumexp(router logits)²) in the training loss; default: the config's own where the family "
+        "has one, else 0 (off)", json_schema_extra={"default_text": "the model config's, else 0"})
     report_to: list[Literal[TRACKER_NAMES]] = Field(  # type: ignore[valid-type]
         default_factory=list, description="trackers that get a copy of the run's metrics: tensorboard, mlflow, "
         "wandb (pip install 'widen[trackers]'); widen's own events stay the record")
@@ -382,5 +392,6 @@ class Plan(Strict):
         return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Bump when what a cached prefix checkpoint holds, or how stages train, changes.
-PREFIX_FORMAT = 1
+# Bump when what a cached prefix checkpoint holds, or how stages train, changes (2: a mixture of
+# experts trains with its routers' losses, engine.train.moe).
+PREFIX_FORMAT = 2

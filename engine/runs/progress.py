@@ -18,6 +18,7 @@ from engine.runs.records import (
     EvalEvent,
     EventRecord,
     ExpandEvent,
+    ExpertsEvent,
     ProgressEvent,
     RankRow,
     RanksEvent,
@@ -53,6 +54,7 @@ class RunProgress:
     stage_bounds: list[int] = field(default_factory=list)        # global steps where stages begin
     expansions: list[ExpandEvent] = field(default_factory=list)
     system: SystemEvent | None = None                   # the latest sample
+    experts: ExpertsEvent | None = None                 # a mixture of experts: the latest routing window
     ranks: list[RankRow] = field(default_factory=list)  # the latest `ranks` event's rows, by rank
     ranks_at: tuple[int, int] | None = None            # (stage, step) they were measured at
     started: float | None = None
@@ -119,6 +121,8 @@ class RunProgress:
             self.expansions.append(event)
         elif isinstance(event, SystemEvent):
             self.system = event
+        elif isinstance(event, ExpertsEvent):
+            self.experts = event
         elif isinstance(event, RanksEvent):
             self.ranks = sorted(event.ranks, key=lambda r: r.rank)
             self.ranks_at = (event.stage, event.step)
@@ -158,6 +162,8 @@ class RunProgress:
             if e.ppl is not None:
                 self.eval_curves.setdefault(e.task, []).append((self._eval_x(e), e.ppl))
         self.expansions = [e for e in self.expansions if not voided_by(e, resume)]
+        if self.experts is not None and voided_by(self.experts, resume):
+            self.experts = None  # the resumed steps write the next one
         self.stage_bounds = [b for b in self.stage_bounds if b <= g]
         self.stage, self.step = resume.stage, resume.step
         self._rate = []  # the pace before the resume is not this process's

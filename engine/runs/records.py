@@ -129,6 +129,9 @@ class StepEvent(EventRecord):
     tokens: Metric
     flops: Metric
     params: Metric = None
+    # a mixture of experts: the loss trained on, `loss` (the language-model loss) plus the routers'
+    # weighted losses (engine.train.moe); absent for a dense model and in older files
+    total_loss: Metric = None
 
 
 class EvalEvent(EventRecord):
@@ -260,6 +263,62 @@ class RanksEvent(EventRecord):
         return ranks
 
 
+class ExpertLayer(BaseModel):
+    """One sparse block of an ``experts`` event: what its router did over the window."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    layer: StrictInt              # the block's index
+    load: list[Num]               # per expert: its share of the routed (token, slot) pairs (they sum to 1)
+    dead: list[StrictInt] = []    # experts that got no token in the window
+    entropy: Metric = None        # mean entropy of the router's distribution per token, in nats (max ln E)
+    tokens: StrictInt | None = None   # tokens routed in the window
+
+    @field_validator("dead")
+    @classmethod
+    def _dead_are_experts(cls, dead: list[int], info) -> list[int]:
+        if "load" not in info.data:
+            return dead  # the load is wrong: said there
+        experts = len(info.data["load"])
+        wrong = [e for e in dead if not 0 <= e < experts]
+        if wrong:
+            raise ValueError(f"dead expert {wrong[0]} is not one of the layer's {experts} experts")
+        return dead
+
+
+class ExpertsEvent(EventRecord):
+    """A mixture of experts, at each logged step: per sparse block, the share of tokens each expert
+    got, the experts that got none and the router's entropy, over the `steps` training steps since
+    the previous one (engine.train.moe); the load-balancing loss (and z-loss) over them, unweighted,
+    with the coefficients the training loss used."""
+
+    type: Literal["experts"]
+    stage: StrictInt
+    step: StrictInt
+    global_step: Num
+    steps: StrictInt              # training steps the window covers
+    top_k: StrictInt              # experts per token
+    layers: list[ExpertLayer]
+    aux_loss: Metric = None
+    aux_coef: Metric = None
+    z_loss: Metric = None
+    z_coef: Metric = None
+
+    @field_validator("layers")
+    @classmethod
+    def _each_layer_once(cls, layers: list[ExpertLayer]) -> list[ExpertLayer]:
+        if not layers:
+            raise ValueError("layers is empty")
+        seen: set[int] = set()
+        for i, row in enumerate(layers):
+            if row.layer < 0 or row.layer in seen:
+                raise ValueError(f"layers[{i}].layer {row.layer} is {'negative' if row.layer < 0 else 'repeated'}")
+            if not row.load:
+                raise ValueError(f"layers[{i}].load is empty")
+            seen.add(row.layer)
+        return layers
+
+
 class WarningEvent(EventRecord):
     """Something went wrong beside the run, which goes on (a tracker that failed)."""
 
@@ -298,7 +357,7 @@ EVENT_TYPES: dict[str, type[EventRecord]] = {
     "start": StartEvent, "stage": StageEvent, "step": StepEvent, "eval": EvalEvent, "expand": ExpandEvent,
     "health": HealthEvent, "system": SystemEvent, "checkpoint": CheckpointEvent, "status": StatusEvent,
     "sweep": SweepEvent, "resume": ResumeEvent, "ranks": RanksEvent, "warning": WarningEvent,
-    "progress": ProgressEvent,
+    "progress": ProgressEvent, "experts": ExpertsEvent,
 }
 _OTHER = "other"
 

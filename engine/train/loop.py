@@ -30,7 +30,7 @@ from engine.runs import results, trackers
 from engine.runs.events import EventWriter, ThrottledProgress
 from engine.runs.rundir import RunDir
 from engine.runs.status import StatusFile
-from engine.train import checkpoint, speed
+from engine.train import checkpoint, moe, speed
 from engine.train.build import prepare, probe_batch, stage_seed, task_train_batch
 from engine.train.checkpoint import History, Position, TrainerState
 from engine.train.distributed import World
@@ -286,11 +286,16 @@ class Trainer:
                 check_losses.append(loss.detach())
             if done % train.log_interval == 0 or done == stage.steps:
                 logged_loss = watch.check()  # this step's loss, read with the window's check
+                routing = self.m.routers.drain(world)  # a mixture of experts' routers since the last log
                 elapsed = time.time() - window_start
                 self.emit("step", stage=index, step=done, global_step=self._global_step(index, done),
                           loss=logged_loss, lr=scheduler.get_last_lr()[0],
                           tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                          tokens=self.history.tokens, flops=self.history.flops, params=total_params)
+                          tokens=self.history.tokens, flops=self.history.flops, params=total_params,
+                          **moe.step_fields(routing, logged_loss))
+                if routing is not None:
+                    self.emit("experts", stage=index, step=done, global_step=self._global_step(index, done),
+                              **routing.event_fields())
                 if world.distributed:  # each rank's memory
                     self.emit("ranks", stage=index, step=done, global_step=self._global_step(index, done),
                               ranks=rank_rows(world, self.device))

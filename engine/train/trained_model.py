@@ -21,7 +21,7 @@ from engine.grow.apply import Freezer, StageGrowth, apply_stage, op_generator
 from engine.grow.growth import combine_growth, grow_model, growth_generator
 from engine.grow.task_modules import TaskModules
 from engine.plan import Plan
-from engine.train import fsdp, speed, unit_growth
+from engine.train import fsdp, moe, speed, unit_growth
 from engine.train.build import Prepared, replay_expansions
 from engine.train.checkpoint import ShardedMoments, load_sharded_moments, sharded_moments, sharded_weights
 from engine.train.distributed import World
@@ -42,6 +42,8 @@ class TrainedModel:
         self.restarts: list[int] = []   # stage steps where the lr schedule went back to its peak (rewarm)
         self._trains: tuple[weakref.ref, list] | None = None  # (optimizer, its parameters that train)
         self.carried: dict[str, dict] | None = None  # a unit-by-unit growth's moments, by name (load_carried)
+        # the sparse blocks' routers, hooked for their losses and statistics (none for a dense model)
+        self.routers = moe.Routers(plan.train.router_aux_loss_coef, plan.train.router_z_loss_coef, world)
         if plan.train.checkpointing:
             speed.enable_checkpointing(self.module, self.view)
 
@@ -216,7 +218,9 @@ class TrainedModel:
 
     def trainee(self) -> torch.nn.Module:
         """What the steps run through: DDP over the model (re-made after each shape change: DDP
-        hooks the parameters it was built with), the sharded model itself, compiled if asked."""
+        hooks the parameters it was built with), the sharded model itself, compiled if asked.
+        The routers the model has now are hooked (an upcycle or a rebuild changes them)."""
+        self.routers.sync(self.module, self.view)
         module = self.module if self.fsdp else self.world.wrap(self.module)
         return speed.compiled(module, self.plan.train)
 
@@ -230,8 +234,9 @@ class TrainedModel:
 
     def forward_backward(self, trainee, batch, precision, optimizer, trainable: int):
         """Forward and backward of this rank's rows of a step, in `grad_accum` micro-batches (the
-        gradients exchanged once, at the last); returns this rank's mean loss, the gradient norm
-        (clipped to `grad_clip`) and the vocabulary size."""
+        gradients exchanged once, at the last); returns this rank's mean language-model loss, the
+        gradient norm (clipped to `grad_clip`) and the vocabulary size. A mixture of experts trains
+        on that loss plus its routers' weighted losses (``self.routers``: their window keeps them)."""
         from engine.model.forward import batch_to, forward_logits, loss_of
 
         train, scaler = self.plan.train, precision.scaler
@@ -239,12 +244,15 @@ class TrainedModel:
         for i, micro in enumerate(speed.micro_batches(batch, accum)):
             inputs, targets = batch_to(micro, self.device)
             with self.no_sync(trainee, last=i == accum - 1):
-                with precision.autocast():
+                with precision.autocast(), self.routers.capture():
                     logits = forward_logits(trainee, inputs)
                 loss = loss_of(logits, targets)
+                routed = self.routers.loss()   # None for a dense model
+                total = loss if routed is None else loss + routed
                 if trainable:
-                    scaler.scale(loss / accum if accum > 1 else loss).backward()
+                    scaler.scale(total / accum if accum > 1 else total).backward()
             losses.append(loss.detach())
+        self.routers.end_step()
         if trainable:
             self.freezer.mask_gradients(self.module)
             grads = self.training_parameters(optimizer)

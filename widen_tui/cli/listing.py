@@ -37,16 +37,26 @@ def runs(as_json: Annotated[bool, typer.Option("--json", help="print the records
 @commands.command()
 def show(run_ref: Annotated[str, typer.Argument(metavar="RUN")] = "last",
          as_json: Annotated[bool, typer.Option("--json", help="print record, status and results as JSON")] = False):
-    """A run's record, status and results (perplexity matrix, forgetting, expansions)."""
+    """A run's record, status and results (perplexity matrix, forgetting, expansions), and for a
+    mixture of experts its latest routing window (load per expert, dead experts, router entropy)."""
+    from engine.runs.events import EventReader
+    from engine.runs.progress import RunProgress
+
     run = find_run(run_ref)
     record = run_index().update_run(run)  # a read-only runs root: shown all the same
     status, results = run.status(), run.results()
-    warn_files(run)
+    reader, progress = EventReader(run.events), RunProgress()
+    for event in reader.read_rest():
+        progress.update(event)
+    warn_files(run, reader)
+    experts = progress.experts
     if as_json:
-        print_json({**public_record(record), "status": status, "results": results})
+        print_json({**public_record(record), "status": status, "results": results,
+                    "experts": experts.to_json() if experts is not None else None})
         return
     from rich.text import Text
 
+    from widen_tui.views.experts import experts_table, experts_view
     from widen_tui.views.report import results_view, state_text
 
     console.print(Text(run.id, style="bold"), f" {record['name']} ", state_text(record["state"]),
@@ -57,6 +67,8 @@ def show(run_ref: Annotated[str, typer.Argument(metavar="RUN")] = "last",
         console.print(results_view(results))
     else:
         console.print(f"no results yet — `widen watch {run.id}`", highlight=False)
+    if experts is not None:
+        console.print(experts_table(experts_view(experts)))
 
 
 @db_app.command("rebuild")

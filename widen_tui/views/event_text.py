@@ -34,6 +34,7 @@ def describe_event(e: EventRecord) -> str:
         CheckpointEvent,
         EvalEvent,
         ExpandEvent,
+        ExpertsEvent,
         HealthEvent,
         ProgressEvent,
         RanksEvent,
@@ -58,7 +59,8 @@ def describe_event(e: EventRecord) -> str:
     if isinstance(e, StageEvent):
         return f"{label} {e.phase}: {e.name} on {e.task} ({e.steps} steps)"
     if isinstance(e, StepEvent):
-        return f"{label} step {e.step}: loss {_f(e.loss, '.4f')} lr {_f(e.lr, '.2e')} " \
+        total = "" if e.total_loss is None else f" (total with the routers' losses {_f(e.total_loss, '.4f')})"
+        return f"{label} step {e.step}: loss {_f(e.loss, '.4f')}{total} lr {_f(e.lr, '.2e')} " \
                f"{_f(e.tokens_per_s, ',.0f')} tok/s"
     if isinstance(e, EvalEvent):
         return f"{label} step {e.step}: eval {e.task} loss {_f(e.loss, '.4f')} ppl {_f(e.ppl, '.3f')}"
@@ -82,6 +84,12 @@ def describe_event(e: EventRecord) -> str:
 
         return f"{label} step {e.step}: memory per rank: " + "; ".join(
             " ".join(line.split()) for line in rank_lines(e.ranks))
+    if isinstance(e, ExpertsEvent):
+        dead = sum(len(r.dead) for r in e.layers)
+        entropies = [r.entropy for r in e.layers if r.entropy is not None]
+        spread = f"{min(entropies):.3f}–{max(entropies):.3f}" if entropies else "–"
+        return f"{label} step {e.step}: experts over {e.steps} steps: load-balancing loss {_f(e.aux_loss, '.4f')}, " \
+               f"{dead} dead, router entropy {spread} nats in {len(e.layers)} sparse layers"
     if isinstance(e, WarningEvent):
         return f"warning ({e.source}): {e.message}"
     if isinstance(e, ProgressEvent):

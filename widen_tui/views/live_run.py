@@ -18,6 +18,7 @@ from engine.runs.records import (
     EvalEvent,
     EventRecord,
     ExpandEvent,
+    ExpertsEvent,
     ProgressEvent,
     RanksEvent,
     ResumeEvent,
@@ -107,8 +108,8 @@ class LiveRun:
         return lines
 
     def _log_line(self, e: EventRecord) -> str | None:
-        if isinstance(e, SystemEvent | RanksEvent):
-            return None  # the System tab shows them
+        if isinstance(e, SystemEvent | RanksEvent | ExpertsEvent):
+            return None  # the System and Experts tabs show them
         if isinstance(e, ProgressEvent):
             return None  # the summary's activity line shows the latest: a log line each would drown the rest
         if isinstance(e, StepEvent):

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.exports.hf_directory import (
     ExportError,
@@ -21,6 +21,7 @@ from engine.exports.hf_directory import (
     stage_probe,
 )
 from engine.model.families import family_named
+from engine.model.view import ArchView
 from engine.plan import load_plan
 from engine.train.loop import Trainer
 from tests.conftest import widen
@@ -72,7 +73,7 @@ GROWTH = """
     mode = "parallel"
     [[stages.expand]]
     op = "widen_ffn"
-    size = 3
+    size = 4
     mode = "inplace"
     init = "net2net"
     [[stages.expand]]
@@ -93,6 +94,16 @@ GROWTH = """
 # the decoder families every operator of GROWTH applies to
 GROWTH_FAMILIES = sorted(set.intersection(*(set(families_for(op)) for op in
                                             ("widen_ffn", "insert_identity", "map_layers", "lora", "ia3"))))
+
+
+def growth_for(family: str, growth: str = None) -> str:
+    """GROWTH for `family`: on MoE families the adapters go on attention roles (their experts are
+    fused 3-D tensors, no Linear modules PEFT wraps)."""
+    growth = GROWTH if growth is None else growth
+    if family_named(family).moe is None:
+        return growth
+    return growth.replace('["q", "v", "down"]', '["q", "v", "o"]').replace('["k", "up"]', '["k", "o"]') \
+        .replace('feedforward = ["up"]', 'feedforward = ["o"]')
 
 # A process that knows only transformers and torch: it loads each exported directory it is sent
 # (one JSON line: directory, inputs file) and answers its logits, as a user without widen would.
@@ -175,15 +186,20 @@ def grow_and_export(tmp_path, family, expand, keep_adapters=False, name="export"
 
 @pytest.mark.parametrize("family", GROWTH_FAMILIES)
 def test_grown_models_reload_with_plain_transformers(tmp_path, widen_home, plain, family):
-    out, reference, inputs_file, manifest, reports = grow_and_export(tmp_path, family, GROWTH)
+    out, reference, inputs_file, manifest, reports = grow_and_export(tmp_path, family, growth_for(family))
     assert [r["op"] for r in reports] == ["widen_ffn", "widen_ffn", "insert_identity", "map_layers", "lora", "ia3"]
     delta = float((plain.logits(out, inputs_file) - reference).abs().max())
     assert delta <= 1e-4, delta
-    assert manifest["num_layers"] == 5 and manifest["ffn_size"] == 12 + 4 + 3
+    assert manifest["num_layers"] == 5 and manifest["ffn_size"] == 12 + 4 + 4
     assert manifest["adapters"] == "merged"
     config = json.loads((out / "config.json").read_text())
     entry = family_named(family)
-    assert config[entry.num_layers_field] == 5 and config[entry.ffn_size_field] == 19
+    assert config[entry.num_layers_field] == 5
+    # every FFN width describing blocks grew: the dense FFN's, a MoE model's experts'
+    reloaded = ArchView(AutoConfig.from_pretrained(out))
+    widths = [entry.moe.expert_size_field] if reloaded.sparse_layers() else []
+    widths += [entry.ffn_size_field] if len(reloaded.sparse_layers()) < reloaded.num_layers else []
+    assert widths and all(config[f] == 20 for f in widths), {f: config[f] for f in widths}
     if family == "gpt_neo":
         # tiny_config alternates global/local: after insert_identity([0]) and the mapping [0, 1, 2, 2, 1]
         assert config["attention_layers"] == ["global", "global", "local", "local", "global"]
@@ -241,7 +257,8 @@ def test_keep_adapters_writes_peft_directories(tmp_path, widen_home, family):
 
     from engine.model.forward import forward_logits
 
-    expand = GROWTH.split("[[stages.expand]]\n    op = \"lora\"")[0].replace('mode = "parallel"', 'mode = "inplace"')
+    expand = growth_for(family).split("[[stages.expand]]\n    op = \"lora\"")[0].replace('mode = "parallel"',
+                                                                                   'mode = "inplace"')
     expand += """
     [[stages.expand]]
     op = "lora"

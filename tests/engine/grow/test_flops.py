@@ -26,7 +26,13 @@ def tiny(family: str):
     kind = next(f.kind for f in FAMILIES if f.name == family)
     if kind == "seq2seq":
         return build_t5(layers=3, decoder_layers=3, heads=2, d_kv=8, d_model=16, d_ff=24)
-    return build(family, layers=3, heads=2, head_dim=8, ffn=24, seed=0)
+    model, view = build(family, layers=3, heads=2, head_dim=8, ffn=24, seed=0)
+    if view.moe is not None:
+        # FlopCounterMode has no formula for grouped_mm (transformers' default experts kernel) and
+        # would count no expert at all; the eager kernel runs each routed token's experts as
+        # matmuls it counts. The formula is the same for either kernel (test_moe_* below).
+        model.set_experts_implementation("eager")
+    return model, view
 
 
 def grow(model, view, params, freeze: str = "base") -> None:
@@ -143,3 +149,54 @@ def test_profile_leaves_the_model_as_it_was():
     assert model.training and torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# mixtures of experts: only the experts that run count
+
+MOE_FAMILIES = [f.name for f in FAMILIES if f.moe is not None]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_counts_the_top_k_experts_and_the_router(family):
+    """Per token and sparse block: the router (2·d·E) and top_k experts (2·d·2I + 2·I·d each).
+    Twice the experts at the same top_k cost only the router's new rows; one more expert per
+    token costs one expert's matmuls."""
+    from engine.ops.params import AddExpertsParams
+
+    model, view = tiny(family)
+    inputs = token_batch(rows=2, length=12)[0]
+    tokens, sparse = inputs.numel(), len(view.sparse_layers())
+    d, size, experts, k = view.hidden_size, view.expert_size, view.num_experts, view.top_k
+    one_expert = 2 * d * 2 * size + 2 * size * d
+    before = flops.profile(model, view).forward_flops(inputs)
+    grow(model, view, AddExpertsParams(experts=2 * experts, top_k=k), freeze="none")
+    wider = flops.profile(model, view).forward_flops(inputs)
+    assert wider - before == pytest.approx(sparse * tokens * 2 * d * experts)
+    grow(model, view, AddExpertsParams(experts=4 * experts, top_k=k + 1), freeze="none")
+    deeper = flops.profile(model, view).forward_flops(inputs)
+    assert deeper - wider == pytest.approx(sparse * tokens * (2 * d * 2 * experts + one_expert))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_formula_is_the_same_for_every_experts_kernel(family):
+    """grouped_mm (the default) and the eager loop run the same experts: one profile."""
+    model, view = tiny(family)
+    inputs = token_batch(rows=2, length=12)[0]
+    eager = flops.profile(model, view).step_flops(inputs)
+    model.set_experts_implementation("grouped_mm")
+    assert flops.profile(model, view).step_flops(inputs) == eager
+
+
+def test_moe_upcycled_dense_model_matches_the_flop_counter():
+    """A Llama whose FFNs became Mixtral blocks mid-run (its class stays LlamaForCausalLM) counts
+    like a native Mixtral: router and top-k experts, exactly."""
+    from engine.ops.params import UpcycleParams
+
+    model, view = tiny("llama")
+    dense = flops.profile(model, view).forward_flops(token_batch(rows=2, length=12)[0])
+    grow(model, view, UpcycleParams(experts=4, top_k=2, init="noise"), freeze="none")
+    assert type(model).__name__ == "LlamaForCausalLM" and view.moe is not None
+    inputs, targets = token_batch(rows=2, length=12)
+    check(model, view, inputs, targets)
+    assert flops.profile(model, view).forward_flops(inputs) > dense   # two experts per token, and a router

@@ -17,7 +17,7 @@ import torch
 
 from engine.grow.preview import NOT_META_SAFE, PlanPreview, from_json, preview_plan, to_json
 from engine.model.families import FAMILIES, family_named
-from engine.ops.params import OPS
+from engine.ops.params import FFN_ROLES, OPS
 from tests.tiny_models import tiny_config
 from widen_tui.tui.preview_client import PreviewClient
 
@@ -77,19 +77,33 @@ def _model_dir(family: str, tmp_path: Path) -> Path:
     return path
 
 
-def _plan(source: str, stages) -> dict:
+def _plan(source: str, stages, growth=None) -> dict:
     raw = {"name": "parity", "seed": 3, "model": {"source": source},
            "tasks": {"prose": {"source": "builtin:pydoc", "eval_fraction": 0.2}},
            "train": {"batch_size": 2, "seq_len": 16, "device": "cpu"}, "stages": []}
     for freeze, ops in stages:
         raw["stages"].append({"task": "prose", "steps": 0, "freeze": freeze, "expand": copy.deepcopy(ops)})
-    raw["stages"][-1]["grow"] = {"max_growths": 3, "expand": copy.deepcopy(GROWTH)}
+    raw["stages"][-1]["grow"] = {"max_growths": 3, "expand": copy.deepcopy(GROWTH if growth is None else growth)}
     return raw
 
 
 def _fits(family, raw: dict) -> bool:
     schema = OPS[raw["op"]].schema
     return family.kind in schema.model_kinds and family.refusal(raw["op"]) is None
+
+
+def _for_family(family, raw: dict) -> dict:
+    """`raw` as a MoE family takes it: expert widths in multiples of 4 (torch's grouped_mm wants
+    16-byte strides) and no FFN roles (fused 3-D experts are no Linears); others: as it is."""
+    if family.moe is None:
+        return raw
+    raw = dict(raw)
+    if raw["op"] == "widen_ffn":
+        raw["size"] = -(-raw["size"] // 4) * 4
+    if raw["op"] in ("lora", "ia3", "parallel_linear"):
+        modules = raw.get("modules", OPS[raw["op"]].schema.model_fields["modules"].default)
+        raw["modules"] = [m for m in modules if m not in FFN_ROLES]
+    return raw
 
 
 def _measured(raw: dict, tmp_path: Path):
@@ -119,9 +133,9 @@ def test_meta_preview_equals_build_from_plan_on_every_family(name, tmp_path, wid
     the total and the trainable count (freeze = "base" and name globs) are the run's; a growth's
     figure is what one growth adds."""
     family = family_named(name)
-    stages = [(freeze, [op for op in ops if _fits(family, op)]) for freeze, ops in
+    stages = [(freeze, [_for_family(family, op) for op in ops if _fits(family, op)]) for freeze, ops in
               (T5_STAGES if name == "t5" else DECODER_STAGES)]
-    raw = _plan(str(_model_dir(name, tmp_path)), stages)
+    raw = _plan(str(_model_dir(name, tmp_path)), stages, [_for_family(family, op) for op in GROWTH])
     preview = preview_plan(copy.deepcopy(raw))
     assert preview.error == "", preview.error
     reports, grown = _measured(raw, tmp_path)
@@ -142,6 +156,7 @@ def test_every_operator_is_previewed_or_says_why():
     covered = {op["op"] for _, ops in DECODER_STAGES + T5_STAGES for op in ops} | {g["op"] for g in GROWTH}
     covered.add("widen_mlp")  # the built-in MLP: tests/widen_tui/tui/test_tui_builder.py (build_from_plan parity)
     covered.add("widen_hidden")  # its own parity test below (it needs a model without wrappers)
+    covered |= {"upcycle", "add_experts"}  # a dense model's FFNs: tests/engine/ops/test_ops_experts.py
     assert set(OPS) - covered == set(NOT_META_SAFE)
     raw = {"model": {"source": "builtin:tiny-neo"}, "stages": [{"task": "t", "expand": list(UNSAFE_OPS.values())}]}
     for op in preview_plan(raw).stages[0].ops:
@@ -269,7 +284,8 @@ def test_widen_hidden_previews_what_the_build_adds(name, tmp_path, widen_home):
     """d_model growth on meta (both exact routes, then the zero route): the preview's `added` and
     totals are build_from_plan's; trainable follows name globs."""
     ops = [{"op": "widen_hidden", "size": 16, "init": "duplicate"}, {"op": "widen_hidden", "size": 32, "init": "zero"}]
-    raw = _plan(str(_model_dir(name, tmp_path)), [(["*embed*", "*wte*"], ops)])
+    raw = _plan(str(_model_dir(name, tmp_path)), [(["*embed*", "*wte*"], ops)],
+                [_for_family(family_named(name), op) for op in GROWTH])
     preview = preview_plan(copy.deepcopy(raw))
     assert preview.error == "", preview.error
     reports, _ = _measured(raw, tmp_path)

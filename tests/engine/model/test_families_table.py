@@ -23,8 +23,9 @@ from tests.tiny_models import ALL_DECODER_FAMILIES, randomize, tiny_config, toke
 # (name, spec, exact): applied in this order to one model; a spec its family refuses is skipped
 # here and tested in test_refused_ops_say_why_in_one_line
 GROWTH = [
-    ("widen_ffn parallel", dict(op="widen_ffn", size=3), True),
-    ("widen_ffn net2net", dict(op="widen_ffn", size=2, init="net2net", mode="inplace"), True),
+    # multiples of 8: MoE families' experts run through torch's grouped_mm (16-byte strides)
+    ("widen_ffn parallel", dict(op="widen_ffn", size=8), True),
+    ("widen_ffn net2net", dict(op="widen_ffn", size=8, init="net2net", mode="inplace"), True),
     # 4 -> 8 heads: transformers' configs want heads to divide the hidden size (16)
     ("add_heads", dict(op="add_heads", size=4), True),
     ("parallel_linear", dict(op="parallel_linear", modules=["o"]), True),
@@ -85,8 +86,9 @@ def test_refused_ops_say_why_in_one_line(family, op):
     message = family_named(family).refusal(op)
     assert "\n" not in message and family in message and op in message
     model = _build(family)
-    hidden = {"op": "widen_hidden", "size": model.config.hidden_size, "init": "duplicate"}  # 2x: fits any heads
-    spec = next((s for _, s, _ in GROWTH if s["op"] == op), hidden if op == "widen_hidden" else None)
+    others = {"widen_hidden": {"op": "widen_hidden", "size": model.config.hidden_size, "init": "duplicate"},  # 2x
+              "upcycle": {"op": "upcycle", "experts": 4}, "add_experts": {"op": "add_experts", "experts": 8}}
+    spec = next((s for _, s, _ in GROWTH if s["op"] == op), others.get(op))
     with pytest.raises(ValueError) as error:
         apply_stage(model, ArchView(model.config, model), 0, [ExpandSpec(**spec)], token_batch(), torch.Generator())
     assert message in str(error.value)
@@ -117,7 +119,7 @@ def test_a_plan_trains_the_family_from_a_local_directory(family, tiny_plan, wide
     source = tmp_path / family
     _build(family, vocab=259).save_pretrained(source)  # 259: the byte tokenizer
     overrides = [f"model.source={source}", "stages.0.steps=2", "stages.1.steps=2", "train.eval_interval=0",
-                 "stages.1.expand.0.size=4"]
+                 "stages.1.expand.0.size=8"]  # a multiple of 8: MoE experts run through grouped_mm
     run = create_run(load_plan(tiny_plan, overrides), tiny_plan, widen_home)
     Trainer(run.path).run_plan()
     results = run.results()

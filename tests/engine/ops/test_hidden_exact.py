@@ -23,6 +23,7 @@ from engine.exports.hf_directory import export_model
 from engine.grow.apply import apply_stage
 from engine.model.families import family_named
 from engine.model.view import FAMILIES, ArchView, get_submodule
+from engine.ops.expert_units import grouped_mm_multiple
 from engine.ops.health import similarity_report
 from engine.ops.hidden import _eps_field
 from engine.plan import ExpandSpec
@@ -44,6 +45,17 @@ def _refusal(family) -> str | None:
 
 GROWN = [f.name for f in STREAM_FAMILIES if _refusal(f) is None]
 REFUSED = [f.name for f in STREAM_FAMILIES if _refusal(f) is not None]
+
+
+def _pads_form_joint_normed_heads(family) -> bool:
+    """head_dim derived from d_model and one q/k norm over all heads (OLMoE): pads would form new
+    heads that rescale the old ones, so only whole copies (duplicate) are exact."""
+    att = family.attention
+    return att.width_follows_hidden and bool(att.qk_norms) and not att.qk_norm_per_head
+
+
+PADDED = [f.name for f in STREAM_FAMILIES if _refusal(f) is None and not _pads_form_joint_normed_heads(f)]
+COPIES_ONLY = [f.name for f in STREAM_FAMILIES if _refusal(f) is None and _pads_form_joint_normed_heads(f)]
 # model types beyond a family's first (mistral, qwen2 share the Llama description)
 OTHER_TYPES = [t for f in STREAM_FAMILIES if _refusal(f) is None for t in f.model_types[1:]]
 
@@ -100,7 +112,8 @@ def pad_unit(view, copies: int) -> int:
     checks that; it is harmless elsewhere)."""
     layout = view.family.attention
     heads_unit = _head_dim(view) * (view.num_heads // view.num_kv_heads) if layout.width_follows_hidden else 1
-    return math.lcm(heads_unit, copies * view.num_heads)
+    # MoE families: d_model must keep the experts kernel's 16-byte strides (4 in float32)
+    return math.lcm(heads_unit, copies * view.num_heads, (grouped_mm_multiple(view) if view.moe else None) or 1)
 
 
 def _head_dim(view) -> int:
@@ -160,7 +173,7 @@ def test_duplicate_is_exact_at_every_multiple_and_exports(tmp_path_factory, name
 # lossless: any size that keeps whole heads
 
 
-@pytest.mark.parametrize("name", GROWN + OTHER_TYPES)
+@pytest.mark.parametrize("name", PADDED + OTHER_TYPES)
 @FEW
 @given(copies=st.sampled_from([1, 2]), heads=st.sampled_from([2, 4]), head_dim=st.sampled_from([4, 8]),
        tied=st.booleans(), symmetry=st.sampled_from(["none", "noise"]), seed=st.integers(0, 1000))
@@ -304,7 +317,19 @@ def test_epsilon_is_scaled_where_it_matters(tmp_path, name):
     assert getattr(model.config, field) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("name", GROWN)
+@pytest.mark.parametrize("name", COPIES_ONLY)
+def test_pads_forming_heads_under_joint_qk_norms_are_refused_in_one_line(name):
+    """OLMoE: head_dim follows d_model, so pads would be new heads inside the one q/k norm of all
+    heads — lossless with pads and masked are refused (one line, naming the duplicate size)."""
+    model, view = build(name, 1, 2, 4)
+    for init in ("lossless", "masked"):
+        with pytest.raises(ValueError, match=rf"^stage 0: widen_hidden: size: {name} derives head_dim from d_model, "
+                                             r".* use init = \"duplicate\" with size = 8 \(whole copies\)$"):
+            widen(model, view, size=4, init=init)
+    assert view.hidden_size == 8
+
+
+@pytest.mark.parametrize("name", PADDED)
 @pytest.mark.parametrize("new_hidden", [80, 200])
 def test_lossless_grows_64_to_sizes_that_are_no_multiple(tmp_path, name, new_hidden):
     """The issue's sizes on every family: d_model 64 (8 heads x 8, one key/value head per query head

@@ -24,7 +24,7 @@ from engine.ops.adapters import (
     set_active_adapters,
 )
 from engine.ops.depth import layer_kinds
-from engine.ops.params import ADAPTER_ROLES
+from engine.ops.params import ADAPTER_ROLES, FFN_ROLES
 from engine.plan import ExpandSpec
 from tests.tiny_models import ALL_DECODER_FAMILIES, build, build_t5, token_batch, train_steps
 
@@ -51,6 +51,9 @@ def train(model, steps=3, seed=0, lr=0.05):
 
 
 def roles_of(view) -> list[str]:
+    """The roles the family has: no FFN roles on MoE families (fused 3-D experts are no Linears)."""
+    if view.moe:
+        return [r for r in ADAPTER_ROLES if r not in FFN_ROLES]
     return [r for r in ADAPTER_ROLES if r != "gate" or view.family.ffn.gate]
 
 
@@ -374,10 +377,11 @@ def test_merging_nested_adapters_then_growing_again(family):
     """LoRA then IA3 on the same projections nest; identity insertion over them stays exact
     (the inner LoRA is zeroed too), and merging keeps the function."""
     model, view = build(family, 2, 2, 4, 12, 0)
-    growth = grow(model, view, {"op": "lora", "modules": ["o", "down"], "r": 2})
+    modules = ["o", "v" if view.moe else "down"]  # MoE experts are no Linear modules PEFT wraps
+    growth = grow(model, view, {"op": "lora", "modules": modules, "r": 2})
     Freezer().apply(model, "base", growth)
     train(model)
-    growth = grow(model, view, {"op": "ia3", "modules": ["o", "down"]}, stage=1)
+    growth = grow(model, view, {"op": "ia3", "modules": modules}, stage=1)
     Freezer().apply(model, "base", growth)
     train(model, seed=1)
     assert any(".base_layer" in path for path, _ in adapter_layers(model))  # nested

@@ -361,7 +361,7 @@ TRANSFORMER_ERRORS = [
                                                      r"LayerNorm, not a plain Linear"),
     ({"op": "parallel_linear", "modules": ["gate"]}, r"modules: role 'gate' does not exist in gpt2 models"),
     ({"op": "parallel_linear", "modules": [0]}, r"modules: \[0\]: Linear indices name the layers of an nn.Sequential"),
-    ({"op": "parallel_linear", "modules": ["up"], "layers": [4]}, r"layers: \[4\] out of range — the model has 2 layers"),
+    ({"op": "parallel_linear", "modules": ["up"], "layers": [4]}, r"layers: layer 4 out of range — the model has 2 layers"),
 ]
 
 

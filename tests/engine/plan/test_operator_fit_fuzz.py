@@ -87,8 +87,12 @@ def _module_names(family) -> list:
     has; indices for an nn.Sequential."""
     if family.kind == "mlp":
         return [0, 1, 2, 3]
-    ffn, attention = family.ffn, family.attention
-    paths = [f"{ffn.module}.{ffn.up}", f"{ffn.module}.{ffn.down}", f"{attention.module}.{attention.q or attention.qkv}"]
+    ffn, attention, moe = family.ffn, family.attention, family.moe
+    paths = [f"{attention.module}.{attention.q or attention.qkv}"]
+    if ffn:  # a dense FFN (MoE families: where some blocks have one)
+        paths += [f"{ffn.module}.{ffn.up}", f"{ffn.module}.{ffn.down}"]
+    if moe:  # the router and fused experts: no Linears
+        paths += [f"{moe.module}.{moe.router}", f"{moe.module}.{moe.experts}"]
     return [*ADAPTER_ROLES, *paths, "mlp.nope"]
 
 

@@ -10,7 +10,8 @@ curve moved. A finished run is polled slowly, so watching it costs next to nothi
 Layout (usable at 80×24): a summary on top (state; while no step comes — loading, tokenizing,
 evaluating — one line saying what the worker is busy with and for how long; progress bars with
 ETA for the stage and the whole run, loss, tokens/s, a one-line system summary), then tabs: Loss
-chart · Forgetting · Expansions · System · Log.
+chart · Forgetting · Expansions · System · Log, and Experts (a mixture of experts' routing: shown
+once the run writes its first `experts` event).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from engine.runs.records import EventRecord, SystemEvent
 from engine.runs.rundir import LIVE_STATES, RUNNING_STATES, RunDir
 from widen_tui.tui.widgets.binding_commands import BindingCommands
 from widen_tui.tui.widgets.confirm import ConfirmScreen
+from widen_tui.tui.widgets.experts_heat import ExpertsHeat
 from widen_tui.tui.widgets.loss_chart import LossChart
 from widen_tui.views.activity import activity_line
+from widen_tui.views.experts import experts_view
 from widen_tui.views.live_run import LiveRun
 from widen_tui.views.report import STATE_STYLE, fmt_duration, fmt_num, rank_overflow, rank_rows
 
@@ -94,6 +97,7 @@ class MonitorScreen(Screen):
         Binding("3", "tab('expansions')", "Expansions", show=False),
         Binding("4", "tab('system')", "System", show=False),
         Binding("5", "tab('log')", "Log", show=False),
+        Binding("6", "tab('experts')", "Experts", show=False),
     ]
 
     def __init__(self, run_id: str, clock: Clock = time.time, root: Path | str | None = None):
@@ -104,6 +108,7 @@ class MonitorScreen(Screen):
         self.live = LiveRun(run_id)
         self.x_axis = "steps"
         self.loaded = False           # the history has been read and shown
+        self.has_experts = False      # the Experts tab is shown (a mixture of experts reported its routing)
         self.redraws = 0              # how many times the panels were redrawn (tests, benchmarks)
         self.chart_updates = 0        # how many times the chart was given new curves
         self._now = clock()
@@ -114,7 +119,8 @@ class MonitorScreen(Screen):
         self._redraw_timer = None
         self._pending_log: list[str] = []
         # what each panel last showed (the system panel also shows that there is no sample yet)
-        self._drawn = {"chart": None, "matrix": None, "expansions": None, "system": _UNDRAWN, "ranks": None}
+        self._drawn = {"chart": None, "matrix": None, "expansions": None, "system": _UNDRAWN, "ranks": None,
+                       "experts": None}
 
     @property
     def run(self) -> RunDir:
@@ -153,12 +159,15 @@ class MonitorScreen(Screen):
                 yield Static(id="ranks-panel")  # shown for a run on several processes
             with TabPane("Log", id="log"):
                 yield RichLog(id="event-log", max_lines=2000, wrap=False, markup=False, highlight=False)
+            with TabPane("Experts", id="experts"):  # hidden until a mixture of experts reports its routing
+                yield ExpertsHeat(id="experts-heat")
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = self.run_id
         self.query_one("#headline", Static).update(Text(f"{self.run_id} · reading the run…"))
         self.query_one("#chart", LossChart).show([], self.x_axis, title=self._chart_title())
+        self.query_one("#tabs", TabbedContent).hide_tab("experts")
         self._rundir = self.run
         self._follow(self._rundir)
 
@@ -243,6 +252,10 @@ class MonitorScreen(Screen):
         if system is not self._drawn["system"]:
             self._drawn["system"] = system
             self.query_one("#system-panel", Static).update(system_view(system, live.progress))
+        experts = live.progress.experts
+        if experts is not self._drawn["experts"]:
+            self._drawn["experts"] = experts
+            self._draw_experts(experts)
         ranks = live.progress.ranks
         if ranks is not self._drawn["ranks"]:
             self._drawn["ranks"] = ranks
@@ -362,10 +375,20 @@ class MonitorScreen(Screen):
             table.add_row(str(e.stage + 1), e.op, fmt_num(e.params_added),
                           f"{delta:.2e}" if is_number(delta) else "–", loss, when, key=str(k))
 
+    def _draw_experts(self, experts) -> None:
+        """The Experts tab: shown from a mixture of experts' first routing window on (a resume may
+        void the window shown; the tab then waits for the next)."""
+        if experts is not None and not self.has_experts:
+            self.has_experts = True
+            self.query_one("#tabs", TabbedContent).show_tab("experts")
+        self.query_one("#experts-heat", ExpertsHeat).show(experts_view(experts))
+
     # -- actions --------------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "cancel_run":
             return True if self.live.state in LIVE_STATES else None  # None: shown, greyed out
+        if action == "tab" and parameters == ("experts",):
+            return self.has_experts or None
         return True
 
     def action_back(self) -> None:
