@@ -28,7 +28,13 @@ from torch import nn
 
 from engine.grow.apply import probe
 from engine.model.view import ArchView, count_params, get_submodule, holds_experts
-from engine.ops.adapters import adapter_layers, adapter_names, adapter_state_dict, merge_adapters
+from engine.ops.adapters import (
+    adapter_layers,
+    adapter_names,
+    adapter_state_dict,
+    merge_adapters,
+    plain_module_path,
+)
 from engine.ops.depth import compact_attention_types, untie
 from engine.ops.experts import as_moe_class
 from engine.plan import Plan
@@ -109,7 +115,11 @@ def adapter_exports(model: nn.Module) -> list[dict]:
             raise ExportError(f"adapter '{name}' sits inside a widened module ({inside[0]}), which export "
                               "rebuilds as wider matrices — export without --keep-adapters (adapters merged)")
         config = copy.deepcopy(configs[name])
-        config.target_modules = sorted(path for path, _ in layers)
+        # Linears by module path; expert tensors (PEFT's ParamWrapper names its parameter) by
+        # parameter path: PEFT wraps no experts module as a target module
+        config.target_modules = sorted(path for path, layer in layers if not hasattr(layer, "parameter_name"))
+        config.target_parameters = sorted({f"{plain_module_path(path)}.{layer.parameter_name}"
+                                           for path, layer in layers if hasattr(layer, "parameter_name")}) or None
         if kind == "ia3":
             config.feedforward_modules = sorted(path for path, layer in layers if layer.is_feedforward)
         config.inference_mode = True

@@ -22,7 +22,9 @@ block 0's FFN, ``transformer.h.0.mlp[2]`` the second (which wraps the first). Wr
 again never renames what is inside, so keys recorded at one stage still hold after later stages.
 Tensor keys are ``<key>.<parameter>`` (``transformer.h.0.mlp[1].up.weight``) for wrappers and
 ``<module>.<lora_A|lora_B|ia3_l>.<adapter>[.<parameter>]`` for adapters
-(``transformer.h.0.attn.attention.q_proj.lora_A.lora_stage2.weight``).
+(``transformer.h.0.attn.attention.q_proj.lora_A.lora_stage2.weight``); an adapter on an MoE
+block's expert tensor is keyed by the tensor (``model.layers.0.mlp.experts.down_proj.lora_A...``),
+since the adapters of one experts module's two tensors nest at one module path.
 
 Switching: wrappers have an ``active`` attribute (inactive: the new tensors contribute nothing);
 adapters go through ``engine.ops.adapters.set_active_adapters``. ``materialize()`` (export) follows
@@ -116,13 +118,13 @@ def adapter_parameters(model, name: str) -> dict:
     """Tensor key (see the module docstring) -> Parameter, for adapter `name`."""
     from torch import nn
 
-    from engine.ops.adapters import adapter_layers
+    from engine.ops.adapters import adapted_path, adapter_layers
 
     model = _unwrap(model)
     wrappers, tuner = _wrapper_types(), _tuner_cls()
     found = {}
     for layer_path, layer in adapter_layers(model):
-        path = _canonical(model, layer_path, wrappers, tuner)
+        path = adapted_path(_canonical(model, layer_path, wrappers, tuner), layer)
         for attr in getattr(layer, "adapter_layer_names", ()):
             container = getattr(layer, attr, None)
             if container is None or name not in container:

@@ -26,7 +26,16 @@ materialize pass. Merging writes into the base weight, so a weight shared by vir
 first *untied* (the merged layer gets its own copy): the twin keeps the original weight and its
 own adapter. ``adapter_state_dict`` / ``load_adapter_state`` save one adapter's tensors with
 PEFT's key layout (``<module>.lora_A.weight``, ``<module>.ia3_l``; ``<module>`` is the plain
-model's path, see ``plain_module_path``), safetensors-ready.
+model's path, see ``plain_module_path``; an expert tensor's PEFT nesting, see ``_peft_path``),
+safetensors-ready.
+
+Mixture-of-experts blocks: the roles up/gate/down of a sparse block name its experts' fused 3-D
+tensors (``MoELayout.gate_up`` / ``down``; up and gate are one tensor, adapted as a whole), which
+PEFT's LoRA adapts as parameters (``LoraConfig.target_parameters``, a ``lora.ParamWrapper`` around
+the experts module: A [r·E, in], B [out, r·E], one rank-r pair per expert, [E, in, out] read where
+the experts module says ``is_transposed``). IA3 adapts modules only, and the ParamWrapper has no
+dropout: both are refused on expert tensors. Dense blocks (Qwen's ``mlp_only_layers``) keep their
+Linears.
 """
 
 from __future__ import annotations
@@ -38,55 +47,131 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from engine.model.view import get_submodule
-from engine.ops.params import AdapterOpParams, IA3Params, LoRAParams, moe_role_problem
+from engine.model.view import get_submodule, holds_experts
+from engine.ops.params import ADAPTER_ROLES, AdapterOpParams, IA3Params, LoRAParams
 from engine.ops.registry import OpResult
 from engine.ops.width import shapes_only
 
-__all__ = ["lora", "ia3", "role_module_names", "adapter_names", "set_active_adapters", "adapter_state_dict",
-           "load_adapter_state", "merge_adapters", "materialize_adapter_layer", "adapter_layers", "plain_module_path"]
+__all__ = ["lora", "ia3", "role_module_names", "block_target", "adapter_names", "set_active_adapters",
+           "adapter_state_dict", "load_adapter_state", "merge_adapters", "materialize_adapter_layer", "adapter_layers",
+           "plain_module_path", "adapted_path"]
 
 
 # ---------------------------------------------------------------------------------------------
-# roles -> dotted module names
+# roles and dotted paths -> dotted target names
 
 
-def _role_leaf(family, role: str) -> tuple[str, str]:
-    """(container inside the block, attribute) of a role in this family."""
-    att, ffn = family.attention, family.ffn
-    expert_roles = moe_role_problem(family, [role])
-    if expert_roles:
-        raise ValueError(f"modules: {expert_roles}")
+def _role_path(view, layer: int, role: str) -> tuple[str, str, tuple[str, ...]]:
+    """(container inside the block, attribute, the roles that attribute holds) of `role` in block
+    `layer`: a fused projection holds several (qkv; gate_up of Phi-3 and of every expert)."""
+    family = view.family
+    att, ffn, moe = family.attention, family.ffn, family.moe
     if role in ("q", "k", "v"):
-        leaf = att.qkv or getattr(att, role)
-        return att.module, leaf
+        return att.module, att.qkv or getattr(att, role), ("q", "k", "v") if att.qkv else (role,)
     if role == "o":
-        return att.module, att.out
+        return att.module, att.out, (role,)
+    if holds_experts(family, view.blocks()[layer]):  # a sparse block: the experts' fused 3-D tensors
+        path = moe.down if role == "down" else moe.gate_up
+        container, _, leaf = f"{moe.module}.{path}".rpartition(".")
+        return container, leaf, (role,) if role == "down" else ("gate", "up")
     if role == "gate" and not ffn.gate:
-        raise ValueError(f"role 'gate' does not exist in {family.name} models (their MLP has no gate "
+        raise ValueError(f"modules: role 'gate' does not exist in {family.name} models (their MLP has no gate "
                          "projection) — use up, down or the attention roles")
-    return ffn.module, getattr(ffn, role)
+    fused = ffn.gate_up_fused and role in ("gate", "up")
+    return ffn.module, getattr(ffn, role), ("gate", "up") if fused else (role,)
+
+
+def _lookup(root: nn.Module, dotted: str):
+    """The object at `dotted`, looking through PEFT layers (an adapted experts module keeps the
+    tensors on its ``base_layer``, which PEFT's names leave out)."""
+    obj = root
+    for part in dotted.split("."):
+        while not hasattr(obj, part) and isinstance(getattr(obj, "base_layer", None), nn.Module):
+            obj = obj.base_layer
+        obj = getattr(obj, part)
+    return obj
 
 
 def _resolve(view, layer: int, container: str, leaf: str) -> str:
     """Dotted name (from the model root) of `leaf` in block `layer`, looking through wrappers that
-    keep the original module as `.base` (e.g. a parallel-widened FFN)."""
-    path = f"{view.family.blocks}.{layer}.{container}"
-    module = get_submodule(view.model, path)
-    while not hasattr(module, leaf) and isinstance(getattr(module, "base", None), nn.Module):
-        path, module = path + ".base", module.base
-    if not hasattr(module, leaf):
+    keep the original module as `.base` (e.g. a parallel-widened FFN) and through PEFT layers."""
+    path = f"{view.family.blocks}.{layer}" + (f".{container}" if container else "")
+    module = _lookup(view.model, path)
+    while True:
+        held = module
+        while not hasattr(held, leaf) and isinstance(getattr(held, "base_layer", None), nn.Module):
+            held = held.base_layer
+        if hasattr(held, leaf) or not isinstance(getattr(held, "base", None), nn.Module):
+            break
+        path, module = path + ".base", held.base
+    if not hasattr(held, leaf):
         raise ValueError(f"modules: no '{leaf}' in layer {layer} ({path}, a {type(module).__name__})")
     return f"{path}.{leaf}"
 
 
-def role_module_names(view, layers: list[int], roles: list[str]) -> dict[str, list[str]]:
-    """dotted module name -> the roles it serves, in layer order (fused roles share one name)."""
-    names: dict[str, list[str]] = {}
+def block_target(view, layer: int, name: str) -> str:
+    """Dotted name (from the model root) of `name` — a role, or a dotted path inside the block —
+    in block `layer`; ValueError naming it if the block has no such thing."""
+    if name in ADAPTER_ROLES:
+        return _resolve(view, layer, *_role_path(view, layer, name)[:2])
+    container, _, leaf = name.rpartition(".")
+    try:
+        return _resolve(view, layer, container, leaf)
+    except (AttributeError, ValueError):
+        att = view.family.attention
+        raise ValueError(f"modules: no module '{name}' in layer {layer} — name a role ({', '.join(ADAPTER_ROLES)}) "
+                         f"or a dotted path inside the block such as '{att.module}.{att.out}'") from None
+
+
+def _targets(view, layers: list[int], names: list[str]) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """dotted target name -> (the names that chose it, the roles it holds), in layer order."""
+    targets: dict[str, tuple[list[str], tuple[str, ...]]] = {}
     for layer in layers:
-        for role in roles:
-            names.setdefault(_resolve(view, layer, *_role_leaf(view.family, role)), []).append(role)
-    return names
+        for name in names:
+            held = _role_path(view, layer, name)[2] if name in ADAPTER_ROLES else ()
+            targets.setdefault(block_target(view, layer, name), ([], held))[0].append(name)
+    return targets
+
+
+def role_module_names(view, layers: list[int], roles: list[str]) -> dict[str, list[str]]:
+    """dotted target name -> the roles (or paths) it serves, in layer order (fused roles share one
+    name; in a sparse MoE block up/gate/down name the experts' 3-D tensors)."""
+    return {target: named for target, (named, _) in _targets(view, layers, roles).items()}
+
+
+def _expert_tensor(view, target: str) -> bool:
+    """Whether `target` is one of an MoE block's fused expert tensors (the layout's gate_up / down)."""
+    moe = view.moe
+    if moe is None or not isinstance(_lookup(view.model, target), nn.Parameter):
+        return False
+    return target.rpartition(".")[2] in {path.rpartition(".")[2] for path in (moe.gate_up, moe.down)}
+
+
+def _check_targets(view, params: AdapterOpParams, targets: dict, experts: set[str]) -> None:
+    """One ValueError for a target the op cannot adapt: what PEFT wraps as a layer is a Linear
+    (Conv1D); an expert tensor only LoRA adapts (PEFT's ParamWrapper, which has no dropout)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for target, (named, _) in targets.items():
+        what = f"'{'/'.join(named)}' ({target})"
+        if target in experts:
+            if params.op != "lora":
+                raise ValueError(f"modules: {what} is a fused 3-D expert tensor of {view.family.name}: PEFT's "
+                                 f"{params.op.upper()} adapts modules only, not tensors — adapt the experts with "
+                                 "op = \"lora\", or name other roles")
+            if params.dropout:
+                raise ValueError(f"dropout: {what} is a fused 3-D expert tensor, which PEFT's LoRA adapts without "
+                                 "dropout (lora.ParamWrapper) — set dropout = 0, or name other roles")
+            continue
+        module = _lookup(view.model, target)
+        base = module
+        while isinstance(getattr(base, "base_layer", None), nn.Module):
+            base = base.base_layer
+        if not isinstance(base, (nn.Linear, Conv1D)) and not hasattr(module, "materialize"):
+            moe = view.moe
+            experts_hint = f" or an expert tensor ({moe.module}.{moe.gate_up}, {moe.module}.{moe.down})" if moe else ""
+            raise ValueError(f"modules: {what} is a {type(base).__name__}, not a Linear{experts_hint} — name a "
+                             "projection")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,23 +283,56 @@ def _check_joinable(name: str, existing, params: AdapterOpParams) -> None:
                              f"{', '.join(f'{k} = {have[k]}' for k in differ)} or use another name")
 
 
-def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, list[str]], OpResult]:
-    model = view.model
+def _chosen(view, params: AdapterOpParams) -> tuple[dict, set[str]]:
+    """(target name -> (the names that chose it, the roles it holds), the targets that are expert
+    tensors), every target checked (`_check_targets`)."""
     layers = params.layer_indices(view.num_layers)
     bad = [i for i in layers if not 0 <= i < view.num_layers]
     if bad:
         raise ValueError(f"layers: layer {', '.join(map(str, bad))} out of range — the model has "
                          f"{view.num_layers} layers (0..{view.num_layers - 1}); use those indices or \"all\"")
-    targets = role_module_names(view, layers, params.modules)
+    targets = _targets(view, layers, params.modules)
+    experts = {t for t in targets if _expert_tensor(view, t)}
+    _check_targets(view, params, targets, experts)
+    return targets, experts
+
+
+def _adapter_layer(model: nn.Module, target: str, experts: set[str]):
+    """The PEFT layer adapting `target` (None before one does): the module itself, or for an
+    expert tensor the ParamWrapper of that tensor in the chain around its experts module."""
+    if target not in experts:
+        return get_submodule(model, target)
+    holder, _, leaf = target.rpartition(".")
+    layer = get_submodule(model, holder)
+    while isinstance(layer, _tuner_layer_cls()):
+        if getattr(layer, "parameter_name", None) == leaf:
+            return layer
+        layer = layer.base_layer
+    return None
+
+
+def _notes(targets: dict, experts: set[str], view) -> str:
+    """What a fused target or an expert tensor means for the adapter."""
+    fused = {t.rsplit(".", 1)[1]: "/".join(held) for t, (_, held) in targets.items() if len(held) > 1}
+    notes = [f"fused projection {leaf}: one adapter covers {held}" for leaf, held in sorted(fused.items())]
+    if experts:
+        leaves = ", ".join(sorted({t.rsplit(".", 1)[1] for t in experts}))
+        notes.append(f"expert tensors {leaves}: one low-rank pair per expert ({view.num_experts} experts)")
+    return "; ".join(notes)
+
+
+def _inject(view, params: AdapterOpParams, make_config, targets: dict,
+            experts: set[str]) -> tuple[str, OpResult]:
+    model = view.model
     # widen's own wrappers (a parallel path, a wider input) are not modules PEFT can adapt
-    wrapped = [t for t in targets if hasattr(get_submodule(model, t), "materialize")]
+    wrapped = [t for t in targets if t not in experts and hasattr(get_submodule(model, t), "materialize")]
     if wrapped:
         kind = type(get_submodule(model, wrapped[0])).__name__
-        raise ValueError(f"modules: '{'/'.join(targets[wrapped[0]])}' is {wrapped[0]}, a {kind} an earlier operator "
-                         f"made, which PEFT cannot adapt — put {params.op} before that operator in the plan, or "
-                         "adapt other roles")
+        raise ValueError(f"modules: '{'/'.join(targets[wrapped[0]][0])}' is {wrapped[0]}, a {kind} an earlier "
+                         f"operator made, which PEFT cannot adapt — put {params.op} before that operator in the plan, "
+                         "or adapt other roles")
     name = params.name or _default_name(view, params)
-    clash = [t for t in targets if name in _layer_adapters(get_submodule(model, t))]
+    clash = [t for t in targets if name in _layer_adapters(_adapter_layer(model, t, experts))]
     if clash:
         raise ValueError(f"name: adapter '{name}' already exists on {clash[0]} — choose another name")
     existing_configs = dict(getattr(model, "peft_config", {}) or {})
@@ -224,17 +342,21 @@ def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, 
     before = {id(p) for p in model.parameters()}
     from peft import inject_adapter_in_model
 
-    # GPT-2's Conv1D stores weights transposed: PEFT needs fan_in_fan_out per group of targets
+    # GPT-2's Conv1D stores weights transposed: PEFT needs fan_in_fan_out per group of targets;
+    # expert tensors go with the Linears (PEFT's target_parameters)
     groups: dict[bool, list[str]] = {}
     for target in targets:
-        groups.setdefault(_is_conv1d(get_submodule(model, target)), []).append(target)
+        if target not in experts:
+            groups.setdefault(_is_conv1d(get_submodule(model, target)), []).append(target)
+    if experts and False not in groups:
+        groups[False] = []
     configs = {}
     with _keep_requires_grad(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for conv1d, group in groups.items():
             if "peft_config" in model.__dict__:
                 del model.peft_config  # one tuner per injection; the registry is rebuilt below
-            config = make_config(group, conv1d, targets)
+            config = make_config(group, [t for t in targets if t in experts and not conv1d], conv1d)
             inject_adapter_in_model(config, model, adapter_name=name)
             configs[conv1d] = config
     model.peft_config = {**existing_configs, name: configs[False] if False in configs else configs[True]}
@@ -243,25 +365,27 @@ def _inject(view, params: AdapterOpParams, make_config) -> tuple[str, dict[str, 
     new_params = [p for p in model.parameters() if id(p) not in before]
     for p in new_params:
         p.requires_grad_(True)
-    fused = sorted({t.rsplit(".", 1)[1] for t, roles in targets.items() if len(roles) > 1})
-    note = (f"fused projection {', '.join(fused)}: one adapter covers "
-            f"{'/'.join(sorted({r for roles in targets.values() if len(roles) > 1 for r in roles}))}") if fused else ""
-    result = OpResult(new_params=new_params, exact=True, note=note)
-    return name, targets, result
+    result = OpResult(new_params=new_params, exact=True, note=_notes(targets, experts, view))
+    return name, result
 
 
 def lora(view, params: LoRAParams, gen: torch.Generator) -> OpResult:
-    """LoRA on the chosen projections; A ~ PEFT's kaiming-uniform (drawn from `gen`), B = 0."""
+    """LoRA on the chosen projections; A ~ PEFT's kaiming-uniform (drawn from `gen`), B = 0. An
+    expert tensor [experts, ...] gets PEFT's ParamWrapper: A [r·experts, in], B [out, r·experts],
+    one rank-r pair per expert."""
     from peft import LoraConfig
 
-    def make_config(group, conv1d, _all):
-        return LoraConfig(r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                          target_modules=list(group), fan_in_fan_out=conv1d, bias="none")
+    targets, experts = _chosen(view, params)
 
-    name, targets, result = _inject(view, params, make_config)
+    def make_config(modules, tensors, conv1d):
+        return LoraConfig(r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                          target_modules=list(modules), target_parameters=list(tensors) or None,
+                          fan_in_fan_out=conv1d, bias="none")
+
+    name, result = _inject(view, params, make_config, targets, experts)
     with torch.no_grad():  # deterministic under the stage's generator (PEFT draws from the global RNG)
         for target in targets:
-            layer = get_submodule(view.model, target)
+            layer = _adapter_layer(view.model, target, experts)
             a = layer.lora_A[name].weight
             bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) as PEFT and nn.Linear
             with shapes_only(a):  # a meta adapter (the preview) draws nothing
@@ -275,21 +399,21 @@ def ia3(view, params: IA3Params, gen: torch.Generator) -> OpResult:
     """IA3 scaling vectors (ones at init) on the chosen projections."""
     from peft import IA3Config
 
-    ff_roles = set(params.feedforward_roles())
-    all_targets = role_module_names(view, params.layer_indices(view.num_layers), params.modules)
-    feedforward = [t for t, roles in all_targets.items() if ff_roles & set(roles)]
-    for target in all_targets:  # PEFT fixes the input/output choice per layer, at its first IA3 adapter
+    targets, experts = _chosen(view, params)  # IA3 on an expert tensor is refused there
+    ff_names = set(params.feedforward_roles())
+    feedforward = [t for t, (named, _) in targets.items() if ff_names & set(named)]
+    for target in targets:  # PEFT fixes the input/output choice per layer, at its first IA3 adapter
         layer = get_submodule(view.model, target)
         if hasattr(layer, "ia3_l") and bool(layer.is_feedforward) != (target in feedforward):
             raise ValueError(f"feedforward: {target} already has an IA3 adapter scaling its "
                              f"{'input' if layer.is_feedforward else 'output'}; a second IA3 adapter there must "
                              f"do the same — {'add' if layer.is_feedforward else 'remove'} its role in feedforward")
 
-    def make_config(group, conv1d, _all):
-        return IA3Config(target_modules=list(group), feedforward_modules=[t for t in feedforward if t in group],
+    def make_config(modules, _tensors, conv1d):
+        return IA3Config(target_modules=list(modules), feedforward_modules=[t for t in feedforward if t in modules],
                          fan_in_fan_out=conv1d, init_ia3_weights=True)
 
-    name, targets, result = _inject(view, params, make_config)
+    name, result = _inject(view, params, make_config, targets, experts)
     result.note = "; ".join(x for x in (f"adapter '{name}' on {len(targets)} modules", result.note) if x)
     return result
 
@@ -305,11 +429,36 @@ def plain_module_path(path: str) -> str:
     return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
+def adapted_path(path: str, layer: nn.Module) -> str:
+    """What a PEFT layer at `path` (its plain path) adapts: the module there, or for an expert
+    tensor's ParamWrapper the tensor (``...mlp.experts.down_proj``) — the wrappers of one experts
+    module's two tensors nest at one plain path."""
+    parameter = getattr(layer, "parameter_name", None)
+    return f"{path}.{parameter}" if parameter else path
+
+
+def _peft_path(path: str, layer: nn.Module, covered: dict[str, set[str]]) -> str:
+    """The module path PEFT gives an adapter layer at plain `path`: the path itself, but for an
+    expert tensor PEFT nests one ParamWrapper per tensor the adapter covers on that experts module,
+    in the module's registration order (the first innermost: ``...experts.base_layer`` when the
+    adapter covers gate_up_proj and down_proj)."""
+    parameter = getattr(layer, "parameter_name", None)
+    if parameter is None:
+        return path
+    order = [n for n in layer.get_base_layer()._parameters if n in covered[path]]
+    return path + ".base_layer" * (len(order) - 1 - order.index(parameter))
+
+
 def _adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
-    """PEFT-layout key (plain module path) -> the live parameter of adapter `name`."""
+    """PEFT-layout key (plain module path, see ``_peft_path``) -> the live parameter of adapter `name`."""
+    layers = [(plain_module_path(path), layer) for path, layer in adapter_layers(model)
+              if name in _layer_adapters(layer)]
+    covered: dict[str, set[str]] = {}
+    for path, layer in layers:
+        covered.setdefault(path, set()).add(getattr(layer, "parameter_name", None))
     tensors = {}
-    for layer_path, layer in adapter_layers(model):
-        path = plain_module_path(layer_path)
+    for path, layer in layers:
+        path = _peft_path(path, layer, covered)
         for attr in ("lora_A", "lora_B"):
             modules = getattr(layer, attr, None)
             if modules is not None and name in modules:

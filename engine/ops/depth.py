@@ -92,17 +92,21 @@ def _output_projections(view, block: nn.Module) -> list[nn.Module]:
 
 def _expert_outputs(view, block: nn.Module) -> list[nn.Parameter]:
     """A sparse block's expert tensors that write the residual stream: every expert's down
-    projection and bias (GPT-OSS), in the experts module and in any parallel new units beside it."""
+    projection and bias (GPT-OSS), in the experts module and in any parallel new units beside it,
+    and the LoRA B of an adapter on the down tensors (PEFT's ParamWrapper adds B·A to them)."""
     if not holds_experts(view.family, block):
         return []
     moe = view.family.moe
     experts = get_submodule(get_submodule(block, moe.module), moe.experts)
+    down = moe.down.rpartition(".")[2]
     tensors = []
-    for module in experts.modules():  # the wrapper's base and new experts modules
+    for module in experts.modules():  # the wrapper's base and new experts modules, adapter layers
         for path in (moe.down, moe.down_bias):
             p = module._parameters.get(path.rpartition(".")[2]) if path else None
             if p is not None:
                 tensors.append(p)
+        if getattr(module, "parameter_name", None) == down:
+            tensors += [p for m in module.lora_B.values() for p in m.parameters()]
     return tensors
 
 

@@ -140,9 +140,20 @@ class ExpertsWithNewUnits(nn.Module):
 
 
 def innermost_experts(module: nn.Module) -> nn.Module:
+    """The plain experts module inside parallel new units; ValueError where a LoRA adapter wraps it
+    (its tensors then sit on the adapter's base_layer, with a low-rank delta sized to them)."""
     while isinstance(module, ExpertsWithNewUnits):
         module = module.base
+    refuse_adapted_experts(module)
     return module
+
+
+def refuse_adapted_experts(module: nn.Module) -> None:
+    """One line for an operator that would reshape experts a PEFT adapter covers."""
+    if isinstance(getattr(module, "base_layer", None), nn.Module):
+        raise ValueError(f"op: the experts carry a LoRA adapter on their tensors ({type(module).__name__} "
+                         f"'{module.parameter_name}'), which would not fit them grown — grow the experts before "
+                         "the lora operator in the plan (export merges the adapter)")
 
 
 # torch's grouped_mm (transformers' default experts kernel) needs 16-byte strides

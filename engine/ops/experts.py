@@ -42,6 +42,7 @@ from engine.ops.expert_units import (
     ExpertsWithNewUnits,
     ExpertWeights,
     gate_up_positions,
+    refuse_adapted_experts,
     unit_dims,
     write_experts,
 )
@@ -424,6 +425,7 @@ def add_experts(view, params: AddExpertsParams, gen: torch.Generator) -> OpResul
         if isinstance(experts, ExpertsWithNewUnits):
             raise ValueError(f"op: block {layer}'s experts carry a parallel widen_ffn path — add experts before it, "
                              "or widen in place")
+        refuse_adapted_experts(experts)
         router, rows = get_submodule(block, moe.router), torch.arange(params.experts) >= old
         tensors = [(router, "weight"), *([(router, "bias")] if moe.router_bias else []),
                    *((experts, path.rpartition(".")[2]) for path in (moe.gate_up, moe.down, moe.gate_up_bias,

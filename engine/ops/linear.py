@@ -35,7 +35,6 @@ from torch.nn import functional as F
 from engine.model.view import get_submodule
 from engine.ops.health import NewUnits
 from engine.ops.params import (
-    ADAPTER_ROLES,
     ConcatLinearParams,
     LinearOpParams,
     ParallelLinearParams,
@@ -233,22 +232,9 @@ def _block_path(view, layer: int, name: str) -> str:
     """Dotted path (from the model root) of the Linear `name` (a role, or a dotted path inside the
     block) in block `layer`; wrappers keeping the original module as `.base` (a parallel-widened
     FFN) are looked through. ValueError naming it if it is missing or not a Linear."""
-    from engine.ops.adapters import _resolve, role_module_names
+    from engine.ops.adapters import block_target
 
-    if name in ADAPTER_ROLES:
-        path = next(iter(role_module_names(view, [layer], [name])))
-    else:
-        container, _, leaf = name.rpartition(".")
-        try:
-            if container:
-                path = _resolve(view, layer, container, leaf)
-            else:
-                path = f"{view.family.blocks}.{layer}.{leaf}"
-                get_submodule(view.model, path)
-        except (AttributeError, ValueError):
-            att = view.family.attention
-            raise ValueError(f"modules: no module '{name}' in layer {layer} — name a role ({', '.join(ADAPTER_ROLES)}) "
-                             f"or a dotted path inside the block such as '{att.module}.{att.out}'") from None
+    path = block_target(view, layer, name)
     module = get_submodule(view.model, path)
     if not is_linear(module):
         # a PEFT layer keeps the Linear it adapts as base_layer

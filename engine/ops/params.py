@@ -431,18 +431,22 @@ class ParallelLinearParams(LinearOpParams):
 # (fused-qkv families map q/k/v to their one fused projection).
 ADAPTER_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "down", "gate")
 FFN_ROLES: tuple[str, ...] = ("up", "down", "gate")
+ADAPTER_MODULES = ("roles to adapt (" + ", ".join(ADAPTER_ROLES) + ") or dotted paths inside a block to a Linear "
+                   "or to an MoE block's expert tensors (\"mlp.experts.down_proj\")")
 
 
 def moe_role_problem(family, roles) -> str | None:
-    """Why FFN roles cannot be named on a mixture-of-experts family (its experts are fused 3-D
-    tensors, no Linear modules to wrap), or None."""
+    """Why FFN roles cannot be named for a Linear operator on a mixture-of-experts family (its
+    experts are fused 3-D tensors, no Linear modules to wrap), or None."""
     named = [r for r in roles if r in FFN_ROLES]
     moe = getattr(family, "moe", None)
     if moe is None or not named:
         return None
     return (f"role{'s' if len(named) > 1 else ''} {', '.join(named)}: {family.name}'s FFN is a mixture of experts "
             f"fused in 3-D tensors ({moe.module}.{moe.gate_up}, {moe.module}.{moe.down}), not Linear modules — name "
-            "the attention roles q, k, v, o (widen_ffn grows the experts' units)")
+            "the attention roles q, k, v, o (widen_ffn grows the experts' units, lora adapts them)")
+
+
 # An adapter name is a PEFT adapter key (no '.': it would read as a module path) and may become a
 # file name (task-specific modules): a letter, then letters, digits, '_' or '-', at most 64.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
@@ -458,14 +462,16 @@ def adapter_name_problem(value: object) -> str | None:
     return problem
 
 
-def _check_roles(roles: list[str]) -> list[str]:
-    unknown = [r for r in roles if r not in ADAPTER_ROLES]
-    if unknown:
-        raise ValueError(f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(repr(r) for r in unknown)} "
-                         f"— valid roles: {', '.join(ADAPTER_ROLES)}")
-    if len(set(roles)) != len(roles):
-        raise ValueError(f"roles repeat: {roles}")
-    return roles
+def _check_adapter_names(names: list[str]) -> list[str]:
+    """Roles, or dotted paths inside a block (a Linear, or an MoE block's expert tensor)."""
+    paths = [n for n in names if n not in ADAPTER_ROLES]
+    bad = [n for n in paths if "." not in n or not all(part.strip() == part and part for part in n.split("."))]
+    if bad:
+        raise ValueError(f"{', '.join(repr(n) for n in bad)}: name a role ({', '.join(ADAPTER_ROLES)}) or a dotted "
+                         "path inside a block (\"self_attn.q_proj\", \"mlp.experts.down_proj\")")
+    if len(set(names)) != len(names):
+        raise ValueError(f"modules repeat: {names}")
+    return names
 
 
 @register_op(implementation="engine.ops.heads:add_heads", per_block=True, builder_order=30,
@@ -554,7 +560,7 @@ class WidenHiddenParams(OpParams):
 class AdapterOpParams(LayeredOpParams):
     """Keys shared by the adapter operators (PEFT layers injected into the chosen projections)."""
 
-    modules: list[str] = Field(..., min_length=1, description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
+    modules: list[str] = Field(..., min_length=1, description=ADAPTER_MODULES)
     name: str | None = Field(None, description="adapter name (default: '<op>_stage<N>'); names task-specific "
                              "modules; letters, digits, '_', '-', starting with a letter")
     # the default name picked when the op is applied, so that every stack of a multi-stack model
@@ -564,7 +570,7 @@ class AdapterOpParams(LayeredOpParams):
     @field_validator("modules")
     @classmethod
     def _known_roles(cls, v):
-        return _check_roles(v)
+        return _check_adapter_names(v)
 
     @field_validator("name")
     @classmethod
@@ -575,30 +581,31 @@ class AdapterOpParams(LayeredOpParams):
         return v
 
     def model_problems(self, family) -> list[tuple[str, str]]:
-        """(field, message) for roles this model family lacks (e.g. `gate` on a non-gated MLP)."""
+        """(field, message) for roles this model family lacks (e.g. `gate` on a non-gated MLP).
+        Dotted paths, and what a role resolves to in each block (a Linear, or an MoE block's
+        expert tensor), are checked on the model (engine.ops.adapters)."""
         problems = []
+        gated = bool(family.moe or (family.ffn and family.ffn.gate))  # experts are always gated (gate_up)
         for key in ("modules", "feedforward"):
-            roles = getattr(self, key, None) or []
-            expert_roles = moe_role_problem(family, roles)
-            if expert_roles:
-                problems.append((key, expert_roles))
-            elif "gate" in roles and not family.ffn.gate:
+            if "gate" in (getattr(self, key, None) or []) and not gated:
                 problems.append((key, f"role 'gate' does not exist in {family.name} models (their MLP has "
                                       f"no gate projection) — use: {', '.join(r for r in ADAPTER_ROLES if r != 'gate')}"))
         return problems
 
 
 @register_op(implementation="engine.ops.adapters:lora", per_block=True, builder_order=110, task_module=True,
-             does="PEFT LoRA on roles `q k v o up down gate` (fused qkv in gpt2/neox: one adapter covers it); "
-                  "each virtual twin its own adapter",
+             does="PEFT LoRA on roles `q k v o up down gate` or dotted paths (a fused projection — qkv in "
+                  "gpt2/neox, gate_up — gets one adapter covering it); each virtual twin its own adapter",
              exact="yes (B = 0)",
-             adds="r × (fan-in + fan-out) per module",
-             families="MoE families: attention roles only (fused 3-D experts are no Linears)")
+             adds="r × (fan-in + fan-out) per module; × the experts on an expert tensor",
+             families="MoE families: up/gate (the fused gate_up tensor) and down adapt every expert of a sparse "
+                      "block, one rank-r pair per expert (PEFT `target_parameters`; no dropout there); dense "
+                      "blocks' FFNs as Linears")
 class LoRAParams(AdapterOpParams):
     """Low-rank adapters (PEFT LoRA) on the chosen projections: W x + (alpha / r) B A x, B = 0 at init."""
 
     op: Literal["lora"] = "lora"
-    modules: list[str] = Field(["q", "v"], min_length=1, description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
+    modules: list[str] = Field(["q", "v"], min_length=1, description=ADAPTER_MODULES)
     r: Int = Field(8, gt=0, le=MAX_RANK, description="rank")
     alpha: Float = Field(16, gt=0, le=1e6, description="scaling numerator: the update is scaled by alpha / r")
     dropout: Float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
@@ -608,21 +615,21 @@ class LoRAParams(AdapterOpParams):
              does="PEFT IA3 scaling vectors (ones at init)",
              exact="yes",
              adds="fan-out (fan-in for `feedforward` roles) per module",
-             families="MoE families: attention roles only")
+             families="MoE families: attention roles, Linears and dense blocks' FFNs; not the expert tensors "
+                      "(PEFT's IA3 adapts modules only: use lora)")
 class IA3Params(AdapterOpParams):
     """IA3 (PEFT): learned scaling vectors, ones at init. Feed-forward roles scale the projection's
     input, the others its output."""
 
     op: Literal["ia3"] = "ia3"
-    modules: list[str] = Field(["k", "v", "down"], min_length=1,
-                               description="roles to adapt: " + ", ".join(ADAPTER_ROLES))
-    feedforward: list[str] | None = Field(None, description="roles among `modules` whose input is scaled "
+    modules: list[str] = Field(["k", "v", "down"], min_length=1, description=ADAPTER_MODULES)
+    feedforward: list[str] | None = Field(None, description="names among `modules` whose input is scaled "
                                           "(default: \"down\" if it is adapted)")
 
     @field_validator("feedforward")
     @classmethod
     def _known_ff_roles(cls, v):
-        return v if v is None else _check_roles(v)
+        return v if v is None else _check_adapter_names(v)
 
     def feedforward_roles(self) -> list[str]:
         return [r for r in self.modules if r == "down"] if self.feedforward is None else list(self.feedforward)

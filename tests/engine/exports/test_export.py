@@ -288,6 +288,31 @@ def test_keep_adapters_writes_peft_directories(tmp_path, widen_home, family):
         assert float((forward_logits(peft_model, torch.load(inputs_file)) - reference).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("family", [f for f in families_for("lora") if family_named(f).moe is not None])
+def test_kept_lora_on_expert_tensors_loads_into_peft(tmp_path, widen_home, family):
+    """LoRA on the fused expert tensors is kept as PEFT describes it (target_parameters, not
+    target_modules): PEFT's own loader puts it back onto the plain exported model."""
+    from peft import PeftModel
+
+    from engine.model.forward import forward_logits
+
+    expand = """
+    [[stages.expand]]
+    op = "lora"
+    modules = ["q", "down"]
+    r = 2
+    """
+    out, reference, inputs_file, manifest, _ = grow_and_export(tmp_path, family, expand, keep_adapters=True,
+                                                               train_adapters=True)
+    config = json.loads((out / "adapter" / "lora_stage0" / "adapter_config.json").read_text())
+    assert config["target_parameters"] and all(p.endswith("down_proj") for p in config["target_parameters"])
+    base = AutoModelForCausalLM.from_pretrained(out)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter" / "lora_stage0")
+    with torch.no_grad():
+        logits = forward_logits(peft_model.eval(), torch.load(inputs_file))
+    assert float((logits - reference).abs().max()) <= 1e-4
+
+
 def test_keep_adapters_through_the_cli(tmp_path, widen_home, capsys):
     expand = """
         [[stages.expand]]

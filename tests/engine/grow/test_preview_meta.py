@@ -94,7 +94,9 @@ def _fits(family, raw: dict) -> bool:
 
 def _for_family(family, raw: dict) -> dict:
     """`raw` as a MoE family takes it: expert widths in multiples of 4 (torch's grouped_mm wants
-    16-byte strides) and no FFN roles (fused 3-D experts are no Linears); others: as it is."""
+    16-byte strides) and no FFN roles (IA3 and parallel_linear take no expert tensors, and LoRA on
+    them would stop the plan's later widen_ffn: tests/engine/ops/test_ops_adapters.py previews
+    that); others: as it is."""
     if family.moe is None:
         return raw
     raw = dict(raw)

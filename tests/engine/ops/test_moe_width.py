@@ -3,7 +3,7 @@ gpt_oss) under the width operators: widen_ffn grows every expert's units with th
 inits (exact where the docs say so, the symmetric inits' failure modes measured per expert),
 mid-run with the optimizer state carried through the fused 3-D tensors; widen_hidden grows the
 router, the experts and the shared expert exactly; and what does not apply is refused at plan
-check, one line on the operator's field. Tiny random MoE models route by random weights, so
+check, one line on the operator's field (adapters on the experts: tests/engine/ops/test_ops_adapters.py). Tiny random MoE models route by random weights, so
 exactness compares the logits of one model before and after (the routing is deterministic)."""
 
 from __future__ import annotations
@@ -207,14 +207,17 @@ def _plan_file(tmp_path, family: str, ops: list[dict]):
 
 REFUSALS = [
     ("mixtral", {"op": "concat_linear", "size": 4}, "op", "concat_linear does not apply to mixtral models — its FFN"),
-    ("qwen2_moe", {"op": "lora", "modules": ["q", "down"]}, "modules", "role down: qwen2_moe's FFN is a mixture"),
-    ("gpt_oss", {"op": "ia3", "modules": ["k", "up", "gate"]}, "modules", "roles up, gate: gpt_oss's FFN"),
+    ("qwen2_moe", {"op": "lora", "modules": ["q", "down"], "dropout": 0.1}, "dropout",
+     "a fused 3-D expert tensor, which PEFT's LoRA adapts without dropout"),
+    ("gpt_oss", {"op": "ia3", "modules": ["k", "up", "gate"]}, "modules",
+     "'up/gate' (model.layers.0.mlp.experts.gate_up_proj) is a fused 3-D expert tensor of gpt_oss"),
+    ("mixtral", {"op": "lora", "modules": ["mlp.gate"]}, "modules", "is a MixtralTopKRouter, not a Linear"),
     ("qwen3_moe", {"op": "parallel_linear", "modules": ["gate"]}, "modules", "fused in 3-D tensors"),
     ("mixtral", {"op": "widen_ffn", "size": 3}, "size", "grouped_mm, which needs widths in multiples of 4"),
     ("olmoe", {"op": "add_heads", "size": 4}, "op", "add_heads does not apply to olmoe models — OLMoE's q_norm"),
     ("olmoe", {"op": "widen_hidden", "size": 8, "init": "lossless"}, "size", "use init = \"duplicate\" with size = 16"),
     ("gpt_oss", {"op": "widen_hidden", "size": 2, "init": "lossless"}, "size", "d_model 18"),
-]
+] + [(family, {"op": "ia3", "modules": ["down"]}, "modules", "PEFT's IA3 adapts modules only") for family in MOE]
 
 
 @pytest.mark.parametrize("family, op, field, fragment", REFUSALS, ids=[f"{f}-{o['op']}" for f, o, _, _ in REFUSALS])
@@ -228,7 +231,8 @@ def test_what_does_not_apply_is_refused_at_plan_check_in_one_line(tmp_path, fami
 
 @pytest.mark.parametrize("family", MOE)
 def test_the_operators_that_apply_pass_plan_check(tmp_path, family):
-    ops = [{"op": "widen_ffn", "size": SIZE}, {"op": "lora", "modules": ["q", "o"]},
+    ops = [{"op": "widen_ffn", "size": SIZE}, {"op": "lora", "modules": ["q", "o", "up", "down"]},
+           {"op": "lora", "modules": ["mlp.experts.down_proj"], "layers": [1], "name": "by_path"},
            {"op": "insert_identity", "layers": [0]}, {"op": "map_layers", "mapping": [0, 1, 1, 2]}]
     _, problems = validate_plan_file(_plan_file(tmp_path, family, ops))
     assert problems == []

@@ -1,11 +1,13 @@
 """LoRA and IA3 through PEFT, over random tiny models of every decoder family and through
 ``apply_stage`` (the reports are the real ones): exact at init on any roles and layers, one
 adapter per virtual twin over shared base weights, the same model as PEFT's own
-``layer_replication``, freezing, switching, saving and merging."""
+``layer_replication``, freezing, switching, saving and merging; LoRA on the fused expert tensors
+of every MoE family (an upcycled model too), exact, trained and exported."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,13 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.grow.apply import Freezer, apply_stage
+from engine.model.families import FAMILIES
 from engine.model.view import count_params
 from engine.ops.adapters import (
+    adapted_path,
     adapter_layers,
     adapter_names,
     adapter_state_dict,
     load_adapter_state,
     merge_adapters,
+    plain_module_path,
     role_module_names,
     set_active_adapters,
 )
@@ -50,15 +55,26 @@ def train(model, steps=3, seed=0, lr=0.05):
     train_steps(model, token_batch(seed), steps=steps, lr=lr)
 
 
-def roles_of(view) -> list[str]:
-    """The roles the family has: no FFN roles on MoE families (fused 3-D experts are no Linears)."""
-    if view.moe:
+def roles_of(view, op: str = "lora") -> list[str]:
+    """The roles `op` adapts in the family: on MoE families LoRA takes the experts' 3-D tensors
+    too, IA3 (PEFT adapts modules only) the attention roles."""
+    if view.moe and op == "ia3":
         return [r for r in ADAPTER_ROLES if r not in FFN_ROLES]
-    return [r for r in ADAPTER_ROLES if r != "gate" or view.family.ffn.gate]
+    return [r for r in ADAPTER_ROLES if r != "gate" or view.moe or view.family.ffn.gate]
 
 
 def adapter_tensors(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if ".lora_" in n or ".ia3_" in n]
+
+
+def adapted(model) -> dict:
+    """What each PEFT layer adapts (a module path, or an expert tensor's path) -> the layer."""
+    return {adapted_path(plain_module_path(path), layer): layer for path, layer in adapter_layers(model)}
+
+
+def base_tensor(layer) -> torch.nn.Parameter:
+    """The tensor a PEFT layer adapts: its base module's weight, or an expert tensor."""
+    return getattr(layer.get_base_layer(), getattr(layer, "parameter_name", "weight"))
 
 
 # random tiny configs: family, depth, heads, head_dim, ffn width, weights seed
@@ -75,7 +91,7 @@ tiny_models = st.tuples(st.sampled_from(ALL_DECODER_FAMILIES), st.integers(2, 3)
 def test_adapters_are_exact_at_init(config, op, data):
     model, view = build(*config)
     n = config[1]
-    roles = data.draw(st.lists(st.sampled_from(roles_of(view)), min_size=1, max_size=4, unique=True))
+    roles = data.draw(st.lists(st.sampled_from(roles_of(view, op)), min_size=1, max_size=4, unique=True))
     layers = data.draw(st.one_of(st.just("all"), st.lists(st.integers(0, n - 1), min_size=1, max_size=n,
                                                           unique=True)))
     spec = {"op": op, "modules": roles, "layers": layers}
@@ -89,14 +105,16 @@ def test_adapters_are_exact_at_init(config, op, data):
     assert report["exact"] and report["max_abs_logit_delta"] <= 1e-4, report
     assert report["loss_before"] == pytest.approx(report["loss_after"], abs=1e-5)
 
-    # adapters sit on exactly the projections the roles name (fused q/k/v: one module)
+    # adapters sit on exactly the projections the roles name (fused q/k/v: one module; an MoE
+    # block's experts: their 3-D tensors, a rank-r pair per expert)
     chosen = list(range(n)) if layers == "all" else layers
     targets = role_module_names(view, chosen, roles)
-    layers_found = dict(adapter_layers(model))
+    layers_found = adapted(model)
     assert set(layers_found) == set(targets)
     assert adapter_names(model) == {f"{op}_stage0": op}
     if op == "lora":
-        expected = sum(spec["r"] * (layer.in_features + layer.out_features) for layer in layers_found.values())
+        expected = sum(spec["r"] * getattr(layer, "num_experts", 1) * (layer.in_features + layer.out_features)
+                       for layer in layers_found.values())
     else:
         ff = set(spec["feedforward"])
         expected = sum(layer.in_features if ff & set(targets[path]) else layer.out_features
@@ -146,8 +164,8 @@ def test_virtual_twins_get_their_own_adapters(family):
     base_before = {}
     for (path, a), (_, b) in pairs:
         assert a is not b
-        assert a.get_base_layer().weight is b.get_base_layer().weight  # one base tensor
-        base_before[path] = a.get_base_layer().weight.detach().clone()
+        assert base_tensor(a) is base_tensor(b)  # one base tensor
+        base_before[path] = base_tensor(a).detach().clone()
         for attr in ("lora_A", "lora_B"):
             wa, wb = getattr(a, attr)["lora_stage0"].weight, getattr(b, attr)["lora_stage0"].weight
             assert wa is not wb and wa.data_ptr() != wb.data_ptr()  # own adapter tensors
@@ -162,8 +180,8 @@ def test_virtual_twins_get_their_own_adapters(family):
         ba, bb = a.lora_B["lora_stage0"].weight, b.lora_B["lora_stage0"].weight
         assert float(ba.detach().abs().max()) > 0 and float(bb.detach().abs().max()) > 0
         assert not torch.allclose(ba, bb), path  # trained apart
-        assert a.get_base_layer().weight is b.get_base_layer().weight  # still one tensor ...
-        assert torch.equal(a.get_base_layer().weight, base_before[path])  # ... frozen
+        assert base_tensor(a) is base_tensor(b)  # still one tensor ...
+        assert torch.equal(base_tensor(a), base_before[path])  # ... frozen
 
 
 def test_adapter_put_on_before_the_mapping_is_tied_with_the_block():
@@ -374,14 +392,14 @@ def test_merging_keeps_the_function_of_twins_with_different_adapters():
 
 @pytest.mark.parametrize("family", ALL_DECODER_FAMILIES)
 def test_merging_nested_adapters_then_growing_again(family):
-    """LoRA then IA3 on the same projections nest; identity insertion over them stays exact
-    (the inner LoRA is zeroed too), and merging keeps the function."""
+    """LoRA then IA3 on the same projections nest (o; down where it is a Linear — an MoE block's
+    down is an expert tensor, LoRA only); identity insertion over them stays exact (the inner
+    LoRA is zeroed too, an expert tensor's as well), and merging keeps the function."""
     model, view = build(family, 2, 2, 4, 12, 0)
-    modules = ["o", "v" if view.moe else "down"]  # MoE experts are no Linear modules PEFT wraps
-    growth = grow(model, view, {"op": "lora", "modules": modules, "r": 2})
+    growth = grow(model, view, {"op": "lora", "modules": ["o", "down"], "r": 2})
     Freezer().apply(model, "base", growth)
     train(model)
-    growth = grow(model, view, {"op": "ia3", "modules": modules}, stage=1)
+    growth = grow(model, view, {"op": "ia3", "modules": ["o"] if view.moe else ["o", "down"]}, stage=1)
     Freezer().apply(model, "base", growth)
     train(model, seed=1)
     assert any(".base_layer" in path for path, _ in adapter_layers(model))  # nested
@@ -394,3 +412,141 @@ def test_merging_nested_adapters_then_growing_again(family):
     merge_adapters(model)
     assert not adapter_layers(model)
     assert float((logits(model) - before).abs().max()) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on the experts of MoE families (PEFT's ParamWrapper on the fused 3-D tensors)
+
+
+MOE = [f.name for f in FAMILIES if f.moe is not None]
+
+
+def _expert_lora_trains_and_exports(model, view, tmp_path):
+    """LoRA on up/down: exact at creation, only adapters train (every expert tensor's B moves,
+    each expert's update of rank <= r), and the export reloads in plain transformers to the
+    trained model's logits. Returns (max |Δlogits| at creation, after export)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.exports.hf_directory import export_model
+    from engine.model.forward import forward_logits
+    from engine.train.data import ByteTokenizer
+
+    r = 2
+    growth = grow(model, view, {"op": "lora", "modules": ["up", "down"], "r": r, "name": "e"}, stage=1)
+    report = growth.reports[0]
+    assert report["exact"] and report["max_abs_logit_delta"] <= 1e-5, report
+    assert "one low-rank pair per expert" in report["note"], report["note"]
+    moe = view.moe
+    experts = {path: layer for path, layer in adapted(model).items() if hasattr(layer, "parameter_name")}
+    sparse = view.sparse_layers()
+    assert set(experts) == {f"{view.family.blocks}.{i}.{moe.module}.{leaf}" for i in sparse
+                            for leaf in (moe.gate_up, moe.down)}
+    for layer in experts.values():  # PEFT reads [E, in, out] where the experts module says so
+        assert layer.get_base_layer().is_transposed == moe.transposed
+        assert layer.lora_A["e"].weight.shape[0] == r * view.num_experts
+
+    Freezer().apply(model, "base", growth)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in adapter_tensors(model)}
+    frozen = {path: base_tensor(layer).detach().clone() for path, layer in experts.items()}
+    train(model)
+    for path, layer in experts.items():
+        assert torch.equal(base_tensor(layer), frozen[path]), path
+        assert float(layer.lora_B["e"].weight.detach().abs().max()) > 0, path  # the experts' adapters learned
+    trained = logits(model)
+
+    inputs = token_batch(0)[0]
+    export_model(model, ByteTokenizer(), tmp_path / "out")  # materialize: merged into the tensors
+    for path, layer in experts.items():
+        update = (base_tensor(layer) - frozen[path]).float()
+        assert float(update.abs().max()) > 0 and all(int(torch.linalg.matrix_rank(u, rtol=1e-4)) <= r for u in update), path
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # plain transformers, no widen
+    with torch.no_grad():
+        exported = float((forward_logits(reloaded, inputs) - trained).abs().max())
+    assert exported <= 1e-4, exported
+    return report["max_abs_logit_delta"], exported
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_lora_on_experts_is_exact_trains_and_exports(family, tmp_path):
+    """roles up (= gate: the fused gate_up tensor) and down adapt every expert of each sparse block;
+    Qwen's dense blocks (mlp_only_layers) get Linear adapters as before."""
+    model, view = build(family, 2, 2, 4, 12, 0)
+    _expert_lora_trains_and_exports(model, view, tmp_path)
+    if view.family.moe.dense_layers_field:  # block 0 of the tiny Qwen2-MoE is dense
+        dense = [i for i in range(view.num_layers) if not view.is_sparse(i)]
+        assert all(type(model.get_submodule(f"model.layers.{i}.mlp.down_proj")).__name__ == "Linear" for i in dense)
+
+
+def test_lora_on_upcycled_experts_exports(tmp_path):
+    """A Llama whose FFNs became MixtralSparseMoeBlocks: the same adapters, exported as Mixtral."""
+    from tests.engine.ops.test_ops_experts import dense_model
+
+    model, view = dense_model("llama", "llama", layers=2)
+    grow(model, view, {"op": "upcycle", "experts": 4, "top_k": 2})
+    assert view.family.name == "mixtral" and type(model).__name__ == "LlamaForCausalLM"
+    _expert_lora_trains_and_exports(model, view, tmp_path)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_expert_adapters_join_nest_and_refuse_growth():
+    """A later stage adds a second adapter to the same expert tensor (one ParamWrapper, two
+    adapters) and another tensor (a nested wrapper); task-module keys tell the tensors apart;
+    growing the adapted experts is refused in one line."""
+    model, view = build("mixtral", 2, 2, 4, 12, 0)
+    grow(model, view, {"op": "lora", "modules": ["down"], "r": 2, "name": "a"})
+    grow(model, view, {"op": "lora", "modules": ["mlp.experts.down_proj", "gate"], "r": 2, "name": "b"}, stage=1)
+    found = adapted(model)
+    down, gate_up = found["model.layers.0.mlp.experts.down_proj"], found["model.layers.0.mlp.experts.gate_up_proj"]
+    assert set(down.lora_A) == {"a", "b"} and set(gate_up.lora_A) == {"b"}
+    # task-module keys name the tensor: the nested wrappers of one experts module stay apart
+    from engine.grow.task_modules import adapter_parameters
+
+    keys = adapter_parameters(model, "b")
+    assert len(keys) == len([n for n, _ in adapter_tensors(model) if ".b." in n]) == 2 * 2 * 2
+    assert "model.layers.0.mlp.experts.gate_up_proj.lora_A.b.weight" in keys
+    for spec in ({"op": "widen_ffn", "size": 4}, {"op": "add_experts", "experts": 8}):
+        with pytest.raises(ValueError, match="experts carry a LoRA adapter on their tensors") as caught:
+            grow(model, view, spec, stage=2)
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_expert_adapters_save_in_peft_layout(family):
+    """adapter_state_dict keys an expert tensor's adapter as PEFT nests its ParamWrappers: PEFT's
+    own model with the same target_parameters takes the tensors and computes the same logits."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    model, view = build(family, 2, 2, 4, 12, 0)
+    reference = copy.deepcopy(model)
+    grow(model, view, {"op": "lora", "modules": ["q", "up", "down"], "r": 2, "alpha": 4, "name": "default"})
+    with torch.no_grad():
+        for _, p in adapter_tensors(model):
+            p.normal_(std=0.3)  # B != 0: the adapters matter
+    saved = adapter_state_dict(model, "default")
+    moe = view.moe
+    tensors = [f"model.layers.{i}.{moe.module}.{leaf}" for i in range(2) for leaf in (moe.gate_up, moe.down)]
+    reference = get_peft_model(reference, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                     target_parameters=tensors))
+    theirs = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(reference).items()}
+    assert set(saved) == set(theirs) and any(".experts.base_layer.lora_A" in k for k in saved)
+    set_peft_model_state_dict(reference, {f"base_model.model.{k}": v for k, v in saved.items()})
+    assert float((logits(model) - logits(reference)).abs().max()) <= 1e-5
+
+
+def test_meta_preview_counts_expert_adapters_as_the_build(tmp_path, widen_home):
+    """The parameter preview (operators on the meta device) counts LoRA on expert tensors and on
+    Qwen's dense blocks as build_from_plan measures them; a growth copies an adapted block."""
+    from engine.grow.preview import preview_plan
+    from tests.engine.grow.test_preview_meta import _measured, _model_dir, _plan
+
+    raw = _plan(str(_model_dir("qwen2_moe", tmp_path)), [("base", [{"op": "lora", "modules": ["q", "up", "down"]}])],
+                [{"op": "insert_identity", "layers": [1]}])
+    preview = preview_plan(json.loads(json.dumps(raw)))
+    assert preview.error == "", preview.error
+    reports, grown = _measured(raw, tmp_path)
+    ops = [op for op in preview.stages[0].ops if ".grow." not in op.path]
+    assert [(r["op"], r["params_added"]) for r in reports] == [(op.op, op.added) for op in ops]
+    assert (preview.stages[0].total_after, preview.stages[0].trainable) == \
+        (reports[-1]["params_after"], reports[-1]["trainable"])
+    assert [op.added for op in preview.stages[0].ops if ".grow." in op.path] == [grown] and grown > 0

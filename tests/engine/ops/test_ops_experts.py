@@ -252,6 +252,13 @@ def config_dir(tmp_path, name: str, **fields) -> str:
     ([[{"op": "upcycle", "experts": 4, "drop": 0.2}]], "stages.0.expand.0", 'init = "drop"'),
     ([[{"op": "upcycle", "experts": 4}, {"op": "add_experts", "experts": 4}]], "stages.0.expand.1.experts",
      "experts > 4"),
+    # adapters on the upcycled experts: only LoRA (PEFT's ParamWrapper), without dropout
+    ([[{"op": "upcycle", "experts": 4}, {"op": "ia3", "modules": ["down"]}]], "stages.0.expand.1.modules",
+     "PEFT's IA3 adapts modules only"),
+    ([[{"op": "upcycle", "experts": 4}, {"op": "lora", "modules": ["up"], "dropout": 0.1}]],
+     "stages.0.expand.1.dropout", "adapts without dropout"),
+    ([[{"op": "upcycle", "experts": 4}, {"op": "lora", "modules": ["down"]}, {"op": "add_experts", "experts": 8}]],
+     "stages.0.expand.2.op", "experts carry a LoRA adapter"),
 ])
 def test_misfits_are_one_line_at_plan_check(tmp_path, stages, field, fragment):
     found = problems(tmp_path, config_dir(tmp_path, "llama"), *stages)

@@ -91,8 +91,8 @@ def _module_names(family) -> list:
     paths = [f"{attention.module}.{attention.q or attention.qkv}"]
     if ffn:  # a dense FFN (MoE families: where some blocks have one)
         paths += [f"{ffn.module}.{ffn.up}", f"{ffn.module}.{ffn.down}"]
-    if moe:  # the router and fused experts: no Linears
-        paths += [f"{moe.module}.{moe.router}", f"{moe.module}.{moe.experts}"]
+    if moe:  # the router and fused experts: no Linears; an expert tensor (LoRA only)
+        paths += [f"{moe.module}.{moe.router}", f"{moe.module}.{moe.experts}", f"{moe.module}.{moe.down}"]
     return [*ADAPTER_ROLES, *paths, "mlp.nope"]
 
 
