@@ -37,7 +37,7 @@ from engine.grow.apply import Freezer, StageGrowth
 from engine.grow.growth import carry_optimizer_state, combine_growth, continue_schedule, grow_model, growth_generator
 from engine.grow.triggers import Progress, make_trigger
 from engine.model.forward import IGNORE_INDEX
-from engine.model.view import ArchView, count_params
+from engine.model.view import ArchView, active_params, count_params
 
 __all__ = ["GrowthCallback", "GrowthSettingsError", "TaskModulesCallback"]
 
@@ -112,13 +112,14 @@ class _RunWriter:
     def emit(self, kind: str, **fields):
         return self.events.emit(kind, **fields)
 
-    def finish(self, state: str, history: dict, tasks: list[str], params: int) -> None:
+    def finish(self, state: str, history: dict, tasks: list[str], params: int, active: int) -> None:
         from engine.runs.results import build_results
         from engine.runs.rundir import write_json_atomic
 
         identity = {"run": self.run.id, "plan": self.name, "state": state, "seed": self.seed,
                     "variant": None, "group": None}
-        document = build_results(identity, tasks, history, params, {"peak_rss_mb": None, "torch_peak_mb": None})
+        document = build_results(identity, tasks, history, params, {"peak_rss_mb": None, "torch_peak_mb": None},
+                                 active_params=active)
         write_json_atomic(self.run.results_json, document)
         self.emit("status", state=state)
         self.status.close(state=state, ended=time.time())
@@ -250,7 +251,7 @@ class GrowthCallback(TrainerCallback):
             history["trained_at"] = {t: STAGE for t in tasks}
         self.writer.emit("stage", stage=STAGE, name="train", task="train", steps=state.max_steps, phase="end",
                          params=params, trainable=trainable)
-        self.writer.finish("done", history, tasks, params)
+        self.writer.finish("done", history, tasks, params, active_params(trainer.model))
 
     # ------------------------------------------------------------------ the growth
     def _grow(self, state) -> None:

@@ -37,6 +37,15 @@ BUILTIN_MODELS: dict[str, dict] = {
         attention_dropout=0.0, resid_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
         tie_word_embeddings=True,
     ),
+    # A Llama-shaped model of the same size (4 layers, d_model 128, 4 heads of 32 sharing 2
+    # key/value heads, SwiGLU FFN 344: its 3 x 128 x 344 FFN weights match tiny-neo's
+    # 2 x 128 x 512), so the operators GPT-Neo has no class for apply to a built-in model:
+    # upcycle makes it a Mixtral (docs/moe.md).
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=259, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=344, hidden_act="silu", max_position_embeddings=512,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
+    ),
 }
 
 

@@ -232,7 +232,10 @@ class _Grower:
         self.read_std = read_std
         self.symmetry = symmetry
         self.grown: list[tuple[nn.Parameter, torch.Tensor]] = []
-        self._done: dict[int, nn.Parameter] = {}
+        # id(old) -> (old, new): the old tensor is held so that its id cannot be reused by a tensor
+        # made later in the same growth (an FSDP walk fills each block's tensors as it reaches the
+        # block: a reused id would hand that block another module's grown tensor)
+        self._done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
 
     def _replace(self, module: nn.Module, name: str, build) -> None:
         old = getattr(module, name, None)
@@ -241,9 +244,9 @@ class _Grower:
         if id(old) not in self._done:
             tensor, mask = build(old.detach())
             new = nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
-            self._done[id(old)] = new
+            self._done[id(old)] = (old, new)
             self.grown.append((new, mask if mask.is_meta else mask_on(mask, new)))
-        setattr(module, name, self._done[id(old)])
+        setattr(module, name, self._done[id(old)][1])
 
     def values(self, module: nn.Module, name: str, axis: Axis, copy=None, pad=0.0) -> None:
         """A tensor holding stream values along its last dim (embeddings, norm gains/biases):

@@ -1,6 +1,7 @@
 """Runs side by side: the figures `widen compare` prints, from run directories alone (no torch).
 
-Each run gives one row (parameters, trainable share, final perplexity and bits per byte per task,
+Each run gives one row (parameters — all, and those a token goes through in a mixture of experts —,
+trainable share, final perplexity and bits per byte per task,
 forgetting, ACC/BWT/FWT, time, speed, memory). Runs of the same plan and variant with different
 seeds form a group whose figures are mean ± std (sample std, n-1). Runs whose model grows
 mid-way are compared at equal compute too: the training loss each run had when it had spent the
@@ -17,7 +18,7 @@ from engine.runs.forgetting import FORGETTING_DEFINITION, SIGN_CONVENTION
 from engine.runs.records import EventRecord, StepEvent, is_number
 
 # the per-run figures that are averaged over seeds (dotted: per-task dictionaries)
-SCALARS = ("params", "params_added", "trainable", "trainable_share", "acc", "bwt", "fwt", "wall_s",
+SCALARS = ("params", "active_params", "params_added", "trainable", "trainable_share", "acc", "bwt", "fwt", "wall_s",
            "tokens_per_s", "peak_rss_mb", "torch_peak_mb", "growths", "loss_at_equal_flops",
            "loss_at_equal_tokens")
 PER_TASK = ("final_ppl", "final_bpb", "forgetting")
@@ -28,7 +29,7 @@ def run_row(info: dict, status: dict, results: dict | None) -> dict:
     row = {"id": info.get("id"), "name": info.get("name"), "plan": info.get("plan_name") or info.get("name"),
            "variant": info.get("variant"), "seed": info.get("seed"), "group": info.get("group"),
            "state": status.get("state"), "tasks": (results or {}).get("tasks", [])}
-    for key in ("params", "params_added", "trainable", "trainable_share", "acc", "bwt", "fwt", "wall_s",
+    for key in ("params", "active_params", "params_added", "trainable", "trainable_share", "acc", "bwt", "fwt", "wall_s",
                 "tokens_per_s", "peak_rss_mb", "torch_peak_mb", "growths", "tokens", "flops", "prefix_cached"):
         row[key] = summary.get(key)
     for key in PER_TASK:

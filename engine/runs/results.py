@@ -17,9 +17,10 @@ GENERATION_SCORES = ("exact_match", "bleu")
 
 
 def build_results(identity: dict, tasks: list[str], history: dict, params: int, memory: dict,
-                  sweep: dict | None = None) -> dict:
+                  sweep: dict | None = None, active_params: int | None = None) -> dict:
     """`identity`: run, plan, state, seed, variant, group; `history`: the trainer's; `memory`:
-    peak_rss_mb and torch_peak_mb."""
+    peak_rss_mb and torch_peak_mb; `params` / `active_params`: the final model's parameters, all of
+    them and those a token goes through (``engine.model.view.active_params``; default: all)."""
     h = history
     matrix = h["matrix"]
     continual = metrics.continual_summary(matrix, h["trained_at"]) if matrix else {}
@@ -36,6 +37,7 @@ def build_results(identity: dict, tasks: list[str], history: dict, params: int, 
         "forgetting_metric": metrics.COMPARABLE_METRIC,
         "acc": continual.get("acc"), "bwt": continual.get("bwt"), "fwt": continual.get("fwt"),
         "params": params,
+        "active_params": params if active_params is None else active_params,
         "params_added": sum(r["params_added"] for r in h["expansions"]),
         "trainable": last_stage.get("trainable"),
         "trainable_share": last_stage.get("trainable_share"),
@@ -74,7 +76,7 @@ def build_results(identity: dict, tasks: list[str], history: dict, params: int, 
 def write_ending(trainer, state: str, error: str | None = None) -> None:
     """A trainer's ending (engine.train.loop.Trainer, rank 0): results.json (once set up), a status
     event, status.json. Each write is tried on its own, so a full disk loses as little as it can."""
-    from engine.model.view import count_params
+    from engine.model.view import active_params, count_params
     from engine.runs.rundir import write_json_atomic
 
     extra = {"error": error} if error else {}
@@ -85,7 +87,7 @@ def write_ending(trainer, state: str, error: str | None = None) -> None:
                     "variant": trainer.info.get("variant"), "group": trainer.info.get("group")}
         memory = {"peak_rss_mb": trainer.monitor.peak_rss_mb, "torch_peak_mb": sample.get("torch_peak_mb")}
         document = build_results(identity, list(trainer.tasks), asdict(trainer.history), count_params(trainer.model),
-                                 memory, getattr(trainer, "sweep_result", None))
+                                 memory, getattr(trainer, "sweep_result", None), active_params(trainer.model))
         try:
             write_json_atomic(trainer.run.results_json, {**document, **extra})
         except OSError:

@@ -263,15 +263,13 @@ def load_balancing_loss(captured: list[tuple[torch.Tensor, torch.Tensor]], all_s
             probs = probs + torch.softmax(logits.float(), dim=-1).sum(0)
             rows += logits.shape[0]
         sums.append((experts, len(layers), counts, probs, rows))
-    shares = [counts / rows for _, _, counts, _, rows in sums]
+    routed = torch.cat([torch.cat([c, c.new_tensor([r])]) for _, _, c, _, r in sums])  # per pool: counts, tokens
     if all_sum is not None:
-        flat = all_sum(torch.cat([torch.cat([c, c.new_tensor([r])]) for _, _, c, _, r in sums]))
-        shares, at = [], 0
-        for experts, *_ in sums:
-            shares.append(flat[at:at + experts] / flat[at + experts])
-            at += experts + 1
-    total = 0.0
-    for (experts, layers, _, probs, rows), share in zip(sums, shares):
+        routed = all_sum(routed)   # every rank's
+    total, at = 0.0, 0
+    for experts, layers, _, probs, rows in sums:
+        share = routed[at:at + experts] / routed[at + experts]   # f_e
+        at += experts + 1
         total = total + experts * torch.sum(share * (probs / rows)) * layers
     return total / len(captured)
 

@@ -16,6 +16,7 @@ from typing import Any
 import tomli_w
 
 from engine import builtins
+from engine.model import sources
 from engine.plan import PlanError, Problem, check_model_fields, plan_from_dict, read_toml
 
 
@@ -39,7 +40,7 @@ UNSET: Any = _Unset()  # "remove this key" (a field left empty takes the schema'
 
 KeyPath = tuple  # a path into the raw dict: ("stages", 1, "expand", 0, "size")
 
-BUILTIN_MODELS = ("builtin:tiny-neo", "builtin:mlp")
+BUILTIN_MODELS = tuple(f"builtin:{name}" for name in [*sources.BUILTIN_MODELS, *sources.BUILTIN_MLPS])
 BUILTIN_TASK_SOURCES = builtins.sources(builtins.TEXT_CORPORA + builtins.GENERATION_CORPORA)
 TOKENIZERS = ("bytes",)
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"

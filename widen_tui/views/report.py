@@ -281,14 +281,18 @@ def comparison_view(data: dict) -> Group:
     quality.add_column("BWT", justify="right")
     cost = Table(title=f"parameters and cost{over}", title_justify="left", header_style="bold")
     gpu = any(g["torch_peak_mb"] for g in data["groups"])  # runs on a GPU: torch's own peak too
-    for col in ("variant", "seeds", "params", "added", "trainable", "share", "time (all stages)", "tokens/s",
-                "peak RSS MB", *(["GPU peak MB"] if gpu else [])):
+    # mixtures of experts: the parameters a token goes through (its top-k experts), beside all of them
+    sparse = any(g.get("active_params") and g["params"] and g["active_params"]["mean"] != g["params"]["mean"]
+                 for g in data["groups"])
+    for col in ("variant", "seeds", "params", *(["active"] if sparse else []), "added", "trainable", "share",
+                "time (all stages)", "tokens/s", "peak RSS MB", *(["GPU peak MB"] if gpu else [])):
         cost.add_column(col, justify="left" if col == "variant" else "right")
     for g in data["groups"]:
         name = g["variant"] or g["plan"]
         quality.add_row(name, *[_ms(g["final_ppl"].get(t), 2) for t in tasks],
                         *[_ms(g["forgetting"].get(t), 4) for t in tasks], _ms(g["acc"], 4), _ms(g["bwt"], 4))
-        cost.add_row(name, ",".join(str(x) for x in g["seeds"]), _ms(g["params"], 0), _ms(g["params_added"], 0),
+        cost.add_row(name, ",".join(str(x) for x in g["seeds"]), _ms(g["params"], 0),
+                     *([_ms(g.get("active_params"), 0)] if sparse else []), _ms(g["params_added"], 0),
                      _ms(g["trainable"], 0),
                      _ms(g["trainable_share"], 2, 100) + "%" if g["trainable_share"] else "–",
                      _ms(g["wall_s"], 1) + "s" if g["wall_s"] else "–", _ms(g["tokens_per_s"], 0),

@@ -182,6 +182,32 @@ def test_compare_groups_seeds_into_mean_and_std():
     assert "positive = worse retention" in data["sign_convention"]
 
 
+def test_compare_shows_the_parameters_a_token_goes_through_beside_all():
+    """A mixture of experts' runs: `active_params` (the top-k experts, not all of them) in the JSON
+    and an "active" column; runs where every parameter is active (dense) need no such column."""
+    from rich.console import Console
+
+    from widen_tui.views.report import comparison_view
+
+    def fake(variant, seed, params, active):
+        info = {"id": f"{variant}{seed}", "name": f"p-{variant}", "plan_name": "p", "variant": variant, "seed": seed}
+        summary = {"params": params, "active_params": active, "final_ppl": {"a": 10.0}, "forgetting": {"a": None}}
+        return info, {"state": "done"}, {"tasks": ["a"], "summary": summary}
+
+    def table(data):
+        console = Console(width=200, record=True)
+        console.print(comparison_view(data))
+        return console.export_text()
+
+    data = compare_runs([fake("dense", 0, 759_296, 759_296), fake("moe", 0, 2_346_496, 1_289_728),
+                         fake("moe", 1, 2_346_496, 1_289_728)])
+    assert [g["active_params"]["mean"] for g in data["groups"]] == [759_296, 1_289_728]
+    assert data["runs"][1]["active_params"] == 1_289_728
+    text = table(data)
+    assert "active" in text and "1,289,728±0" in text and "2,346,496±0" in text
+    assert "active" not in table(compare_runs([fake("dense", 0, 759_296, 759_296)]))
+
+
 def test_loss_at_interpolates_between_logged_points():
     curve = [(10.0, 4.0), (20.0, 2.0)]
     assert loss_at(curve, 15.0) == pytest.approx(3.0)
