@@ -295,3 +295,18 @@ def test_widen_hidden_previews_what_the_build_adds(name, tmp_path, widen_home):
     assert [(r["op"], r["params_added"]) for r in reports] == [(op.op, op.added) for op in previewed]
     assert (preview.stages[0].total_after, preview.stages[0].trainable) == \
         (reports[-1]["params_after"], reports[-1]["trainable"])
+
+
+def assert_preview_matches_the_run(raw: dict, tmp_path) -> None:
+    """The meta preview of a one-stage plan with a growth counts what a real build measures: each
+    operator's parameters, the stage's totals and the growth's added parameters."""
+    from engine.grow.preview import preview_plan
+
+    preview = preview_plan(json.loads(json.dumps(raw)))
+    assert preview.error == "", preview.error
+    reports, grown = _measured(raw, tmp_path)
+    ops = [op for op in preview.stages[0].ops if ".grow." not in op.path]
+    assert [(r["op"], r["params_added"]) for r in reports] == [(op.op, op.added) for op in ops]
+    assert (preview.stages[0].total_after, preview.stages[0].trainable) == \
+        (reports[-1]["params_after"], reports[-1]["trainable"])
+    assert [op.added for op in preview.stages[0].ops if ".grow." in op.path] == [grown] and grown > 0

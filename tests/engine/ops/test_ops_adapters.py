@@ -537,16 +537,8 @@ def test_expert_adapters_save_in_peft_layout(family):
 def test_meta_preview_counts_expert_adapters_as_the_build(tmp_path, widen_home):
     """The parameter preview (operators on the meta device) counts LoRA on expert tensors and on
     Qwen's dense blocks as build_from_plan measures them; a growth copies an adapted block."""
-    from engine.grow.preview import preview_plan
-    from tests.engine.grow.test_preview_meta import _measured, _model_dir, _plan
+    from tests.engine.grow.test_preview_meta import _model_dir, _plan, assert_preview_matches_the_run
 
     raw = _plan(str(_model_dir("qwen2_moe", tmp_path)), [("base", [{"op": "lora", "modules": ["q", "up", "down"]}])],
                 [{"op": "insert_identity", "layers": [1]}])
-    preview = preview_plan(json.loads(json.dumps(raw)))
-    assert preview.error == "", preview.error
-    reports, grown = _measured(raw, tmp_path)
-    ops = [op for op in preview.stages[0].ops if ".grow." not in op.path]
-    assert [(r["op"], r["params_added"]) for r in reports] == [(op.op, op.added) for op in ops]
-    assert (preview.stages[0].total_after, preview.stages[0].trainable) == \
-        (reports[-1]["params_after"], reports[-1]["trainable"])
-    assert [op.added for op in preview.stages[0].ops if ".grow." in op.path] == [grown] and grown > 0
+    assert_preview_matches_the_run(raw, tmp_path)

@@ -196,21 +196,13 @@ def test_upcycled_then_add_experts_exports(tmp_path):
 def test_meta_preview_equals_the_build(family, tmp_path, widen_home):
     """The parameter preview runs upcycle and add_experts on the meta device: per operator, per
     stage (freeze = "base") and per growth, its figures are what build_from_plan measures."""
-    from engine.grow.preview import preview_plan
-    from tests.engine.grow.test_preview_meta import _measured, _model_dir, _plan
+    from tests.engine.grow.test_preview_meta import _model_dir, _plan, assert_preview_matches_the_run
 
     raw = _plan(str(_model_dir(family, tmp_path)), [("base", [
         {"op": "upcycle", "experts": 4, "top_k": 1, "router": "kmeans", "layers": [0, 2] if family == "qwen3" else "all"},
         {"op": "add_experts", "experts": 8}])])
     raw["stages"][-1]["grow"]["expand"] = [{"op": "add_experts", "experts": 16}]
-    preview = preview_plan(json.loads(json.dumps(raw)))
-    assert preview.error == "", preview.error
-    reports, grown = _measured(raw, tmp_path)
-    ops = [op for op in preview.stages[0].ops if ".grow." not in op.path]
-    assert [(r["op"], r["params_added"]) for r in reports] == [(op.op, op.added) for op in ops]
-    assert (preview.stages[0].total_after, preview.stages[0].trainable) == \
-        (reports[-1]["params_after"], reports[-1]["trainable"])
-    assert [op.added for op in preview.stages[0].ops if ".grow." in op.path] == [grown] and grown > 0
+    assert_preview_matches_the_run(raw, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
