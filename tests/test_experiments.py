@@ -11,7 +11,7 @@ from engine.plan import validate_file
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 EMBEDDED = ["quickstart", "compare_strategies", "progressive_growth", "mapping_sweep", "init_failure_modes",
-            "upcycling"]
+            "upcycling", "growth_recipes"]
 NETWORK = ["layer_widening_codet5", "virtual_layers_tinystories", "net2net_progressive"]
 # name the hub id of SmolLM2-135M; run here on `widen real-model`'s copy (--set model.source=...)
 REAL = ["real_layer_widening", "real_virtual_layers", "real_init_failure_modes"]

@@ -44,8 +44,22 @@ The lr after a growth (``schedule_after``; the scheduler's position is always th
 - ``rewarm`` (LEMON, Wang et al. 2023: the expanded model trains best with the small model's
   peak lr and a faster decay): from the growth's step r the lr is back at the peak and decays
   with the schedule's shape over the steps left, progress (step - r) / (steps - r), no second
-  warm-up (``engine.train.optim.lr_factor``'s `restarts`; every growth of the stage restarts it). The
-  restarts are the stage's growth steps in ``history.growths``, so a resume rebuilds them.
+  warm-up (``engine.train.optim.LrSchedule``'s `restarts`; every growth of the stage restarts it). The
+  restarts are the stage's growth steps in ``history.growths``, so a resume rebuilds them. Under
+  ``schedule = "wsd"`` a rewarm goes back to the peak and keeps the decay at the end of the stage
+  (the stable phase goes on); ``rewarm_steps`` (SPARKLING) climbs back linearly instead of jumping.
+
+The optimizer state at a growth (``optimizer_state``; ``apply_state_policy`` after the carry):
+
+- ``carry`` (default): the rules below — old entries keep their state, split units' moments are
+  transformed with the weights, copies take their source's (Staged Training);
+- ``reset``: a fresh AdamW over the grown model (zero moments, step 0), as a naive restart;
+- ``asymmetric`` (SPARKLING, Yu et al. 2026): the old entries keep their carried state, every new
+  entry starts from zero moments — new units of grown tensors (copies of split units included:
+  their outgoing share no longer follows the source's moments), copied blocks and experts, new
+  tensors. With ``schedule_after = "rewarm"`` and ``rewarm_steps`` it is the paper's recipe for
+  width growth mid-training, except that the re-warm-up applies to the whole model (one lr per
+  AdamW group, not per entry). Under FSDP it gathers the model for the growth.
 
 Operators that copy units default to exact symmetry breaking inside a growth
 (``OpParams.growth_defaults``, filled in by GrowSpec, so the plan dump says it): widen_ffn /
@@ -135,7 +149,8 @@ from engine.grow.apply import StageGrowth, apply_stage
 from engine.grow.triggers import AtTrigger, BudgetTrigger, PlateauDetector, Progress, make_trigger
 from engine.ops.registry import OpResult, Split
 
-__all__ = ["AtTrigger", "BudgetTrigger", "PlateauDetector", "Progress", "carry_optimizer_state", "combine_growth",
+__all__ = ["AtTrigger", "BudgetTrigger", "PlateauDetector", "Progress", "apply_state_policy", "carry_optimizer_state",
+           "combine_growth",
            "continue_schedule", "grow_model", "growth_generator", "make_trigger"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's elementwise state (torch 2.13)
@@ -356,6 +371,40 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
             counts["unplaced"].append(names[id(p)][0])
     zero_masked_moments(new_optimizer, masked)
     return counts
+
+
+def apply_state_policy(optimizer: torch.optim.Optimizer, growth: StageGrowth, policy: str) -> int:
+    """``[stages.grow] optimizer_state`` after the carry: "carry" keeps what ``carry_optimizer_state``
+    placed; "reset" empties the optimizer (a fresh AdamW: zero moments, step 0, its own bias
+    correction); "asymmetric" (SPARKLING) keeps the old entries' state and gives every new entry
+    zero moments — the new entries of grown tensors (the operators' `grown` masks, copies of split
+    units included), and whole new tensors (copies of blocks, upcycled experts, inserted blocks,
+    adapters) start fresh. Returns the number of tensors whose state was dropped or zeroed."""
+    if policy == "carry":
+        return 0
+    if policy == "reset":
+        dropped = sum(1 for state in optimizer.state.values() if state)
+        optimizer.state.clear()
+        return dropped
+    new = {id(p) for result in growth.results for p in result.new_params}
+    new |= {id(c) for result in growth.results for c, _ in getattr(result, "copies", [])}
+    new |= {id(pl.param) for result in growth.results for pl in getattr(result, "placements", [])}
+    masks = _masks_by_param(growth.results)
+    touched = 0
+    for p in list(optimizer.state):
+        state = optimizer.state[p]
+        if not state:
+            continue
+        if id(p) in new:
+            del optimizer.state[p]
+            touched += 1
+        elif id(p) in masks:
+            keep = ~masks[id(p)]
+            for key in MOMENTS:
+                if key in state:
+                    state[key] = state[key] * keep.to(state[key].device, state[key].dtype)
+            touched += 1
+    return touched
 
 
 def carried_state(state: dict, p: torch.Tensor, splits: list[Split] | None, mask: torch.Tensor | None) -> dict | None:

@@ -440,6 +440,20 @@ FAMILIES = FAMILIES + (
 )
 
 
+def residual_scaling_refusal(family: ArchFamily) -> str | None:
+    """Why depth-µP's residual scaling (``[train] residual_scaling = "depth_mup"``,
+    engine.train.depth_scaling) cannot apply to `family`'s models, in a few words; None when it
+    can. It needs one stack of plain residual blocks, each writing the stream through its
+    attention output and FFN down projections (or through its post-norms' gains)."""
+    if family.kind == "mlp":
+        return "an nn.Sequential MLP has no residual blocks"
+    if family.kind != "causal_lm" or family.stacks:
+        return f"{family.name} is an encoder-decoder (two stacks of blocks and cross-attention)"
+    if family.moe is not None:
+        return f"{family.name} blocks are a mixture of experts (routed FFNs)"
+    return None
+
+
 def upcycle_targets(family: ArchFamily) -> dict[str, str]:
     """Model type -> the MoE family it upcycles to, for the model types this entry serves (an
     entry made from another by `replace` keeps its dict, so only its own types count)."""

@@ -46,6 +46,16 @@ BUILTIN_MODELS: dict[str, dict] = {
         num_key_value_heads=2, intermediate_size=344, hidden_act="silu", max_position_embeddings=512,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
     ),
+    # The growth recipes' family (experiments/growth_recipes.toml): Llama blocks, heads of 64, a
+    # SwiGLU FFN of 2.6875 × d_model (688 at 256) and the byte vocabulary. The target, 8 × 256
+    # (6.4M parameters), and the shapes its recipes start from: one layer (the zero/one-layer
+    # recipe), two (G_stack ×4, MIDAS), half the width (SPARKLING's width doubling).
+    **{f"llama-{layers}x{width}": dict(
+        model_type="llama", vocab_size=259, hidden_size=width, num_hidden_layers=layers,
+        num_attention_heads=width // 64, num_key_value_heads=width // 64, intermediate_size=width * 43 // 16,
+        hidden_act="silu", max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=1,
+        pad_token_id=0, tie_word_embeddings=True)
+       for layers, width in ((8, 256), (1, 256), (2, 256), (8, 128))},
 }
 
 

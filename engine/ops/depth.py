@@ -110,46 +110,65 @@ def _expert_outputs(view, block: nn.Module) -> list[nn.Parameter]:
     return tensors
 
 
-@torch.no_grad()
-def _scale_outputs(view, block: nn.Module, factor: float) -> None:
-    """Multiply the block's residual contributions by `factor`: the output projections' weights
-    and biases; under PEFT adapters, the innermost base layer and the LoRA B matrices of every
-    adapter layer around it (adapters of later stages wrap earlier ones: LoRA inside IA3 must be
-    scaled too; IA3 multiplies what it wraps, so scaling inside it suffices).
+def residual_outputs(view, block: nn.Module) -> list[tuple[nn.Parameter, float]]:
+    """The tensors through which `block` writes the residual stream, each with the offset its
+    stored value carries: multiplying every (tensor + offset) by c multiplies the block's residual
+    contributions by c. They are the output projections' weights and biases; under PEFT adapters,
+    the innermost base layer and the LoRA B matrices of every adapter layer around it (adapters of
+    later stages wrap earlier ones: LoRA inside IA3 must be scaled too; IA3 multiplies what it
+    wraps, so scaling inside it suffices); a sparse block's expert down tensors.
 
     Families whose sub-layer outputs pass a norm before the residual add (OLMo-2, Gemma 2/3:
-    ``post_norms``) scale through those norms' gains instead: the norm would undo a scaled
-    projection, and a zero gain (with the projections kept) still lets the block learn."""
+    ``post_norms``) write through those norms' gains instead (offset: the family's
+    ``norm_offset``, Gemma's 1 + w) and biases, if any: the norm would undo a scaled projection.
+    Each tensor once (a block never holds one twice, but a tied twin block holds its source's)."""
     if view.family.post_norms:
-        _scale_post_norms(view, block, factor)
-        return
+        found = []
+        for path in view.family.post_norms:
+            norm = get_submodule(block, path)
+            while "weight" not in norm._parameters and isinstance(getattr(norm, "norm", None), nn.Module):
+                norm = norm.norm  # a masked norm of widen_hidden wraps the gain's module
+            found.append((norm.weight, view.family.norm_offset))
+            if norm._parameters.get("bias") is not None:
+                found.append((norm.bias, 0.0))
+        return found
+    tensors = []
     for module in _output_projections(view, block):
         chain = [module]  # the projection and every layer it wraps (PEFT keeps it as base_layer)
         while isinstance(getattr(chain[-1], "base_layer", None), nn.Module):
             chain.append(chain[-1].base_layer)
         base = chain[-1]
-        tensors = [base._parameters.get("weight"), base._parameters.get("bias")]
+        own = [base._parameters.get("weight"), base._parameters.get("bias")]
         if hasattr(base, "materialize"):  # a widen wrapper (parallel_linear, concat): linear in every tensor
-            tensors = list(base.parameters())
+            own = list(base.parameters())
+        tensors += own
         for layer in chain[:-1]:
             lora_b = getattr(layer, "lora_B", None)
             if isinstance(lora_b, nn.ModuleDict):
                 tensors += [p for m in lora_b.values() for p in m.parameters()]
-        for p in tensors:
-            if p is not None:
-                p.mul_(factor)
-    for p in _expert_outputs(view, block):
-        p.mul_(factor)
+    tensors += _expert_outputs(view, block)
+    unique = {id(p): p for p in tensors if p is not None}
+    return [(p, 0.0) for p in unique.values()]
 
 
 @torch.no_grad()
-def _scale_post_norms(view, block: nn.Module, factor: float) -> None:
-    """Scale the gain of every post-norm by `factor`; a gain stored with an offset (Gemma's
-    1 + w) scales the sum, so factor 0 gives weight = -offset."""
-    offset = view.family.norm_offset
-    for path in view.family.post_norms:
-        weight = get_submodule(block, path).weight
-        weight.copy_((weight.float() + offset) * factor - offset)
+def _scale_outputs(view, block: nn.Module, factor: float) -> None:
+    """Multiply the block's residual contributions by `factor`, through ``residual_outputs``: a
+    tensor stored with an offset (Gemma's 1 + w) scales the sum, so factor 0 gives weight =
+    -offset. Post-norm families scale the norms' gains, not the projections: a zero gain (with
+    the projections kept) still lets the block learn."""
+    scale_residual_outputs(residual_outputs(view, block), factor)
+
+
+@torch.no_grad()
+def scale_residual_outputs(tensors: list[tuple[nn.Parameter, float]], factor: float) -> None:
+    """(tensor + offset) -> (tensor + offset) · factor for each of ``residual_outputs``' pairs (an
+    offset sum in float32 at least, as the norms compute it)."""
+    for p, offset in tensors:
+        if offset:
+            p.copy_((p.to(torch.promote_types(p.dtype, torch.float32)) + offset) * factor - offset)
+        else:
+            p.mul_(factor)
 
 
 def _shared_ids(blocks, skip: int | None = None) -> set[int]:

@@ -700,7 +700,8 @@ class DepthUpScaling(BaseModel):
 
 @register_op(implementation="engine.ops.depth:map_layers", block_list=True, builder_order=90,
              does="target block i = source block `mapping[i]`, real or virtual (weight-tied) repeats; "
-                  "`keep_ends`, `dus`, `repeat` (G_stack: the whole stack g times), `scale`",
+                  "`keep_ends`, `dus`, `repeat` (G_stack: the whole stack g times), `stack_middle` (MIDAS: the "
+                  "middle blocks copied once), `scale`",
              exact="the identity mapping only",
              adds="a block per real repeat; 0 per virtual one",
              families="per stack on T5")
@@ -714,6 +715,9 @@ class MapLayersParams(OpParams):
     dus: DepthUpScaling | None = Field(None, description="helper: {copies = 2, drop = 8} (SOLAR)")
     repeat: Int | None = Field(None, ge=2, le=64, description="helper: the whole stack this many times, "
                                "0..n-1 then 0..n-1 again (G_stack); relative to the depth, so a growth can repeat it")
+    stack_middle: Int | None = Field(None, ge=1, le=MAX_DEPTH, description="helper: the middle this many blocks "
+                                     "copied once, after themselves (MIDAS); relative to the depth, so a growth can "
+                                     "repeat it (2 -> 4 -> 6 -> 8 with stack_middle = 2)")
     kinds: LayerKind | list[LayerKind] | None = Field(
         None, description='"real" | "virtual" per target, or one for all (default: a source\'s first '
                           'occurrence holds its own block, repeats are virtual — real when `scale` is set)')
@@ -733,9 +737,9 @@ class MapLayersParams(OpParams):
 
     @model_validator(mode="after")
     def _one_way_and_kinds(self):
-        given = [k for k in ("mapping", "keep_ends", "dus", "repeat") if getattr(self, k) is not None]
+        given = [k for k in ("mapping", "keep_ends", "dus", "repeat", "stack_middle") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of mapping, keep_ends, dus, repeat — "
+            raise ValueError("give exactly one of mapping, keep_ends, dus, repeat, stack_middle — "
                              + (f"got {' and '.join(given)}" if given else
                                 "e.g. mapping = [0, 1, 1, 2, 2, 3] or keep_ends = {depth = 8}"))
         if isinstance(self.kinds, list) and self.mapping is not None and len(self.kinds) != len(self.mapping):
@@ -770,6 +774,14 @@ class MapLayersParams(OpParams):
                 raise ValueError(f"repeat = {self.repeat} makes {n * self.repeat} blocks of a {n}-block model — at "
                                  f"most {MAX_DEPTH}: use repeat <= {max(1, MAX_DEPTH // n)}")
             return list(range(n)) * self.repeat
+        if self.stack_middle is not None:
+            k = self.stack_middle
+            if k > n or n + k > MAX_DEPTH:
+                raise ValueError(f"stack_middle = {k} copies more blocks than the {n}-block model has — use "
+                                 f"stack_middle <= {n}" if k > n else f"stack_middle = {k} makes {n + k} blocks — "
+                                 f"at most {MAX_DEPTH}")
+            start = (n - k) // 2  # the band that centres it (engine.ops.mapping_families' midas, times = 2)
+            return [*range(start + k), *range(start, n)]
         if self.keep_ends is not None:
             depth = self.keep_ends.depth
             if n == 1:
@@ -815,7 +827,7 @@ class MapLayersParams(OpParams):
         try:
             mapping = self.resolve(num_layers)
         except ValueError as e:
-            field = next(k for k in ("keep_ends", "dus", "repeat") if getattr(self, k) is not None)
+            field = next(k for k in ("keep_ends", "dus", "repeat", "stack_middle") if getattr(self, k) is not None)
             return [(field, str(e))]
         try:
             self._check_scaled_kinds(mapping)

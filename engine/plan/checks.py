@@ -29,6 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine import builtins
+from engine.model.families import residual_scaling_refusal
 from engine.model.gguf import INSTALL_HINT as GGUF_INSTALL_HINT
 from engine.model.gguf import TOKENIZER_FROM_MODEL, is_gguf_path
 from engine.names import label_problem, name_problem
@@ -599,6 +600,7 @@ def check_model_fields(raw: dict) -> list[Problem]:
     if not variants and arch:
         arms.append((arch, depths, ""))
     problems += _router_loss_problems(raw, [own for own, _, _ in arms] or ([arch] if arch else []))
+    problems += _residual_scaling_problems(raw, [own for own, _, _ in arms] or ([arch] if arch else []))
     sweep = raw.get("sweep")
     if isinstance(sweep, dict):
         for own, final, label in arms:
@@ -709,6 +711,31 @@ def _router_loss_problems(raw: dict, archs: list) -> list[Problem]:
     names = " / ".join(dict.fromkeys(a.family.name for a in archs))
     return [Problem(f"train.{k}", f"weighs a router loss, but the {names} model has no experts and no stage "
                                   f"upcycles it (op = \"{UPCYCLE_OP}\") — remove train.{k}") for k in weighed]
+
+
+EXPERT_OPS = ("upcycle", "add_experts")  # operators after which the blocks are a mixture of experts
+
+
+def _residual_scaling_problems(raw: dict, archs: list) -> list[Problem]:
+    """``train.residual_scaling = "depth_mup"`` on models without one stack of plain residual
+    blocks (``residual_scaling_refusal``), or with a stage that gives them experts."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    if train.get("residual_scaling") != "depth_mup":
+        return []
+    fix = 'set residual_scaling = "none"'
+    reasons = dict.fromkeys(r for r in (residual_scaling_refusal(a.base_family) for a in archs) if r)
+    if reasons:
+        return [Problem("train.residual_scaling", f'"depth_mup" needs plain residual blocks — '
+                                                  f'{"; ".join(reasons)}; {fix}')]
+    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
+    lists = [raw.get("stages")] + [v.get("stages") for v in variants if isinstance(v, dict)]
+    stages = [s for stages in lists if isinstance(stages, list) for s in stages if isinstance(s, dict)]
+    ops = dict.fromkeys(spec.get("op") for stage in stages for _, specs in _stage_op_lists(stage) for spec in specs
+                        if isinstance(spec, dict) and spec.get("op") in EXPERT_OPS)
+    if ops:
+        return [Problem("train.residual_scaling", f'"depth_mup" needs plain residual blocks — {" and ".join(ops)} '
+                                                  f"makes the blocks a mixture of experts; {fix} or drop that stage")]
+    return []
 
 
 def _seq_len_problems(raw: dict, arch, label: str) -> list[Problem]:

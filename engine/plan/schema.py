@@ -126,13 +126,32 @@ class DistributedSpec(Strict):
         return self.nproc * self.nnodes
 
 
+Fraction1 = Annotated[Float, Field(gt=0, le=1)]   # a share that may be all of it
+
+
 class TrainSpec(Strict):
     batch_size: Int = Field(16, gt=0, le=MAX_BATCH_SIZE)
     seq_len: Int = Field(128, gt=1, le=MAX_SEQ_LEN, description="tokens per sequence (at most the model's positions)")
     lr: Float = Field(1e-3, gt=0, le=MAX_LR)
     weight_decay: Float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    schedule: Literal["constant", "linear", "cosine", "wsd"] = Field(
+        "cosine", description="the lr after the warm-up: constant; linear to 0; cosine to 0.1 of the peak; wsd: "
+        "warmup-stable-decay, the peak held, then a decay to 0 over the last decay_fraction of each stage")
+    decay_fraction: Fraction1 | None = Field(None, validate_default=True, description="wsd: the share of each "
+                                             "stage's steps the decay takes (default 0.2)",
+                                             json_schema_extra={"default_text": "0.2 under wsd"})
+    decay_shape: Literal["linear", "cosine", "sqrt"] | None = Field(
+        None, validate_default=True, description="wsd: the decay's shape — linear 1-p, cosine (1+cos πp)/2, "
+        "sqrt 1-√p (p: the share of the decay done; default linear)",
+        json_schema_extra={"default_text": "linear under wsd"})
     warmup_steps: Int = Field(0, ge=0, le=MAX_STEPS)
+    residual_scaling: Literal["none", "depth_mup"] = Field(
+        "none", description="depth_mup: every block's residual branches read through (base/depth)^½ and its "
+        "AdamW lr scaled alike (depth-µP), folded into the weights and the optimizer's groups so the model "
+        "stays a standard one; a growth in depth keeps the function (docs/growth.md)")
+    residual_base_depth: Int | None = Field(None, ge=1, le=MAX_DEPTH, description="depth_mup: the depth whose "
+                                            "multiplier is 1 (default: the model's depth as loaded)",
+                                            json_schema_extra={"default_text": "the loaded model's depth"})
     grad_clip: Float = Field(1.0, ge=0, description="0 disables clipping")
     grad_accum: Int = Field(1, ge=1, le=1024, description="micro-batches per step: each process's share of "
                             "the global batch is split into this many (same figures, less memory)")
@@ -169,6 +188,28 @@ class TrainSpec(Strict):
         if isinstance(v, list) and len(set(map(repr, v))) != len(v):
             raise ValueError("names a tracker twice — list each once")
         return v
+
+    @field_validator("decay_fraction", "decay_shape")
+    @classmethod
+    def _belongs_to_wsd(cls, value, info: ValidationInfo):
+        schedule = info.data.get("schedule")
+        if schedule is None:
+            return value  # the schedule itself is wrong: reported there
+        if value is not None and schedule != "wsd":
+            raise ValueError(f'belongs to schedule = "wsd" (this one is "{schedule}") — remove it or set '
+                             'schedule = "wsd"')
+        if schedule == "wsd" and value is None:
+            return 0.2 if info.field_name == "decay_fraction" else "linear"
+        return value
+
+    @field_validator("residual_base_depth")
+    @classmethod
+    def _belongs_to_depth_mup(cls, value, info: ValidationInfo):
+        scaling = info.data.get("residual_scaling")
+        if value is not None and scaling is not None and scaling != "depth_mup":
+            raise ValueError(f'belongs to residual_scaling = "depth_mup" (this one is "{scaling}") — remove it or '
+                             'set residual_scaling = "depth_mup"')
+        return value
 
     @property
     def nproc(self) -> int:
@@ -235,7 +276,13 @@ class GrowSpec(Strict):
                                     "budget: one per point)", json_schema_extra={"default_text": "1 or one per point"})
     schedule_after: Literal["continue", "rewarm"] = Field(
         "continue", description="the lr after a growth: continue the schedule, or rewarm: back to the peak, "
-        "decaying over the stage's steps left (LEMON)")
+        "decaying over the stage's steps left (LEMON); under wsd: back to the peak, the decay where it was")
+    rewarm_steps: Int = Field(0, ge=0, le=MAX_STEPS, description="rewarm: the lr climbs from 0 back to the peak "
+                              "over these steps after a growth (SPARKLING's re-warm-up; 0: at once)")
+    optimizer_state: Literal["carry", "reset", "asymmetric"] = Field(
+        "carry", description="AdamW's moments at a growth — carry: every old entry's state follows it, copies "
+        "take their source's (Staged Training); reset: a fresh AdamW for the whole model; asymmetric: old "
+        "entries keep theirs, every new entry (new units, copies, blocks) starts at zero (SPARKLING)")
     expand: list[ExpandSpec] = Field(..., min_length=1, description="the operators applied at each growth")
 
     @field_validator("at_steps", "at_tokens", "budget_flops", "at_fractions")
@@ -274,6 +321,15 @@ class GrowSpec(Strict):
             return len(points)
         return 1 if value is None else value
 
+    @field_validator("rewarm_steps")
+    @classmethod
+    def _rewarm_needs_rewarm(cls, value, info: ValidationInfo):
+        after = info.data.get("schedule_after")
+        if value and after is not None and after != "rewarm":
+            raise ValueError(f'belongs to schedule_after = "rewarm" (this one is "{after}") — remove it or set '
+                             'schedule_after = "rewarm"')
+        return value
+
     @model_validator(mode="after")
     def _growth_defaults(self):
         """Give each operator the settings it takes by default inside a growth (the plan dump
@@ -309,6 +365,8 @@ class VariantSpec(Strict):
     name: str = Field(..., min_length=1)
     description: str | None = None
     model: ModelSpec | None = Field(None, description="this variant's model (default: the plan's)")
+    train: dict | None = Field(None, description="this variant's changes to [train] (e.g. residual_scaling, lr, "
+                               "schedule), over the plan's; checked as the merged [train]")
     stages: list[StageSpec] = Field(default_factory=list)
 
 
@@ -359,6 +417,27 @@ class Plan(Strict):
                                "evaluating a task switches to its modules over the shared frozen base")
     sweep: SweepSpec | None = None
 
+    @model_validator(mode="after")
+    def _variant_train(self):
+        """A variant's [train] changes must make a valid [train] with the plan's: the first problem,
+        named by its path (``variants[i].train.<field>``)."""
+        for i, variant in enumerate(self.variants):
+            if variant.train:
+                try:
+                    self.variant_train(variant)
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    where = ".".join(str(part) for part in first["loc"])
+                    raise ValueError(f"variants[{i}].train{'.' + where if where else ''}: "
+                                     f"{first['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    def variant_train(self, variant: "VariantSpec") -> TrainSpec:
+        """The [train] a variant runs: the plan's, with the variant's changes."""
+        if not variant.train:
+            return self.train
+        return TrainSpec.model_validate({**self.train.model_dump(exclude_unset=True), **variant.train})
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
@@ -376,6 +455,8 @@ class Plan(Strict):
                     description=variant.description or self.description)
         if variant.model is not None:
             data["model"] = variant.model.model_dump()
+        if variant.train:
+            data["train"] = self.variant_train(variant).model_dump(exclude_unset=True)
         return Plan.model_validate(data)
 
     def prefix_key(self, stages: int) -> str:

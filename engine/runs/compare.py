@@ -15,7 +15,7 @@ import statistics
 
 from engine.runs.events import latest_segment
 from engine.runs.forgetting import FORGETTING_DEFINITION, SIGN_CONVENTION
-from engine.runs.records import EventRecord, StepEvent, is_number
+from engine.runs.records import EventRecord, ExpandEvent, StepEvent, is_number
 
 # the per-run figures that are averaged over seeds (dotted: per-task dictionaries)
 SCALARS = ("params", "active_params", "params_added", "trainable", "trainable_share", "acc", "bwt", "fwt", "wall_s",
@@ -50,6 +50,15 @@ def _unit_health(report: dict) -> dict:
             "max_pairwise_cosine": report.get("max_pairwise_cosine"), "max_twin_cosine": report.get("max_twin_cosine"),
             "max_pairwise_cosine_after": after.get("max_pairwise_cosine"),
             "max_twin_cosine_after": after.get("max_twin_cosine")}
+
+
+def model_grew(events: list[EventRecord]) -> bool:
+    """Whether a run's model grew mid-way: a stage's operators or a growth (an expand event with a
+    trigger) changed its parameter count between steps. Steps and tokens then undercount what it
+    cost, and only training FLOPs make it comparable with other runs; a run that did not grow is
+    the default baseline of compute to target (``engine.runs.compute_to_target``)."""
+    params = {e.params for e in events if isinstance(e, StepEvent) and e.params}
+    return len(params) > 1 or any(isinstance(e, ExpandEvent) and e.trigger for e in events)
 
 
 def _curve(events: list[EventRecord], axis: str) -> list[tuple[float, float]]:

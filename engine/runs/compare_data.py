@@ -14,7 +14,7 @@ from pathlib import Path
 from engine.runs import compare
 from engine.runs.compute_to_target import RunInput, TargetError, compute_to_target
 from engine.runs.events import latest_segment, read_all
-from engine.runs.records import EventRecord, ExpandEvent, StepEvent
+from engine.runs.records import EventRecord
 from engine.runs.rundir import RunDir
 
 
@@ -35,11 +35,8 @@ class LoadedRun:
 
     @property
     def grew(self) -> bool:
-        """Whether the model grew mid-way (a stage's operators or a plateau growth changed its
-        parameter count between steps): steps and tokens then undercount what it cost, and only
-        training FLOPs make it comparable with other runs."""
-        params = {e.params for e in self.events if isinstance(e, StepEvent) and e.params}
-        return len(params) > 1 or any(isinstance(e, ExpandEvent) and e.trigger for e in self.events)
+        """Whether the model grew mid-way (``engine.runs.compare.model_grew``)."""
+        return compare.model_grew(self.events)
 
 
 @dataclass
@@ -75,8 +72,9 @@ def _label(runs: list[LoadedRun]) -> None:
 
 def comparison(runs: list[LoadedRun]) -> dict:
     """`compare_runs`' figures (what `widen compare` prints), from the events already in memory;
-    under "target", compute to target as `widen compare --target-loss auto` has it (baseline: the
-    first run, the default task) — a ``TargetReport``, or the one line saying why there is none."""
+    under "target", compute to target as `widen compare --target-loss auto` has it (the default
+    baseline: a run that did not grow, else the first; the default task) — a ``TargetReport``, or
+    the one line saying why there is none."""
     data = compare.compare_runs([(r.info, r.status, r.results) for r in runs], [r.events for r in runs])
     try:
         data["target"] = compute_to_target([RunInput(r.id, r.info, r.events) for r in runs], labels=[r.label for r in runs])

@@ -16,6 +16,12 @@ events into ``RunCurves`` (deduplicated, on a global-step axis) and reads
 Seeds: runs of one plan and variant (or name) with different seeds form a group, as in
 ``engine.runs.compare``; a group's figures are mean ± std (sample std) over its seeds, and only
 when every seed reached the target ("reached 2/3" otherwise, never a mean of the survivors).
+
+The baseline (the runs the ratios divide by): ``--baseline``, else a run whose model did not grow
+(``engine.runs.compare.model_grew``: the from-scratch arm of a progressive experiment), else the
+first run. The auto target is the loss every seed of the baseline's group reaches: the worst
+(highest) final held-out loss among its seeds. The strictest target, the best (lowest) seed's
+final loss, is reported too, with how many seeds of each group reached it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from engine.errors import WidenError
+from engine.runs.compare import model_grew
 from engine.runs.curves import RunCurves, _interp, curves_from_events, is_number
 from engine.runs.records import EventRecord, StageEvent
 
@@ -70,6 +77,7 @@ class RunTarget:
     eval_every_steps: float | None   # mean spacing of those evals in global steps
     final_loss: float | None
     ratio: dict[str, float | None] = field(default_factory=dict)  # per axis: this run / the baseline's
+    strict_reached: bool | None = None   # reached the strictest target (auto with distinct baseline seeds)
 
 
 @dataclass
@@ -80,18 +88,28 @@ class GroupTarget:
     reached: int
     figures: dict[str, dict | None] = field(default_factory=dict)   # axis -> mean/std/n (all seeds reached)
     ratio: dict[str, dict | None] = field(default_factory=dict)
+    strict_reached: int | None = None    # seeds that reached the strictest target (None: no strict target)
 
 
 @dataclass
 class TargetReport:
     task: str
     target: float
-    auto: bool                   # target = the baseline's final held-out loss
+    auto: bool                   # target = the worst final held-out loss among the baseline's seeds
     baseline: str                # run id
     baseline_group: str
     runs: list[RunTarget]
     groups: list[GroupTarget]
     rule: str                    # how the baseline, task and target were chosen, in words
+    # auto: the best (lowest) final held-out loss among the baseline's seeds; None with --target-loss L
+    strict_target: float | None = None
+    baseline_finals: dict[str, float] = field(default_factory=dict)  # auto: each baseline seed's final loss
+
+    @property
+    def strict_differs(self) -> bool:
+        """Whether the strictest target is another loss than the target (several baseline seeds
+        that ended apart): only then has it a table of its own."""
+        return self.strict_target is not None and self.strict_target != self.target
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -213,35 +231,71 @@ def _mean_std(values: list[float]) -> dict | None:
             "n": len(values)}
 
 
+def choose_baseline(runs: Sequence[RunInput], baseline: str | None) -> tuple[str, str]:
+    """The baseline's run id and the rule that chose it: `baseline` (--baseline), else a run whose
+    model did not grow when some did (the from-scratch arm of a progressive experiment), else the
+    first run given."""
+    ids = [r.id for r in runs]
+    if baseline is not None:
+        if baseline not in ids:
+            raise TargetError(f"--baseline {baseline} is not among the runs compared")
+        return baseline, "baseline: --baseline"
+    grew = [model_grew(list(r.events)) for r in runs]
+    fixed = [r for r, g in zip(runs, grew) if not g]
+    if not fixed or len(fixed) == len(runs):
+        return ids[0], "baseline: the first run given, as " + ("every run grew" if all(grew) else "no run grew")
+    if len(fixed) == 1:
+        return fixed[0].id, "baseline: the run that did not grow"
+    if len({_group_key(r.info, r.id) for r in fixed}) == 1:
+        return fixed[0].id, "baseline: the variant that did not grow"
+    return fixed[0].id, "baseline: the first run that did not grow"
+
+
+def _target_rule(target: float, strict: float | None, finals: dict[str, float]) -> str:
+    """The auto target in words: whose final loss it is, and whether the strictest differs."""
+    if len(finals) == 1:
+        return (f"{target:.4f} = the baseline's final held-out loss (auto; one baseline seed: the strictest "
+                "target is the same)")
+    if strict == target:
+        return (f"{target:.4f} = the final held-out loss of each of the baseline's {len(finals)} seeds "
+                "(auto; they ended at the same loss: the strictest target is the same)")
+    return (f"{target:.4f} = the worst final held-out loss of the baseline's {len(finals)} seeds, which every "
+            f"one of them reaches (auto); strictest target {strict:.4f} = the best seed's")
+
+
 def compute_to_target(runs: Sequence[RunInput], target: float | None = None, task: str | None = None,
                       baseline: str | None = None, labels: Sequence[str] | None = None) -> TargetReport:
-    """`target` None: auto, the baseline's final held-out loss. `baseline`: a run id among
-    `runs` (default: the first). `labels`: a name per run for tables (default: its group)."""
+    """`target` None: auto, the worst final held-out loss among the baseline group's seeds (and
+    the strictest target, the best seed's). `baseline`: a run id among `runs` (default:
+    ``choose_baseline``). `labels`: a name per run for tables (default: its group)."""
     if not runs:
         raise TargetError("no runs to compare")
     ids = [r.id for r in runs]
-    if baseline is None:
-        baseline, base_rule = ids[0], "baseline: the first run given"
-    elif baseline in ids:
-        base_rule = "baseline: --baseline"
-    else:
-        raise TargetError(f"--baseline {baseline} is not among the runs compared")
+    baseline, base_rule = choose_baseline(runs, baseline)
     curves = [curves_from_events(r.id, r.events) for r in runs]
     task, task_rule = choose_task(runs, curves, task)
     base_index = ids.index(baseline)
-    base_points = eval_points(curves[base_index], task)
-    auto = target is None
+    groups_of = [_group_key(r.info, r.id) for r in runs]
+    base_group = groups_of[base_index]
+    points_of = [eval_points(c, task) for c in curves]
+    auto, strict, finals = target is None, None, {}
     if auto:
-        target = base_points[-1][1]
+        finals = {ids[i]: points_of[i][-1][1] for i in range(len(runs))
+                  if groups_of[i] == base_group and points_of[i]}
+        if not finals:
+            raise TargetError(f"the baseline {baseline} has no held-out evals of task '{task}' — no auto target; "
+                              "give --target-loss L or another --baseline")
+        target, strict = max(finals.values()), min(finals.values())
+    differs = strict is not None and strict != target  # the strictest target is another loss
     rows = []
     for i, (run, c) in enumerate(zip(runs, curves)):
-        points = eval_points(c, task)
+        points = points_of[i]
         gaps = [b[0] - a[0] for a, b in zip(points, points[1:])]
-        rows.append(RunTarget(run.id, labels[i] if labels else _group_key(run.info, run.id),
-                              _group_key(run.info, run.id), run.info.get("seed"), crossing(c, task, target),
-                              len(points), statistics.fmean(gaps) if gaps else None,
+        rows.append(RunTarget(run.id, labels[i] if labels else groups_of[i], groups_of[i], run.info.get("seed"),
+                              crossing(c, task, target), len(points), statistics.fmean(gaps) if gaps else None,
                               points[-1][1] if points else None))
-    base_group = rows[base_index].group
+        if differs:
+            rows[-1].strict_reached = crossing(c, task, strict).reached
     base_members = [r for r in rows if r.group == base_group]
     reference = {}
     for axis in AXES:  # the baseline's figure: its group's mean, when every seed of it got there
@@ -258,6 +312,8 @@ def compute_to_target(runs: Sequence[RunInput], target: float | None = None, tas
     for name, members in groups.items():
         reached = sum(m.crossing.reached for m in members)
         entry = GroupTarget(name, [m.id for m in members], [m.seed for m in members], reached)
+        if differs:
+            entry.strict_reached = sum(bool(m.strict_reached) for m in members)
         for axis in AXES:
             values = [getattr(m.crossing, axis) for m in members]
             ratios = [m.ratio[axis] for m in members]
@@ -266,8 +322,9 @@ def compute_to_target(runs: Sequence[RunInput], target: float | None = None, tas
             entry.ratio[axis] = _mean_std(ratios) if every and all(is_number(v) for v in ratios) else None
         aggregated.append(entry)
     rule = (f"{task_rule}; {base_rule} ({baseline}); target "
-            + (f"{target:.4f} = the baseline's final held-out loss (auto)" if auto else f"{target:g} (--target-loss)"))
-    return TargetReport(task, float(target), auto, baseline, base_group, rows, aggregated, rule)
+            + (_target_rule(target, strict, finals) if auto else f"{target:g} (--target-loss)"))
+    return TargetReport(task, float(target), auto, baseline, base_group, rows, aggregated, rule,
+                        float(strict) if strict is not None else None, finals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +393,21 @@ def run_rows(report: TargetReport) -> tuple[list[str], list[list[str]]]:
         cells.append(density(r))
         rows.append(cells)
     return columns, rows
+
+
+def strict_rows(report: TargetReport) -> tuple[list[str], list[list[str]]] | None:
+    """Per variant, how many seeds reached the strictest target (the best baseline seed's final
+    loss); None when it is the target itself (one baseline seed, or seeds that ended alike)."""
+    if not report.strict_differs:
+        return None
+    rows = [[g.group + (" (baseline)" if g.group == report.baseline_group else ""), ",".join(str(s) for s in g.seeds),
+             f"{g.strict_reached}/{len(g.runs)}"] for g in report.groups]
+    return ["variant", "seeds", "reached"], rows
+
+
+def strict_title(report: TargetReport) -> str:
+    return (f"strictest target: how many seeds' held-out loss on {report.task} reached {report.strict_target:.4f}, "
+            "the best baseline seed's final loss")
 
 
 def title(report: TargetReport) -> str:

@@ -59,6 +59,7 @@ class Mark:
     label: str
     kind: str                # "stage" | "expansion" | "growth"
     params_added: int = 0
+    trigger: str | None = None  # a growth: what fired it ("plateau", "at", "budget"; None: not recorded)
 
 
 E = TypeVar("E", bound=EventRecord)
@@ -158,7 +159,7 @@ class RunCurves:
 
     def expansion_marks(self, x: str = "steps") -> list[Mark]:
         """A mark per stage that applied operators (kind "expansion", at its start) and per
-        plateau growth (kind "growth"), at the loss just after."""
+        growth (kind "growth", with the trigger that fired it), at the loss just after."""
         marks = []
         for stage in sorted({e.stage for e in self.expansions}):
             ops = [e for e in self.expansions if e.stage == stage]
@@ -171,7 +172,9 @@ class RunCurves:
             e = placed.event
             y = e.loss_after if is_number(e.loss_after) else self.train_loss_at(placed.g)
             tag = f"growth {e.growth + 1}" if e.growth is not None else "growth"  # 0-based
-            marks.append(Mark(self.x_of(placed, x), y, f"{e.op} ({tag})", "growth", int(e.params_added or 0)))
+            trigger = e.trigger if isinstance(e.trigger, str) and e.trigger else None
+            marks.append(Mark(self.x_of(placed, x), y, f"{e.op} ({tag})", "growth", int(e.params_added or 0),
+                              trigger))
         return marks
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from engine.grow import flops, sweep
-from engine.grow.growth import Progress, carry_optimizer_state, continue_schedule, make_trigger
+from engine.grow.growth import Progress, apply_state_policy, carry_optimizer_state, continue_schedule, make_trigger
 from engine.model.view import count_params
 from engine.ops import health
 from engine.plan import Plan, load_plan
@@ -331,7 +331,8 @@ class Trainer:
         split units), log it, go on."""
         started, stage = time.perf_counter(), self.plan.stages[index]
         k, step = self.position.growths, self.position.step
-        by_units = self.m.grows_by_units(stage.grow.expand)
+        # asymmetric reset reads each new entry's mask on the whole model: FSDP gathers it for that
+        by_units = self.m.grows_by_units(stage.grow.expand) and stage.grow.optimizer_state != "asymmetric"
         if not by_units:  # FSDP: whole on every rank for operators that are not per block
             optimizer, scheduler = self.m.gather(index + 1, self.history.growths, optimizer, scheduler)
         growth, before = self.m.grow(index, k, probe_batch(self.eval_sets[stage.task]), self.history.growths,
@@ -344,6 +345,7 @@ class Trainer:
             self.m.load_carried(new_optimizer)
         else:
             carry_optimizer_state(optimizer, new_optimizer, before, self.model, growth, masked=self.m.freezer.masked)
+        apply_state_policy(new_optimizer, growth, stage.grow.optimizer_state)  # carry, reset or asymmetric
         continue_schedule(scheduler, new_scheduler)
         self._log_expansions(index, growth.reports, trigger=stage.grow.trigger, growth=k, step=step,
                              global_step=self._global_step(index, step), tokens=self.history.tokens,

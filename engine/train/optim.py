@@ -3,26 +3,94 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """A stage's learning rate as a share of its peak, step by step (``factor``).
+
+    - ``constant``, ``linear``, ``cosine``: `warmup` steps rising linearly, then the schedule's decay
+      over the rest of the `steps` (linear to 0, cosine to 0.1 of the peak).
+    - ``wsd`` (warmup-stable-decay; MiniCPM, Hägele et al. 2024): the warm-up, then the peak held
+      (the stable phase), then a decay to 0 over the last `decay_fraction` of the stage's steps,
+      shaped `decay_shape`: linear 1 - p, cosine (1 + cos πp)/2, or sqrt 1 - √p (p: the share of the
+      decay done). The decay's length is fixed by the stage, not by its growths: a growth during
+      the stable phase keeps it.
+
+    `restarts` (``[stages.grow] schedule_after = "rewarm"``): the stage steps at which a growth
+    went back to the peak. From the last restart r <= step on:
+
+    - constant / linear / cosine (LEMON's "same peak, faster decay"): the decay starts again at r
+      and runs over the steps left, progress (step - r) / (steps - r);
+    - wsd: the peak again until the decay's first step, then the same decay; a restart inside the
+      decay runs the decay again over the steps left.
+
+    `rewarm_steps` (SPARKLING's re-warm-up): after a restart the lr climbs linearly from 0 to that
+    value over that many steps instead of jumping back (0: the jump, LEMON's rule). No warm-up of
+    `warmup` again: the grown model continues a trained one."""
+
+    kind: str
+    steps: int
+    warmup: int = 0
+    restarts: tuple[int, ...] = ()
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
+    rewarm_steps: int = 0
+
+    @property
+    def decay_start(self) -> int:
+        """wsd: the first step of the decay (the stable phase ends there)."""
+        return self.steps - max(1, round(self.decay_fraction * self.steps))
+
+    def factor(self, step: int) -> float:
+        last = max((r for r in self.restarts if r <= step), default=None)
+        if last is not None:
+            ramp = min(1.0, (step - last + 1) / self.rewarm_steps) if self.rewarm_steps else 1.0
+            return ramp * self._after(step, restart=last)
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        return self._after(step, restart=None)
+
+    def _after(self, step: int, restart: int | None) -> float:
+        """The share of the peak past the warm-up (or since `restart`)."""
+        if self.kind == "wsd":
+            start = self.decay_start if restart is None or restart < self.decay_start else restart
+            if step < start:
+                return 1.0
+            return _shape(self.decay_shape, (step - start) / max(1, self.steps - start))
+        begin = self.warmup if restart is None else restart
+        return _decay(self.kind, (step - begin) / max(1, self.steps - begin))
+
 
 def lr_factor(schedule: str, step: int, steps: int, warmup: int, restarts: tuple[int, ...] | list[int] = ()) -> float:
-    """The stage's lr at `step` as a share of its peak: `warmup` steps rising linearly, then the
-    schedule's decay over the rest of the `steps`.
+    """``LrSchedule(schedule, steps, warmup, restarts).factor(step)``: the share of the peak at `step`
+    (wsd with its default decay: the last 20 % of the steps, linear)."""
+    return LrSchedule(schedule, steps, warmup, tuple(restarts)).factor(step)
 
-    `restarts` (``[stages.grow] schedule_after = "rewarm"``, LEMON's "same peak, faster decay"):
-    the stage steps at which a growth happened. From the last restart r <= step on, the lr is
-    back at the peak and decays with the same shape over the steps left, (step - r) / (steps - r)
-    — the small model's peak, and a decay as many times faster as the remaining steps are fewer
-    than the stage's. No warm-up again: the grown model continues a trained one. A constant
-    schedule is the same either way."""
-    last = max((r for r in restarts if r <= step), default=None)
-    if last is not None:
-        return _decay(schedule, (step - last) / max(1, steps - last))
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    return _decay(schedule, (step - warmup) / max(1, steps - warmup))
+
+def stage_schedule(train, stage, restarts=()) -> LrSchedule:
+    """The plan's schedule for `stage` (``[train]`` schedule settings, the stage's growth's
+    re-warm-up), restarting at the stage steps `restarts`."""
+    grow = getattr(stage, "grow", None)
+    return LrSchedule(train.schedule, stage.steps, train.warmup_steps, tuple(restarts),
+                      decay_fraction=train.decay_fraction if train.decay_fraction is not None else 0.2,
+                      decay_shape=train.decay_shape or "linear",
+                      rewarm_steps=grow.rewarm_steps if grow is not None else 0)
+
+
+def _shape(shape: str, progress: float) -> float:
+    """wsd's decay from 1 to 0 as `progress` goes from 0 to 1."""
+    p = min(1.0, max(0.0, progress))
+    if shape == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * p))
+    if shape == "sqrt":
+        return 1.0 - math.sqrt(p)
+    return 1.0 - p
 
 
 def _decay(schedule: str, progress: float) -> float:
@@ -33,34 +101,50 @@ def _decay(schedule: str, progress: float) -> float:
     return 1.0
 
 
-def make_optimizer(model: torch.nn.Module, masked: set[int], train, stage, restarts: tuple[int, ...] = ()):
+def make_optimizer(model: torch.nn.Module, masked: set[int], train, stage, restarts: tuple[int, ...] = (), *,
+                   view=None, base_depth: int | None = None):
     """AdamW over the trainable parameters and the stage's schedule (restarting at the stage
-    steps `restarts`, see ``lr_factor``). Biases, norms and tensors that train only their grown
-    entries (`masked`: ids) get no weight decay, so the frozen entries stay exactly as they were."""
+    steps `restarts`, see ``LrSchedule``). Biases, norms and tensors that train only their grown
+    entries (`masked`: ids) get no weight decay, so the frozen entries stay exactly as they were.
+
+    Under ``train.residual_scaling = "depth_mup"`` the groups are depth scaling's
+    (``engine.train.depth_scaling.param_groups``: each with its own lr, eps and weight decay and
+    its ``lr_scale``), over `view` (default: the model's) at `base_depth` (default:
+    ``train.residual_base_depth``, else the model's depth now)."""
     lr = stage.lr or train.lr
     restarts = tuple(restarts)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if id(p) in masked or p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(train.schedule, s, stage.steps, train.warmup_steps, restarts))
+    if train.residual_scaling == "depth_mup":
+        from engine.model.view import ArchView
+        from engine.train import depth_scaling
+
+        view = view if view is not None else ArchView.of(model)
+        base = base_depth or depth_scaling.base_depth(train, view)
+        groups = depth_scaling.param_groups(model, view, train, masked, base, lr)
+    else:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if id(p) in masked or p.ndim < 2 else decay).append(p)
+        groups = [g for g in ({"params": decay, "weight_decay": train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups or [{"params": []}], lr=lr)
+    schedule = stage_schedule(train, stage, restarts)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule.factor(s))
     return optimizer, scheduler
 
 
 def set_learning_rate(optimizer, scheduler, lr: float) -> None:
-    """Make `lr` the schedule's base rate (a resume with `--set train.lr=...`); a no-op when it
-    already is, so an ordinary resume stays bit-exact."""
-    if all(base == lr for base in scheduler.base_lrs):
+    """Make `lr` the schedule's base rate (a resume with `--set train.lr=...`): each group's base
+    rate is `lr` times its ``lr_scale`` (depth scaling's groups; 1 elsewhere). A no-op when they
+    already are, so an ordinary resume stays bit-exact."""
+    bases = [lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    if list(scheduler.base_lrs) == bases:
         return
-    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    scheduler.base_lrs = bases
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor
+    for group, base in zip(optimizer.param_groups, bases):
+        group["initial_lr"] = base
+        group["lr"] = base * factor
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 

@@ -21,7 +21,7 @@ from engine.grow.apply import Freezer, StageGrowth, apply_stage, op_generator
 from engine.grow.growth import combine_growth, grow_model, growth_generator
 from engine.grow.task_modules import TaskModules
 from engine.plan import Plan
-from engine.train import fsdp, moe, speed, unit_growth
+from engine.train import depth_scaling, fsdp, moe, speed, unit_growth
 from engine.train.build import Prepared, replay_expansions
 from engine.train.checkpoint import ShardedMoments, load_sharded_moments, sharded_moments, sharded_weights
 from engine.train.distributed import World
@@ -44,6 +44,15 @@ class TrainedModel:
         self.carried: dict[str, dict] | None = None  # a unit-by-unit growth's moments, by name (load_carried)
         # the sparse blocks' routers, hooked for their losses and statistics (none for a dense model)
         self.routers = moe.Routers(plan.train.router_aux_loss_coef, plan.train.router_z_loss_coef, world)
+        # depth scaling (engine.train.depth_scaling): the base depth, read off the model as loaded
+        # (before any operator; a resume loads it again, so it gets the same), and depth-µP's
+        # start folded in once. A resume or a prefix-cache start then loads its checkpoint's
+        # (already folded) weights over every tensor, the folded ones included.
+        self.base_depth: int | None = None
+        if plan.train.residual_scaling == "depth_mup":
+            depth_scaling.check_supported(self.view)
+            self.base_depth = depth_scaling.base_depth(plan.train, self.view)
+            depth_scaling.fold_initial_scale(self.module, self.view, self.base_depth)
         if plan.train.checkpointing:
             speed.enable_checkpointing(self.module, self.view)
 
@@ -173,7 +182,8 @@ class TrainedModel:
 
     # ------------------------------------------------------------------ placement
     def make_optimizer(self, stage):
-        return make_optimizer(self.module, self.freezer.masked, self.plan.train, stage, self.restarts)
+        return make_optimizer(self.module, self.freezer.masked, self.plan.train, stage, self.restarts,
+                              view=self.view, base_depth=self.base_depth)
 
     def shard(self, optimizer=None, scheduler=None):
         """FSDP: shard the whole model (and move `optimizer`'s state, if given, to a new optimizer

@@ -57,12 +57,15 @@ def compare(run_refs: Annotated[list[str], typer.Argument(metavar="RUN...")],
             target_loss: Annotated[Optional[str], typer.Option(
                 "--target-loss", metavar="L|auto",
                 help="compute to target: the FLOPs, tokens and time at which each run's held-out loss first "
-                     "reached L (auto: the baseline's final held-out loss), and the ratio to the baseline's")] = None,
+                     "reached L (auto: the worst final held-out loss among the baseline's seeds, which every seed "
+                     "reaches; the best one is reported as the strictest target), and the ratio to the "
+                     "baseline's")] = None,
             task: Annotated[Optional[str], typer.Option(
                 "--task", help="the task whose held-out loss is read (default: the only task, or the task "
                                "every run's last stage trained)")] = None,
             baseline: Annotated[Optional[str], typer.Option(
-                "--baseline", metavar="RUN", help="the run the ratios divide by (default: the first RUN)")] = None):
+                "--baseline", metavar="RUN", help="the run the ratios divide by (default: a RUN whose model did "
+                                                  "not grow, else the first RUN)")] = None):
     """Runs side by side: parameters added, trainable share, final perplexity per task,
     forgetting, BWT/FWT, wall time, tokens/s, peak memory; mean ± std over seeds. With
     --target-loss: the compute each run needed to reach a held-out loss (docs/flops.md)."""

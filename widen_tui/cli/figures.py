@@ -26,13 +26,14 @@ def plot(
                                                "(runs that grow mid-way compare fairly only by flops)")] = "steps",
     target_loss: Annotated[Optional[str], typer.Option(
         "--target-loss", metavar="L|auto",
-        help="draw this held-out loss (auto: the baseline's final one) and mark "
+        help="draw this held-out loss (auto: the worst final one among the baseline's seeds) and mark "
              "where each run first reached it (as `widen compare --target-loss`)")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="with --target-loss: the task whose held-out loss "
                                                               "is read")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="RUN",
-                                                    help="with --target-loss auto: the run whose final loss is the "
-                                                         "target (default: the first RUN)")] = None,
+                                                    help="with --target-loss auto: the run whose seeds' final loss "
+                                                         "is the target (default: a RUN whose model did not grow, "
+                                                         "else the first RUN)")] = None,
 ):
     """PNG figures: loss.png (training and eval loss of every run, overlaid, with stage boundaries and
     expansions), forgetting-<run>.png (bits per byte per task after each stage) and mapping-<name>.png

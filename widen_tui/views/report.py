@@ -333,26 +333,31 @@ def comparison_view(data: dict) -> Group:
 
 def target_view(report) -> Group:
     """Compute to target (``engine.runs.compute_to_target.TargetReport``): per variant, mean ± std
-    over seeds and the ratio to the baseline; with seeds, each run too."""
+    over seeds and the ratio to the baseline; with seeds, each run too; and, when the baseline's
+    seeds ended apart, how many seeds of each variant reached the strictest target (the best
+    baseline seed's final loss; the title's rule says when it is the target itself)."""
     from engine.runs import compute_to_target as ctt
 
+    tables = [(ctt.title(report), ctt.group_rows(report))]
+    if any(len(g.runs) > 1 for g in report.groups):  # one run per variant: the variant table is the runs table
+        tables.append(("each run", ctt.run_rows(report)))
+    strict = ctt.strict_rows(report)
+    if strict is not None:
+        tables.append((ctt.strict_title(report), strict))
     parts = []
-    for caption, (columns, rows) in ((ctt.title(report), ctt.group_rows(report)),
-                                     ("each run", ctt.run_rows(report))):
+    for caption, (columns, rows) in tables:
         table = Table(title=caption, title_justify="left", header_style="bold")
         for col in columns:
             table.add_column(col, justify="left" if col in ("variant", "run", "evals") else "right")
         for row in rows:
             table.add_row(*row)
         parts.append(table)
-        if not any(len(g.runs) > 1 for g in report.groups):
-            break  # one run per variant: the variant table is the runs table
     return Group(*parts)
 
 
 def runs_table(records: list[dict]) -> Table:
     table = Table(header_style="bold")
-    for col in ("id", "name", "state", "stage", "step", "final ppl", "age"):
+    for col in ("id", "name", "seed", "state", "stage", "step", "final ppl", "age"):
         table.add_column(col)
     now = time.time()
     for r in records:
@@ -360,7 +365,8 @@ def runs_table(records: list[dict]) -> Table:
         ppl = summary.get("final_ppl") if isinstance(summary.get("final_ppl"), dict) else {}
         created = r.get("created_ts") or _parse_time(r.get("created"))
         stage = r.get("stage")
-        table.add_row(str(r["id"]), str(r.get("name") or ""), state_text(r.get("state", "?")),
+        table.add_row(str(r["id"]), str(r.get("name") or ""), "–" if r.get("seed") is None else str(r["seed"]),
+                      state_text(r.get("state", "?")),
                       str(stage + 1) if isinstance(stage, int) else "–",
                       "–" if r.get("step") is None else str(r["step"]),
                       " ".join(f"{t}={_fmt(v, '.2f')}" for t, v in ppl.items()) or "–",

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from engine.grow.apply import Freezer, StageGrowth, apply_stage
 from engine.grow.growth import (
     PlateauDetector,
+    apply_state_policy,
     carry_optimizer_state,
     combine_growth,
     continue_schedule,
@@ -414,3 +415,57 @@ def test_grow_model_measures_and_tags_the_growth():
     seeds = {growth_generator(7, s, g).initial_seed() for s in range(3) for g in range(3)}
     stage_seeds = {torch.Generator().manual_seed(7 * 1000 + s).initial_seed() for s in range(3)}
     assert len(seeds) == 9 and not seeds & stage_seeds
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer_state: carry, reset, asymmetric (SPARKLING)
+
+
+def grown_with_policy(policy: str, spec: ExpandSpec):
+    model, view, optimizer, batch = trained("gpt2", steps=4)
+    before = dict(model.named_parameters())
+    old_state = {name: optimizer.state[p] for name, p in before.items()}
+    growth = apply_stage(model, view, 0, [spec], None, torch.Generator().manual_seed(0), measure=False)
+    new_optimizer = adamw_like(optimizer, model.parameters())
+    carry_optimizer_state(optimizer, new_optimizer, before, model, growth)
+    carried = {id(p): {k: v.clone() for k, v in s.items()} for p, s in new_optimizer.state.items()}
+    touched = apply_state_policy(new_optimizer, growth, policy)
+    return model, growth, new_optimizer, old_state, carried, touched, batch
+
+
+def test_reset_starts_a_fresh_adamw_and_carry_changes_nothing():
+    spec = ExpandSpec(op="widen_ffn", size=3, init="net2net", mode="inplace")
+    *_, optimizer, _, carried, touched, _ = grown_with_policy("carry", spec)
+    assert touched == 0 and {id(p) for p in optimizer.state} == set(carried)
+    model, _, optimizer, _, carried, touched, batch = grown_with_policy("reset", spec)
+    assert touched == len(carried) > 0 and not optimizer.state
+    one_step(model, optimizer, batch)  # torch starts every tensor at step 1 again
+    assert {float(s["step"]) for s in optimizer.state.values()} == {1.0}
+
+
+def test_asymmetric_keeps_old_entries_and_zeroes_every_new_one():
+    spec = ExpandSpec(op="widen_ffn", size=3, init="net2net", mode="inplace")
+    model, growth, optimizer, old_state, carried, touched, batch = grown_with_policy("asymmetric", spec)
+    masks = {id(p): m for p, m in growth.results[0].grown}
+    assert touched == len(masks) > 0
+    zeroed = 0
+    for p, state in optimizer.state.items():
+        mask = masks.get(id(p))
+        for key in ("exp_avg", "exp_avg_sq"):
+            if mask is None:  # untouched tensors: their state as carried
+                assert torch.equal(state[key], carried[id(p)][key])
+            else:  # old entries as carried (net2net's split rule), new entries (the copies) zero
+                assert torch.equal(state[key][~mask], carried[id(p)][key][~mask])
+                assert not state[key][mask].any()
+                zeroed += int(carried[id(p)][key][mask].count_nonzero())
+    assert zeroed > 0  # the carry had given the copies moments (net2net's split rule); asymmetric took them
+    one_step(model, optimizer, batch)
+
+
+def test_asymmetric_gives_copied_blocks_a_fresh_state():
+    spec = ExpandSpec(op="map_layers", repeat=2, kinds="real")
+    model, growth, optimizer, _, carried, touched, _ = grown_with_policy("asymmetric", spec)
+    copies = {id(c) for c, _ in growth.results[0].copies}
+    assert copies and copies <= set(carried)            # carry gave them their source's state ...
+    assert not copies & set(optimizer.state) and touched == len(copies)   # ... asymmetric drops it
+    assert len(optimizer.state) == len(carried) - len(copies)

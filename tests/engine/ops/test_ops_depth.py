@@ -355,12 +355,27 @@ def test_out_of_range_layers_are_named(op):
     ({"keep_ends": {"depth": 6}}, 6, [0, 1, 2, 3, 4, 5]),
     ({"keep_ends": {"depth": 5}}, 2, [0, 0, 0, 1, 1]),
     ({"keep_ends": {"depth": 3}}, 1, [0, 0, 0]),
+    ({"repeat": 4}, 2, [0, 1, 0, 1, 0, 1, 0, 1]),                                    # G_stack ×4
+    ({"stack_middle": 2}, 2, [0, 1, 0, 1]),                                          # MIDAS, step by step:
+    ({"stack_middle": 2}, 4, [0, 1, 2, 1, 2, 3]),                                    # 2 -> 4 -> 6 -> 8
+    ({"stack_middle": 2}, 6, [0, 1, 2, 3, 2, 3, 4, 5]),
+    ({"stack_middle": 3}, 5, [0, 1, 2, 3, 1, 2, 3, 4]),
 ])
 def test_mapping_helpers(helper, depth, expected):
     params = MapLayersParams(**helper)
     assert params.resolve(depth) == expected
     assert params.num_layers_after(depth) == len(expected)
     assert params.depth_problems(depth) == []
+
+
+def test_stack_middle_is_the_midas_family_at_times_2_and_refuses_more_than_the_model():
+    from engine.ops.mapping_families import FAMILIES
+
+    midas = next(f for f in FAMILIES if f.name == "midas")
+    for n, k in [(2, 2), (4, 2), (6, 2), (5, 3), (8, 4), (7, 1)]:
+        assert MapLayersParams(stack_middle=k).resolve(n) == midas.mapping(n, n + k, times=2)
+    [(field, message)] = MapLayersParams(stack_middle=3).depth_problems(2)
+    assert field == "stack_middle" and "use stack_middle <= 2" in message
 
 
 def test_dus_that_does_not_fit_is_reported():

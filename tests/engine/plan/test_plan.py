@@ -145,3 +145,24 @@ def test_malformed_tables_get_one_line_not_a_traceback(change, field):
         plan_from_dict(raw)
     assert any(p.path == field for p in error.value.problems), error.value
     check_model_fields(raw)  # no TypeError either
+
+
+def test_a_variant_changes_train_for_itself_checked_as_the_merged_train():
+    from engine.plan import PlanError, plan_from_dict
+
+    raw = {"name": "v", "tasks": {"t": {"source": "builtin:stdlib-python"}}, "train": {"schedule": "wsd", "lr": 2e-3},
+           "variants": [{"name": "a", "train": {"residual_scaling": "depth_mup", "decay_fraction": 0.5},
+                         "stages": [{"task": "t", "steps": 4}]},
+                        {"name": "b", "stages": [{"task": "t", "steps": 4}]}]}
+    plan = plan_from_dict(raw)
+    a, b = plan.for_variant("a").train, plan.for_variant("b").train
+    assert (a.residual_scaling, a.decay_fraction, a.lr, a.schedule) == ("depth_mup", 0.5, 2e-3, "wsd")
+    assert (b.residual_scaling, b.decay_fraction) == ("none", 0.2)
+    assert plan.for_variant("a").prefix_key(0) != plan.for_variant("b").prefix_key(0)
+    raw["train"]["schedule"] = "cosine"  # decay_fraction now belongs to nothing
+    with pytest.raises(PlanError, match=r'variants\[0\]\.train\.decay_fraction: belongs to schedule = "wsd"'):
+        plan_from_dict(raw)
+    raw["train"]["schedule"] = "wsd"
+    raw["variants"][0]["train"] = {"lr": -1}
+    with pytest.raises(PlanError, match=r"variants\[0\]\.train\.lr"):
+        plan_from_dict(raw)

@@ -1,6 +1,7 @@
 """Compute to target (engine.runs.compute_to_target, `widen compare --target-loss`) on hand-made
-event streams: interpolation between eval points, not reached, auto from the baseline, mean ±
-std over seeds, ratios; the CLI through a real subprocess."""
+event streams: interpolation between eval points, not reached, auto from the baseline (a run that
+did not grow by default; the worst of its seeds, and the strictest target, the best), mean ± std
+over seeds, ratios; the CLI through a real subprocess."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ BATCH_TOKENS, SPEED, FLOPS_PER_STEP = 256, 5000.0, 1000.0
 
 
 def stream(evals: dict[int, float], steps: int = 40, *, task: str = "python", flops_per_step: float = FLOPS_PER_STEP,
-           stages: tuple[tuple[str, int], ...] | None = None) -> list[EventRecord]:
+           stages: tuple[tuple[str, int], ...] | None = None, grow_at: int | None = None) -> list[EventRecord]:
     """Events as engine/train/loop.py writes them: a step event per step (tokens, FLOPs, speed), and a
-    held-out eval of `task` at each global step of `evals` (0: the initial model)."""
+    held-out eval of `task` at each global step of `evals` (0: the initial model); `grow_at`: a
+    growth (trigger "at") after that global step takes the model from 10 to 20 parameters."""
     stages = stages or ((task, steps),)
     events, t = [], [1000.0]
 
@@ -30,7 +32,7 @@ def stream(evals: dict[int, float], steps: int = 40, *, task: str = "python", fl
 
     emit("start", run="r", plan="p", seed=0, device="cpu", pid=1, params=10, stages=len(stages), resumed=False,
          stage_steps=[n for _, n in stages])
-    g, tokens, flops = 0, 0, 0.0
+    g, tokens, flops, params = 0, 0, 0.0, 10
 
     def evaluate(stage, step):
         if g in evals:
@@ -45,7 +47,12 @@ def stream(evals: dict[int, float], steps: int = 40, *, task: str = "python", fl
         for step in range(1, n + 1):
             g, tokens, flops = g + 1, tokens + BATCH_TOKENS, flops + flops_per_step
             emit("step", stage=stage, step=step, global_step=g, loss=3.0, lr=1e-3, tokens_per_s=SPEED, tokens=tokens,
-                 flops=flops, params=10)
+                 flops=flops, params=params)
+            if g == grow_at:
+                emit("expand", stage=stage, op="widen_ffn", params_before=params, params_after=2 * params,
+                     params_added=params, trainable=2 * params, exact=True, max_abs_logit_delta=0.0, loss_before=3.0,
+                     loss_after=3.0, trigger="at", growth=0, step=step, global_step=g, tokens=tokens, flops=flops)
+                params *= 2
             evaluate(stage, step)
         emit("stage", stage=stage, name=stage_task, task=stage_task, steps=n, phase="end", params=10, trainable=10)
     emit("status", state="done")
@@ -109,10 +116,98 @@ def test_auto_is_the_baseline_final_held_out_loss_and_ratios_divide_by_it():
     assert f.ratio["tokens"] == pytest.approx(10 / 40)
     assert f.ratio["flops"] == pytest.approx(2 * 10 / 40)
     assert f.ratio["time_s"] == pytest.approx(10 / 40)
-    assert "the baseline's final held-out loss (auto)" in report.rule
+    assert "baseline: the first run given, as no run grew (base)" in report.rule
+    assert "the baseline's final held-out loss (auto; one baseline seed: the strictest target is the same)" in report.rule
+    assert report.strict_target == 3.0 and not report.strict_differs and ctt.strict_rows(report) is None
     # another baseline: the ratios divide by its figures, auto follows its final loss
     other = ctt.compute_to_target([base, fast], baseline="fast")
     assert other.target == 2.0 and other.runs[1].ratio["tokens"] == 1.0 and not other.runs[0].crossing.reached
+
+
+def test_default_baseline_is_a_run_that_did_not_grow():
+    """A progressive experiment given grown arm first: the from-scratch arm is the baseline (against
+    the grown one's final loss the fixed model would be "not reached" more often than not)."""
+    grown = run("grown", stream({0: 5.0, 20: 3.5, 40: 2.5}, grow_at=20))
+    fixed = run("fixed", stream({0: 5.0, 20: 4.0, 40: 3.0}))
+    report = ctt.compute_to_target([grown, fixed])
+    assert report.baseline == "fixed" and report.target == 3.0
+    assert "baseline: the run that did not grow (fixed)" in report.rule
+    g, f = report.runs
+    assert g.crossing.reached and f.crossing.reached and f.ratio["tokens"] == 1.0
+    assert g.crossing.global_step == pytest.approx(30.0) and g.ratio["tokens"] == pytest.approx(30 / 40)
+    columns, rows = ctt.group_rows(report)
+    assert [row[0] for row in rows] == ["grown", "fixed (baseline)"]
+    # every run grew: the first; --baseline still wins over the default
+    both = [grown, run("grown2", stream({0: 5.0, 40: 2.0}, grow_at=10))]
+    every = ctt.compute_to_target(both)
+    assert every.baseline == "grown" and "baseline: the first run given, as every run grew (grown)" in every.rule
+    assert ctt.compute_to_target([grown, fixed], baseline="grown").baseline == "grown"
+    # seeds of the fixed variant: the variant that did not grow, its first seed's id
+    seeds = [run(f"fixed-s{s}", stream({0: 5.0, 40: 3.0 + s / 10}), name="fixed", plan_name="p", variant="fixed",
+                 seed=s) for s in (0, 1)]
+    report = ctt.compute_to_target([grown, *seeds])
+    assert report.baseline == "fixed-s0" and report.baseline_group == "p/fixed"
+    assert "baseline: the variant that did not grow (fixed-s0)" in report.rule
+    several = ctt.compute_to_target([grown, fixed, *seeds])  # two variants did not grow: the first of them
+    assert several.baseline == "fixed" and "baseline: the first run that did not grow (fixed)" in several.rule
+    with pytest.raises(ctt.TargetError, match="--baseline nope is not among the runs compared"):
+        ctt.compute_to_target([grown, fixed], baseline="nope")
+
+
+def test_compare_data_and_the_target_share_one_definition_of_growing():
+    from engine.runs.compare import model_grew
+    from engine.runs.compare_data import LoadedRun
+
+    grown, fixed = stream({0: 5.0, 40: 3.0}, grow_at=20), stream({0: 5.0, 40: 3.0})
+    assert model_grew(grown) and not model_grew(fixed)
+    assert LoadedRun("g", {}, {}, None, grown).grew and not LoadedRun("f", {}, {}, None, fixed).grew
+    # a stage's operators change the parameter count between steps: grown too (no trigger)
+    widened = [e.model_copy(update={"params": 20}) if isinstance(e, StepEvent) and e.global_step > 20 else e
+               for e in fixed]
+    assert model_grew(widened)
+
+
+def baseline_seeds(finals=(3.2, 2.9, 3.0)) -> list[ctt.RunInput]:
+    """Three seeds of a fixed-size baseline ending at `finals`, and two grown seeds: one reaches
+    2.9 (at step 20), one only 2.95."""
+    runs = [run(f"scratch-s{s}", stream({0: 5.0, 20: 4.0, 40: final}), name="scratch", plan_name="pg",
+                variant="scratch", seed=s) for s, final in enumerate(finals)]
+    runs += [run(f"grow-s{s}", stream({0: 5.0, 20: at_20, 40: 2.95}, grow_at=10), name="grow", plan_name="pg",
+                 variant="grow", seed=s) for s, at_20 in enumerate((2.9, 3.1))]
+    return runs
+
+
+def test_auto_target_is_the_worst_baseline_seed_and_the_strictest_the_best():
+    report = ctt.compute_to_target(baseline_seeds())
+    assert report.baseline == "scratch-s0" and report.baseline_group == "pg/scratch"
+    assert report.target == 3.2 and report.strict_target == 2.9 and report.strict_differs
+    assert report.baseline_finals == {"scratch-s0": 3.2, "scratch-s1": 2.9, "scratch-s2": 3.0}
+    scratch, grow = report.groups
+    assert scratch.reached == 3 and grow.reached == 2  # every baseline seed reaches the worst seed's loss
+    assert scratch.strict_reached == 1 and grow.strict_reached == 1
+    assert [r.strict_reached for r in report.runs] == [False, True, False, True, False]
+    assert ("target 3.2000 = the worst final held-out loss of the baseline's 3 seeds, which every one of them "
+            "reaches (auto); strictest target 2.9000 = the best seed's") in report.rule
+    columns, rows = ctt.strict_rows(report)
+    assert columns == ["variant", "seeds", "reached"]
+    assert rows == [["pg/scratch (baseline)", "0,1,2", "1/3"], ["pg/grow", "0,1", "1/2"]]
+    assert "reached 2.9000, the best baseline seed's final loss" in ctt.strict_title(report)
+    as_json = report.to_json()
+    assert as_json["strict_target"] == 2.9 and as_json["groups"][1]["strict_reached"] == 1
+    # a given target: no strictest target, nothing counted against it
+    fixed = ctt.compute_to_target(baseline_seeds(), target=3.0)
+    assert fixed.strict_target is None and fixed.groups[0].strict_reached is None and ctt.strict_rows(fixed) is None
+    # seeds that ended alike: one target, said once
+    alike = ctt.compute_to_target(baseline_seeds(finals=(3.0, 3.0, 3.0)))
+    assert alike.target == alike.strict_target == 3.0 and ctt.strict_rows(alike) is None
+    assert "they ended at the same loss: the strictest target is the same" in alike.rule
+
+
+def test_a_baseline_without_evals_of_the_task_is_one_error():
+    no_evals = run("quiet", stream({}))
+    with pytest.raises(ctt.TargetError, match="the baseline quiet has no held-out evals of task 'python' — no auto "
+                                              "target"):
+        ctt.compute_to_target([no_evals, run("b", stream({0: 5.0, 40: 3.0}))])
 
 
 def test_seeds_are_mean_and_std_per_variant():
@@ -198,6 +293,37 @@ def test_cli_compare_target_loss(tmp_path):
     assert proc.returncode == 0 and "not reached" in proc.stdout
 
 
+def test_cli_compare_auto_target_over_baseline_seeds(tmp_path):
+    """The grown arm given first: the baseline is the arm that did not grow; its worst seed's final
+    loss is the target, and the strictest target (its best seed's) has a table of its own."""
+    root = tmp_path / "runs"
+    for r in baseline_seeds():
+        write(root, r.id, r.events, name=r.info["name"], plan_name="pg", variant=r.info["variant"],
+              seed=r.info["seed"])
+    ids = [f"grow-s{s}" for s in (0, 1)] + [f"scratch-s{s}" for s in (0, 1, 2)]
+    proc = widen("compare", *ids, "--target-loss", "auto", env_home=root)
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())  # the titles wrap at the terminal's width
+    assert "baseline: the variant that did not grow (scratch-s0)" in out
+    assert "first reached 3.2000" in out and "strictest target 2.9000 = the best seed's" in out
+    assert "strictest target: how many seeds' held-out loss on python reached 2.9000" in out
+    strict_table = proc.stdout.split("strictest target: how many", 1)[1]
+    assert "scratch (baseline)" in strict_table and "1/3" in strict_table and "1/2" in strict_table
+
+    proc = widen("compare", *ids, "--target-loss", "auto", "--json", env_home=root)
+    report = json.loads(proc.stdout)["compute_to_target"]
+    assert report["baseline"] == "scratch-s0" and report["target"] == 3.2 and report["strict_target"] == 2.9
+    assert {g["group"]: (g["reached"], g["strict_reached"]) for g in report["groups"]} == {
+        "pg/grow": (2, 1), "pg/scratch": (3, 1)}
+    assert report["baseline_finals"] == {"scratch-s0": 3.2, "scratch-s1": 2.9, "scratch-s2": 3.0}
+
+    # one baseline seed: one target, said once, no second table
+    proc = widen("compare", "grow-s0", "scratch-s1", "--target-loss", "auto", env_home=root)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "first reached 2.9000" in out
+    assert out.count("the strictest target is the same") == 1 and "strictest target: how many" not in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target-loss", "auto", "--task", "maths"], "--task: run r-base has no held-out evals of task 'maths'"),
     (["--target-loss", "low"], "--target-loss must be a loss (a number) or auto, not 'low'"),
@@ -232,8 +358,37 @@ def test_compare_screen_shows_compute_to_target(tmp_path):
         rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
         assert rows[0][:3] == ["base (baseline)", "0", "1/1"]
         assert rows[1][0] == "fast" and rows[1][6] == "×0.25"  # tokens ratio: 10 steps against 40
+        assert not pilot.app.screen.query("#table-strict")  # one baseline seed: the strictest target is the same
 
     with_compare(root, ["r-base", "r-fast"], check)
+
+
+def test_compare_screen_takes_the_arm_that_did_not_grow_and_counts_the_strictest_target(tmp_path):
+    """The TUI's default is the CLI's: grown arm first, yet the baseline is the fixed-size arm,
+    the target its worst seed's final loss, and the strictest target has its own table."""
+    from textual.widgets import DataTable
+
+    from tests.widen_tui.tui.test_tui_compare import with_compare
+
+    root = tmp_path / "runs"
+    for r in baseline_seeds():
+        write(root, r.id, r.events, name=r.info["name"], plan_name="pg", variant=r.info["variant"],
+              seed=r.info["seed"])
+    ids = [f"grow-s{s}" for s in (0, 1)] + [f"scratch-s{s}" for s in (0, 1, 2)]
+
+    async def check(pilot):
+        await pilot.press("2")
+        await pilot.pause()
+        screen = pilot.app.screen
+        assert screen.data.table["target"].baseline == "scratch-s0"
+        target = screen.query_one("#table-target", DataTable)
+        rows = [[str(c) for c in target.get_row_at(i)] for i in range(target.row_count)]
+        assert [row[:3] for row in rows] == [["pg/grow", "0,1", "2/2"], ["pg/scratch (baseline)", "0,1,2", "3/3"]]
+        strict = screen.query_one("#table-strict", DataTable)
+        assert [[str(c) for c in strict.get_row_at(i)] for i in range(strict.row_count)] == [
+            ["pg/grow", "0,1", "1/2"], ["pg/scratch (baseline)", "0,1,2", "1/3"]]
+
+    with_compare(root, ids, check)
 
 
 # -- the figure ----------------------------------------------------------------------------------

@@ -25,11 +25,11 @@ from widen_tui.views.lineage import build_lineage, charted_nodes, lineage_curves
 
 def growth_events(*, stages: tuple[tuple[str, int], ...] = (("python", 40),), growths_at: tuple[int, ...] = (),
                   params: int = 100_000, added: int = 20_000, batch_tokens: int = 256, offset: float = 0.0,
-                  cached_stages: int = 0) -> list[EventRecord]:
+                  cached_stages: int = 0, trigger: str = "plateau") -> list[EventRecord]:
     """A run's events as engine/train/loop.py writes them: `stages` (name, steps), all on "python";
-    step events carry params, tokens and FLOPs; a plateau growth at each global step of
-    `growths_at` adds `added` parameters (an expand event with trigger "plateau"); the events of
-    the first `cached_stages` stages carry "cached": true (copied from a shared prefix)."""
+    step events carry params, tokens and FLOPs; a growth at each global step of `growths_at` adds
+    `added` parameters (an expand event with `trigger`, "plateau" unless said); the events of the
+    first `cached_stages` stages carry "cached": true (copied from a shared prefix)."""
     events: list[EventRecord] = []
     t = [1000.0]
 
@@ -53,7 +53,7 @@ def growth_events(*, stages: tuple[tuple[str, int], ...] = (("python", 40),), gr
             if g in growths_at:
                 emit("expand", stage=stage, op="widen_ffn", params_before=model, params_after=model + added,
                      params_added=added, trainable=model + added, exact=True, max_abs_logit_delta=0.0,
-                     loss_before=loss, loss_after=loss, trigger="plateau", growth=growths_at.index(g), step=step,
+                     loss_before=loss, loss_after=loss, trigger=trigger, growth=growths_at.index(g), step=step,
                      global_step=g, tokens=tokens, flops=flops, **cached)
                 model += added
         emit("eval", stage=stage, step=steps, task="python", loss=2.1 + offset, ppl=math.exp(2.1 + offset),
@@ -93,10 +93,10 @@ def write_run(root: Path, run_id: str, events: list[EventRecord], *, name: str, 
     return run
 
 
-def growth_pair(root: Path) -> list[str]:
-    """A model grown twice on plateaus (100k → 120k → 140k params) and one trained at its final
-    size from the start: the progressive_growth experiment in miniature."""
-    grown = growth_events(growths_at=(12, 24))
+def growth_pair(root: Path, trigger: str = "plateau") -> list[str]:
+    """A model grown twice (on plateaus unless `trigger` says) (100k → 120k → 140k params) and one
+    trained at its final size from the start: the progressive_growth experiment in miniature."""
+    grown = growth_events(growths_at=(12, 24), trigger=trigger)
     fixed = growth_events(params=140_000, offset=-0.05)
     write_run(root, "20250101-000000-grow-from-small-a1b2", grown, name="pg-grow-from-small",
               plan_name="progressive-growth", variant="grow-from-small", group="20250101-000000-pg-g001",
@@ -268,7 +268,9 @@ def test_growth_run_shows_its_branch_points_in_the_app(tmp_path):
     async def check(pilot):
         screen = pilot.app.screen
         assert screen.query_one("#compare-chart", LossChart).x_axis == "flops"
-        assert "growth on plateau" in screen_text(pilot.app)  # the overlay's legend names the ▲ markers
+        text = screen_text(pilot.app)
+        assert "growth on plateau" in text  # the overlay's legend names the ▲ markers by their trigger
+        assert "growth at step" not in text and "growth on budget" not in text
         await pilot.press("3")
         await pilot.pause()
         labels = tree_labels(screen)
@@ -293,6 +295,30 @@ def test_growth_run_shows_its_branch_points_in_the_app(tmp_path):
         assert screen.query_one("#lineage-chart", LossChart).x_axis == "tokens"
 
     with_compare(tmp_path, ids, check)
+
+
+def test_the_legend_names_the_triggers_the_growths_used(tmp_path):
+    """Growths fired by `at` (G_stack's fixed steps) are not "on plateau": the legend says what
+    fired the ▲s, one entry per trigger the shown runs used."""
+    from engine.runs.curves import curves_from_events
+    from widen_tui.tui.widgets.loss_chart import LossChart, growth_words
+
+    ids = growth_pair(tmp_path, trigger="at")
+    marks = curves_from_events("g", load_runs(tmp_path, ids).runs[0].events).expansion_marks()
+    assert [(m.kind, m.trigger) for m in marks] == [("growth", "at"), ("growth", "at")]
+    assert [growth_words(t) for t in ("plateau", "at", "budget", None)] == [
+        "growth on plateau", "growth at step", "growth on budget", "growth"]
+    budget = growth_events(growths_at=(30,), trigger="budget")
+    write_run(tmp_path, "20250101-000000-budget-e5f6", budget, name="pg-budget", plan_name="progressive-growth",
+              variant="budget", results=fake_results(budget, ppl=8.2))
+
+    async def check(pilot):
+        assert pilot.app.screen.query_one("#compare-chart", LossChart).x_axis == "flops"
+        text = screen_text(pilot.app)
+        assert "growth at step (+40k params)" in text and "growth on budget (+20k params)" in text
+        assert "growth on plateau" not in text
+
+    with_compare(tmp_path, [*ids, "20250101-000000-budget-e5f6"], check, size=(100, 30))
 
 
 def test_bases_per_seed_and_per_shared_training(tmp_path):

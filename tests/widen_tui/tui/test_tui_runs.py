@@ -52,12 +52,12 @@ def dead_pid() -> int:
 def make_run(root: Path, run_id: str, state: str = "done", *, name: str | None = None, variant: str | None = None,
              created: str = "2024-03-01T10:00:00", pid: int | None = None, stage: int | None = 1,
              step: int | None = 200, stages: int = 2, final_ppl: dict | None = None, share: float | None = None,
-             error: str | None = None, plan: str = "/experiments/quickstart.toml") -> RunDir:
+             error: str | None = None, plan: str = "/experiments/quickstart.toml", seed: int = 0) -> RunDir:
     """A run directory as the launcher and worker leave it, written by hand (no engine)."""
     run = RunDir(root / run_id)
     run.path.mkdir(parents=True)
     run.run_json.write_text(json.dumps({"id": run_id, "name": name or run_id, "variant": variant,
-                                        "plan_path": plan, "created": created, "seed": 0}))
+                                        "plan_path": plan, "created": created, "seed": seed}))
     # a live worker's heartbeat is fresh (an old one with a live pid is `stale`)
     status = {"state": state, "stage": stage, "step": step,
               "heartbeat": time.time() if state in ("queued", "running") else NOW}
@@ -189,6 +189,29 @@ async def test_lists_every_run_with_state_stage_metrics_and_age(tmp_path):
         put_cursor_on(table, failed)
         await pilot.pause()
         assert "error: CUDA out of memory" in str(screen.query_one("#runs-detail").render())
+
+
+async def test_seeds_of_one_variant_are_told_apart_by_their_seed(tmp_path):
+    """Three seeds of one variant: names clipped alike ("progressive-growth-grow…"), seeds not."""
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f"20240301-10000{seed}-pg-grow-{seed}", name=f"progressive-growth-grow-from-small-s{seed}",
+                 variant="grow-from-small", plan="/experiments/progressive_growth.toml", seed=seed,
+                 final_ppl={"python": 8.0 + seed})
+    app = RunsApp(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = table_of(await loaded(pilot))
+        assert len({cell(table, i, "name") for i in table.shown_ids}) == 1
+        assert [cell(table, i, "seed") for i in table.shown_ids] == ["0", "1", "2"]
+        assert [str(c.label) for c in table.ordered_columns][2:4] == ["name", "seed"]
+    # `widen runs` has the column too
+    from widen_tui.views.report import runs_table
+
+    console = Console(width=120, file=io.StringIO(), record=True)
+    console.print(runs_table(RunIndex(tmp_path).refresh()))
+    lines = console.export_text().splitlines()
+    assert [c.strip() for c in lines[1].split("┃")[1:-1]][:4] == ["id", "name", "seed", "state"]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    assert [row[2] for row in rows] == ["0", "1", "2"]
 
 
 async def test_state_updates_in_place_and_a_dead_worker_shows_lost(tmp_path):

@@ -152,7 +152,7 @@ class MonitorScreen(Screen):
                 yield Static(id="continual", classes="note")
             with TabPane("Expansions", id="expansions"):
                 yield DataTable(id="expansion-table", zebra_stripes=True, cursor_type="row")
-                yield Static("◆ operators applied at a stage start · ▲ automatic growth (loss plateau) · "
+                yield Static("◆ operators applied at a stage start · ▲ a growth mid-stage (its trigger in the table) · "
                              "Δlogits and losses measured on a fixed probe batch", classes="note")
             with TabPane("System", id="system"):
                 yield Static(id="system-panel")
@@ -369,7 +369,8 @@ class MonitorScreen(Screen):
             if row.growth:
                 growth = e.growth  # 0-based in the events, as `widen logs` counts: from 1
                 step = "?" if e.step is None else e.step
-                when = f"▲ growth {growth + 1 if growth is not None else '?'} · step {step}"
+                trigger = f" ({e.trigger})" if e.trigger else ""
+                when = f"▲ growth {growth + 1 if growth is not None else '?'}{trigger} · step {step}"
             else:
                 when = "◆ stage start"
             table.add_row(str(e.stage + 1), e.op, fmt_num(e.params_added),

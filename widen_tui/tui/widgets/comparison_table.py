@@ -4,9 +4,11 @@ The figures are `engine.runs.compare.compare_runs`' (formatted like the CLI's `c
 one row per variant — mean ± std when seeds repeat — with per-task perplexity and forgetting,
 ACC, BWT, parameters (total, added, trainable, share), time, tokens/s and peak memory; then,
 when a model grew mid-way, each run's training loss at equal FLOPs and equal tokens; then the
-compute each variant needed to reach the first run's final held-out loss (`widen compare
---target-loss auto`); then the health of new units. Each part is a DataTable whose first column stays put while the others
-scroll sideways, so the table stays usable at 80 columns.
+compute each variant needed to reach the loss every seed of the baseline (a run that did not grow,
+else the first) reaches (`widen compare --target-loss auto`), and how many seeds reached the best
+baseline seed's final loss when that is stricter; then the health of new units. Each part is a
+DataTable whose first column stays put while the others scroll sideways, so the table stays usable
+at 80 columns.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from widen_tui.views.report import _ms, fmt_num
 
 @dataclass
 class Section:
-    key: str            # "figures" | "compute" | "target" | "health"
+    key: str            # "figures" | "compute" | "target" | "strict" | "health"
     title: str
     columns: list[str]
     rows: list[list[str]]
@@ -68,6 +70,9 @@ def comparison_sections(data: dict) -> list[Section]:
         from engine.runs import compute_to_target as ctt
 
         sections.append(Section("target", ctt.title(target), *ctt.group_rows(target)))
+        strict = ctt.strict_rows(target)  # None when the strictest target is the target (the title says so)
+        if strict is not None:
+            sections.append(Section("strict", ctt.strict_title(target), *strict))
 
     health = [(r, u) for r in runs for u in r.get("new_units") or []]
     if health:

@@ -2,7 +2,8 @@
 
 Built on textual-plotext. Curves come from ``engine.runs.curves`` (the same model the PNG figures
 use); the x axis is global steps, tokens seen or training FLOPs. Stage boundaries are vertical
-lines, stage-start expansions a ◆ and plateau growths a ▲. Every series is downsampled to the
+lines, stage-start expansions a ◆ and growths mid-stage a ▲ (the legend names the triggers that
+fired them: plateau, at, budget). Every series is downsampled to the
 widget's width (braille cells hold two points across), so a long history costs what the screen
 can show. Colours are the 16 ANSI ones and each eval task has its own marker character, so the
 chart reads without true colour; the plot is only rebuilt when the data, the axis or the size
@@ -24,6 +25,15 @@ RUN_COLOURS = ["cyan+", "magenta+", "green+", "orange+", "blue+", "red+", "cyan"
 TASK_COLOURS = ["green+", "orange+", "magenta+", "blue+", "red+", "cyan"]
 TASK_MARKERS = ["o", "x", "+", "#", "%", "@"]
 EXPANSION_MARKER, GROWTH_MARKER = "◆", "▲"
+# a growth's trigger ([stages.grow] trigger, recorded on its expand event) -> the legend's words
+GROWTH_WORDS = {"plateau": "growth on plateau", "at": "growth at step", "budget": "growth on budget"}
+
+
+def growth_words(trigger: str | None) -> str:
+    """What the legend calls a growth fired by `trigger` (None: a growth that did not record it)."""
+    if trigger is None:
+        return "growth"
+    return GROWTH_WORDS.get(trigger, f"growth on {trigger}")
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -141,16 +151,20 @@ class LossChart(PlotextPlot):
         for m in {round(m.x, 9): m for m in marks}.values():
             if m.x > 0:  # the first stage begins at the origin: no line needed
                 plt.vline(m.x, color="gray")
-        for kind, symbol, colour, what in (("expansion", EXPANSION_MARKER, "orange+", "expansion"),
-                                           ("growth", GROWTH_MARKER, "red+", "growth on plateau")):
-            points = [m for r in self._runs for m in r.expansion_marks(x) if m.kind == kind and m.y is not None]
+        # one legend entry for the stage-start expansions, and one per trigger the shown growths used
+        marked = [m for r in self._runs for m in r.expansion_marks(x) if m.y is not None]
+        entries = [(EXPANSION_MARKER, "orange+", "expansion", [m for m in marked if m.kind == "expansion"])]
+        growths = [m for m in marked if m.kind == "growth"]
+        for trigger in dict.fromkeys(m.trigger for m in growths):
+            entries.append((GROWTH_MARKER, "red+", growth_words(trigger), [m for m in growths if m.trigger == trigger]))
+        for symbol, colour, what, points in entries:
             if points:
                 added = sum(m.params_added for m in points)
                 label = f"{what} (+{human(added)} params)"
                 plt.scatter([m.x for m in points], [m.y for m in points], marker=symbol, color=colour,
                             label=None if compact else label)
                 if compact:
-                    key.append(f"{symbol} {kind} +{human(added)}")
+                    key.append(f"{symbol} {what} +{human(added)}")
 
         plt.xlabel(X_AXES[x] + (f"  [{self.note}]" if self.note else "") + ("   " + "  ".join(key) if key else ""))
         plt.ylabel("loss")

@@ -30,7 +30,7 @@ from engine.ops.params import DepthUpScaling, KeepEnds, MapLayersParams
 from widen_tui.tui.plan_draft import UNSET, KeyPath, dotted, widget_id
 from widen_tui.tui.widgets.schema_form import Edited, Hint
 
-MAPPING_KEYS = ("mapping", "keep_ends", "dus", "repeat", "kinds")
+MAPPING_KEYS = ("mapping", "keep_ends", "dus", "repeat", "stack_middle", "kinds")
 
 
 def default_kinds(mapping: list[int], scale: Any = None) -> list[str]:
@@ -107,7 +107,7 @@ class MappingEditor(Vertical):
         note = ""
         if not isinstance(mapping, list) or not all(isinstance(m, int) for m in mapping):
             mapping = None
-        helpers = [k for k in ("keep_ends", "dus", "repeat") if self.op.get(k)]
+        helpers = [k for k in ("keep_ends", "dus", "repeat", "stack_middle") if self.op.get(k)]
         if mapping is None and helpers and self.depth:
             try:
                 params = MapLayersParams.model_validate({k: v for k, v in self.op.items() if k != "kinds"})
@@ -129,7 +129,8 @@ class MappingEditor(Vertical):
     def _write(self, mapping: list[int], kinds: list[str]) -> None:
         """Post the explicit mapping (and kinds, or their removal); the helpers give way to it."""
         kinds_value = normalized_kinds(mapping, kinds, self.op.get("scale"))
-        changes = {"mapping": mapping, "kinds": kinds_value, "keep_ends": UNSET, "dus": UNSET, "repeat": UNSET}
+        changes = {"mapping": mapping, "kinds": kinds_value, "keep_ends": UNSET, "dus": UNSET, "repeat": UNSET,
+                   "stack_middle": UNSET}
         for key, value in changes.items():
             if value is UNSET and key not in self.op:
                 continue

@@ -98,6 +98,7 @@ class RunRowsLoader:
         created = self._created_ts(run_id, record)
         cells = (  # in the order of RunsTable.DATA_COLUMNS
             _clip(name, NAME_WIDTH),
+            NO_VALUE if record.get("seed") is None else str(record["seed"]),
             self._stage_cell(run_id, record.get("stage")),
             NO_VALUE if record.get("step") is None else str(record["step"]),
             fmt_age(now - created) if created is not None else NO_VALUE,

@@ -25,8 +25,9 @@ class RunsTable(DataTable):
     """A row-cursor DataTable keyed by run id."""
 
     # (key, header) of the columns a RunRow's cells fill, after the mark and state columns.
-    # The most telling first: at 80 columns variant and plan are a scroll to the right.
-    DATA_COLUMNS = (("name", "name"), ("stage", "stage"), ("step", "step"), ("age", "age"),
+    # The most telling first: at 80 columns variant and plan are a scroll to the right. The seed
+    # tells apart the runs of one variant (their names are clipped alike).
+    DATA_COLUMNS = (("name", "name"), ("seed", "seed"), ("stage", "stage"), ("step", "step"), ("age", "age"),
                     ("ppl", "ppl (final/latest)"), ("share", "train%"), ("variant", "variant"), ("plan", "plan"))
 
     BINDINGS = [
