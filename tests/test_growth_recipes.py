@@ -62,6 +62,6 @@ def test_each_recipe_runs_four_steps_to_the_final_shape(variant, scratch_params,
     assert sorted({g.growth for g in grows}) == list(range(len(plan.stages[-1].grow.at_steps)))
     end = [e for e in events if e.type == "stage" and e.phase == "end"][-1]
     assert end.params == scratch_params  # 8 × 256, as the scratch arm
-    exact = {"one-layer", "sparkling"}   # insert_identity under depth-µP; duplicate / net2net without noise
+    exact = {"one-layer", "one-layer-plain", "sparkling"}  # insert_identity (depth-µP or not); duplicate, net2net
     if variant in exact:
         assert all(g.max_abs_logit_delta <= 1e-4 for g in grows), [(g.op, g.max_abs_logit_delta) for g in grows]

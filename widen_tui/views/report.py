@@ -347,8 +347,12 @@ def target_view(report) -> Group:
     parts = []
     for caption, (columns, rows) in tables:
         table = Table(title=caption, title_justify="left", header_style="bold")
-        for col in columns:
-            table.add_column(col, justify="left" if col in ("variant", "run", "evals") else "right")
+        for j, col in enumerate(columns):
+            if col in ("variant", "run"):  # the names tell the rows apart: never cut, the other cells wrap
+                width = max([len(col), *(len(str(row[j])) for row in rows)])
+                table.add_column(col, justify="left", no_wrap=True, min_width=width)
+            else:
+                table.add_column(col, justify="left" if col == "evals" else "right")
         for row in rows:
             table.add_row(*row)
         parts.append(table)
