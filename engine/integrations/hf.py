@@ -34,7 +34,14 @@ from transformers import TrainerCallback
 
 from engine.errors import WidenError
 from engine.grow.apply import Freezer, StageGrowth
-from engine.grow.growth import carry_optimizer_state, combine_growth, continue_schedule, grow_model, growth_generator
+from engine.grow.growth import (
+    apply_state_policy,
+    carry_optimizer_state,
+    combine_growth,
+    continue_schedule,
+    grow_model,
+    growth_generator,
+)
 from engine.grow.triggers import Progress, make_trigger
 from engine.model.forward import IGNORE_INDEX
 from engine.model.view import ArchView, active_params, count_params
@@ -309,6 +316,7 @@ class GrowthCallback(TrainerCallback):
             self._no_decay(new_raw, masked)
         counts = carry_optimizer_state(_unwrap_optimizer(old_optimizer), new_raw, before, trainer.model, grown,
                                        masked=masked)
+        apply_state_policy(new_raw, grown, self.spec.optimizer_state)  # carry, reset or asymmetric
         accelerator = trainer.accelerator
         new_optimizer = accelerator.prepare_optimizer(new_raw)
         if old_optimizer in getattr(accelerator, "_optimizers", []):

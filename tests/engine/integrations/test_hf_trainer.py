@@ -140,6 +140,16 @@ def test_at_steps_growth_and_bad_settings(prose_ids, tmp_path):
     # parallel zero-init paths: new parameters, fresh state, the old ones' moved
     assert growth.carried[1]["fresh"] > 0 and growth.carried[1]["moved"] > 0
 
+
+    # optimizer_state = "reset": after the growth the Trainer's AdamW starts fresh (torch's step
+    # counts begin again), where the carry above kept each old tensor's step
+    model = tiny_llama()
+    trainer = make_trainer(model, tmp_path / "reset", 6, Windows(prose_ids, 64))
+    GrowthCallback([{"op": "widen_ffn", "size": 16}], trigger="at", at_steps=[3], optimizer_state="reset").attach(trainer)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert {float(s["step"]) for s in optimizer.state.values() if s} == {3.0}  # steps 4..6 only
+
     with pytest.raises(GrowthSettingsError, match=r"grow\.expand\.0\.sise: unknown key — did you mean 'size'\?"):
         GrowthCallback([{"op": "widen_ffn", "sise": 16}], trigger="at", at_steps=[3])
     with pytest.raises(GrowthSettingsError, match=r"grow\.at_steps"):
