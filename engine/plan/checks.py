@@ -600,7 +600,7 @@ def check_model_fields(raw: dict) -> list[Problem]:
     if not variants and arch:
         arms.append((arch, depths, ""))
     problems += _router_loss_problems(raw, [own for own, _, _ in arms] or ([arch] if arch else []))
-    problems += _residual_scaling_problems(raw, [own for own, _, _ in arms] or ([arch] if arch else []))
+    problems += _residual_scaling_problems(raw, variants, arms, arch)
     sweep = raw.get("sweep")
     if isinstance(sweep, dict):
         for own, final, label in arms:
@@ -716,25 +716,31 @@ def _router_loss_problems(raw: dict, archs: list) -> list[Problem]:
 EXPERT_OPS = ("upcycle", "add_experts")  # operators after which the blocks are a mixture of experts
 
 
-def _residual_scaling_problems(raw: dict, archs: list) -> list[Problem]:
-    """``train.residual_scaling = "depth_mup"`` on models without one stack of plain residual
-    blocks (``residual_scaling_refusal``), or with a stage that gives them experts."""
-    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    if train.get("residual_scaling") != "depth_mup":
-        return []
+def _residual_scaling_problems(raw: dict, variants: list, arms: list, arch) -> list[Problem]:
+    """``train.residual_scaling = "depth_mup"`` (the plan's, or a variant's own ``train``) on models
+    without one stack of plain residual blocks (``residual_scaling_refusal``), or with a stage that
+    gives them experts. `arms`: (arch, depths, "variant v" or "") as check_model_fields builds them."""
+    plan_train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    shared = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     fix = 'set residual_scaling = "none"'
-    reasons = dict.fromkeys(r for r in (residual_scaling_refusal(a.base_family) for a in archs) if r)
-    if reasons:
-        return [Problem("train.residual_scaling", f'"depth_mup" needs plain residual blocks — '
-                                                  f'{"; ".join(reasons)}; {fix}')]
-    variants = raw.get("variants") if isinstance(raw.get("variants"), list) else []
-    lists = [raw.get("stages")] + [v.get("stages") for v in variants if isinstance(v, dict)]
-    stages = [s for stages in lists if isinstance(stages, list) for s in stages if isinstance(s, dict)]
-    ops = dict.fromkeys(spec.get("op") for stage in stages for _, specs in _stage_op_lists(stage) for spec in specs
-                        if isinstance(spec, dict) and spec.get("op") in EXPERT_OPS)
-    if ops:
-        return [Problem("train.residual_scaling", f'"depth_mup" needs plain residual blocks — {" and ".join(ops)} '
-                                                  f"makes the blocks a mixture of experts; {fix} or drop that stage")]
+    for own, _, where in arms or ([(arch, None, "")] if arch else []):
+        v = int(where.split()[-1]) if where else None
+        variant = variants[v] if v is not None and isinstance(variants[v], dict) else {}
+        train = {**plan_train, **(variant.get("train") if isinstance(variant.get("train"), dict) else {})}
+        if train.get("residual_scaling") != "depth_mup":
+            continue
+        path = f"variants.{v}.train.residual_scaling" if "residual_scaling" in (variant.get("train") or {}) \
+            else "train.residual_scaling"
+        reason = residual_scaling_refusal(own.base_family)
+        if reason:
+            return [Problem(path, f'"depth_mup" needs plain residual blocks — {reason}; {fix}')]
+        own_stages = variant.get("stages") if isinstance(variant.get("stages"), list) else []
+        stages = [s for s in [*shared, *own_stages] if isinstance(s, dict)]
+        ops = dict.fromkeys(spec.get("op") for stage in stages for _, specs in _stage_op_lists(stage)
+                            for spec in specs if isinstance(spec, dict) and spec.get("op") in EXPERT_OPS)
+        if ops:
+            return [Problem(path, f'"depth_mup" needs plain residual blocks — {" and ".join(ops)} makes the '
+                                  f"blocks a mixture of experts; {fix} or drop that stage")]
     return []
 
 

@@ -263,6 +263,19 @@ def test_plan_check_refuses_what_depth_scaling_cannot_scale():
                  if p.path == "train.residual_scaling"]
     assert "upcycle makes the blocks a mixture of experts" in problem.message
     assert not [p for p in check_model_fields(plan_raw("builtin:tiny-llama")) if p.path == "train.residual_scaling"]
+    # a variant's own [train] turning it on is checked on that variant's model and stages
+    raw = plan_raw("builtin:tiny-llama")
+    raw["train"] = {}
+    raw["variants"] = [{"name": "plain", "stages": [{"task": "t", "steps": 2}]},
+                       {"name": "mlp", "model": {"source": "builtin:mlp"}, "train": {"residual_scaling": "depth_mup"},
+                        "stages": [{"task": "t", "steps": 2}]}]
+    [problem] = [p for p in check_model_fields(raw) if "residual_scaling" in p.path]
+    assert problem.path == "variants.1.train.residual_scaling" and "nn.Sequential MLP" in problem.message
+    raw["variants"][1] = {"name": "moe", "train": {"residual_scaling": "depth_mup"}, "stages": upcycle}
+    [problem] = [p for p in check_model_fields(raw) if "residual_scaling" in p.path]
+    assert problem.path == "variants.1.train.residual_scaling" and "upcycle" in problem.message
+    raw["variants"][1]["train"] = {}
+    assert not [p for p in check_model_fields(raw) if "residual_scaling" in p.path]
 
 
 # ---------------------------------------------------------------------------------------------
