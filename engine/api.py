@@ -26,6 +26,7 @@ from engine.grow.apply import Freezer, StageGrowth, apply_stage
 from engine.grow.task_modules import TaskModules as _TaskModules
 from engine.model.view import ArchView, count_params
 from engine.ops.params import OPS
+from engine.train.optim import weight_decay_groups
 
 __all__ = ["ExpandReport", "FreezeSummary", "OperatorParamsError", "TaskModules", "expand", "export", "freeze",
            "load", "param_groups", "probe_batch"]
@@ -223,12 +224,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 0.01) -> list[dic
     move their frozen entries). ``torch.optim.AdamW(param_groups(model), lr=...)``."""
     freezer = _FREEZERS.get(model)
     masked = set(freezer.masked) if freezer is not None else set()
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if id(p) in masked or p.ndim < 2 else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return weight_decay_groups(model, masked, weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,12 @@ def true_entries(mask: torch.Tensor) -> int:
     return int(distinct.sum()) * copies
 
 
+def takes_weight_decay(p: torch.Tensor, masked) -> bool:
+    """Matrices decay; biases, norms and tensors that train only their grown entries (`masked`:
+    ids, ``Freezer.masked``) do not — decay would move their frozen entries."""
+    return id(p) not in masked and p.ndim >= 2
+
+
 class Freezer:
     """Applies a stage's freezing policy; grown tensors train only their new entries (a gradient
     mask), and are kept out of weight decay so the frozen entries stay exactly as they were."""

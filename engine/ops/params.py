@@ -17,6 +17,7 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from engine.names import name_problem
+from engine.ops.mapping_families import FAMILIES_BY_NAME
 
 
 def _not_bool(value):
@@ -776,12 +777,12 @@ class MapLayersParams(OpParams):
             return list(range(n)) * self.repeat
         if self.stack_middle is not None:
             k = self.stack_middle
-            if k > n or n + k > MAX_DEPTH:
+            if k > n:
                 raise ValueError(f"stack_middle = {k} copies more blocks than the {n}-block model has — use "
-                                 f"stack_middle <= {n}" if k > n else f"stack_middle = {k} makes {n + k} blocks — "
-                                 f"at most {MAX_DEPTH}")
-            start = (n - k) // 2  # the band that centres it (engine.ops.mapping_families' midas, times = 2)
-            return [*range(start + k), *range(start, n)]
+                                 f"stack_middle <= {n}")
+            if n + k > MAX_DEPTH:
+                raise ValueError(f"stack_middle = {k} makes {n + k} blocks — at most {MAX_DEPTH}")
+            return FAMILIES_BY_NAME["midas"].mapping(n, n + k, times=2)  # the middle band once more
         if self.keep_ends is not None:
             depth = self.keep_ends.depth
             if n == 1:

@@ -127,6 +127,7 @@ class DistributedSpec(Strict):
 
 
 Fraction1 = Annotated[Float, Field(gt=0, le=1)]   # a share that may be all of it
+WSD_DECAY_FRACTION, WSD_DECAY_SHAPE = 0.2, "linear"   # schedule = "wsd" without decay_fraction / decay_shape
 
 
 class TrainSpec(Strict):
@@ -199,7 +200,7 @@ class TrainSpec(Strict):
             raise ValueError(f'belongs to schedule = "wsd" (this one is "{schedule}") — remove it or set '
                              'schedule = "wsd"')
         if schedule == "wsd" and value is None:
-            return 0.2 if info.field_name == "decay_fraction" else "linear"
+            return WSD_DECAY_FRACTION if info.field_name == "decay_fraction" else WSD_DECAY_SHAPE
         return value
 
     @field_validator("residual_base_depth")

@@ -33,6 +33,7 @@ import math
 import torch
 
 from engine.errors import WidenError
+from engine.grow.apply import takes_weight_decay
 from engine.model.families import residual_scaling_refusal
 from engine.ops.depth import residual_outputs, scale_residual_outputs
 
@@ -99,7 +100,7 @@ def param_groups(model, view, train, masked, base_depth: int, lr: float, eps: fl
         if not p.requires_grad:
             continue
         role = "end" if id(p) in ends else "block" if id(p) in inside else "outside"
-        buckets[(role, id(p) not in masked and p.ndim >= 2)].append(p)
+        buckets[(role, takes_weight_decay(p, masked))].append(p)
     groups = []
     for (role, decays), params in buckets.items():
         if params:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-DECAY_SHAPES = ("linear", "cosine", "sqrt")
+from engine.grow.apply import takes_weight_decay
+from engine.plan.schema import WSD_DECAY_FRACTION, WSD_DECAY_SHAPE
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class LrSchedule:
     steps: int
     warmup: int = 0
     restarts: tuple[int, ...] = ()
-    decay_fraction: float = 0.2
-    decay_shape: str = "linear"
+    decay_fraction: float = WSD_DECAY_FRACTION
+    decay_shape: str = WSD_DECAY_SHAPE
     rewarm_steps: int = 0
 
     @property
@@ -67,20 +68,14 @@ class LrSchedule:
         return _decay(self.kind, (step - begin) / max(1, self.steps - begin))
 
 
-def lr_factor(schedule: str, step: int, steps: int, warmup: int, restarts: tuple[int, ...] | list[int] = ()) -> float:
-    """``LrSchedule(schedule, steps, warmup, restarts).factor(step)``: the share of the peak at `step`
-    (wsd with its default decay: the last 20 % of the steps, linear)."""
-    return LrSchedule(schedule, steps, warmup, tuple(restarts)).factor(step)
-
-
 def stage_schedule(train, stage, restarts=()) -> LrSchedule:
     """The plan's schedule for `stage` (``[train]`` schedule settings, the stage's growth's
     re-warm-up), restarting at the stage steps `restarts`."""
     grow = getattr(stage, "grow", None)
+    wsd = {"decay_fraction": train.decay_fraction, "decay_shape": train.decay_shape}  # None but under wsd
     return LrSchedule(train.schedule, stage.steps, train.warmup_steps, tuple(restarts),
-                      decay_fraction=train.decay_fraction if train.decay_fraction is not None else 0.2,
-                      decay_shape=train.decay_shape or "linear",
-                      rewarm_steps=grow.rewarm_steps if grow is not None else 0)
+                      rewarm_steps=grow.rewarm_steps if grow is not None else 0,
+                      **{k: v for k, v in wsd.items() if v is not None})
 
 
 def _shape(shape: str, progress: float) -> float:
@@ -99,6 +94,17 @@ def _decay(schedule: str, progress: float) -> float:
     if schedule == "cosine":
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
+
+
+def weight_decay_groups(model: torch.nn.Module, masked, weight_decay: float) -> list[dict]:
+    """AdamW's groups over what trains: `weight_decay` where ``takes_weight_decay``, 0 elsewhere
+    (no empty group)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if takes_weight_decay(p, masked) else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 def make_optimizer(model: torch.nn.Module, masked: set[int], train, stage, restarts: tuple[int, ...] = (), *,
@@ -121,12 +127,7 @@ def make_optimizer(model: torch.nn.Module, masked: set[int], train, stage, resta
         base = base_depth or depth_scaling.base_depth(train, view)
         groups = depth_scaling.param_groups(model, view, train, masked, base, lr)
     else:
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (no_decay if id(p) in masked or p.ndim < 2 else decay).append(p)
-        groups = [g for g in ({"params": decay, "weight_decay": train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = weight_decay_groups(model, masked, train.weight_decay)
     optimizer = torch.optim.AdamW(groups or [{"params": []}], lr=lr)
     schedule = stage_schedule(train, stage, restarts)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule.factor(s))

@@ -20,7 +20,7 @@ from engine.ops import health
 from engine.plan import ExpandSpec, GrowSpec, PlanError, load_plan, plan_from_dict
 from engine.runs.events import read_all
 from engine.train.loop import Trainer
-from engine.train.optim import lr_factor
+from engine.train.optim import LrSchedule
 from tests.conftest import run_until_cancelled
 from tests.tiny_models import train_steps
 from widen_tui.launcher import create_run
@@ -244,6 +244,10 @@ def test_real_repeats_start_with_their_sources_state_and_virtual_ones_share_it()
 
 # ---------------------------------------------------------------------------------------------
 # LEMON's rewarm schedule
+
+
+def lr_factor(schedule: str, step: int, steps: int, warmup: int, restarts=()) -> float:
+    return LrSchedule(schedule, steps, warmup, tuple(restarts)).factor(step)
 
 
 def test_rewarm_goes_back_to_the_peak_and_decays_over_the_steps_left():

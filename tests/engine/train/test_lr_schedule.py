@@ -9,7 +9,7 @@ import math
 import pytest
 
 from engine.plan import PlanError, plan_from_dict
-from engine.train.optim import LrSchedule, lr_factor
+from engine.train.optim import LrSchedule
 
 
 def factors(schedule: LrSchedule) -> list[float]:
@@ -34,7 +34,8 @@ def test_wsd_warms_up_holds_the_peak_then_decays_over_its_fraction(shape, decay)
 def test_wsd_decay_fraction_rounds_to_whole_steps_and_takes_at_least_one():
     assert LrSchedule("wsd", steps=7, decay_fraction=0.1).decay_start == 6
     assert LrSchedule("wsd", steps=10, decay_fraction=1.0).decay_start == 0   # all decay: no stable phase
-    assert lr_factor("wsd", 5, 10, 0) == 1.0 and lr_factor("wsd", 9, 10, 0) == pytest.approx(0.5)  # 20 %, linear
+    default = LrSchedule("wsd", steps=10)  # the plan's defaults: the last 20 %, linear
+    assert default.factor(5) == 1.0 and default.factor(9) == pytest.approx(0.5)
 
 
 def test_a_growth_under_wsd_keeps_the_stable_phase():
